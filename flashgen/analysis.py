@@ -1,0 +1,260 @@
+"""Analyses of a traced attention program.
+
+- :func:`int_bounds`: interval (min/max) bounds of integer expressions, knowing only that the
+  index variables are non-negative. The renderer uses it to emit plain ``//`` and ``%`` where
+  the dividend is provably non-negative (Triton's operators truncate; floor is only needed for
+  negative dividends).
+- :func:`band_of`: splits a mask into ``lo <= kv_idx - q_idx <= hi`` (a diagonal band, e.g.
+  causal or a sliding window) and a residual mask. Kernels turn the band into closed-form KV loop
+  bounds per query block: blocks outside the band are never visited, blocks inside it skip the
+  mask code, and only blocks on the band's edges evaluate the mask.
+- :func:`analyze`: everything above gathered in one frozen :class:`Analysis`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .ir import DType, Node, Op, binary, const, format_expr, toposort
+from .rewrite import simplify
+
+Bound = Optional[int]  # None means unbounded on that side
+
+
+def int_bounds(node: Node) -> tuple[Bound, Bound]:
+    """Bounds (lo, hi), inclusive, of an integer or boolean expression; None where unknown."""
+    memo: dict[int, tuple[Bound, Bound]] = {}
+    for n in toposort([node]):
+        memo[id(n)] = _bounds_step(n, [memo[id(c)] for c in n.src])
+    return memo[id(node)]
+
+
+def _bounds_step(n: Node, s: list[tuple[Bound, Bound]]) -> tuple[Bound, Bound]:
+    if n.dtype is DType.FLOAT:
+        return (None, None)
+    if n.dtype is DType.BOOL:
+        return (0, 1)
+    op = n.op
+    if op is Op.CONST:
+        return (int(n.arg), int(n.arg))
+    if op is Op.INDEX:
+        return (0, None)
+
+    def add(x: Bound, y: Bound) -> Bound:
+        return None if x is None or y is None else x + y
+
+    def neg(x: Bound) -> Bound:
+        return None if x is None else -x
+
+    if op is Op.ADD:
+        return (add(s[0][0], s[1][0]), add(s[0][1], s[1][1]))
+    if op is Op.SUB:
+        return (add(s[0][0], neg(s[1][1])), add(s[0][1], neg(s[1][0])))
+    if op is Op.NEG:
+        return (neg(s[0][1]), neg(s[0][0]))
+    if op is Op.MUL and n.src[1].op is Op.CONST or op is Op.MUL and n.src[0].op is Op.CONST:
+        c = n.src[1].arg if n.src[1].op is Op.CONST else n.src[0].arg
+        lo, hi = s[0] if n.src[1].op is Op.CONST else s[1]
+        scaled = (None if lo is None else lo * c, None if hi is None else hi * c)
+        return scaled if c >= 0 else (scaled[1], scaled[0])
+    if op in (Op.FLOORDIV, Op.MOD) and n.src[1].op is Op.CONST and n.src[1].arg > 0:
+        c = n.src[1].arg
+        lo, hi = s[0]
+        if op is Op.MOD:
+            return (0, c - 1)
+        return (None if lo is None else lo // c, None if hi is None else hi // c)
+    if op is Op.MIN:
+        return (_min(s[0][0], s[1][0]), _min_hi(s[0][1], s[1][1]))
+    if op is Op.MAX:
+        return (_max_lo(s[0][0], s[1][0]), _max(s[0][1], s[1][1]))
+    if op is Op.ABS:
+        lo, hi = s[0]
+        if lo is not None and lo >= 0:
+            return (lo, hi)
+        return (0, None if lo is None or hi is None else max(-lo, hi))
+    if op is Op.WHERE:
+        (alo, ahi), (blo, bhi) = s[1], s[2]
+        return (_min(alo, blo), _max(ahi, bhi))
+    if op is Op.CAST:
+        return s[0]
+    return (None, None)
+
+
+def _min(x: Bound, y: Bound) -> Bound:  # lower bound of min(x, y) / of a union
+    return None if x is None or y is None else min(x, y)
+
+
+def _max(x: Bound, y: Bound) -> Bound:  # upper bound of max(x, y) / of a union
+    return None if x is None or y is None else max(x, y)
+
+
+def _min_hi(x: Bound, y: Bound) -> Bound:  # upper bound of min(x, y)
+    return y if x is None else x if y is None else min(x, y)
+
+
+def _max_lo(x: Bound, y: Bound) -> Bound:  # lower bound of max(x, y)
+    return y if x is None else x if y is None else max(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# affine forms and the diagonal band
+
+
+def affine_form(node: Node) -> Optional[dict[str, int]]:
+    """``node`` as {variable: coefficient, "": constant} if it is an affine integer expression
+    of the index variables, else None."""
+    if node.dtype is not DType.INT:
+        return None
+    if node.op is Op.CONST:
+        return {"": node.arg}
+    if node.op is Op.INDEX:
+        return {node.arg: 1, "": 0}
+    if node.op in (Op.ADD, Op.SUB):
+        a, b = affine_form(node.src[0]), affine_form(node.src[1])
+        if a is None or b is None:
+            return None
+        sign = 1 if node.op is Op.ADD else -1
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = out.get(k, 0) + sign * v
+        return out
+    if node.op is Op.NEG:
+        a = affine_form(node.src[0])
+        return None if a is None else {k: -v for k, v in a.items()}
+    if node.op is Op.MUL:
+        a, b = affine_form(node.src[0]), affine_form(node.src[1])
+        if a is None or b is None:
+            return None
+        if set(a) == {""}:
+            a, b = b, a
+        if set(b) != {""}:
+            return None
+        return {k: v * b[""] for k, v in a.items()}
+    return None
+
+
+@dataclass(frozen=True)
+class Band:
+    """``lo <= kv_idx - q_idx <= hi`` (None: unbounded). Causal is ``Band(None, 0)``."""
+
+    lo: Optional[int] = None
+    hi: Optional[int] = None
+
+    @property
+    def is_trivial(self) -> bool:
+        return self.lo is None and self.hi is None
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else str(self.lo)
+        hi = "+inf" if self.hi is None else str(self.hi)
+        return f"{lo} <= kv_idx - q_idx <= {hi}"
+
+
+def _conjuncts(mask: Node) -> list[Node]:
+    if mask.op is Op.AND and mask.dtype is DType.BOOL:
+        return _conjuncts(mask.src[0]) + _conjuncts(mask.src[1])
+    return [mask]
+
+
+def _clause_band(clause: Node) -> Optional[Band]:
+    """The band a single comparison clause states, or None if it is not of that form."""
+    if clause.op not in (Op.LT, Op.LE, Op.EQ):
+        return None
+    a, b = affine_form(clause.src[0]), affine_form(clause.src[1])
+    if a is None or b is None:
+        return None
+    diff = dict(a)  # a - b  (op)  0
+    for k, v in b.items():
+        diff[k] = diff.get(k, 0) - v
+    diff = {k: v for k, v in diff.items() if v != 0 or k == ""}
+    variables = {k: v for k, v in diff.items() if k != ""}
+    if set(variables) != {"q_idx", "kv_idx"} or variables["kv_idx"] != -variables["q_idx"]:
+        return None
+    sign, c = variables["kv_idx"], diff.get("", 0)
+    if abs(sign) != 1:
+        return None
+    # sign * d + c  (op)  0,  with d = kv_idx - q_idx
+    if clause.op is Op.EQ:
+        return Band(-c * sign, -c * sign)
+    limit = -c - (1 if clause.op is Op.LT else 0)  # sign * d <= limit
+    return Band(None, limit) if sign == 1 else Band(-limit, None)
+
+
+def band_of(mask: Node) -> tuple[Band, Node]:
+    """Split ``mask`` into a band and the residual mask (``True`` if the band says it all)."""
+    lo: Optional[int] = None
+    hi: Optional[int] = None
+    residual: list[Node] = []
+    for clause in _conjuncts(mask):
+        band = _clause_band(clause)
+        if band is None:
+            residual.append(clause)
+            continue
+        if band.lo is not None:
+            lo = band.lo if lo is None else max(lo, band.lo)
+        if band.hi is not None:
+            hi = band.hi if hi is None else min(hi, band.hi)
+    rest = const(True)
+    for clause in residual:
+        rest = simplify(binary(Op.AND, rest, clause))
+    return Band(lo, hi), rest
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Every analysis result for one attention program (see ``Attention.explain()``)."""
+
+    has_mask: bool  # a mask_mod that is not always True
+    band: Band  # the diagonal band the mask implies (closed-form KV loop bounds)
+    residual_mask: Node  # the part of the mask the band does not cover (True if none)
+    plain_logits: bool  # no score_mod and no bias: the scale folds into exp2
+    row_level: tuple[str, ...]  # subexpressions hoisted out of the KV loop (depend on b, h, q only)
+
+    def report(self) -> str:
+        lines = [f"  mask:           {'yes' if self.has_mask else 'none'}"]
+        if self.has_mask:
+            lines.append(f"  diagonal band:  {self.band if not self.band.is_trivial else 'none found'}")
+            residual = "none" if self.residual_mask.op is Op.CONST else format_expr(self.residual_mask)
+            lines.append(f"  residual mask:  {residual} (evaluated on every visited block)" if residual != "none"
+                         else "  residual mask:  none (blocks inside the band skip the mask code)")
+        lines.append(f"  logits:         {'plain (scale folded into exp2)' if self.plain_logits else 'modified'}")
+        if self.row_level:
+            lines.append(f"  hoisted out of the KV loop: {', '.join(self.row_level)}")
+        return "\n".join(lines)
+
+
+def analyze(logits: Node, mask: Node) -> Analysis:
+    has_mask = not (mask.op is Op.CONST and mask.arg is True)
+    band, residual = band_of(mask) if has_mask else (Band(), const(True))
+    plain = logits.op is Op.SCORE
+    return Analysis(has_mask, band, residual, plain, tuple(format_expr(n) for n in hoisted([logits, mask])))
+
+
+def row_levels(roots: list[Node]) -> dict[int, bool]:
+    """For every node under ``roots`` (by id): True if it depends on neither kv_idx nor the score,
+    so it can be computed once per query block instead of once per tile."""
+    out: dict[int, bool] = {}
+    for n in toposort(roots):
+        leaf_ok = not (n.op is Op.SCORE or (n.op is Op.INDEX and n.arg == "kv_idx"))
+        out[id(n)] = leaf_ok and all(out[id(c)] for c in n.src)
+    return out
+
+
+def hoisted(roots: list[Node]) -> list[Node]:
+    """The row-level computations worth hoisting out of the KV loop: non-leaf row-level nodes
+    that a tile-level node (or a root) uses."""
+    level = row_levels(roots)
+    chosen: dict[int, Node] = {}
+    for n in toposort(roots):
+        users_row = level[id(n)]
+        for c in n.src:
+            if level[id(c)] and not users_row and c.op not in (Op.CONST, Op.INDEX):
+                chosen[id(c)] = c
+    for r in roots:
+        if level[id(r)] and r.op not in (Op.CONST, Op.INDEX):
+            chosen[id(r)] = r
+    return list(chosen.values())

@@ -1,0 +1,200 @@
+"""The public entry points: :func:`compile`, :class:`Attention` and :func:`attention`."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import ir
+from .analysis import Analysis, analyze
+from .codegen.render import KernelSource, render_forward
+from .runtime import Config, default_config, identifier, interpreting, load_kernel, padded
+from .trace import Program, trace_attention
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+_INT32_MAX = 2**31 - 1
+
+# one rendered kernel per program key, shared by every Attention with an equivalent program
+_sources: dict[str, KernelSource] = {}
+
+
+def _as_bias_fn(bias) -> Optional[Callable]:
+    """A dense bias tensor broadcastable to [B, H, Sq, Skv] becomes a mod that reads it."""
+    if not isinstance(bias, torch.Tensor):
+        return bias
+    if bias.dim() != 4 or not bias.is_floating_point():
+        raise ValueError(f"a bias tensor must be floating point with 4 dims broadcastable to [B, H, Sq, Skv], "
+                         f"got {bias.dtype} of shape {tuple(bias.shape)}")
+    b_one, h_one = bias.shape[0] == 1, bias.shape[1] == 1
+
+    def dense_bias(b, h, q_idx, kv_idx):
+        return bias[0 if b_one else b, 0 if h_one else h, q_idx, kv_idx]
+
+    return dense_bias
+
+
+class Attention:
+    """A compiled attention variant. Call it like :func:`flashgen.attention` without the mods.
+
+    ``attn(q, k, v)``: q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Skv, D]``, v ``[B, Hkv, Skv, Dv]`` ->
+    out ``[B, Hq, Sq, Dv]`` (and lse ``[B, Hq, Sq]`` float32 with ``return_lse=True``).
+    """
+
+    def __init__(self, score_mod: Callable | None = None, mask_mod: Callable | None = None,
+                 bias: Callable | torch.Tensor | None = None):
+        self.program: Program
+        self.program, self.captured = trace_attention(score_mod, mask_mod, _as_bias_fn(bias))
+        self.analysis: Analysis = analyze(self.program.logits, self.program.mask)
+        self.name = identifier(self.program.name)
+
+    # -- introspection -----------------------------------------------------------------------
+    def _kernel_source(self) -> KernelSource:
+        ks = _sources.get(self.program.key)
+        if ks is None:
+            ks = render_forward(self.name, self.program.logits, self.program.mask, self.analysis,
+                                tuple(c.ndim for c in self.program.captures))
+            _sources[self.program.key] = ks
+        return ks
+
+    def source(self, which: str = "fwd") -> str:
+        """The generated Triton source of the ``"fwd"`` kernel module."""
+        if which != "fwd":
+            raise ValueError(f"source({which!r}): only the forward kernel ('fwd') is generated so far; "
+                             "backward kernels are not implemented yet")
+        return self._kernel_source().source
+
+    def explain(self) -> str:
+        """A readable report: the traced IR, the captured tensors and every analysis result."""
+        lines = [f"flashgen.Attention '{self.program.name}'  (program key {self.program.key[:16]})",
+                 "IR (score = scale * q.k; entries where mask is False are removed):",
+                 ir.format_program({"logits": self.program.logits, "mask": self.program.mask})]
+        if self.captured:
+            lines.append("captured tensors (kernel inputs; new values never recompile):")
+            for slot, t in enumerate(self.captured):
+                lines.append(f"  captured{slot}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)} on {t.device}")
+        lines.append("analysis:")
+        lines.append(self.analysis.report())
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"flashgen.Attention({self.program.name!r}, key={self.program.key[:12]})"
+
+    # -- running ------------------------------------------------------------------------------
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                 enable_gqa: bool = False, return_lse: bool = False, config: Config | None = None):
+        scale = _check_inputs(q, k, v, scale, enable_gqa, self.captured)
+        B, Hq, Sq, D = q.shape
+        _, Hkv, Skv, Dv = v.shape
+        out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else None
+        if out.numel() == 0:
+            return (out, lse) if return_lse else out
+        if Skv == 0:  # nothing to attend to: every row is fully masked
+            out.zero_()
+            if lse is not None:
+                lse.fill_(float("-inf"))
+            return (out, lse) if return_lse else out
+        cfg = config or default_config(q.device, D, Dv, q.dtype)
+        kernel = load_kernel(self._kernel_source())
+        capture_args: list = []
+        large = False
+        for t in self.captured:
+            capture_args.append(t)
+            capture_args.extend(t.shape)
+            capture_args.extend(t.stride())
+            large |= sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX
+        grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
+        kernel[grid](
+            q, k, v, out, lse if lse is not None else out,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *capture_args,
+            scale, Hq, Sq, Skv, Hq // Hkv,
+            HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IDX_T=tl.int64 if large else tl.int32,
+            STORE_LSE=return_lse, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return (out, lse) if return_lse else out
+
+
+def _check_inputs(q, k, v, scale, enable_gqa, captured) -> float:
+    """Validate the inputs, listing every problem at once; returns the softmax scale."""
+    names = ("q", "k", "v")
+    tensors = (q, k, v)
+    problems = []
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            problems.append(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if problems:
+        raise TypeError("; ".join(problems))
+    for name, t in zip(names, tensors):
+        if t.dim() != 4:
+            problems.append(f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            problems.append(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if problems:
+        raise ValueError("invalid attention inputs:\n  " + "\n  ".join(problems))
+    if not (q.dtype == k.dtype == v.dtype):
+        problems.append(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        problems.append(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type not in ("cuda", "cpu"):
+        problems.append(f"device {q.device} is not supported: use CUDA tensors, or CPU tensors (Triton's interpreter)")
+    elif q.device.type == "cpu" and not interpreting():
+        problems.append("CPU tensors run in Triton's interpreter, which is only on when no GPU is visible or "
+                        "TRITON_INTERPRET=1 was set before importing flashgen; move q, k, v to CUDA")
+    (B, Hq, Sq, D), (Bk, Hk, Skv, Dk), (Bv, Hv, Sv, Dv) = q.shape, k.shape, v.shape
+    if not B == Bk == Bv:
+        problems.append(f"batch sizes differ: q {B}, k {Bk}, v {Bv}")
+    if Dk != D:
+        problems.append(f"head dims differ: q has D={D}, k has D={Dk} (they must match; v may differ)")
+    if Skv != Sv:
+        problems.append(f"k and v lengths differ: k has {Skv}, v has {Sv}")
+    if Hk != Hv:
+        problems.append(f"k and v head counts differ: k has {Hk}, v has {Hv}")
+    for name, d in (("q/k", D), ("v", Dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            problems.append(f"{name} head dim {d} is not supported (1..{MAX_HEAD_DIM})")
+    if Hk and Hq != Hk:
+        if not enable_gqa:
+            problems.append(f"q has {Hq} heads but k/v have {Hk}; pass enable_gqa=True for grouped-query attention")
+        elif Hq % Hk:
+            problems.append(f"grouped-query attention needs Hq % Hkv == 0, got Hq={Hq}, Hkv={Hk}")
+    elif Hk == 0 and Hq:
+        problems.append("k and v have 0 heads")
+    for slot, t in enumerate(captured):
+        if t.device != q.device:
+            problems.append(f"captured tensor {slot} (shape {list(t.shape)}) is on {t.device} but q is on "
+                            f"{q.device}; move it to {q.device} before building the mod")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        problems.append(f"scale must be a finite number, got {scale!r}")
+    if problems:
+        raise ValueError("invalid attention inputs:\n  " + "\n  ".join(problems))
+    return float(scale)
+
+
+def compile(score_mod: Callable | None = None, mask_mod: Callable | None = None,
+            bias: Callable | torch.Tensor | None = None) -> Attention:
+    """Trace and analyse the mods once; the returned :class:`Attention` is reusable."""
+    return Attention(score_mod, mask_mod, bias)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable | None = None,
+              mask_mod: Callable | None = None, bias: Callable | torch.Tensor | None = None, *,
+              scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False):
+    """softmax(score_mod(scale * q kᵀ) + bias, masked by mask_mod) · v, as one fused kernel.
+
+    q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Skv, D]``, v ``[B, Hkv, Skv, Dv]`` -> ``[B, Hq, Sq, Dv]`` in
+    q's dtype; with ``return_lse=True`` also the row log-sum-exp ``[B, Hq, Sq]`` (float32, natural
+    log, ``-inf`` for fully masked rows, whose output is 0). Mods are traced on every call (a few
+    tens of microseconds); kernels are generated and compiled once per equivalent program.
+    """
+    attn = Attention(score_mod, mask_mod, bias)
+    return attn(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse)

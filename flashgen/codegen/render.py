@@ -1,0 +1,258 @@
+"""IR -> Triton source. The only module that knows Triton syntax.
+
+:func:`render_forward` fills the forward template's hooks with the program's expressions:
+row-level code (depends on b, h, q_idx only) goes before the KV loop, tile-level code inside it.
+Every IR node becomes one named line, in dependency order, so shared subexpressions are computed
+once and the generated kernel reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+import networkx as nx
+
+from .._version import __version__
+from ..analysis import Analysis, int_bounds, row_levels
+from ..ir import DType, Node, Op, format_program, to_networkx
+
+_LEAF_NAMES = {"b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
+
+_FUNCS = {
+    Op.EXP: "tl.exp", Op.EXP2: "tl.exp2", Op.LOG: "tl.log", Op.LOG2: "tl.log2", Op.SQRT: "tl.sqrt",
+    Op.RSQRT: "tl.rsqrt", Op.SIGMOID: "tl.sigmoid", Op.SIN: "tl.sin", Op.COS: "tl.cos",
+    Op.FLOOR: "tl.floor", Op.CEIL: "tl.ceil", Op.TANH: "_tanh",
+}
+_INFIX = {
+    Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.AND: "&", Op.OR: "|", Op.XOR: "^", Op.SHL: "<<", Op.SHR: ">>",
+    Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
+}
+_CASTS = {
+    "float32": ".to(tl.float32)", "float64": ".to(tl.float32)", "float16": ".to(tl.float16).to(tl.float32)",
+    "bfloat16": ".to(tl.bfloat16).to(tl.float32)", "int32": ".to(tl.int32)", "int64": ".to(tl.int64)",
+}
+
+
+@dataclass(frozen=True)
+class CaptureArg:
+    """How one captured tensor is passed: pointer ``cap{slot}``, then its sizes, then its strides."""
+
+    slot: int
+    ndim: int
+
+    @property
+    def params(self) -> list[str]:
+        base = f"cap{self.slot}"
+        return [base] + [f"{base}_size{d}" for d in range(self.ndim)] + [f"{base}_stride{d}" for d in range(self.ndim)]
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """A generated kernel module: its source and how to call it."""
+
+    name: str  # variant name, a valid identifier
+    source: str
+    kernel: str  # the @triton.jit entry point
+    captures: tuple[CaptureArg, ...]
+    key: str  # sha256 of the source
+
+
+class _Emitter:
+    """Turns IR nodes into named lines of Triton code."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.names: dict[int, str] = {}
+        self.lines: list[str] = []
+
+    def ref(self, node: Node) -> str:
+        if id(node) in self.names:
+            return self.names[id(node)]
+        if node.op is Op.CONST:
+            return _literal(node.arg)
+        if node.op is Op.INDEX:
+            return _LEAF_NAMES[node.arg]
+        if node.op is Op.SCORE:
+            return "score"
+        raise KeyError(f"node {node!r} used before it was emitted")
+
+    def emit(self, node: Node) -> None:
+        if node.op in (Op.CONST, Op.INDEX, Op.SCORE) or id(node) in self.names:
+            return
+        name = f"{self.prefix}{len(self.names)}"
+        self.lines.append(f"{name} = {self._expr(node)}")
+        self.names[id(node)] = name
+
+    def _f(self, node: Node) -> str:
+        """Operand as float (ints converted), for float-valued operations."""
+        r = self.ref(node)
+        if node.dtype is DType.FLOAT:
+            return r
+        return _literal(float(node.arg)) if node.op is Op.CONST else f"{r}.to(tl.float32)"
+
+    def _expr(self, n: Node) -> str:
+        op, s = n.op, n.src
+        r = [self.ref(c) for c in s]
+        if op is Op.LOAD:
+            return _load(n, r)
+        if op in _INFIX:
+            return f"{r[0]} {_INFIX[op]} {r[1]}"
+        if op is Op.TRUEDIV:
+            return f"{self._f(s[0])} / {self._f(s[1])}"
+        if op in (Op.FLOORDIV, Op.MOD):
+            if n.dtype is DType.FLOAT:
+                floor = f"tl.floor({self._f(s[0])} / {self._f(s[1])})"
+                return floor if op is Op.FLOORDIV else f"{self._f(s[0])} - {self._f(s[1])} * {floor}"
+            lo = int_bounds(s[0])[0]
+            divisor = s[1].arg if s[1].op is Op.CONST else None
+            if lo is not None and lo >= 0 and divisor is not None and divisor > 0:
+                return f"{r[0]} {'//' if op is Op.FLOORDIV else '%'} {r[1]}"  # truncation == floor here
+            return f"{'_floordiv' if op is Op.FLOORDIV else '_floormod'}({r[0]}, {r[1]})"
+        if op is Op.POW:
+            return self._pow(n)
+        if op is Op.MIN:
+            return f"tl.minimum({r[0]}, {r[1]})"
+        if op is Op.MAX:
+            return f"tl.maximum({r[0]}, {r[1]})"
+        if op is Op.NEG:
+            return f"-{r[0]}"
+        if op is Op.NOT:
+            return f"{r[0]} == 0" if n.dtype is DType.BOOL else f"~{r[0]}"
+        if op is Op.ABS:
+            return f"tl.abs({r[0]})"
+        if op is Op.SIGN:
+            pos, neg = ("1.0", "-1.0") if n.dtype is DType.FLOAT else ("1", "-1")
+            zero = "0.0" if n.dtype is DType.FLOAT else "0"
+            return f"tl.where({r[0]} > 0, {pos}, tl.where({r[0]} < 0, {neg}, {zero}))"
+        if op in _FUNCS:
+            return f"{_FUNCS[op]}({self._f(s[0])})"
+        if op is Op.CAST:
+            if n.arg == "bool":
+                return f"{r[0]} != 0"
+            if s[0].dtype is DType.BOOL and n.dtype is DType.FLOAT:
+                return f"{r[0]}.to(tl.int32).to(tl.float32)"
+            return f"{r[0]}{_CASTS[n.arg]}"
+        if op is Op.WHERE:
+            a, b = (self._f(x) if n.dtype is DType.FLOAT else self.ref(x) for x in s[1:])
+            return f"tl.where({r[0]}, {a}, {b})"
+        raise NotImplementedError(f"no Triton rendering for IR op {op}")  # pragma: no cover
+
+    def _pow(self, n: Node) -> str:
+        base, exponent = n.src
+        if exponent.op is Op.CONST and float(exponent.arg).is_integer() and abs(exponent.arg) <= 8:
+            k = int(exponent.arg)
+            if k == 0:
+                return "1.0" if n.dtype is DType.FLOAT else "1"
+            b = self._f(base) if n.dtype is DType.FLOAT else self.ref(base)
+            product = " * ".join([b] * abs(k))
+            return product if k > 0 else f"1.0 / ({product})"
+        if exponent.op is Op.CONST and exponent.arg == 0.5:
+            return f"tl.sqrt({self._f(base)})"
+        # general power: exp2(y * log2(x)), NaN for negative bases as in torch with non-integer y
+        return f"tl.exp2({self._f(exponent)} * tl.log2({self._f(base)}))"
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        if value != value:
+            return 'float("nan")'
+        if value in (float("inf"), float("-inf")):
+            return 'float("inf")' if value > 0 else 'float("-inf")'
+        return repr(value)
+    return repr(value)
+
+
+def _load(n: Node, idx: list[str]) -> str:
+    base = f"cap{n.arg}"
+    if not idx:
+        value = f"tl.load({base})"
+    else:
+        offset = " + ".join(f"({i}).to(IDX_T) * {base}_stride{d}" for d, i in enumerate(idx))
+        checks = []
+        for d, (i, node) in enumerate(zip(idx, n.src)):
+            lo, _ = int_bounds(node)
+            if lo is None or lo < 0:
+                checks.append(f"({i} >= 0)")
+            checks.append(f"({i} < {base}_size{d})")
+        # out-of-range reads give 0 instead of faulting or reading other memory
+        value = f"tl.load({base} + {offset}, mask={' & '.join(checks)}, other=0)"
+    if n.dtype is DType.FLOAT:
+        return f"{value}.to(tl.float32)"
+    if n.dtype is DType.BOOL:
+        return f"{value} != 0"
+    return value
+
+
+def _ordered(roots: list[Node]) -> list[Node]:
+    """Nodes in a deterministic dependency order, from the networkx view of the DAG."""
+    graph = to_networkx(roots)
+    order = nx.lexicographical_topological_sort(graph, key=lambda k: (graph.nodes[k]["label"], k))
+    return [graph.nodes[k]["node"] for k in order]
+
+
+@lru_cache(maxsize=None)
+def _template(name: str):
+    import jinja2
+
+    text = resources.files("flashgen.codegen").joinpath("templates", name).read_text()
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(text)
+
+
+def render_forward(name: str, logits: Node, mask: Node, analysis: Analysis,
+                   capture_ndims: tuple[int, ...]) -> KernelSource:
+    """The forward kernel module for one attention program."""
+    roots = [logits, mask]
+    level = row_levels(roots)
+    row = _Emitter("r")
+    tile = _Emitter("t")
+    tile.names = row.names  # tile code can read row-level names
+    for node in _ordered(roots):
+        if node.op in (Op.CONST, Op.INDEX, Op.SCORE):
+            continue
+        if level[id(node)]:
+            row.emit(node)
+    # tile-level code: the logits in one block and the mask in another (the mask only runs in
+    # blocks that need it), each emitting what it needs that is not computed yet
+    logit_lines = _emit_tile(tile, logits, level)
+    mask_lines = _emit_tile(tile, mask, level)
+    row_params = [row.names[id(n)] for n in _ordered(roots) if id(n) in row.names and row.names[id(n)].startswith("r")]
+    captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
+    capture_params = [p for c in captures for p in c.params]
+    context = dict(
+        version=__version__,
+        name=name,
+        ir_key=_program_key(logits, mask),
+        program_listing=format_program({"logits": logits, "mask": mask}).splitlines(),
+        band=analysis.band,
+        has_mask=analysis.has_mask,
+        has_residual=not (analysis.residual_mask.op is Op.CONST and analysis.residual_mask.arg is True),
+        plain_logits=analysis.plain_logits,
+        safe_softmax=analysis.has_mask or not analysis.plain_logits,
+        row_lines=row.lines,
+        row_params=row_params,
+        tile_logit_lines=logit_lines,
+        logit_expr=tile.ref(logits) if not analysis.plain_logits else "",
+        tile_mask_lines=mask_lines,
+        mask_expr=tile.ref(mask),
+        capture_params=capture_params,
+    )
+    source = _template("attention_fwd.py.jinja").render(**context)
+    return KernelSource(name, source, f"{name}_fwd", captures, hashlib.sha256(source.encode()).hexdigest())
+
+
+def _emit_tile(tile: _Emitter, root: Node, level: dict[int, bool]) -> list[str]:
+    start = len(tile.lines)
+    for node in _ordered([root]):
+        if not level[id(node)]:
+            tile.emit(node)
+    return tile.lines[start:]
+
+
+def _program_key(logits: Node, mask: Node) -> str:
+    return hashlib.sha256(f"{logits.key}|{mask.key}".encode()).hexdigest()[:16]

@@ -1,0 +1,182 @@
+"""Simplification of IR expressions as a list of rewrite rules run bottom-up to a fixpoint.
+
+Each rule takes a node whose children are already simplified and returns a replacement or None.
+The point is canonical forms: equivalent mods (``q - q + kv`` and ``kv``, ``where(True, a, b)``
+and ``a``) simplify to the same node, hence the same key, hence one compiled kernel.
+Rules only ever rewrite to something equal for every input (float rules avoid identities that
+NaN or infinity would break, such as ``x * 0 -> 0``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from .ir import CONST_EVAL, DType, Node, Op, binary, const, unary
+
+Rule = Callable[[Node], Optional[Node]]
+
+
+def _is_const(node: Node, value: object = None) -> bool:
+    if node.op is not Op.CONST:
+        return False
+    return value is None or (node.arg == value and isinstance(node.arg, bool) == isinstance(value, bool))
+
+
+def _coerce(value: object, dtype: DType) -> object:
+    if dtype is DType.BOOL:
+        return bool(value)
+    if dtype is DType.INT:
+        return int(value)
+    return float(value)
+
+
+def fold_constants(node: Node) -> Optional[Node]:
+    if node.op not in CONST_EVAL or not node.src or not all(s.op is Op.CONST for s in node.src):
+        return None
+    args = [s.arg for s in node.src]
+    try:
+        value = CONST_EVAL[node.op](*args)
+    except (ArithmeticError, ValueError):
+        return None  # division by zero, log of a negative, ...: leave it to run time, as torch does
+    return const(_coerce(value, node.dtype))
+
+
+# not(x op y) on integers: (op', swap operands?)
+_NEGATED = {Op.LT: (Op.LE, True), Op.LE: (Op.LT, True), Op.GT: (Op.LE, False), Op.GE: (Op.LT, False),
+            Op.EQ: (Op.NE, False), Op.NE: (Op.EQ, False)}
+
+
+def identities(node: Node) -> Optional[Node]:
+    op, src = node.op, node.src
+    if op is Op.ADD:
+        a, b = src
+        if _is_const(a, 0) and b.dtype is node.dtype:
+            return b
+        if _is_const(b, 0) and a.dtype is node.dtype:
+            return a
+    if op is Op.SUB:
+        a, b = src
+        if _is_const(b, 0) and a.dtype is node.dtype:
+            return a
+        if a is b and node.dtype is DType.INT:
+            return const(0)
+        # (x + y) - y  ->  x   (integers only: exact)
+        if node.dtype is DType.INT and a.op is Op.ADD and b in a.src:
+            return a.src[1] if a.src[0] is b else a.src[0]
+    if op is Op.MUL:
+        a, b = src
+        if _is_const(a, 1) and b.dtype is node.dtype:
+            return b
+        if _is_const(b, 1) and a.dtype is node.dtype:
+            return a
+        if node.dtype is DType.INT and (_is_const(a, 0) or _is_const(b, 0)):
+            return const(0)
+    if op is Op.TRUEDIV and _is_const(src[1], 1) and src[0].dtype is DType.FLOAT:
+        return src[0]
+    if op in (Op.FLOORDIV,) and _is_const(src[1], 1) and src[0].dtype is DType.INT:
+        return src[0]
+    if op is Op.MOD and _is_const(src[1], 1) and src[0].dtype is DType.INT:
+        return const(0)
+    if op in (Op.MIN, Op.MAX) and src[0] is src[1]:
+        return src[0]
+    if op is Op.NEG and src[0].op is Op.NEG:
+        return src[0].src[0]
+    if op is Op.NOT and src[0].op is Op.NOT:
+        return src[0].src[0]
+    if op is Op.NOT and src[0].op in _NEGATED and DType.FLOAT not in (src[0].src[0].dtype, src[0].src[1].dtype):
+        x, y = src[0].src
+        negated, swap = _NEGATED[src[0].op]
+        return binary(negated, y, x) if swap else binary(negated, x, y)
+    if op is Op.NOT and src[0].op is Op.CONST and node.dtype is DType.BOOL:
+        return const(not src[0].arg)
+    if op is Op.CAST and src[0].dtype is node.dtype and node.arg in ("bool", "int32", "int64", "float32"):
+        return src[0]
+    return None
+
+
+def boolean_logic(node: Node) -> Optional[Node]:
+    if node.dtype is not DType.BOOL or node.op not in (Op.AND, Op.OR):
+        return None
+    a, b = node.src
+    absorbing, neutral = (False, True) if node.op is Op.AND else (True, False)
+    for x, y in ((a, b), (b, a)):
+        if _is_const(x, absorbing):
+            return const(absorbing)
+        if _is_const(x, neutral):
+            return y
+    if a is b:
+        return a
+    # x & ~x -> False, x | ~x -> True
+    if (a.op is Op.NOT and a.src[0] is b) or (b.op is Op.NOT and b.src[0] is a):
+        return const(absorbing)
+    return None
+
+
+def comparisons(node: Node) -> Optional[Node]:
+    if node.op not in (Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE):
+        return None
+    a, b = node.src
+    if a is b and a.dtype is not DType.FLOAT:
+        return const(node.op in (Op.LE, Op.GE, Op.EQ))
+
+    # a > b  ->  b < a,  a >= b  ->  b <= a: one spelling per relation
+    if node.op is Op.GT:
+        return binary(Op.LT, b, a)
+    if node.op is Op.GE:
+        return binary(Op.LE, b, a)
+    return None
+
+
+def selects(node: Node) -> Optional[Node]:
+    if node.op is not Op.WHERE:
+        return None
+    cond, a, b = node.src
+    if _is_const(cond):
+        chosen = a if cond.arg else b
+        return chosen if chosen.dtype is node.dtype else unary(Op.CAST, chosen, _cast_name(node.dtype))
+    if a is b:
+        return a
+    if cond.op is Op.NOT:
+        return Node(Op.WHERE, node.dtype, None, (cond.src[0], b, a))
+    if node.dtype is DType.BOOL and _is_const(a, True) and _is_const(b, False):
+        return cond
+    return None
+
+
+def _cast_name(dtype: DType) -> str:
+    return {DType.BOOL: "bool", DType.INT: "int32", DType.FLOAT: "float32"}[dtype]
+
+
+RULES: list[Rule] = [fold_constants, identities, boolean_logic, comparisons, selects]
+
+
+def _rebuild(node: Node, src: tuple[Node, ...]) -> Node:
+    if src == node.src:
+        return node
+    if node.op in (Op.ADD, Op.SUB, Op.MUL, Op.TRUEDIV, Op.FLOORDIV, Op.MOD, Op.POW, Op.MIN, Op.MAX,
+                   Op.AND, Op.OR, Op.XOR, Op.SHL, Op.SHR, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE):
+        return binary(node.op, *src)
+    return Node(node.op, node.dtype, node.arg, src)
+
+
+def simplify(root: Node, rules: list[Rule] = RULES) -> Node:
+    """Apply ``rules`` bottom-up until nothing changes."""
+    memo: dict[int, Node] = {}
+
+    def visit(node: Node) -> Node:
+        done = memo.get(id(node))
+        if done is not None:
+            return done
+        current = _rebuild(node, tuple(visit(c) for c in node.src))
+        for _ in range(64):
+            for rule in rules:
+                replacement = rule(current)
+                if replacement is not None and replacement is not current:
+                    current = visit(replacement)
+                    break
+            else:
+                break
+        memo[id(node)] = current
+        return current
+
+    return visit(root)

@@ -1,0 +1,131 @@
+"""Loading generated kernels and launching them.
+
+Generated sources are written atomically to files (Triton reads kernel source with ``inspect``)
+under ``$FLASHGEN_CACHE_DIR`` (default ``~/.cache/flashgen``) and imported with importlib, once
+per process and program key. CPU tensors run the same kernels through Triton's interpreter: the
+module is loaded a second time with the interpreter switched on, so nothing is for the user to set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import triton
+
+from .codegen.render import KernelSource
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLASHGEN_CACHE_DIR") or Path.home() / ".cache" / "flashgen")
+
+
+def identifier(name: str) -> str:
+    """A readable Python identifier made from a variant name."""
+    ident = re.sub(r"\W+", "_", name).strip("_").lower()[:48] or "attention"
+    return ident if not ident[0].isdigit() else f"v_{ident}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (decided when triton was imported)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # pragma: no cover - Triton < 3.4
+
+
+def _patch_interpreter_index() -> None:
+    """Triton <= 3.6's interpreter turns scalar tensors (1-element arrays) into loop bounds with
+    ``int(array)``, which NumPy >= 2.4 refuses; our kernels' ``range(start, end)`` needs it.
+    Wrap the interpreter's tensor patching so ``__index__`` reads the element explicitly."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_flashgen", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._flashgen = True
+    interpreter._patch_lang_tensor = patched
+
+
+_modules: dict[str, ModuleType] = {}
+
+
+def source_path(ks: KernelSource) -> Path:
+    return cache_dir() / "kernels" / f"{ks.name}-{ks.key[:12]}.py"
+
+
+def load_kernel(ks: KernelSource):
+    """The ``@triton.jit`` entry point of ``ks`` (imported once per process)."""
+    module = _modules.get(ks.key)
+    if module is None:
+        if interpreting():
+            _patch_interpreter_index()
+        path = source_path(ks)
+        if not path.exists() or path.read_text() != ks.source:
+            write_atomic(path, ks.source)
+        mod_name = f"flashgen_generated_{ks.name}_{ks.key[:12]}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+        _modules[ks.key] = module
+    return getattr(module, ks.kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configurations
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes and launch parameters of the forward kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype) -> Config:
+    """A good configuration without tuning (measured on an H200; see benchmarks/PERFLOG.md)."""
+    if device.type != "cuda":
+        return Config(32, 32, 4, 1)  # the interpreter: big enough to keep the program count small
+    width = max(head_dim, head_dim_v)
+    if dtype == torch.float32:
+        return Config(64, 32, 4, 2) if width <= 128 else Config(32, 32, 4, 1)
+    if width <= 64:
+        return Config(128, 64, 4, 3)
+    if width <= 128:
+        return Config(128, 64, 8, 3)
+    return Config(64, 32, 4, 2)
+
+
+def padded(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
