@@ -19,7 +19,7 @@ from typing import Optional
 from .ir import DType, Node, Op, binary, const, format_expr, toposort
 from .rewrite import simplify
 
-Bound = Optional[int]  # None means unbounded on that side
+Bound = Optional[int]  # noqa: UP045 - None means unbounded on that side (a runtime alias)
 
 
 def int_bounds(node: Node) -> tuple[Bound, Bound]:
@@ -101,7 +101,7 @@ def _max_lo(x: Bound, y: Bound) -> Bound:  # lower bound of max(x, y)
 # affine forms and the diagonal band
 
 
-def affine_form(node: Node) -> Optional[dict[str, int]]:
+def affine_form(node: Node) -> dict[str, int] | None:
     """``node`` as {variable: coefficient, "": constant} if it is an affine integer expression
     of the index variables, else None."""
     if node.dtype is not DType.INT:
@@ -138,8 +138,8 @@ def affine_form(node: Node) -> Optional[dict[str, int]]:
 class Band:
     """``lo <= kv_idx - q_idx <= hi`` (None: unbounded). Causal is ``Band(None, 0)``."""
 
-    lo: Optional[int] = None
-    hi: Optional[int] = None
+    lo: int | None = None
+    hi: int | None = None
 
     @property
     def is_trivial(self) -> bool:
@@ -157,7 +157,7 @@ def _conjuncts(mask: Node) -> list[Node]:
     return [mask]
 
 
-def _clause_band(clause: Node) -> Optional[Band]:
+def _clause_band(clause: Node) -> Band | None:
     """The band a single comparison clause states, or None if it is not of that form."""
     if clause.op not in (Op.LT, Op.LE, Op.EQ):
         return None
@@ -183,8 +183,8 @@ def _clause_band(clause: Node) -> Optional[Band]:
 
 def band_of(mask: Node) -> tuple[Band, Node]:
     """Split ``mask`` into a band and the residual mask (``True`` if the band says it all)."""
-    lo: Optional[int] = None
-    hi: Optional[int] = None
+    lo: int | None = None
+    hi: int | None = None
     residual: list[Node] = []
     for clause in _conjuncts(mask):
         band = _clause_band(clause)

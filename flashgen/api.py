@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import triton
@@ -23,7 +23,7 @@ _INT32_MAX = 2**31 - 1
 _sources: dict[str, KernelSource] = {}
 
 
-def _as_bias_fn(bias) -> Optional[Callable]:
+def _as_bias_fn(bias) -> Callable | None:
     """A dense bias tensor broadcastable to [B, H, Sq, Skv] becomes a mod that reads it."""
     if not isinstance(bias, torch.Tensor):
         return bias
@@ -56,7 +56,7 @@ class Attention:
     def _kernel_source(self) -> KernelSource:
         ks = _sources.get(self.program.key)
         if ks is None:
-            ks = render_forward(self.name, self.program.logits, self.program.mask, self.analysis,
+            ks = render_forward(self.name, self.program.key, self.program.logits, self.program.mask, self.analysis,
                                 tuple(c.ndim for c in self.program.captures))
             _sources[self.program.key] = ks
         return ks
@@ -148,7 +148,7 @@ def _check_inputs(q, k, v, scale, enable_gqa, captured) -> float:
     elif q.device.type == "cpu" and not interpreting():
         problems.append("CPU tensors run in Triton's interpreter, which is only on when no GPU is visible or "
                         "TRITON_INTERPRET=1 was set before importing flashgen; move q, k, v to CUDA")
-    (B, Hq, Sq, D), (Bk, Hk, Skv, Dk), (Bv, Hv, Sv, Dv) = q.shape, k.shape, v.shape
+    (B, Hq, _, D), (Bk, Hk, Skv, Dk), (Bv, Hv, Sv, Dv) = q.shape, k.shape, v.shape
     if not B == Bk == Bv:
         problems.append(f"batch sizes differ: q {B}, k {Bk}, v {Bv}")
     if Dk != D:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import math
 import weakref
+from collections.abc import Callable, Iterable
 from enum import Enum
-from typing import Callable, Iterable
 
 
 class DType(Enum):
@@ -111,15 +111,15 @@ class Node:
     """One IR node. Never construct directly: use the builder functions below."""
 
     __slots__ = ("op", "dtype", "arg", "src", "key", "__weakref__")
-    _interned: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
+    _interned: weakref.WeakValueDictionary[tuple, Node] = weakref.WeakValueDictionary()
 
     op: Op
     dtype: DType
     arg: object
-    src: tuple["Node", ...]
+    src: tuple[Node, ...]
     key: str
 
-    def __new__(cls, op: Op, dtype: DType, arg: object = None, src: tuple["Node", ...] = ()) -> "Node":
+    def __new__(cls, op: Op, dtype: DType, arg: object = None, src: tuple[Node, ...] = ()) -> Node:
         intern_key = (op, dtype, _arg_key(arg), src)
         node = cls._interned.get(intern_key)
         if node is not None:
@@ -142,7 +142,7 @@ class Node:
     def __repr__(self) -> str:
         return f"Node({format_expr(self)})"
 
-    def toposort(self) -> list["Node"]:
+    def toposort(self) -> list[Node]:
         """This node and everything below it, children before parents."""
         return toposort([self])
 

@@ -9,7 +9,7 @@ and checks on small shapes only.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

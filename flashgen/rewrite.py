@@ -9,11 +9,11 @@ NaN or infinity would break, such as ``x * 0 -> 0``).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .ir import CONST_EVAL, DType, Node, Op, binary, const, unary
 
-Rule = Callable[[Node], Optional[Node]]
+Rule = Callable[[Node], Node | None]
 
 
 def _is_const(node: Node, value: object = None) -> bool:
@@ -30,7 +30,7 @@ def _coerce(value: object, dtype: DType) -> object:
     return float(value)
 
 
-def fold_constants(node: Node) -> Optional[Node]:
+def fold_constants(node: Node) -> Node | None:
     if node.op not in CONST_EVAL or not node.src or not all(s.op is Op.CONST for s in node.src):
         return None
     args = [s.arg for s in node.src]
@@ -46,7 +46,7 @@ _NEGATED = {Op.LT: (Op.LE, True), Op.LE: (Op.LT, True), Op.GT: (Op.LE, False), O
             Op.EQ: (Op.NE, False), Op.NE: (Op.EQ, False)}
 
 
-def identities(node: Node) -> Optional[Node]:
+def identities(node: Node) -> Node | None:
     op, src = node.op, node.src
     if op is Op.ADD:
         a, b = src
@@ -94,7 +94,7 @@ def identities(node: Node) -> Optional[Node]:
     return None
 
 
-def boolean_logic(node: Node) -> Optional[Node]:
+def boolean_logic(node: Node) -> Node | None:
     if node.dtype is not DType.BOOL or node.op not in (Op.AND, Op.OR):
         return None
     a, b = node.src
@@ -112,7 +112,7 @@ def boolean_logic(node: Node) -> Optional[Node]:
     return None
 
 
-def comparisons(node: Node) -> Optional[Node]:
+def comparisons(node: Node) -> Node | None:
     if node.op not in (Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE):
         return None
     a, b = node.src
@@ -127,7 +127,7 @@ def comparisons(node: Node) -> Optional[Node]:
     return None
 
 
-def selects(node: Node) -> Optional[Node]:
+def selects(node: Node) -> Node | None:
     if node.op is not Op.WHERE:
         return None
     cond, a, b = node.src

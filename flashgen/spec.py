@@ -8,8 +8,8 @@ is passed as, so existing FlexAttention mods work unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,18 +45,18 @@ class MaskMod(Mod):
 
     role = "mask_mod"
 
-    def __and__(self, other: Callable) -> "MaskMod":
+    def __and__(self, other: Callable) -> MaskMod:
         a, b = self.fn, _fn(other)
         return MaskMod(lambda bi, h, q, kv: a(bi, h, q, kv) & b(bi, h, q, kv), f"({self.name} & {_name(other)})")
 
-    def __or__(self, other: Callable) -> "MaskMod":
+    def __or__(self, other: Callable) -> MaskMod:
         a, b = self.fn, _fn(other)
         return MaskMod(lambda bi, h, q, kv: a(bi, h, q, kv) | b(bi, h, q, kv), f"({self.name} | {_name(other)})")
 
     __rand__ = __and__
     __ror__ = __or__
 
-    def __invert__(self) -> "MaskMod":
+    def __invert__(self) -> MaskMod:
         a = self.fn
         return MaskMod(lambda bi, h, q, kv: ~a(bi, h, q, kv), f"~{self.name}")
 

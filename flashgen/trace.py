@@ -13,8 +13,9 @@ import inspect
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ class Proxy:
     def _lift(self, other: Any) -> Node:
         return lift(other, self.captures)
 
-    def _wrap(self, node: Node) -> "Proxy":
+    def _wrap(self, node: Node) -> Proxy:
         return Proxy(node, self.captures)
 
     def __bool__(self):
@@ -105,7 +106,7 @@ class Proxy:
         return f"Proxy({ir.format_expr(self.node)})"
 
     # -- operators -------------------------------------------------------------------------
-    def _bin(self, op: Op, other: Any, reverse: bool = False) -> "Proxy":
+    def _bin(self, op: Op, other: Any, reverse: bool = False) -> Proxy:
         a, b = self.node, self._lift(other)
         if reverse:
             a, b = b, a
@@ -422,8 +423,9 @@ def _result_node(fn: Callable, role: str, result: Any, captures: Captures) -> No
 
 
 def _name_of(fn: Callable) -> str:
-    target = getattr(fn, "fn", fn)
-    name = getattr(target, "__name__", "mod")
+    name = getattr(fn, "name", None)  # decorated mods and library mods carry a name
+    if not isinstance(name, str):
+        name = getattr(fn, "__name__", "mod")
     return "lambda" if name == "<lambda>" else name
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import networkx as nx
@@ -195,7 +195,7 @@ def _ordered(roots: list[Node]) -> list[Node]:
     return [graph.nodes[k]["node"] for k in order]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template(name: str):
     import jinja2
 
@@ -204,9 +204,9 @@ def _template(name: str):
     return env.from_string(text)
 
 
-def render_forward(name: str, logits: Node, mask: Node, analysis: Analysis,
+def render_forward(name: str, program_key: str, logits: Node, mask: Node, analysis: Analysis,
                    capture_ndims: tuple[int, ...]) -> KernelSource:
-    """The forward kernel module for one attention program."""
+    """The forward kernel module for one attention program (``name`` must be an identifier)."""
     roots = [logits, mask]
     level = row_levels(roots)
     row = _Emitter("r")
@@ -227,7 +227,7 @@ def render_forward(name: str, logits: Node, mask: Node, analysis: Analysis,
     context = dict(
         version=__version__,
         name=name,
-        ir_key=_program_key(logits, mask),
+        ir_key=program_key[:16],
         program_listing=format_program({"logits": logits, "mask": mask}).splitlines(),
         band=analysis.band,
         has_mask=analysis.has_mask,
@@ -252,7 +252,3 @@ def _emit_tile(tile: _Emitter, root: Node, level: dict[int, bool]) -> list[str]:
         if not level[id(node)]:
             tile.emit(node)
     return tile.lines[start:]
-
-
-def _program_key(logits: Node, mask: Node) -> str:
-    return hashlib.sha256(f"{logits.key}|{mask.key}".encode()).hexdigest()[:16]
