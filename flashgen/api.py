@@ -117,6 +117,7 @@ class Attention:
             HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IDX_T=tl.int64 if large else tl.int32,
             STORE_LSE=return_lse, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_F32=q.dtype == torch.bfloat16 and interpreting(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return (out, lse) if return_lse else out

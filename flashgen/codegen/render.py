@@ -172,7 +172,14 @@ def _load(n: Node, idx: list[str]) -> str:
     if not idx:
         value = f"tl.load({base})"
     else:
-        offset = " + ".join(f"({i}).to(IDX_T) * {base}_stride{d}" for d, i in enumerate(idx))
+        terms = []
+        for d, (i, node) in enumerate(zip(idx, n.src)):
+            if node.op is Op.CONST:
+                if node.arg != 0:
+                    terms.append(f"{int(node.arg)} * {base}_stride{d}")
+            else:
+                terms.append(f"({i}).to(IDX_T) * {base}_stride{d}")
+        offset = " + ".join(terms) or "0"
         checks = []
         for d, (i, node) in enumerate(zip(idx, n.src)):
             lo, _ = int_bounds(node)

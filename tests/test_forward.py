@@ -1,0 +1,155 @@
+"""Forward kernels against the float64 reference (CPU: Triton's interpreter)."""
+
+import pytest
+import torch
+
+import flashgen as fg
+from flashgen import runtime
+
+from helpers import check_against_reference, requires_interpreter
+
+pytestmark = requires_interpreter
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def library_variants(H, S):
+    slopes = fg.mods.alibi_slopes(H)
+    doc_ids = torch.sort(torch.randint(0, 3, (S,))).values
+    batch_docs = torch.sort(torch.randint(0, 3, (2, S)), dim=1).values
+    table = torch.randn(H, 2 * S - 1)
+    return {
+        "full": dict(),
+        "causal": dict(mask_mod=fg.mods.causal),
+        "sliding_window": dict(mask_mod=fg.mods.sliding_window(9)),
+        "prefix_lm": dict(mask_mod=fg.mods.prefix_lm(13)),
+        "chunked": dict(mask_mod=fg.mods.chunked(16)),
+        "chunked_causal": dict(mask_mod=fg.mods.chunked(20) & fg.mods.causal),
+        "document": dict(mask_mod=fg.mods.document(doc_ids)),
+        "document_batched_causal": dict(mask_mod=fg.mods.document(batch_docs) & fg.mods.causal),
+        "alibi_causal": dict(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.causal),
+        "softcap": dict(score_mod=fg.mods.softcap(2.0)),
+        "relative_bias": dict(score_mod=fg.mods.relative_bias(table)),
+        "relative_bias_shared": dict(score_mod=fg.mods.relative_bias(torch.randn(2 * S - 1))),
+        "bias_fn": dict(bias=lambda b, h, q, kv: (q - kv).abs().float() * -0.1),
+        "bias_tensor": dict(bias=torch.randn(1, H, S, S)),
+        "not_causal": dict(mask_mod=~fg.mods.causal),
+        "window_or_global": dict(mask_mod=fg.mods.sliding_window(5) | (lambda b, h, q, kv: kv < 3)),
+    }
+
+
+@pytest.mark.parametrize("name", list(library_variants(2, 70)))
+def test_library_mods(name):
+    B, H, S, D = 2, 2, 70, 32
+    mods = library_variants(H, S)[name]
+    q, k, v = rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, D)
+    check_against_reference(q, k, v, **mods)
+
+
+@pytest.mark.parametrize("D", [16, 48, 64, 80, 128])
+def test_head_dims(D):
+    q, k, v = rand(1, 2, 37, D), rand(1, 2, 45, D), rand(1, 2, 45, D)
+    check_against_reference(q, k, v, mask_mod=fg.mods.causal)
+
+
+@pytest.mark.parametrize("Sq,Skv", [(1, 1), (1, 50), (50, 1), (33, 97), (97, 33), (64, 64), (100, 100)])
+def test_lengths(Sq, Skv):
+    q, k, v = rand(1, 1, Sq, 32), rand(1, 1, Skv, 32), rand(1, 1, Skv, 32)
+    check_against_reference(q, k, v, mask_mod=fg.mods.sliding_window(11))
+    check_against_reference(q, k, v, score_mod=fg.mods.softcap(3.0))
+
+
+def test_value_head_dim_differs():
+    q, k, v = rand(1, 2, 40, 32), rand(1, 2, 40, 32), rand(1, 2, 40, 48)
+    check_against_reference(q, k, v, mask_mod=fg.mods.causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    q, k, v = (rand(2, 2, 50, 64, dtype=dtype) for _ in range(3))
+    check_against_reference(q, k, v, score_mod=fg.mods.softcap(5.0), mask_mod=fg.mods.causal)
+
+
+def test_gqa_reads_shared_kv_heads():
+    q, k, v = rand(2, 6, 40, 32), rand(2, 2, 40, 32), rand(2, 2, 40, 32)
+    slopes = torch.rand(6)
+    check_against_reference(q, k, v, score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.causal, enable_gqa=True)
+
+
+def test_non_contiguous_inputs():
+    q = rand(2, 40, 3, 32).transpose(1, 2)  # [B, H, S, D] view of a [B, S, H, D] tensor
+    k = rand(2, 32, 3, 50).permute(0, 2, 3, 1)  # last dim not contiguous
+    v = rand(2, 50, 3, 32).transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    check_against_reference(q, k, v, mask_mod=fg.mods.prefix_lm(7))
+
+
+def test_custom_scale():
+    q, k, v = (rand(1, 2, 30, 32) for _ in range(3))
+    check_against_reference(q, k, v, mask_mod=fg.mods.causal, scale=0.3)
+
+
+def test_fully_masked_rows_give_zero_and_minus_inf():
+    q, k, v = (rand(1, 2, 40, 16) for _ in range(3))
+    # rows q < 10 see nothing; rows q >= 10 see a window behind them
+    mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: (q_idx >= 10) & (kv_idx < q_idx - 5))
+    out = check_against_reference(q, k, v, mask_mod=mask)
+    assert (out[:, :, :10] == 0).all()
+    everything_masked = lambda b, h, q_idx, kv_idx: q_idx < 0  # noqa: E731
+    out, lse = fg.attention(q, k, v, mask_mod=everything_masked, return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_score_mod_returning_minus_inf_is_a_mask():
+    q, k, v = (rand(1, 1, 40, 16) for _ in range(3))
+    score = lambda s, b, h, q_idx, kv_idx: torch.where(kv_idx > q_idx, float("-inf"), s)  # noqa: E731
+    check_against_reference(q, k, v, score_mod=score)
+
+
+def test_negative_floor_division_and_modulo_follow_torch():
+    q, k, v = (rand(1, 1, 45, 16) for _ in range(3))
+    mask = lambda b, h, q_idx, kv_idx: ((q_idx - kv_idx) // 4) % 3 != 1  # noqa: E731
+    score = lambda s, b, h, q_idx, kv_idx: s + ((kv_idx - q_idx) % 7).float() * 0.1  # noqa: E731
+    check_against_reference(q, k, v, score_mod=score, mask_mod=mask)
+
+
+def test_captured_values_change_without_recompiling():
+    slopes = torch.rand(2)
+    attn = fg.compile(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.causal)
+    q, k, v = (rand(1, 2, 30, 16) for _ in range(3))
+    check_against_reference(q, k, v, fg.mods.alibi(slopes), fg.mods.causal, attn=attn)
+    modules_before = len(runtime._modules)
+    slopes.mul_(-3.0)
+    check_against_reference(q, k, v, fg.mods.alibi(slopes), fg.mods.causal, attn=attn)
+    assert len(runtime._modules) == modules_before
+
+
+def test_equivalent_mods_reuse_one_kernel():
+    q, k, v = (rand(1, 1, 20, 16) for _ in range(3))
+    fg.attention(q, k, v, mask_mod=fg.mods.causal)
+    modules_before = len(runtime._modules)
+    fg.attention(q, k, v, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx)
+    fg.attention(q, k, v, mask_mod=lambda b, h, q_idx, kv_idx: ~(kv_idx > q_idx + 0))
+    assert len(runtime._modules) == modules_before
+
+
+def test_empty_inputs():
+    q, k, v = rand(1, 2, 0, 16), rand(1, 2, 5, 16), rand(1, 2, 5, 16)
+    assert fg.attention(q, k, v).shape == (1, 2, 0, 16)
+    q, k, v = rand(1, 2, 4, 16), rand(1, 2, 0, 16), rand(1, 2, 0, 8)
+    out, lse = fg.attention(q, k, v, return_lse=True)
+    assert out.shape == (1, 2, 4, 8) and (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_generated_source_and_explain():
+    table = torch.randn(2, 39)
+    attn = fg.compile(score_mod=fg.mods.relative_bias(table), mask_mod=fg.mods.sliding_window(8))
+    source = attn.source("fwd")
+    compile(source, "<generated>", "exec")  # valid Python
+    assert "@triton.jit" in source and "hook: score_mod" in source and "hook: mask_mod" in source
+    report = attn.explain()
+    assert "captured0" in report and "-7 <= kv_idx - q_idx <= 0" in report
+    with pytest.raises(ValueError, match="fwd"):
+        attn.source("bwd")
