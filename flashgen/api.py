@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import types
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -13,6 +15,7 @@ from . import ir
 from .analysis import Analysis, analyze
 from .codegen.render import KernelSource, render_forward
 from .runtime import Config, default_config, identifier, interpreting, load_kernel, padded
+from .spec import Mod
 from .trace import Program, trace_attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -197,5 +200,55 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Call
     log, ``-inf`` for fully masked rows, whose output is 0). Mods are traced on every call (a few
     tens of microseconds); kernels are generated and compiled once per equivalent program.
     """
-    attn = Attention(score_mod, mask_mod, bias)
+    key = _fingerprint((score_mod, mask_mod, bias))
+    attn = _recent.get(key) if key is not None else None
+    if attn is None:
+        attn = Attention(score_mod, mask_mod, bias)
+        if key is not None:
+            _recent[key] = attn
+            if len(_recent) > _RECENT_MAX:
+                _recent.popitem(last=False)
+    else:
+        _recent.move_to_end(key)
     return attn(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse)
+
+
+# fg.attention traces its mods on the first call only: later calls with the same functions, whose
+# closures, defaults and globals hold the same values (tensors: the same objects, shapes and dtypes),
+# reuse the traced Attention. Anything the fingerprint cannot see through is traced every time.
+_recent: OrderedDict[tuple, Attention] = OrderedDict()
+_RECENT_MAX = 128
+_UNSEEN = object()
+
+
+def _fingerprint(obj, depth: int = 0):
+    """A hashable summary of everything a trace of ``obj`` can depend on, or None if unknown."""
+    if depth > 8:
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype)):
+        return (type(obj).__name__, obj)
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", id(obj), obj.dtype, tuple(obj.shape), tuple(obj.stride()), str(obj.device))
+    if isinstance(obj, types.ModuleType) or isinstance(obj, types.BuiltinFunctionType):
+        return ("object", id(obj))
+    if isinstance(obj, Mod):
+        inner = _fingerprint(obj.fn, depth + 1)
+        return None if inner is None else ("mod", type(obj).__name__, inner)
+    if isinstance(obj, (tuple, list)):
+        parts = tuple(_fingerprint(x, depth + 1) for x in obj)
+        return None if any(p is None for p in parts) else parts
+    if isinstance(obj, types.FunctionType):
+        code = obj.__code__
+        parts = [("code", id(code))]
+        for cell in obj.__closure__ or ():
+            try:
+                parts.append(_fingerprint(cell.cell_contents, depth + 1))
+            except ValueError:  # an empty cell
+                parts.append(("empty",))
+        parts.extend(_fingerprint(d, depth + 1) for d in obj.__defaults__ or ())
+        for name in code.co_names:
+            value = obj.__globals__.get(name, _UNSEEN)
+            if value is not _UNSEEN:
+                parts.append((name, _fingerprint(value, depth + 1)))
+        return None if any(p is None for p in parts) else (obj, tuple(parts))
+    return None

@@ -109,7 +109,20 @@ def boolean_logic(node: Node) -> Node | None:
     # x & ~x -> False, x | ~x -> True
     if (a.op is Op.NOT and a.src[0] is b) or (b.op is Op.NOT and b.src[0] is a):
         return const(absorbing)
-    return None
+    # chains of one operator: drop repeated terms and order them canonically, so that
+    # `causal & window & causal` and `window & causal` are one node
+    terms = _chain(node, node.op)
+    unique = sorted({t.key: t for t in terms}.values(), key=lambda t: t.key)
+    rebuilt = unique[0]
+    for term in unique[1:]:
+        rebuilt = Node(node.op, DType.BOOL, None, (rebuilt, term))
+    return rebuilt if rebuilt is not node else None
+
+
+def _chain(node: Node, op: Op) -> list[Node]:
+    if node.op is op and node.dtype is DType.BOOL:
+        return _chain(node.src[0], op) + _chain(node.src[1], op)
+    return [node]
 
 
 def comparisons(node: Node) -> Node | None:

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from helpers import check_against_reference, rel_err, requires_interpreter
 
 import flashgen as fg
 from flashgen import runtime
-
-from helpers import check_against_reference, requires_interpreter
 
 pytestmark = requires_interpreter
 
@@ -153,3 +152,19 @@ def test_generated_source_and_explain():
     assert "captured0" in report and "-7 <= kv_idx - q_idx <= 0" in report
     with pytest.raises(ValueError, match="fwd"):
         attn.source("bwd")
+
+
+def test_attention_reuses_traces_but_sees_changed_closure_scalars():
+    q, k, v = (rand(1, 1, 40, 16) for _ in range(3))
+    window = 4
+
+    def mask(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    out4 = fg.attention(q, k, v, mask_mod=mask)
+    assert fg.api._fingerprint((None, mask, None)) in fg.api._recent
+    window = 9  # noqa: F841 - read by the mask's closure
+    out9 = fg.attention(q, k, v, mask_mod=mask)
+    ref9 = fg.attention_reference(q, k, v, mask_mod=mask)
+    assert not torch.allclose(out4, out9)
+    assert rel_err(out9, ref9) < 1e-4

@@ -94,3 +94,10 @@ def test_format_program_names_shared_subexpressions():
 def test_bitwise_ops_on_floats_are_rejected():
     with pytest.raises(ir.IRError, match="float"):
         ir.binary(Op.AND, ir.score(), q)
+
+
+def test_boolean_chains_are_deduplicated_and_ordered():
+    a, b = ir.binary(Op.LE, kv, q), ir.binary(Op.LT, ir.binary(Op.SUB, q, kv), ir.const(8))
+    left = simplify(ir.binary(Op.AND, ir.binary(Op.AND, a, b), a))
+    right = simplify(ir.binary(Op.AND, b, a))
+    assert left is right

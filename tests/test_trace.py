@@ -22,7 +22,8 @@ def test_arithmetic_and_torch_functions_trace():
         x = torch.minimum(x, torch.maximum(score, score * 0.5))
         x = torch.clamp(x, -5, 5) + abs(q_idx - kv_idx) ** 2 + (q_idx // 3) % 4 + (kv_idx << 1) + (q_idx >> 1)
         x = x + torch.exp(torch.tanh(score)) + torch.sigmoid(score) + torch.sqrt(torch.abs(score) + 1)
-        x = x + torch.log(torch.exp2(torch.sin(score)) + torch.cos(score) + 2) + torch.log2(torch.rsqrt(score * score + 1))
+        x = x + torch.log(torch.exp2(torch.sin(score)) + torch.cos(score) + 2)
+        x = x + torch.log2(torch.rsqrt(score * score + 1))
         x = x + torch.floor(score) + torch.ceil(score) + torch.sign(score) + math.pi + (q_idx ^ kv_idx).float()
         return x + (q_idx & 3).to(torch.float32) + (kv_idx | 1).long() + h.int()
 

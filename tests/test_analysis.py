@@ -1,0 +1,69 @@
+"""Analyses: interval bounds and the diagonal band that gives closed-form KV loop bounds."""
+
+import pytest
+import torch
+
+import flashgen as fg
+from flashgen import ir
+from flashgen.analysis import Band, int_bounds
+from flashgen.ir import Op
+
+q, kv = ir.index("q_idx"), ir.index("kv_idx")
+
+
+def band(mask):
+    return fg.compile(mask_mod=mask).analysis
+
+
+@pytest.mark.parametrize("mask,expected,residual", [
+    (fg.mods.causal, Band(None, 0), False),
+    (fg.mods.sliding_window(128), Band(-127, 0), False),
+    (lambda b, h, q_idx, kv_idx: kv_idx < q_idx + 5, Band(None, 4), False),
+    (lambda b, h, q_idx, kv_idx: q_idx - kv_idx <= 3, Band(-3, None), False),
+    (lambda b, h, q_idx, kv_idx: kv_idx == q_idx, Band(0, 0), False),
+    (fg.mods.causal & fg.mods.chunked(64), Band(None, 0), True),
+    (fg.mods.prefix_lm(16), Band(), True),
+    (lambda b, h, q_idx, kv_idx: 2 * q_idx >= kv_idx, Band(), True),
+])
+def test_band_of_library_and_affine_masks(mask, expected, residual):
+    analysis = band(mask)
+    assert analysis.band == expected
+    has_residual = not (analysis.residual_mask.op is Op.CONST and analysis.residual_mask.arg is True)
+    assert has_residual == residual
+
+
+def test_band_brute_force_agrees_with_the_mask():
+    # every (q, kv) the band excludes must be masked out: the kernel never visits those blocks
+    for mask in (fg.mods.causal, fg.mods.sliding_window(7), lambda b, h, qi, ki: (ki <= qi + 3) & (qi - ki < 9)):
+        analysis = band(mask)
+        qi, ki = torch.arange(64)[:, None], torch.arange(64)[None, :]
+        keep = torch.as_tensor(mask(0, 0, qi, ki))
+        d = ki - qi
+        lo = analysis.band.lo if analysis.band.lo is not None else -10**9
+        hi = analysis.band.hi if analysis.band.hi is not None else 10**9
+        assert not (keep & ((d < lo) | (d > hi))).any()
+
+
+def test_int_bounds():
+    assert int_bounds(q) == (0, None)
+    assert int_bounds(ir.binary(Op.MOD, ir.binary(Op.SUB, q, kv), ir.const(5))) == (0, 4)
+    assert int_bounds(ir.binary(Op.FLOORDIV, q, ir.const(4))) == (0, None)
+    assert int_bounds(ir.binary(Op.SUB, q, kv)) == (None, None)
+    assert int_bounds(ir.binary(Op.MUL, ir.const(-2), q)) == (None, 0)
+    assert int_bounds(ir.binary(Op.MIN, q, ir.const(7))) == (0, 7)
+
+
+def test_floor_division_uses_the_fast_path_only_when_safe():
+    # non-negative dividend and positive constant divisor: truncation equals floor, plain //
+    fast = fg.compile(mask_mod=fg.mods.chunked(16)).source()
+    assert "r0 = q_idx // 16" in fast and "t1 = kv_idx // 16" in fast
+    # a dividend that can be negative needs the floor helper
+    slow = fg.compile(mask_mod=lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) // 4 == 0).source()
+    assert "t0 = q_idx - kv_idx" in slow and "t1 = _floordiv(t0, 4)" in slow
+
+
+def test_row_level_code_is_hoisted_out_of_the_kv_loop():
+    slopes = torch.rand(4)
+    doc = torch.zeros(32, dtype=torch.long)
+    attn = fg.compile(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.document(doc))
+    assert "captured0[h]" in attn.explain() and "captured1[q_idx]" in attn.explain()

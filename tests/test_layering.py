@@ -1,0 +1,98 @@
+"""The package's layers depend in one direction: spec -> ir <- analysis <- codegen <- runtime <- cli.
+
+Every module belongs to exactly one layer, and may import flashgen modules of its own layer or of the
+layers listed as its dependencies. A new module must be placed here, which keeps the picture honest.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "flashgen"
+
+LAYERS = {
+    "ir": {"ir", "rewrite", "_version"},
+    "spec": {"spec", "trace", "mods", "reference"},
+    "analysis": {"analysis"},
+    "codegen": {"codegen", "codegen.render"},
+    "runtime": {"runtime", "api"},
+    "cli": {"cli", "__main__", "__init__"},
+}
+DEPENDS = {
+    "ir": set(),
+    "spec": {"ir"},
+    "analysis": {"ir"},
+    "codegen": {"analysis", "ir"},
+    "runtime": {"codegen", "analysis", "spec", "ir"},
+    "cli": set(LAYERS),
+}
+# Lines of code (non-blank, non-comment) the package may hold: small enough to read in an afternoon.
+SIZE_BUDGET = 3500
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"] or ["__init__"]
+    return ".".join(parts)
+
+
+def layer_of(name: str) -> str:
+    for layer, members in LAYERS.items():
+        if name in members:
+            return layer
+    raise AssertionError(f"flashgen.{name} is in no layer: add it to LAYERS in tests/test_layering.py")
+
+
+def flashgen_imports(path: Path, name: str) -> set[str]:
+    tree = ast.parse(path.read_text())
+    if name == "__init__":
+        package = []
+    else:
+        package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                target = ".".join(base + ([node.module] if node.module else []))
+                if node.module is None:
+                    found.update(".".join(base + [alias.name]) for alias in node.names)
+                else:
+                    found.add(target)
+            elif node.module and node.module.startswith("flashgen"):
+                found.add(node.module.removeprefix("flashgen").lstrip(".") or "__init__")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("flashgen."):
+                    found.add(alias.name.removeprefix("flashgen."))
+    return {f.strip(".") or "__init__" for f in found}
+
+
+def test_layers_depend_in_one_direction():
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        layer = layer_of(name)
+        for target in flashgen_imports(path, name):
+            target_layer = layer_of(target if target in {m for ms in LAYERS.values() for m in ms}
+                                    else target.rsplit(".", 1)[0])
+            if target_layer != layer and target_layer not in DEPENDS[layer]:
+                problems.append(f"flashgen.{name} ({layer}) imports flashgen.{target} ({target_layer})")
+    assert not problems, "\n".join(problems)
+
+
+def test_ir_spec_and_analysis_do_not_import_triton():
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        if layer_of(name) not in ("ir", "spec", "analysis"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(m.split(".")[0] == "triton" for m in modules), f"flashgen.{name} imports triton"
+
+
+def test_size_budget():
+    lines = 0
+    for path in PACKAGE.rglob("*.py"):
+        lines += sum(1 for line in path.read_text().splitlines() if line.strip() and not line.strip().startswith("#"))
+    assert lines <= SIZE_BUDGET, f"flashgen/ has {lines} lines of code, over the budget of {SIZE_BUDGET}"
