@@ -240,7 +240,6 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         has_mask=analysis.has_mask,
         has_residual=not (analysis.residual_mask.op is Op.CONST and analysis.residual_mask.arg is True),
         plain_logits=analysis.plain_logits,
-        safe_softmax=analysis.has_mask or not analysis.plain_logits,
         row_lines=row.lines,
         row_params=row_params,
         tile_logit_lines=logit_lines,
