@@ -27,16 +27,18 @@ _sources: dict[str, KernelSource] = {}
 
 
 def _as_bias_fn(bias) -> Callable | None:
-    """A dense bias tensor broadcastable to [B, H, Sq, Skv] becomes a mod that reads it."""
+    """A dense bias tensor broadcastable to [B, H, Sq, Skv] becomes a mod that reads it
+    (size-1 dimensions are read at index 0, as broadcasting would)."""
     if not isinstance(bias, torch.Tensor):
         return bias
     if bias.dim() != 4 or not bias.is_floating_point():
         raise ValueError(f"a bias tensor must be floating point with 4 dims broadcastable to [B, H, Sq, Skv], "
                          f"got {bias.dtype} of shape {tuple(bias.shape)}")
-    b_one, h_one = bias.shape[0] == 1, bias.shape[1] == 1
+    ones = [size == 1 for size in bias.shape]
 
     def dense_bias(b, h, q_idx, kv_idx):
-        return bias[0 if b_one else b, 0 if h_one else h, q_idx, kv_idx]
+        index = [0 if one else i for one, i in zip(ones, (b, h, q_idx, kv_idx))]
+        return bias[index[0], index[1], index[2], index[3]]
 
     return dense_bias
 
@@ -197,8 +199,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Call
 
     q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Skv, D]``, v ``[B, Hkv, Skv, Dv]`` -> ``[B, Hq, Sq, Dv]`` in
     q's dtype; with ``return_lse=True`` also the row log-sum-exp ``[B, Hq, Sq]`` (float32, natural
-    log, ``-inf`` for fully masked rows, whose output is 0). Mods are traced on every call (a few
-    tens of microseconds); kernels are generated and compiled once per equivalent program.
+    log, ``-inf`` for fully masked rows, whose output is 0). Mods are traced on the first call and
+    again only when something they read changes; kernels are generated and compiled once per
+    equivalent program.
     """
     key = _fingerprint((score_mod, mask_mod, bias))
     attn = _recent.get(key) if key is not None else None
@@ -219,6 +222,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Call
 _recent: OrderedDict[tuple, Attention] = OrderedDict()
 _RECENT_MAX = 128
 _UNSEEN = object()
+_STABLE_MODULES = {"torch", "math", "flashgen", "operator", "builtins"}
 
 
 def _fingerprint(obj, depth: int = 0):
@@ -229,8 +233,12 @@ def _fingerprint(obj, depth: int = 0):
         return (type(obj).__name__, obj)
     if isinstance(obj, torch.Tensor):
         return ("tensor", id(obj), obj.dtype, tuple(obj.shape), tuple(obj.stride()), str(obj.device))
-    if isinstance(obj, types.ModuleType) or isinstance(obj, types.BuiltinFunctionType):
-        return ("object", id(obj))
+    if isinstance(obj, types.ModuleType):
+        # torch.where, math.pi: fixed. A user module's attributes can change between calls (cfg.W),
+        # so a mod that reads one is traced every time.
+        return ("module", obj.__name__) if obj.__name__.split(".")[0] in _STABLE_MODULES else None
+    if isinstance(obj, types.BuiltinFunctionType):
+        return ("builtin", id(obj))
     if isinstance(obj, Mod):
         inner = _fingerprint(obj.fn, depth + 1)
         return None if inner is None else ("mod", type(obj).__name__, inner)
@@ -249,6 +257,9 @@ def _fingerprint(obj, depth: int = 0):
         for name in code.co_names:
             value = obj.__globals__.get(name, _UNSEEN)
             if value is not _UNSEEN:
-                parts.append((name, _fingerprint(value, depth + 1)))
+                inner = _fingerprint(value, depth + 1)
+                if inner is None:
+                    return None
+                parts.append((name, inner))
         return None if any(p is None for p in parts) else (obj, tuple(parts))
     return None

@@ -2,8 +2,9 @@
 
 Generated sources are written atomically to files (Triton reads kernel source with ``inspect``)
 under ``$FLASHGEN_CACHE_DIR`` (default ``~/.cache/flashgen``) and imported with importlib, once
-per process and program key. CPU tensors run the same kernels through Triton's interpreter: the
-module is loaded a second time with the interpreter switched on, so nothing is for the user to set.
+per process and source key. On a machine without a GPU, ``flashgen/__init__`` switches Triton's
+interpreter on before Triton is imported, so CPU tensors run the same kernels with nothing for the
+user to set.
 """
 
 from __future__ import annotations

@@ -343,8 +343,9 @@ def describe(fn: Callable) -> str:
 
 def _check_signature(fn: Callable, role: str) -> None:
     params = ROLES[role]
+    target = getattr(fn, "fn", fn)  # a decorated mod: check the function it wraps
     try:
-        sig = inspect.signature(fn)
+        sig = inspect.signature(target)
     except (TypeError, ValueError):
         return  # builtins without a signature: let the call itself fail
     try:

@@ -168,3 +168,22 @@ def test_attention_reuses_traces_but_sees_changed_closure_scalars():
     ref9 = fg.attention_reference(q, k, v, mask_mod=mask)
     assert not torch.allclose(out4, out9)
     assert rel_err(out9, ref9) < 1e-4
+
+
+def test_dense_bias_broadcasts_over_every_size_one_dimension():
+    q, k, v = rand(2, 2, 20, 16), rand(2, 2, 24, 16), rand(2, 2, 24, 16)
+    for shape in [(1, 1, 20, 24), (2, 1, 1, 24), (1, 2, 20, 1), (1, 1, 1, 1)]:
+        check_against_reference(q, k, v, bias=torch.randn(*shape))
+
+
+def test_mods_reading_user_module_attributes_are_retraced():
+    import types
+
+    cfg = types.ModuleType("user_cfg")
+    cfg.W = 3
+    mask = eval("lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < cfg.W)", {"cfg": cfg})
+    q, k, v = (rand(1, 1, 30, 16) for _ in range(3))
+    fg.attention(q, k, v, mask_mod=mask)
+    cfg.W = 11
+    out = fg.attention(q, k, v, mask_mod=mask)
+    assert rel_err(out, fg.attention_reference(q, k, v, mask_mod=mask)) < 1e-4

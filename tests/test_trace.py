@@ -156,3 +156,12 @@ def test_decorators_and_mask_combinators():
         return score * 2
 
     assert twice.name == "double" and isinstance(twice, fg.spec.ScoreMod)
+
+
+def test_decorated_mods_get_the_signature_hint_too():
+    @fg.mask_mod
+    def looks_like_mask(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    with pytest.raises(fg.TraceError, match="pass it as mask_mod="):
+        trace(looks_like_mask, role="score_mod")

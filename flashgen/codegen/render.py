@@ -249,7 +249,7 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         capture_params=capture_params,
     )
     source = _template("attention_fwd.py.jinja").render(**context)
-    return KernelSource(name, source, f"{name}_fwd", captures, hashlib.sha256(source.encode()).hexdigest())
+    return KernelSource(name, source, "attn_fwd", captures, hashlib.sha256(source.encode()).hexdigest())
 
 
 def _emit_tile(tile: _Emitter, root: Node, level: dict[int, bool]) -> list[str]:
