@@ -13,8 +13,17 @@ import triton.language as tl
 
 from . import ir
 from .analysis import Analysis, analyze
-from .codegen.render import KernelSource, render_forward
-from .runtime import Config, default_config, identifier, interpreting, load_kernel, padded
+from .codegen.render import KernelSource, render_backward, render_forward
+from .runtime import (
+    Config,
+    default_backward_configs,
+    default_config,
+    identifier,
+    interpreting,
+    load_kernel,
+    load_module,
+    padded,
+)
 from .spec import Mod
 from .trace import Program, trace_attention
 
@@ -23,7 +32,7 @@ MAX_HEAD_DIM = 256
 _INT32_MAX = 2**31 - 1
 
 # one rendered kernel per program key, shared by every Attention with an equivalent program
-_sources: dict[str, KernelSource] = {}
+_sources: dict[object, KernelSource] = {}
 
 
 def _as_bias_fn(bias) -> Callable | None:
@@ -51,7 +60,8 @@ class Attention:
     """
 
     def __init__(self, score_mod: Callable | None = None, mask_mod: Callable | None = None,
-                 bias: Callable | torch.Tensor | None = None):
+                 bias: Callable | torch.Tensor | None = None, *, deterministic: bool = False):
+        self.deterministic = deterministic
         self.program: Program
         self.program, self.captured = trace_attention(score_mod, mask_mod, _as_bias_fn(bias))
         self.analysis: Analysis = analyze(self.program.logits, self.program.mask)
@@ -93,26 +103,30 @@ class Attention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                  enable_gqa: bool = False, return_lse: bool = False, config: Config | None = None):
         scale = _check_inputs(q, k, v, scale, enable_gqa, self.captured)
+        learnable = [t for t in self.captured if t.requires_grad]
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or learnable):
+            if self.deterministic:
+                _check_deterministic(self, learnable)
+            out, lse = _AttentionFunction.apply(self, scale, config, q, k, v, *self.captured)
+        else:
+            out, lse = self._forward(q, k, v, scale, return_lse, config)
+        return (out, lse) if return_lse else out
+
+    def _forward(self, q, k, v, scale: float, want_lse: bool, config: Config | None):
         B, Hq, Sq, D = q.shape
         _, Hkv, Skv, Dv = v.shape
         out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else None
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if want_lse else None
         if out.numel() == 0:
-            return (out, lse) if return_lse else out
+            return out, lse
         if Skv == 0:  # nothing to attend to: every row is fully masked
             out.zero_()
             if lse is not None:
                 lse.fill_(float("-inf"))
-            return (out, lse) if return_lse else out
+            return out, lse
         cfg = config or default_config(q.device, D, Dv, q.dtype)
         kernel = load_kernel(self._kernel_source())
-        capture_args: list = []
-        large = False
-        for t in self.captured:
-            capture_args.append(t)
-            capture_args.extend(t.shape)
-            capture_args.extend(t.stride())
-            large |= sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX
+        capture_args, large = _capture_args(self.captured)
         grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
         kernel[grid](
             q, k, v, out, lse if lse is not None else out,
@@ -121,11 +135,108 @@ class Attention:
             scale, Hq, Sq, Skv, Hq // Hkv,
             HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IDX_T=tl.int64 if large else tl.int32,
-            STORE_LSE=return_lse, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            DOT_F32=q.dtype == torch.bfloat16 and interpreting(),
+            STORE_LSE=want_lse, **_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        return (out, lse) if return_lse else out
+        return out, lse
+
+    def _backward_source(self, grad_slots: tuple[int, ...]) -> KernelSource:
+        key = (self.program.key, grad_slots)
+        ks = _sources.get(key)
+        if ks is None:
+            ks = render_backward(self.name, self.program.key, self.program.logits, self.program.mask,
+                                 self.analysis, tuple(c.ndim for c in self.program.captures), grad_slots)
+            _sources[key] = ks
+        return ks
+
+    def _backward(self, q, k, v, out, lse, dout, dlse, scale: float, grad_slots: tuple[int, ...]):
+        """Gradients for q, k, v and the captured tensors in ``grad_slots`` (float32 buffers)."""
+        B, Hq, Sq, D = q.shape
+        _, Hkv, Skv, Dv = v.shape
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grads = {slot: torch.zeros(self.captured[slot].shape, dtype=torch.float32, device=q.device)
+                 for slot in grad_slots}
+        if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+            return dq, dk, dv, grads
+        # delta = rowsum(dO * O) - dlse: the softmax's correction term per row
+        delta = (out.float() * dout.float()).sum(-1)
+        if dlse is not None:
+            delta = delta - torch.nan_to_num(dlse.float(), posinf=0.0, neginf=0.0)
+        delta = delta.contiguous()
+        lse = lse.contiguous()
+        module = load_module(self._backward_source(grad_slots))
+        capture_args, large = _capture_args(self.captured)
+        grad_args = [x for slot in grad_slots for x in [grads[slot], *grads[slot].stride()]]
+        common = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
+                      IDX_T=tl.int64 if large else tl.int32, **_precision(q.dtype))
+        dkdv_cfg, dq_cfg = default_backward_configs(q.device, D, Dv, q.dtype)
+        module.attn_bwd_dkdv[(triton.cdiv(Skv, dkdv_cfg.block_n), B * Hkv)](
+            q, k, v, dout, dk, dv, lse, delta,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            *capture_args, *grad_args,
+            scale, Hq, Hkv, Sq, Skv, Hq // Hkv,
+            BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, **common,
+            num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages,
+        )
+        module.attn_bwd_dq[(triton.cdiv(Sq, dq_cfg.block_m), B * Hq)](
+            q, k, v, dout, dq, lse, delta,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            *capture_args,
+            scale, Hq, Sq, Skv, Hq // Hkv,
+            BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, **common,
+            num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
+        )
+        return dq, dk, dv, grads
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """Autograd for one Attention: the forward saves (out, lse); the backward runs the generated
+    dK/dV and dQ kernels, which also accumulate gradients into learnable captured tensors."""
+
+    @staticmethod
+    def forward(ctx, attn: Attention, scale: float, config, q, k, v, *captured):
+        out, lse = attn._forward(q, k, v, scale, True, config)
+        ctx.attn, ctx.scale = attn, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        attn: Attention = ctx.attn
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_slots = tuple(i for i, t in enumerate(attn.captured)
+                           if ctx.needs_input_grad[6 + i] and t.is_floating_point())
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, grads = attn._backward(q, k, v, out, lse, dout, dlse, ctx.scale, grad_slots)
+        captured_grads = [grads[i].to(t.dtype) if i in grads else None for i, t in enumerate(attn.captured)]
+        return (None, None, None, dq, dk, dv, *captured_grads)
+
+
+def _capture_args(captured: list[torch.Tensor]) -> tuple[list, bool]:
+    """Kernel arguments for the captured tensors (pointer, sizes, strides), and whether any needs
+    64-bit offsets."""
+    args: list = []
+    large = False
+    for t in captured:
+        args.append(t)
+        args.extend(t.shape)
+        args.extend(t.stride())
+        large |= sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX
+    return args, large
+
+
+def _precision(dtype: torch.dtype) -> dict:
+    return dict(INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                DOT_F32=dtype == torch.bfloat16 and interpreting())
+
+
+def _check_deterministic(attn: Attention, learnable: list[torch.Tensor]) -> None:
+    if learnable:
+        raise NotImplementedError(
+            f"deterministic=True with learnable captured tensors ({len(learnable)} of {attn.program.name!r}) is not "
+            "implemented yet: their gradients are accumulated with atomic adds. Gradients of q, k and v are always "
+            "deterministic; pass deterministic=False, or detach the captured tensors.")
 
 
 def _check_inputs(q, k, v, scale, enable_gqa, captured) -> float:
@@ -187,14 +298,18 @@ def _check_inputs(q, k, v, scale, enable_gqa, captured) -> float:
 
 
 def compile(score_mod: Callable | None = None, mask_mod: Callable | None = None,
-            bias: Callable | torch.Tensor | None = None) -> Attention:
-    """Trace and analyse the mods once; the returned :class:`Attention` is reusable."""
-    return Attention(score_mod, mask_mod, bias)
+            bias: Callable | torch.Tensor | None = None, *, deterministic: bool = False) -> Attention:
+    """Trace and analyse the mods once; the returned :class:`Attention` is reusable.
+
+    ``deterministic=True`` promises bitwise-identical gradients run to run. The q, k, v gradients
+    always are (no atomics); learnable captured tensors are refused in that mode for now."""
+    return Attention(score_mod, mask_mod, bias, deterministic=deterministic)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable | None = None,
               mask_mod: Callable | None = None, bias: Callable | torch.Tensor | None = None, *,
-              scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False):
+              scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
+              deterministic: bool = False):
     """softmax(score_mod(scale * q kᵀ) + bias, masked by mask_mod) · v, as one fused kernel.
 
     q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Skv, D]``, v ``[B, Hkv, Skv, Dv]`` -> ``[B, Hq, Sq, Dv]`` in
@@ -203,10 +318,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Call
     again only when something they read changes; kernels are generated and compiled once per
     equivalent program.
     """
-    key = _fingerprint((score_mod, mask_mod, bias))
+    key = _fingerprint((score_mod, mask_mod, bias, deterministic))
     attn = _recent.get(key) if key is not None else None
     if attn is None:
-        attn = Attention(score_mod, mask_mod, bias)
+        attn = Attention(score_mod, mask_mod, bias, deterministic=deterministic)
         if key is not None:
             _recent[key] = attn
             if len(_recent) > _RECENT_MAX:

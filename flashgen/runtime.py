@@ -84,6 +84,11 @@ def source_path(ks: KernelSource) -> Path:
 
 def load_kernel(ks: KernelSource):
     """The ``@triton.jit`` entry point of ``ks`` (imported once per process)."""
+    return getattr(load_module(ks), ks.kernel)
+
+
+def load_module(ks: KernelSource) -> ModuleType:
+    """The generated module of ``ks``, written to the cache directory and imported once per process."""
     module = _modules.get(ks.key)
     if module is None:
         if interpreting():
@@ -97,7 +102,7 @@ def load_kernel(ks: KernelSource):
         sys.modules[mod_name] = module
         spec.loader.exec_module(module)
         _modules[ks.key] = module
-    return getattr(module, ks.kernel)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +131,18 @@ def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
     if width <= 128:
         return Config(128, 64, 8, 3)
     return Config(64, 32, 4, 2)
+
+
+def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: int,
+                             dtype: torch.dtype) -> tuple[Config, Config]:
+    """(dK/dV pass, dQ pass) configurations. The dK/dV pass keeps a tall KV block and streams short
+    query blocks; the dQ pass the reverse."""
+    if device.type != "cuda":
+        return Config(32, 32, 4, 1), Config(32, 32, 4, 1)
+    width = max(head_dim, head_dim_v)
+    if dtype == torch.float32 or width > 128:
+        return Config(32, 64, 4, 2), Config(64, 32, 4, 2)
+    return Config(32, 128, 4, 3), Config(128, 32, 4, 3)
 
 
 def padded(d: int) -> int:

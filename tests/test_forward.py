@@ -162,7 +162,7 @@ def test_attention_reuses_traces_but_sees_changed_closure_scalars():
         return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
     out4 = fg.attention(q, k, v, mask_mod=mask)
-    assert fg.api._fingerprint((None, mask, None)) in fg.api._recent
+    assert fg.api._fingerprint((None, mask, None, False)) in fg.api._recent
     window = 9  # noqa: F841 - read by the mask's closure
     out9 = fg.attention(q, k, v, mask_mod=mask)
     ref9 = fg.attention_reference(q, k, v, mask_mod=mask)

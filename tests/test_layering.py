@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "flashgen"
 
 LAYERS = {
-    "ir": {"ir", "rewrite", "_version"},
+    "ir": {"ir", "rewrite", "autodiff", "_version"},
     "spec": {"spec", "trace", "mods", "reference"},
     "analysis": {"analysis"},
     "codegen": {"codegen", "codegen.render"},

@@ -15,9 +15,11 @@ from importlib import resources
 
 import networkx as nx
 
+from .. import ir
 from .._version import __version__
 from ..analysis import Analysis, int_bounds, row_levels
-from ..ir import DType, Node, Op, format_program, to_networkx
+from ..autodiff import float_reads, gradients
+from ..ir import DType, Node, Op, const, format_expr, format_program, to_networkx
 
 _LEAF_NAMES = {"b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 
@@ -167,27 +169,31 @@ def _literal(value: object) -> str:
     return repr(value)
 
 
+def _address(n: Node, idx: list[str], base: str) -> tuple[str, str]:
+    """Offset expression and in-range condition of a captured-tensor read ``n`` (its index
+    expressions rendered as ``idx``), with strides ``{base}_stride{d}`` and sizes ``cap{slot}_size{d}``."""
+    terms, checks = [], []
+    for d, (i, node) in enumerate(zip(idx, n.src)):
+        if node.op is Op.CONST:
+            if node.arg != 0:
+                terms.append(f"{int(node.arg)} * {base}_stride{d}")
+        else:
+            terms.append(f"({i}).to(IDX_T) * {base}_stride{d}")
+        lo, _ = int_bounds(node)
+        if lo is None or lo < 0:
+            checks.append(f"({i} >= 0)")
+        checks.append(f"({i} < cap{n.arg}_size{d})")
+    return " + ".join(terms) or "0", " & ".join(checks) or "True"
+
+
 def _load(n: Node, idx: list[str]) -> str:
     base = f"cap{n.arg}"
     if not idx:
         value = f"tl.load({base})"
     else:
-        terms = []
-        for d, (i, node) in enumerate(zip(idx, n.src)):
-            if node.op is Op.CONST:
-                if node.arg != 0:
-                    terms.append(f"{int(node.arg)} * {base}_stride{d}")
-            else:
-                terms.append(f"({i}).to(IDX_T) * {base}_stride{d}")
-        offset = " + ".join(terms) or "0"
-        checks = []
-        for d, (i, node) in enumerate(zip(idx, n.src)):
-            lo, _ = int_bounds(node)
-            if lo is None or lo < 0:
-                checks.append(f"({i} >= 0)")
-            checks.append(f"({i} < {base}_size{d})")
+        offset, in_range = _address(n, idx, base)
         # out-of-range reads give 0 instead of faulting or reading other memory
-        value = f"tl.load({base} + {offset}, mask={' & '.join(checks)}, other=0)"
+        value = f"tl.load({base} + {offset}, mask={in_range}, other=0)"
     if n.dtype is DType.FLOAT:
         return f"{value}.to(tl.float32)"
     if n.dtype is DType.BOOL:
@@ -203,12 +209,18 @@ def _ordered(roots: list[Node]) -> list[Node]:
 
 
 @cache
-def _template(name: str):
+def _environment():
     import jinja2
 
-    text = resources.files("flashgen.codegen").joinpath("templates", name).read_text()
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.from_string(text)
+    def load(name: str) -> str:
+        return resources.files("flashgen.codegen").joinpath("templates", name).read_text()
+
+    return jinja2.Environment(loader=jinja2.FunctionLoader(load), undefined=jinja2.StrictUndefined,
+                              keep_trailing_newline=True)
+
+
+def _template(name: str):
+    return _environment().get_template(name)
 
 
 def render_forward(name: str, program_key: str, logits: Node, mask: Node, analysis: Analysis,
@@ -258,3 +270,68 @@ def _emit_tile(tile: _Emitter, root: Node, level: dict[int, bool]) -> list[str]:
         if not level[id(node)]:
             tile.emit(node)
     return tile.lines[start:]
+
+
+@dataclass(frozen=True)
+class _GradRead:
+    label: str  # the read, for the comment
+    expr: str  # dL/d(read), rendered
+    pointer: str  # where its gradient accumulates
+    mask: str  # in-range condition (per-element reads)
+    uniform: bool  # the read is the same for the whole tile: reduce, then one atomic
+
+
+def render_backward(name: str, program_key: str, logits: Node, mask: Node, analysis: Analysis,
+                    capture_ndims: tuple[int, ...], grad_slots: tuple[int, ...]) -> KernelSource:
+    """The backward kernel module (dK/dV pass and dQ pass) for one attention program.
+
+    ``grad_slots``: captured tensors whose gradient is wanted; each gets a float32 buffer
+    ``gcap{slot}`` (with strides ``gcap{slot}_stride{d}``) that the dK/dV pass accumulates into."""
+    score = next((n for n in logits.toposort() if n.op is Op.SCORE), None)
+    reads = [r for r in float_reads(logits) if r.arg in grad_slots]
+    wrt = ([score] if score is not None else []) + reads
+    grads = gradients(logits, wrt)
+    dscore = grads[id(score)] if score is not None else const(0.0)
+    mask_roots = [mask] if analysis.has_mask else []
+
+    def tile_code(roots: list[Node]) -> _Emitter:
+        emitter = _Emitter("t")
+        for node in _ordered(roots):
+            emitter.emit(node)
+        return emitter
+
+    dq = tile_code([logits, dscore] + mask_roots)
+    dkdv = tile_code([logits, dscore] + mask_roots + [grads[id(r)] for r in reads] + [i for r in reads for i in r.src])
+    grad_reads = []
+    for r in reads:
+        idx = [dkdv.ref(i) for i in r.src]
+        base = f"gcap{r.arg}"
+        offset, in_range = _address(r, idx, base)
+        uniform = not (ir.depends_on(r, "q_idx") or ir.depends_on(r, "kv_idx"))
+        grad_reads.append(_GradRead(format_expr(r), dkdv._f(grads[id(r)]), f"{base} + {offset}", in_range, uniform))
+    captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
+    grad_params = [p for slot in grad_slots
+                   for p in [f"gcap{slot}"] + [f"gcap{slot}_stride{d}" for d in range(capture_ndims[slot])]]
+    context = dict(
+        version=__version__,
+        name=name,
+        ir_key=program_key[:16],
+        program_listing=format_program({"logits": logits, "mask": mask, "dL/dscore": dscore}).splitlines(),
+        band=analysis.band,
+        has_mask=analysis.has_mask,
+        plain_logits=analysis.plain_logits,
+        capture_params=[p for c in captures for p in c.params],
+        grad_params=grad_params,
+        tile_lines=dkdv.lines,
+        dq_lines=dq.lines,
+        logit_expr=dkdv.ref(logits),
+        mask_expr=dkdv.ref(mask),
+        dscore_expr=dkdv._f(dscore),
+        grad_reads=grad_reads,
+        # the dQ pass has its own (smaller) tile code, so its own names
+        dq_logit_expr=dq.ref(logits),
+        dq_mask_expr=dq.ref(mask),
+        dq_dscore_expr=dq._f(dscore),
+    )
+    source = _template("attention_bwd.py.jinja").render(**context)
+    return KernelSource(name, source, "attn_bwd_dkdv", captures, hashlib.sha256(source.encode()).hexdigest())
