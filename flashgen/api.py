@@ -77,11 +77,14 @@ class Attention:
         return ks
 
     def source(self, which: str = "fwd") -> str:
-        """The generated Triton source of the ``"fwd"`` kernel module."""
-        if which != "fwd":
-            raise ValueError(f"source({which!r}): only the forward kernel ('fwd') is generated so far; "
-                             "backward kernels are not implemented yet")
-        return self._kernel_source().source
+        """The generated Triton source: ``"fwd"`` (forward kernel) or ``"bwd"`` (the dK/dV and dQ
+        kernels, with gradients for every floating-point captured tensor that requires grad)."""
+        if which == "fwd":
+            return self._kernel_source().source
+        if which == "bwd":
+            slots = tuple(i for i, t in enumerate(self.captured) if t.is_floating_point() and t.requires_grad)
+            return self._backward_source(slots).source
+        raise ValueError(f"source({which!r}): choose 'fwd' or 'bwd'")
 
     def explain(self) -> str:
         """A readable report: the traced IR, the captured tensors and every analysis result."""

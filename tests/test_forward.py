@@ -150,8 +150,8 @@ def test_generated_source_and_explain():
     assert "@triton.jit" in source and "hook: score_mod" in source and "hook: mask_mod" in source
     report = attn.explain()
     assert "captured0" in report and "-7 <= kv_idx - q_idx <= 0" in report
-    with pytest.raises(ValueError, match="fwd"):
-        attn.source("bwd")
+    with pytest.raises(ValueError, match="'fwd' or 'bwd'"):
+        attn.source("dq")
 
 
 def test_attention_reuses_traces_but_sees_changed_closure_scalars():

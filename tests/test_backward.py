@@ -1,0 +1,164 @@
+"""Backward kernels against torch.autograd through the float64 reference (CPU: the interpreter)."""
+
+import pytest
+import torch
+from helpers import rel_err, requires_interpreter
+
+import flashgen as fg
+
+pytestmark = requires_interpreter
+
+
+def grads_of(fn, q, k, v, captured, dout, dlse=None):
+    """Gradients of sum(out * dout) (+ sum(lse * dlse)) for q, k, v and the captured tensors."""
+    for t in (q, k, v, *captured):
+        t.grad = None
+    out, lse = fn(q, k, v)
+    loss = (out.double() * dout).sum()
+    if dlse is not None:
+        finite = torch.isfinite(lse)
+        loss = loss + (torch.where(finite, lse.double(), 0.0) * dlse).sum()
+    loss.backward()
+    return [t.grad.clone() if t.grad is not None else None for t in (q, k, v, *captured)]
+
+
+def check_backward(q, k, v, score_mod=None, mask_mod=None, bias=None, *, captured=(), enable_gqa=False,
+                   with_lse=False, tol=1e-4):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    B, Hq, Sq, _ = q.shape
+    dout = torch.randn(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
+    dlse = torch.randn(B, Hq, Sq, dtype=torch.float64) if with_lse else None
+    attn = fg.compile(score_mod, mask_mod, bias)
+    got = grads_of(lambda a, b, c: attn(a, b, c, enable_gqa=enable_gqa, return_lse=True), q, k, v, captured, dout,
+                   dlse)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = grads_of(lambda a, b, c: fg.attention_reference(a, b, c, score_mod, mask_mod, bias, enable_gqa=enable_gqa,
+                                                           return_lse=True), qd, kd, vd, captured, dout, dlse)
+    names = ["dq", "dk", "dv"] + [f"d captured{i}" for i in range(len(captured))]
+    for name, g, w in zip(names, got, want):
+        assert g is not None and w is not None, name
+        assert not torch.isnan(g).any(), f"{name} has NaN"
+        assert rel_err(g, w) < tol, f"{name}: relative error {rel_err(g, w):.2e}"
+
+
+def rand(*shape):
+    return torch.randn(*shape)
+
+
+@pytest.mark.parametrize("name", ["full", "causal", "sliding_window", "prefix_lm", "chunked", "document", "softcap",
+                                  "not_causal"])
+def test_library_masks_and_score_mods(name):
+    S = 45
+    doc_ids = torch.sort(torch.randint(0, 3, (S,))).values
+    mods = {
+        "full": dict(),
+        "causal": dict(mask_mod=fg.mods.causal),
+        "sliding_window": dict(mask_mod=fg.mods.sliding_window(7)),
+        "prefix_lm": dict(mask_mod=fg.mods.prefix_lm(10)),
+        "chunked": dict(mask_mod=fg.mods.chunked(16) & fg.mods.causal),
+        "document": dict(mask_mod=fg.mods.document(doc_ids)),
+        "softcap": dict(score_mod=fg.mods.softcap(1.5), mask_mod=fg.mods.causal),
+        "not_causal": dict(mask_mod=~fg.mods.causal),  # the last row sees nothing
+    }[name]
+    check_backward(rand(2, 2, S, 32), rand(2, 2, S, 32), rand(2, 2, S, 32), **mods)
+
+
+def test_odd_lengths_and_value_dim():
+    check_backward(rand(1, 2, 37, 48), rand(1, 2, 53, 48), rand(1, 2, 53, 24), mask_mod=fg.mods.sliding_window(20))
+
+
+def test_gqa_accumulates_over_the_group():
+    check_backward(rand(2, 6, 40, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 16), mask_mod=fg.mods.causal,
+                   enable_gqa=True)
+
+
+def test_lse_gradient():
+    check_backward(rand(1, 2, 33, 16), rand(1, 2, 33, 16), rand(1, 2, 33, 16), mask_mod=fg.mods.causal,
+                   with_lse=True)
+
+
+def test_score_mod_derivative_from_the_ir():
+    def gated(score, b, h, q_idx, kv_idx):
+        return torch.sigmoid(score) * score * 2.0 + torch.exp(-torch.abs(score)) - 0.1 * score * score
+
+    check_backward(rand(1, 2, 40, 16), rand(1, 2, 40, 16), rand(1, 2, 40, 16), score_mod=gated)
+
+
+def test_learnable_relative_table():
+    table = (0.5 * torch.randn(2, 79)).requires_grad_()
+    check_backward(rand(1, 2, 40, 16), rand(1, 2, 40, 16), rand(1, 2, 40, 16),
+                   score_mod=fg.mods.relative_bias(table), mask_mod=fg.mods.causal, captured=(table,))
+
+
+def test_learnable_alibi_slopes_and_zero_dim_temperature():
+    slopes = torch.rand(2).requires_grad_()
+    temperature = torch.tensor(0.7).requires_grad_()
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score * temperature + slopes[h] * (kv_idx - q_idx)
+
+    check_backward(rand(1, 2, 40, 16), rand(1, 2, 40, 16), rand(1, 2, 40, 16), score_mod=mod,
+                   mask_mod=fg.mods.causal, captured=(slopes, temperature))
+
+
+def test_captured_tensor_read_twice():
+    gate = torch.rand(2).requires_grad_()
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score * gate[h] + gate[h] * gate[h] * 0.5 + torch.tanh(gate[(h + 1) % 2])
+
+    check_backward(rand(1, 2, 30, 16), rand(1, 2, 30, 16), rand(1, 2, 30, 16), score_mod=mod, captured=(gate,))
+
+
+def test_dense_bias_gradient():
+    bias = torch.randn(1, 2, 30, 30).requires_grad_()
+    check_backward(rand(2, 2, 30, 16), rand(2, 2, 30, 16), rand(2, 2, 30, 16), bias=bias, mask_mod=fg.mods.causal,
+                   captured=(bias,))
+
+
+def test_fully_masked_rows_have_zero_gradient_and_no_nan():
+    mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: (q_idx >= 8) & (kv_idx <= q_idx))
+    q, k, v = (rand(1, 1, 24, 16).requires_grad_() for _ in range(3))
+    out = fg.attention(q, k, v, mask_mod=mask)
+    out.sum().backward()
+    assert not torch.isnan(q.grad).any() and not torch.isnan(k.grad).any() and not torch.isnan(v.grad).any()
+    assert (q.grad[:, :, :8] == 0).all()
+    check_backward(q, k, v, mask_mod=mask)
+
+
+def test_half_precision_backward():
+    q, k, v = (torch.randn(1, 2, 40, 32, dtype=torch.bfloat16) for _ in range(3))
+    check_backward(q, k, v, mask_mod=fg.mods.causal, tol=3e-2)
+
+
+def test_q_k_v_gradients_are_bitwise_deterministic():
+    q, k, v = (rand(1, 2, 40, 16).requires_grad_() for _ in range(3))
+    attn = fg.compile(mask_mod=fg.mods.causal, deterministic=True)
+    runs = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        attn(q, k, v).square().sum().backward()
+        runs.append([t.grad.clone() for t in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_deterministic_mode_refuses_atomic_captured_gradients():
+    table = torch.randn(2, 39, requires_grad=True)
+    attn = fg.compile(score_mod=fg.mods.relative_bias(table), deterministic=True)
+    q, k, v = (rand(1, 2, 20, 16).requires_grad_() for _ in range(3))
+    with pytest.raises(NotImplementedError, match="deterministic=True with learnable captured tensors"):
+        attn(q, k, v)
+
+
+def test_gradcheck_float64_inputs_through_float32_kernels_is_refused_cleanly():
+    q = torch.randn(1, 1, 8, 16, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="float64"):
+        fg.attention(q, q, q)
+
+
+def test_source_bwd_is_generated():
+    table = torch.randn(2, 39, requires_grad=True)
+    attn = fg.compile(score_mod=fg.mods.relative_bias(table), mask_mod=fg.mods.causal)
+    src = attn.source("bwd")
+    assert "def attn_bwd_dkdv(" in src and "def attn_bwd_dq(" in src and "tl.atomic_add(gcap0" in src
