@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         block_mask = create_block_mask(mask_mod, None, None, S, S, device=dev) if mask_mod else None
         inputs = [q, k, v, *extra]
 
-        def grads(run):
+        def grads(run, inputs=inputs):
             for t in inputs:
                 t.grad = None
             run().backward(dout)
