@@ -178,7 +178,7 @@ class Attention:
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *capture_args, *grad_args,
             scale, Hq, Hkv, Sq, Skv, Hq // Hkv,
-            BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, **common,
+            BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, EVEN_N=Skv % dkdv_cfg.block_n == 0, **common,
             num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages,
         )
         module.attn_bwd_dq[(triton.cdiv(Sq, dq_cfg.block_m), B * Hq)](
@@ -186,7 +186,7 @@ class Attention:
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             *capture_args,
             scale, Hq, Sq, Skv, Hq // Hkv,
-            BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, **common,
+            BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, EVEN_N=Skv % dq_cfg.block_n == 0, **common,
             num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
         )
         return dq, dk, dv, grads

@@ -162,3 +162,7 @@ def test_source_bwd_is_generated():
     attn = fg.compile(score_mod=fg.mods.relative_bias(table), mask_mod=fg.mods.causal)
     src = attn.source("bwd")
     assert "def attn_bwd_dkdv(" in src and "def attn_bwd_dq(" in src and "tl.atomic_add(gcap0" in src
+
+
+def test_lengths_that_fill_whole_blocks():
+    check_backward(rand(1, 2, 64, 32), rand(1, 2, 96, 32), rand(1, 2, 96, 32), mask_mod=fg.mods.prefix_lm(20))
