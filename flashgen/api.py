@@ -365,6 +365,8 @@ def _fingerprint(obj, depth: int = 0):
         return None if any(p is None for p in parts) else parts
     if isinstance(obj, types.FunctionType):
         code = obj.__code__
+        if any(isinstance(c, types.CodeType) for c in code.co_consts):
+            return None  # nested functions/comprehensions read names we do not follow: trace every call
         parts = [("code", id(code))]
         for cell in obj.__closure__ or ():
             try:

@@ -9,6 +9,8 @@ NaN or infinity would break, such as ``x * 0 -> 0``).
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Callable
 
 from .ir import CONST_EVAL, DType, Node, Op, binary, const, unary
@@ -28,6 +30,32 @@ def _coerce(value: object, dtype: DType) -> object:
     if dtype is DType.INT:
         return int(value)
     return float(value)
+
+
+def _round_float(value: float, target: str) -> float:
+    """``value`` rounded to a float16/bfloat16/float32 (round to nearest even), as a Python float."""
+    if target == "float16":
+        return struct.unpack("<e", struct.pack("<e", value))[0]
+    as32 = struct.unpack("<f", struct.pack("<f", value))[0]
+    if target != "bfloat16" or not math.isfinite(as32):
+        return as32
+    bits = struct.unpack("<I", struct.pack("<f", as32))[0]
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def fold_casts(node: Node) -> Node | None:
+    if node.op is not Op.CAST or node.src[0].op is not Op.CONST:
+        return None
+    value = node.src[0].arg
+    if node.dtype is DType.BOOL:
+        return const(bool(value))
+    if node.dtype is DType.INT:
+        return const(int(value))  # truncation toward zero, as torch's float -> int cast
+    try:
+        return const(_round_float(float(value), node.arg) if node.arg != "float64" else float(value))
+    except (OverflowError, struct.error):  # out of float16 range: torch gives inf
+        return const(math.copysign(math.inf, float(value)))
 
 
 def fold_constants(node: Node) -> Node | None:
@@ -160,7 +188,7 @@ def _cast_name(dtype: DType) -> str:
     return {DType.BOOL: "bool", DType.INT: "int32", DType.FLOAT: "float32"}[dtype]
 
 
-RULES: list[Rule] = [fold_constants, identities, boolean_logic, comparisons, selects]
+RULES: list[Rule] = [fold_constants, fold_casts, identities, boolean_logic, comparisons, selects]
 
 
 def _rebuild(node: Node, src: tuple[Node, ...]) -> Node:

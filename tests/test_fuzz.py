@@ -21,17 +21,15 @@ from __future__ import annotations
 import math
 import os
 import random
-import sys
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashgen as fg
 from flashgen import ir
-from flashgen.runtime import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter
 EPS = 2.0**-24  # fp32 unit roundoff
@@ -577,26 +575,6 @@ def _scalar_level(node: ir.Node) -> bool:
     return not any(ir.depends_on(node, name) for name in ("q_idx", "kv_idx", "score"))
 
 
-def known_bug(program) -> str | None:
-    """Why flashgen cannot run ``program`` yet, for bugs reported and pinned by the strict xfail
-    tests below (which start passing, and so fail, once they are fixed: then delete this)."""
-    if not (ir.depends_on(program.logits, "score") or ir.depends_on(program.logits, "kv_idx")):
-        return "logits that depend on neither the score nor kv_idx are not broadcast to the tile"
-    nodes = ir.toposort([program.logits, program.mask])
-    if any(n.op is ir.Op.CAST and n.src[0].op is ir.Op.CONST for n in nodes):
-        return "a cast of a constant is rendered as `1.to(tl.float32)`"
-
-    def float_comparison(n: ir.Node) -> bool:
-        return n.op in _COMPARISONS and ir.DType.FLOAT in (n.src[0].dtype, n.src[1].dtype)
-
-    if interpreting() and any(
-            n.op in (ir.Op.AND, ir.Op.OR, ir.Op.XOR) and not _scalar_level(n)
-            and any(_scalar_level(c) and ir.uses(c, float_comparison) for c in n.src)
-            for n in nodes):
-        return "interpreter: & | ^ of a block with a b/h-level float comparison raises TypeError"
-    return None
-
-
 def dense(spec: str, gen: torch.Generator) -> torch.Tensor:
     """The dense bias tensor ``dense(B, H, Sq, Skv)`` (any of them may be 1: broadcast)."""
     shape = tuple(int(n) for n in spec.removeprefix("dense(").removesuffix(")").split(","))
@@ -646,10 +624,8 @@ def compare(out, lse, ref, ref_lse) -> None:
         assert lse_err <= 1e-4, f"lse error {lse_err:.3g}"
 
 
-def check_case(case: Case, *, skip_known_bugs: bool = True) -> None:
+def check_case(case: Case) -> None:
     q, k, v, mods, _ = materialize(case)
-    if skip_known_bugs:
-        assume(known_bug(fg.compile(**mods).program) is None)
     kwargs = dict(scale=case.scale, enable_gqa=case.gqa, return_lse=True)
     out, lse = fg.attention(q, k, v, **mods, **kwargs)
     compare(out, lse, *fg.attention_reference(q, k, v, **mods, **kwargs))
@@ -687,7 +663,6 @@ def test_new_captured_values_need_no_retrace(case):
     """Captured tensors are kernel inputs: a compiled Attention reads their current values."""
     q, k, v, mods, namespace = materialize(case)
     attn = fg.compile(**mods)
-    assume(known_bug(attn.program) is None)
     kwargs = dict(scale=case.scale, enable_gqa=case.gqa, return_lse=True)
     for seed in (1, 2):
         compare(*attn(q, k, v, **kwargs), *fg.attention_reference(q, k, v, **mods, **kwargs))
@@ -696,38 +671,25 @@ def test_new_captured_values_need_no_retrace(case):
             namespace[name].copy_(t)  # same tensor objects, new values
 
 
-def _xfail(reason: str, condition: bool = True):
-    return pytest.mark.xfail(condition, strict=True, reason=f"flashgen bug (reported): {reason}")
-
-
 @pytest.mark.parametrize("mods", [
-    pytest.param({"score_mod": "q_idx * 0.5"}, id="logits-of-q_idx-only",
-                 marks=_xfail("logits independent of score and kv_idx are [BLOCK_M, 1], not broadcast: tl.dot fails")),
-    pytest.param({"score_mod": "hs[h] * 2.0"}, id="logits-of-h-only",
-                 marks=_xfail("logits independent of score, q_idx and kv_idx are a scalar: tl.max(s, 1) fails")),
-    pytest.param({"score_mod": "1.5"}, id="constant-logits", marks=_xfail("constant logits are a scalar")),
-    pytest.param({"score_mod": "score + torch.where(q_idx == q_idx, 1, 0.5)"}, id="cast-of-constant",
-                 marks=_xfail("where(True, 1, 0.5) simplifies to CAST(1), rendered `1.to(tl.float32)`")),
-    pytest.param({"score_mod": "score + (b == b).float()"}, id="cast-of-constant-bool",
-                 marks=_xfail("(b == b).float() simplifies to CAST(True), rendered `True.to(tl.float32)`")),
-    pytest.param({"mask_mod": "(q_idx >= kv_idx) | (hs[h] < 0.0)"}, id="block-or-scalar-float-comparison",
-                 marks=_xfail("Triton 3.6's interpreter types fp32 comparisons as fp32, so after broadcasting a "
-                              "b/h-level one, & | ^ with a block raise TypeError (CPU only)", interpreting())),
+    # regressions of bugs this fuzzer found: logits that are not tile-shaped, casts of constants,
+    # and the interpreter's fp32-typed float comparisons under & | ^
+    pytest.param({"score_mod": "q_idx * 0.5"}, id="logits-of-q_idx-only"),
+    pytest.param({"score_mod": "hs[h] * 2.0"}, id="logits-of-h-only"),
+    pytest.param({"score_mod": "1.5"}, id="constant-logits"),
+    pytest.param({"score_mod": "score + torch.where(q_idx == q_idx, 1, 0.5)"}, id="cast-of-constant"),
+    pytest.param({"score_mod": "score + (b == b).float()"}, id="cast-of-constant-bool"),
+    pytest.param({"mask_mod": "(q_idx >= kv_idx) | (hs[h] < 0.0)"}, id="block-or-scalar-float-comparison"),
 ])
-def test_known_bugs(mods):
-    check_case(Case(2, 2, 37, 45, 16, 16, False, None, False, 0, tuple(mods.items())), skip_known_bugs=False)
-
-
-_STALE = _xfail("fg.attention's trace cache fingerprints only the mod's own co_names, so a global read "
-                 "inside a nested code object (lambda, def, 3.11 comprehension) is not seen: stale trace")
+def test_former_bugs(mods):
+    check_case(Case(2, 2, 37, 45, 16, 16, False, None, False, 0, tuple(mods.items())))
 
 
 @pytest.mark.parametrize("body", [
     pytest.param("score * W", id="global"),
     pytest.param("helper(score)", id="global-helper-function"),
-    pytest.param("(lambda x: x * W)(score)", id="nested-lambda", marks=_STALE),
-    pytest.param("[score * W for _ in (0,)][0]", id="comprehension",
-                 marks=_STALE if sys.version_info < (3, 12) else ()),  # 3.12 inlines comprehensions
+    pytest.param("(lambda x: x * W)(score)", id="nested-lambda"),
+    pytest.param("[score * W for _ in (0,)][0]", id="comprehension"),
 ])
 def test_attention_retraces_when_a_global_changes(body):
     """fg.attention reuses traces across calls: never when a value the mod reads has changed."""

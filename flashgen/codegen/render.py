@@ -32,6 +32,7 @@ _INFIX = {
     Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.AND: "&", Op.OR: "|", Op.XOR: "^", Op.SHL: "<<", Op.SHR: ">>",
     Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
 }
+_COMPARE = {Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE}
 _CASTS = {
     "float32": ".to(tl.float32)", "float64": ".to(tl.float32)", "float16": ".to(tl.float16).to(tl.float32)",
     "bfloat16": ".to(tl.bfloat16).to(tl.float32)", "int32": ".to(tl.int32)", "int64": ".to(tl.int64)",
@@ -100,6 +101,11 @@ class _Emitter:
         r = [self.ref(c) for c in s]
         if op is Op.LOAD:
             return _load(n, r)
+        if op in (Op.AND, Op.OR, Op.XOR) and n.dtype is DType.BOOL:
+            # `!= 0` on comparisons of floats: Triton 3.6's interpreter types their results as fp32,
+            # and numpy refuses & | ^ on floats (a no-op once compiled)
+            r = [f"({x} != 0)" if c.op in _COMPARE and c.src[0].dtype is DType.FLOAT else x for x, c in zip(r, s)]
+            return f"{r[0]} {_INFIX[op]} {r[1]}"
         if op in _INFIX:
             return f"{r[0]} {_INFIX[op]} {r[1]}"
         if op is Op.TRUEDIV:
@@ -252,6 +258,7 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         has_mask=analysis.has_mask,
         has_residual=not (analysis.residual_mask.op is Op.CONST and analysis.residual_mask.arg is True),
         plain_logits=analysis.plain_logits,
+        logits_broadcast=not ir.depends_on(logits, "score"),  # row-level or constant logits
         row_lines=row.lines,
         row_params=row_params,
         tile_logit_lines=logit_lines,
@@ -320,6 +327,7 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         band=analysis.band,
         has_mask=analysis.has_mask,
         plain_logits=analysis.plain_logits,
+        logits_broadcast=not ir.depends_on(logits, "score"),
         capture_params=[p for c in captures for p in c.params],
         grad_params=grad_params,
         tile_lines=dkdv.lines,
