@@ -20,6 +20,7 @@ from .runtime import (
     default_config,
     identifier,
     interpreting,
+    launch,
     load_kernel,
     load_module,
     padded,
@@ -128,18 +129,17 @@ class Attention:
                 lse.fill_(float("-inf"))
             return out, lse
         cfg = config or default_config(q.device, D, Dv, q.dtype)
-        kernel = load_kernel(self._kernel_source())
+        ks = self._kernel_source()
         capture_args, large = _capture_args(self.captured)
-        grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
-        kernel[grid](
+        launch(
+            load_kernel(ks), (ks.key, cfg, D, Dv, q.dtype), cfg,
+            lambda c: (triton.cdiv(Sq, c.block_m), B * Hq),
             q, k, v, out, lse if lse is not None else out,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *capture_args,
             scale, Hq, Sq, Skv, Hq // Hkv,
             HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IDX_T=tl.int64 if large else tl.int32,
-            STORE_LSE=want_lse, **_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            IDX_T=tl.int64 if large else tl.int32, STORE_LSE=want_lse, **_precision(q.dtype),
         )
         return out, lse
 
@@ -167,27 +167,28 @@ class Attention:
             delta = delta - torch.nan_to_num(dlse.float(), posinf=0.0, neginf=0.0)
         delta = delta.contiguous()
         lse = lse.contiguous()
-        module = load_module(self._backward_source(grad_slots))
         capture_args, large = _capture_args(self.captured)
         grad_args = [x for slot in grad_slots for x in [grads[slot], *grads[slot].stride()]]
         common = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
                       IDX_T=tl.int64 if large else tl.int32, **_precision(q.dtype))
         dkdv_cfg, dq_cfg = default_backward_configs(q.device, D, Dv, q.dtype)
-        module.attn_bwd_dkdv[(triton.cdiv(Skv, dkdv_cfg.block_n), B * Hkv)](
+        ks = self._backward_source(grad_slots)
+        module = load_module(ks)
+        launch(
+            _EvenN(module.attn_bwd_dkdv, Skv), (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg,
+            lambda c: (triton.cdiv(Skv, c.block_n), B * Hkv),
             q, k, v, dout, dk, dv, lse, delta,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *capture_args, *grad_args,
-            scale, Hq, Hkv, Sq, Skv, Hq // Hkv,
-            BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, EVEN_N=Skv % dkdv_cfg.block_n == 0, **common,
-            num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages,
+            scale, Hq, Hkv, Sq, Skv, Hq // Hkv, **common,
         )
-        module.attn_bwd_dq[(triton.cdiv(Sq, dq_cfg.block_m), B * Hq)](
+        launch(
+            _EvenN(module.attn_bwd_dq, Skv), (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg,
+            lambda c: (triton.cdiv(Sq, c.block_m), B * Hq),
             q, k, v, dout, dq, lse, delta,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             *capture_args,
-            scale, Hq, Sq, Skv, Hq // Hkv,
-            BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, EVEN_N=Skv % dq_cfg.block_n == 0, **common,
-            num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
+            scale, Hq, Sq, Skv, Hq // Hkv, **common,
         )
         return dq, dk, dv, grads
 
@@ -227,6 +228,19 @@ def _capture_args(captured: list[torch.Tensor]) -> tuple[list, bool]:
         args.extend(t.stride())
         large |= sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX
     return args, large
+
+
+class _EvenN:
+    """A backward kernel whose EVEN_N constexpr (Skv is a multiple of BLOCK_N) follows the BLOCK_N
+    actually launched, which may be a fallback's."""
+
+    def __init__(self, kernel, skv: int):
+        self.kernel, self.skv = kernel, skv
+
+    def __getitem__(self, grid):
+        def run(*args, BLOCK_N, **kwargs):
+            return self.kernel[grid](*args, BLOCK_N=BLOCK_N, EVEN_N=self.skv % BLOCK_N == 0, **kwargs)
+        return run
 
 
 def _precision(dtype: torch.dtype) -> dict:

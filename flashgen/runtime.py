@@ -30,7 +30,7 @@ def cache_dir() -> Path:
 
 def identifier(name: str) -> str:
     """A readable Python identifier made from a variant name."""
-    ident = re.sub(r"\W+", "_", name).strip("_").lower()[:48] or "attention"
+    ident = re.sub(r"_+", "_", re.sub(r"\W+", "_", name)).strip("_").lower()[:48] or "attention"
     return ident if not ident[0].isdigit() else f"v_{ident}"
 
 
@@ -145,6 +145,43 @@ def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: in
     # H200 sweep 2026-11-28 (bf16, B=4, H=16, S=8192, D=128, fwd+bwd): full 398 TF/s, causal 337,
     # against 210 / 196 for (32, 128, 4, 3) + (128, 32, 4, 3); see benchmarks/PERFLOG.md
     return Config(64, 128, 8, 3), Config(128, 64, 8, 3)
+
+
+def smaller_configs(cfg: Config) -> list[Config]:
+    """Configurations to try, in order, when ``cfg`` needs more shared memory than the GPU has:
+    fewer pipeline stages first, then halved tiles (never below 16)."""
+    out = [Config(cfg.block_m, cfg.block_n, cfg.num_warps, stages) for stages in range(cfg.num_stages - 1, 0, -1)]
+    block_m, block_n = cfg.block_m, cfg.block_n
+    while max(block_m, block_n) > 16:
+        if block_n >= block_m:
+            block_n //= 2
+        else:
+            block_m //= 2
+        out.append(Config(block_m, block_n, min(cfg.num_warps, 4), 2))
+    return out
+
+
+_working_configs: dict[tuple, Config] = {}
+
+
+def launch(kernel, key: tuple, cfg: Config, grid, *args, **kwargs) -> Config:
+    """Launch ``kernel`` with ``cfg`` (``grid(cfg)`` gives the grid); if it does not fit the GPU's
+    shared memory, retry with :func:`smaller_configs` and remember what worked for ``key``."""
+    from triton.runtime.errors import OutOfResources
+
+    cfg = _working_configs.get(key, cfg)
+    candidates = [cfg] + smaller_configs(cfg)
+    for i, candidate in enumerate(candidates):
+        try:
+            kernel[grid(candidate)](*args, BLOCK_M=candidate.block_m, BLOCK_N=candidate.block_n,
+                                    num_warps=candidate.num_warps, num_stages=candidate.num_stages, **kwargs)
+        except OutOfResources:
+            if i == len(candidates) - 1:
+                raise
+            continue
+        _working_configs[key] = candidate
+        return candidate
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def padded(d: int) -> int:

@@ -1,0 +1,50 @@
+"""Runtime pieces that need no kernel: config fallback, atomic writes, identifiers."""
+
+import pytest
+from triton.runtime.errors import OutOfResources
+
+from flashgen import runtime
+from flashgen.runtime import Config, launch, smaller_configs
+
+
+def test_smaller_configs_reduce_stages_then_tiles():
+    out = smaller_configs(Config(64, 128, 8, 3))
+    assert out[:2] == [Config(64, 128, 8, 2), Config(64, 128, 8, 1)]
+    assert out[2] == Config(64, 64, 4, 2) and out[-1] == Config(16, 16, 4, 2)
+
+
+class FakeKernel:
+    """Refuses configurations whose tile is larger than ``limit`` elements, as a GPU without enough
+    shared memory would; records what was launched."""
+
+    def __init__(self, limit):
+        self.limit, self.launched = limit, []
+
+    def __getitem__(self, grid):
+        def run(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **kwargs):
+            if BLOCK_M * BLOCK_N * num_stages > self.limit:
+                raise OutOfResources(BLOCK_M * BLOCK_N * num_stages, self.limit, "shared memory")
+            self.launched.append((grid, BLOCK_M, BLOCK_N, num_stages))
+        return run
+
+
+def test_launch_falls_back_and_remembers():
+    kernel = FakeKernel(limit=64 * 128 * 2)
+    used = launch(kernel, ("k", 1), Config(64, 128, 8, 3), lambda c: (c.block_m,), 1, 2)
+    assert used == Config(64, 128, 8, 2) and kernel.launched == [((64,), 64, 128, 2)]
+    # the next launch with the same key starts from the configuration that worked
+    assert launch(kernel, ("k", 1), Config(64, 128, 8, 3), lambda c: (c.block_m,)) == used
+    assert len(kernel.launched) == 2
+
+
+def test_launch_gives_up_with_the_error():
+    with pytest.raises(OutOfResources):
+        launch(FakeKernel(limit=1), ("k", 2), Config(32, 32, 4, 2), lambda c: (1,))
+
+
+def test_write_atomic_and_identifier(tmp_path):
+    path = tmp_path / "a" / "b.py"
+    runtime.write_atomic(path, "x = 1\n")
+    assert path.read_text() == "x = 1\n" and not list(path.parent.glob("*.tmp"))
+    assert runtime.identifier("alibi_(causal & sliding_window(64))") == "alibi_causal_sliding_window_64"
+    assert runtime.identifier("123") == "v_123"
