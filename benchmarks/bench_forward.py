@@ -585,7 +585,7 @@ def markdown(report: dict) -> str:
                     "calls (one synchronize at the end); median single call "
                     f"{num(h['flashgen_cached_median_single_us'])} µs; do_bench "
                     f"{num(h['flashgen_do_bench_us'], '.2f')} µs",
-                    f"- `fg.attention(q, k, v, mask_mod=causal)` (traces every call): "
+                    f"- `fg.attention(q, k, v, mask_mod=causal)` (fingerprint, trace reused): "
                     f"{num(h['flashgen_functional_mean_us'])} µs/call",
                     f"- SDPA (eager, default backend) at the same shape: {num(h['sdpa_mean_us'])} µs/call; do_bench "
                     f"{num(h['sdpa_do_bench_us'], '.2f')} µs",
