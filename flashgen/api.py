@@ -13,6 +13,7 @@ import triton.language as tl
 
 from . import ir
 from .analysis import Analysis, analyze
+from .autodiff import float_reads
 from .codegen.render import KernelSource, render_backward, render_forward
 from .runtime import (
     Config,
@@ -201,15 +202,17 @@ class _AttentionFunction(torch.autograd.Function):
     def forward(ctx, attn: Attention, scale: float, config, q, k, v, *captured):
         out, lse = attn._forward(q, k, v, scale, True, config)
         ctx.attn, ctx.scale = attn, scale
-        ctx.save_for_backward(q, k, v, out, lse)
+        # saving the captured tensors makes autograd refuse a backward after they were modified in place
+        ctx.save_for_backward(q, k, v, out, lse, *captured)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         attn: Attention = ctx.attn
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors[:5]
+        read_in_logits = {r.arg for r in float_reads(attn.program.logits)}  # a mask's reads get no gradient
         grad_slots = tuple(i for i, t in enumerate(attn.captured)
-                           if ctx.needs_input_grad[6 + i] and t.is_floating_point())
+                           if ctx.needs_input_grad[6 + i] and t.is_floating_point() and i in read_in_logits)
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, grads = attn._backward(q, k, v, out, lse, dout, dlse, ctx.scale, grad_slots)

@@ -76,13 +76,17 @@ def _local_grads(node: Node, g: Node) -> list[Node | None]:
         zero, half = _c(0.0), _mul(g, _c(0.5))
         first = ir.where(ir.binary(Op.LT, a, b), g, ir.where(ir.binary(Op.EQ, a, b), half, zero))
         second = ir.where(ir.binary(Op.LT, b, a), g, ir.where(ir.binary(Op.EQ, a, b), half, zero))
-        return [first, second] if op is Op.MIN else [second, first]
+        return [first, second]
     if op is Op.WHERE:
         zero = _c(0.0)
         return [None, ir.where(s[0], g, zero), ir.where(s[0], zero, g)]
+    if op is Op.MOD and node.dtype is DType.FLOAT:
+        # torch.remainder: x - y * floor(x / y), so d/dx = 1 and d/dy = -floor(x / y)
+        floor = ir.unary(Op.FLOOR, ir.binary(Op.TRUEDIV, s[0], s[1]))
+        return [g, ir.unary(Op.NEG, _mul(g, floor))]
     if op is Op.CAST:
         return [g]
-    # FLOOR, CEIL, SIGN, comparisons, integer and boolean ops: no gradient
+    # FLOOR, CEIL, SIGN, float //, comparisons, integer and boolean ops: no gradient
     return [None] * len(s)
 
 

@@ -111,7 +111,7 @@ def load_module(ks: KernelSource) -> ModuleType:
 
 @dataclass(frozen=True)
 class Config:
-    """Tile sizes and launch parameters of the forward kernel."""
+    """Tile sizes and launch parameters of one kernel (forward, dK/dV pass or dQ pass)."""
 
     block_m: int
     block_n: int
@@ -157,7 +157,7 @@ def smaller_configs(cfg: Config) -> list[Config]:
             block_n //= 2
         else:
             block_m //= 2
-        out.append(Config(block_m, block_n, min(cfg.num_warps, 4), 2))
+        out.append(Config(block_m, block_n, min(cfg.num_warps, 4), min(cfg.num_stages, 2)))
     return out
 
 

@@ -248,10 +248,17 @@ def _where(captures: Captures, cond, a, b):
 def _clamp(x, lo=None, hi=None, captures: Captures | None = None):
     captures = captures or x.captures
     node = lift(x, captures)
-    if lo is not None:
-        node = binary(Op.MAX, node, lift(lo, captures))
-    if hi is not None:
-        node = binary(Op.MIN, node, lift(hi, captures))
+    for bound, op in ((lo, Op.MAX), (hi, Op.MIN)):
+        if bound is None:
+            continue
+        limit = lift(bound, captures)
+        if DType.FLOAT in (node.dtype, limit.dtype):
+            # as torch.clamp: a value exactly at a bound keeps its whole gradient (max/min would
+            # split it), NaN stays NaN, and min > max gives max
+            beyond = binary(Op.LT, node, limit) if op is Op.MAX else binary(Op.LT, limit, node)
+            node = ir.where(beyond, limit, node)
+        else:
+            node = binary(op, node, limit)  # integers: min/max keep the interval analysis exact
     return Proxy(node, captures)
 
 

@@ -166,3 +166,36 @@ def test_source_bwd_is_generated():
 
 def test_lengths_that_fill_whole_blocks():
     check_backward(rand(1, 2, 64, 32), rand(1, 2, 96, 32), rand(1, 2, 96, 32), mask_mod=fg.mods.prefix_lm(20))
+
+
+def test_max_min_clamp_and_float_remainder_gradients():
+    def mod(score, b, h, q_idx, kv_idx):
+        x = torch.maximum(score, 0.3 * score) + torch.minimum(score, -0.2 * score)
+        return x + torch.clamp(score, min=-0.5, max=0.8) + torch.remainder(score, 0.7)
+
+    check_backward(rand(1, 2, 30, 16), rand(1, 2, 30, 16), rand(1, 2, 30, 16), score_mod=mod)
+
+
+def test_in_place_change_of_a_saved_captured_tensor_is_refused():
+    table = torch.randn(2, 39, requires_grad=True)
+    q, k, v = (rand(1, 2, 20, 16).requires_grad_() for _ in range(3))
+    out = fg.attention(q, k, v, score_mod=fg.mods.relative_bias(table))
+    with torch.no_grad():
+        table.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_tensors_read_only_by_the_mask_get_no_gradient():
+    threshold = torch.tensor([0.5, -0.5], requires_grad=True)
+    q, k, v = (rand(1, 2, 20, 16).requires_grad_() for _ in range(3))
+    mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) | (threshold[h] > 0))
+    fg.attention(q, k, v, mask_mod=mask).sum().backward()
+    assert threshold.grad is None and q.grad is not None
+
+
+def test_tile_uniform_gradient_atomics_are_bounds_checked():
+    slopes = torch.rand(2, requires_grad=True)
+    src = fg.compile(score_mod=fg.mods.alibi(slopes)).source("bwd")
+    line = next(x for x in src.splitlines() if "tl.atomic_add(gcap0" in x)
+    assert "tl.sum(" in line and "mask=(h < cap0_size0)" in line

@@ -104,7 +104,8 @@ class _Emitter:
         if op in (Op.AND, Op.OR, Op.XOR) and n.dtype is DType.BOOL:
             # `!= 0` on comparisons of floats: Triton 3.6's interpreter types their results as fp32,
             # and numpy refuses & | ^ on floats (a no-op once compiled)
-            r = [f"({x} != 0)" if c.op in _COMPARE and c.src[0].dtype is DType.FLOAT else x for x, c in zip(r, s)]
+            r = [f"({x} != 0)" if c.op in _COMPARE and DType.FLOAT in (c.src[0].dtype, c.src[1].dtype) else x
+                 for x, c in zip(r, s)]
             return f"{r[0]} {_INFIX[op]} {r[1]}"
         if op in _INFIX:
             return f"{r[0]} {_INFIX[op]} {r[1]}"
