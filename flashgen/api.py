@@ -99,6 +99,11 @@ class Attention:
                 lines.append(f"  captured{slot}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)} on {t.device}")
         lines.append("analysis:")
         lines.append(self.analysis.report())
+        read = {r.arg for r in float_reads(self.program.logits)}
+        learnable = [f"captured{i}" for i, t in enumerate(self.captured) if i in read and t.requires_grad]
+        lines.append("gradients: q, k, v (deterministic)" + (
+            f"; {', '.join(learnable)} (atomic adds{', refused: deterministic=True' if self.deterministic else ''})"
+            if learnable else ""))
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -199,3 +199,10 @@ def test_tile_uniform_gradient_atomics_are_bounds_checked():
     src = fg.compile(score_mod=fg.mods.alibi(slopes)).source("bwd")
     line = next(x for x in src.splitlines() if "tl.atomic_add(gcap0" in x)
     assert "tl.sum(" in line and "mask=(h < cap0_size0)" in line
+
+
+def test_explain_names_the_gradients():
+    table = torch.randn(2, 39, requires_grad=True)
+    report = fg.compile(score_mod=fg.mods.relative_bias(table)).explain()
+    assert "gradients: q, k, v (deterministic); captured0 (atomic adds)" in report
+    assert fg.compile(mask_mod=fg.mods.causal).explain().endswith("gradients: q, k, v (deterministic)")
