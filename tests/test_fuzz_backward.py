@@ -48,6 +48,8 @@ from test_fuzz import (
     DEVICE,
     FLOAT_CONSTS,
     FUZZ,
+    MAX_FLOAT,
+    NEG_INF,
     POW2_DIVISORS,
     SEQ_LENS,
     Case,
@@ -96,6 +98,23 @@ class GradGen(Gen):
         if self.favoured and self.draw(st.booleans()):
             return self.pick(self.favoured)
         return super().float_leaf(nonconst)
+
+    def score_mod(self, depth: int) -> Ex:
+        """As Gen's, but the logits depend on the score (Gen's are constant in it one time in
+        three): a float expression of it, sometimes plus the score, sometimes masked with -inf."""
+        score = self.float_leaves[0]
+        ex = self.flt(depth)
+        for _ in range(2):
+            if ex.score:
+                break
+            ex = self.flt(depth)
+        if not ex.score or self.draw(st.integers(0, 3)) == 0:
+            plus = node("add", score, ex)
+            ex = plus if ok(plus) and plus.m <= MAX_FLOAT else score
+        ex = self.bounded(ex)
+        if self.draw(st.integers(0, 4)) == 0:  # masking inside the score mod: -inf entries (rows)
+            ex = node("where", self.cond(2), ex, NEG_INF)
+        return ex
 
     def flt(self, depth: int, nonconst: bool = False) -> Ex:
         if depth > 0 and self.draw(st.integers(0, 5)) == 0:
