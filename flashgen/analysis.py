@@ -212,6 +212,7 @@ class Analysis:
     band: Band  # the diagonal band the mask implies (closed-form KV loop bounds)
     residual_mask: Node  # the part of the mask the band does not cover (True if none)
     plain_logits: bool  # no score_mod and no bias: the scale folds into exp2
+    block_runs: bool  # the band does not say all: kernels visit the tiles of a block map (flashgen.blocks)
     row_level: tuple[str, ...]  # subexpressions hoisted out of the KV loop (depend on b, h, q only)
 
     def report(self) -> str:
@@ -219,8 +220,11 @@ class Analysis:
         if self.has_mask:
             lines.append(f"  diagonal band:  {self.band if not self.band.is_trivial else 'none found'}")
             residual = "none" if self.residual_mask.op is Op.CONST else format_expr(self.residual_mask)
-            lines.append(f"  residual mask:  {residual} (evaluated on every visited block)" if residual != "none"
-                         else "  residual mask:  none (blocks inside the band skip the mask code)")
+            lines.append("  residual mask:  none (blocks inside the band skip the mask code; closed-form loop bounds)"
+                         if residual == "none" else f"  residual mask:  {residual}")
+            if self.block_runs:
+                lines.append("  block sparsity: interval analysis of the mask per tile (empty tiles skipped, full "
+                             "tiles without mask code), cached per shape")
         lines.append(f"  logits:         {'plain (scale folded into exp2)' if self.plain_logits else 'modified'}")
         if self.row_level:
             lines.append(f"  hoisted out of the KV loop: {', '.join(self.row_level)}")
@@ -231,7 +235,9 @@ def analyze(logits: Node, mask: Node) -> Analysis:
     has_mask = not (mask.op is Op.CONST and mask.arg is True)
     band, residual = band_of(mask) if has_mask else (Band(), const(True))
     plain = logits.op is Op.SCORE
-    return Analysis(has_mask, band, residual, plain, tuple(format_expr(n) for n in hoisted([logits, mask])))
+    block_runs = not (residual.op is Op.CONST and residual.arg is True)
+    return Analysis(has_mask, band, residual, plain, block_runs,
+                    tuple(format_expr(n) for n in hoisted([logits, mask])))
 
 
 def row_levels(roots: list[Node]) -> dict[int, bool]:

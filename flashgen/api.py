@@ -14,6 +14,7 @@ import triton.language as tl
 from . import ir
 from .analysis import Analysis, analyze
 from .autodiff import float_reads
+from .blocks import BlockMask, reads
 from .codegen.render import KernelSource, render_backward, render_forward
 from .runtime import (
     Config,
@@ -68,6 +69,8 @@ class Attention:
         self.program, self.captured = trace_attention(score_mod, mask_mod, _as_bias_fn(bias))
         self.analysis: Analysis = analyze(self.program.logits, self.program.mask)
         self.name = identifier(self.program.name)
+        self._block_maps: OrderedDict[tuple, BlockMask] = OrderedDict()
+        self._last_block_map: BlockMask | None = None
 
     # -- introspection -----------------------------------------------------------------------
     def _kernel_source(self) -> KernelSource:
@@ -99,6 +102,9 @@ class Attention:
                 lines.append(f"  captured{slot}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)} on {t.device}")
         lines.append("analysis:")
         lines.append(self.analysis.report())
+        if self._last_block_map is not None and self.analysis.has_mask:
+            lines.append("block map of the last call:")
+            lines.append("  " + str(self._last_block_map).replace("\n", "\n  "))
         read = {r.arg for r in float_reads(self.program.logits)}
         learnable = [f"captured{i}" for i, t in enumerate(self.captured) if i in read and t.requires_grad]
         lines.append("gradients: q, k, v (deterministic)" + (
@@ -108,6 +114,36 @@ class Attention:
 
     def __repr__(self) -> str:
         return f"flashgen.Attention({self.program.name!r}, key={self.program.key[:12]})"
+
+    # -- block sparsity -------------------------------------------------------------------------
+    def block_mask(self, B: int, H: int, Sq: int, Skv: int, block_size: tuple[int, int] = (128, 128),
+                   device: torch.device | str | None = None) -> BlockMask:
+        """The block map of this variant's mask at one shape, cached: rebuilt only for a new shape,
+        tile size or device, or when a captured tensor the mask reads changes (its data pointer or
+        version counter)."""
+        read = [self.captured[i] for i in reads(self.program.mask)]
+        key = (B, H, Sq, Skv, tuple(block_size), str(device),
+               tuple((t.data_ptr(), t._version) for t in read))
+        bm = self._block_maps.get(key)
+        if bm is None:
+            bm = BlockMask(self.program.mask, self.captured, (B, H, Sq, Skv), tuple(block_size),
+                           closed_form=not self.analysis.block_runs, device=device)
+            self._block_maps[key] = bm
+            if len(self._block_maps) > _BLOCK_MAPS_MAX:
+                self._block_maps.popitem(last=False)
+        else:
+            self._block_maps.move_to_end(key)
+        self._last_block_map = bm
+        return bm
+
+    def _runs_args(self, shape: tuple[int, int, int, int], cfg: Config, device, *, transpose: bool = False,
+                   ragged_last: bool = False) -> tuple:
+        """Kernel arguments for the block map's runs: tensor, then strides (0 along b, h when the
+        mask ignores them)."""
+        runs = self.block_mask(*shape, (cfg.block_m, cfg.block_n), device).runs(transpose=transpose,
+                                                                              ragged_last=ragged_last)
+        return (runs, runs.stride(0) if runs.shape[0] > 1 else 0, runs.stride(1) if runs.shape[1] > 1 else 0,
+                runs.stride(2), runs.stride(3))
 
     # -- running ------------------------------------------------------------------------------
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -137,6 +173,7 @@ class Attention:
         cfg = config or default_config(q.device, D, Dv, q.dtype)
         ks = self._kernel_source()
         capture_args, large = _capture_args(self.captured)
+        shape = (B, Hq, Sq, Skv)
         launch(
             load_kernel(ks), (ks.key, cfg, D, Dv, q.dtype), cfg,
             lambda c: (triton.cdiv(Sq, c.block_m), B * Hq),
@@ -146,6 +183,8 @@ class Attention:
             scale, Hq, Sq, Skv, Hq // Hkv,
             HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
             IDX_T=tl.int64 if large else tl.int32, STORE_LSE=want_lse, **_precision(q.dtype),
+            extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
+            if self.analysis.block_runs else None,
         )
         return out, lse
 
@@ -178,6 +217,7 @@ class Attention:
         common = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
                       IDX_T=tl.int64 if large else tl.int32, **_precision(q.dtype))
         dkdv_cfg, dq_cfg = default_backward_configs(q.device, D, Dv, q.dtype)
+        shape = (B, Hq, Sq, Skv)
         ks = self._backward_source(grad_slots)
         module = load_module(ks)
         launch(
@@ -187,6 +227,7 @@ class Attention:
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *capture_args, *grad_args,
             scale, Hq, Hkv, Sq, Skv, Hq // Hkv, **common,
+            extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True)) if self.analysis.block_runs else None,
         )
         launch(
             _EvenN(module.attn_bwd_dq, Skv), (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg,
@@ -195,6 +236,7 @@ class Attention:
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             *capture_args,
             scale, Hq, Sq, Skv, Hq // Hkv, **common,
+            extra=(lambda c: self._runs_args(shape, c, q.device)) if self.analysis.block_runs else None,
         )
         return dq, dk, dv, grads
 
@@ -361,6 +403,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Call
 # reuse the traced Attention. Anything the fingerprint cannot see through is traced every time.
 _recent: OrderedDict[tuple, Attention] = OrderedDict()
 _RECENT_MAX = 128
+_BLOCK_MAPS_MAX = 16  # block maps kept per Attention (shapes x tile sizes x captured-tensor versions)
 _UNSEEN = object()
 _STABLE_MODULES = {"torch", "math", "flashgen", "operator", "builtins"}
 
@@ -405,3 +448,18 @@ def _fingerprint(obj, depth: int = 0):
                 parts.append((name, inner))
         return None if any(p is None for p in parts) else (obj, tuple(parts))
     return None
+
+
+def block_mask(mask_mod: Callable, B: int, H: int, Sq: int, Skv: int, *, block_size: tuple[int, int] = (128, 128),
+               device: torch.device | str | None = None) -> BlockMask:
+    """Which ``block_size`` tiles of ``mask_mod`` over ``[B, H, Sq, Skv]`` are empty, full or
+    partial, derived from the mask's IR by interval analysis (no per-element evaluation).
+
+    For inspection: attention calls build (and cache) the maps they need themselves."""
+    for name, value in (("B", B), ("H", H), ("Sq", Sq), ("Skv", Skv)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"block_mask: {name} must be a positive int, got {value!r}")
+    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
+            or not all(isinstance(x, int) and x >= 1 for x in block_size)):
+        raise ValueError(f"block_mask: block_size must be two positive ints (query, kv), got {block_size!r}")
+    return Attention(mask_mod=mask_mod).block_mask(B, H, Sq, Skv, tuple(block_size), device)

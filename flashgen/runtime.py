@@ -164,16 +164,18 @@ def smaller_configs(cfg: Config) -> list[Config]:
 _working_configs: dict[tuple, Config] = {}
 
 
-def launch(kernel, key: tuple, cfg: Config, grid, *args, **kwargs) -> Config:
-    """Launch ``kernel`` with ``cfg`` (``grid(cfg)`` gives the grid); if it does not fit the GPU's
-    shared memory, retry with :func:`smaller_configs` and remember what worked for ``key``."""
+def launch(kernel, key: tuple, cfg: Config, grid, *args, extra=None, **kwargs) -> Config:
+    """Launch ``kernel`` with ``cfg`` (``grid(cfg)`` gives the grid; ``extra(cfg)``, if given, more
+    positional arguments that depend on the tile sizes); if it does not fit the GPU's shared
+    memory, retry with :func:`smaller_configs` and remember what worked for ``key``."""
     from triton.runtime.errors import OutOfResources
 
     cfg = _working_configs.get(key, cfg)
     candidates = [cfg] + smaller_configs(cfg)
     for i, candidate in enumerate(candidates):
         try:
-            kernel[grid(candidate)](*args, BLOCK_M=candidate.block_m, BLOCK_N=candidate.block_n,
+            more = extra(candidate) if extra is not None else ()
+            kernel[grid(candidate)](*args, *more, BLOCK_M=candidate.block_m, BLOCK_N=candidate.block_n,
                                     num_warps=candidate.num_warps, num_stages=candidate.num_stages, **kwargs)
         except OutOfResources:
             if i == len(candidates) - 1:

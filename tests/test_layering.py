@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "flashgen"
 LAYERS = {
     "ir": {"ir", "rewrite", "autodiff", "_version"},
     "spec": {"spec", "trace", "mods", "reference"},
-    "analysis": {"analysis"},
+    "analysis": {"analysis", "blocks"},
     "codegen": {"codegen", "codegen.render"},
     "runtime": {"runtime", "api"},
     "cli": {"cli", "__main__", "__init__"},

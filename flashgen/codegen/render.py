@@ -258,6 +258,7 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         band=analysis.band,
         has_mask=analysis.has_mask,
         has_residual=not (analysis.residual_mask.op is Op.CONST and analysis.residual_mask.arg is True),
+        block_runs=analysis.block_runs,
         plain_logits=analysis.plain_logits,
         logits_broadcast=not ir.depends_on(logits, "score"),  # row-level or constant logits
         row_lines=row.lines,
@@ -327,6 +328,7 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         program_listing=format_program({"logits": logits, "mask": mask, "dL/dscore": dscore}).splitlines(),
         band=analysis.band,
         has_mask=analysis.has_mask,
+        block_runs=analysis.block_runs,
         plain_logits=analysis.plain_logits,
         logits_broadcast=not ir.depends_on(logits, "score"),
         capture_params=[p for c in captures for p in c.params],
