@@ -26,5 +26,5 @@ from .runtime import Config  # noqa: E402
 from .spec import bias, mask_mod, score_mod  # noqa: E402
 from .trace import TraceError  # noqa: E402
 
-__all__ = ["Attention", "BlockMask", "Config", "TraceError", "__version__", "attention", "attention_reference", "bias", "block_mask",
-           "compile", "mask_mod", "mods", "score_mod"]
+__all__ = ["Attention", "BlockMask", "Config", "TraceError", "__version__", "attention", "attention_reference",
+           "bias", "block_mask", "compile", "mask_mod", "mods", "score_mod"]

@@ -178,7 +178,8 @@ class _Evaluator:
             if op is Op.FLOORDIV:
                 return qlo, qhi
             same = qlo == qhi  # no wrap-around inside the range
-            return torch.where(same, lo - c * qlo, 0.0), torch.where(same, hi - c * qhi, c - 1 if n.dtype is DType.INT else c)
+            top = c - 1 if n.dtype is DType.INT else c
+            return torch.where(same, lo - c * qlo, 0.0), torch.where(same, hi - c * qhi, top)
         if op is Op.MIN:
             return torch.minimum(s[0][0], s[1][0]), torch.minimum(s[0][1], s[1][1])
         if op is Op.MAX:
@@ -364,7 +365,8 @@ def runs(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpos
     # one entry per (row, box): boxes span several rows
     height = r1 - r0
     idx = torch.repeat_interleave(torch.arange(height.numel(), device=height.device), height)
-    offset = torch.arange(idx.numel(), device=idx.device) - torch.repeat_interleave(torch.cumsum(height, 0) - height, height)
+    first_entry = torch.repeat_interleave(torch.cumsum(height, 0) - height, height)
+    offset = torch.arange(idx.numel(), device=idx.device) - first_entry
     row = r0[idx] + offset
     key = ((b[idx] * nh + h[idx]) * nrows + row) * 2 + (s[idx] == FULL).long()
     start, end = c0[idx], c1[idx]
