@@ -227,7 +227,7 @@ class Attention:
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *capture_args, *grad_args,
             scale, Hq, Hkv, Sq, Skv, Hq // Hkv, **common,
-            extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True)) if self.analysis.block_runs else None,
+            extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True)) if self.analysis.has_mask else None,
         )
         launch(
             _EvenN(module.attn_bwd_dq, Skv), (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg,
@@ -236,7 +236,7 @@ class Attention:
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             *capture_args,
             scale, Hq, Sq, Skv, Hq // Hkv, **common,
-            extra=(lambda c: self._runs_args(shape, c, q.device)) if self.analysis.block_runs else None,
+            extra=(lambda c: self._runs_args(shape, c, q.device)) if self.analysis.has_mask else None,
         )
         return dq, dk, dv, grads
 

@@ -326,9 +326,8 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         name=name,
         ir_key=program_key[:16],
         program_listing=format_program({"logits": logits, "mask": mask, "dL/dscore": dscore}).splitlines(),
-        band=analysis.band,
-        has_mask=analysis.has_mask,
-        block_runs=analysis.block_runs,
+        # every masked backward reads a block map (for bands too: full tiles then skip the mask code)
+        block_runs=analysis.has_mask,
         plain_logits=analysis.plain_logits,
         logits_broadcast=not ir.depends_on(logits, "score"),
         capture_params=[p for c in captures for p in c.params],
