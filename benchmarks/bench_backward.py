@@ -1,13 +1,20 @@
 """Forward+backward benchmark: flashgen next to torch.compile(flex_attention) and SDPA, one process.
 
     PYTHONPATH=. python3 benchmarks/bench_backward.py [--out DIR] [--seq-len 8192]
+    PYTHONPATH=. python3 benchmarks/bench_backward.py --variants document,prefix_lm,dilated
 
 bf16, B=4, H=16, S=8192, D=128. Variants: full, causal, ALiBi + causal, soft-cap 30 + causal,
-relative-position table (frozen, and requiring grad). Time of out = attn(q, k, v);
-out.backward(dout), median of triton.testing.do_bench. TFLOP/s counts unmasked entries only:
-3.5 x 4·B·H·S²·D·density (forward + backward, as FlashAttention reports). Each variant's gradients
-are checked against FlexAttention's (or SDPA's) on the full shape before timing; peak memory of
-the learnable-table variant is reported next to FlexAttention's.
+relative-position table (frozen, and requiring grad), and the block-sparse masks: causal document
+mask (16 documents of random lengths, fixed seed; flashgen ``fg.mods.causal &
+fg.mods.document(doc)``), prefix LM 1024 (``fg.mods.prefix_lm(1024)``) and a dilated sliding window
+(``(kv <= q) & (q - kv < 2048) & ((q - kv) % 2 == 0)``, an ``@fg.mask_mod`` function). FlexAttention
+runs the same masks written inline, with a ``create_block_mask`` block mask. Time of
+out = attn(q, k, v); out.backward(dout), median of triton.testing.do_bench. TFLOP/s counts unmasked
+entries only: 3.5 x 4·B·H·kept·D = 3.5 x 4·B·H·S²·D·density (forward + backward, as FlashAttention
+reports), kept counted exactly by evaluating the mask (row chunks, never S x S at once). Each
+variant's gradients are checked against FlexAttention's (or SDPA's) on the full shape before
+timing; peak memory of the learnable-table variant is reported next to FlexAttention's.
+Without CUDA the script prints one line and exits 0.
 """
 
 from __future__ import annotations
@@ -20,11 +27,37 @@ from pathlib import Path
 import torch
 
 REL_TOL = 3e-2
+VARIANTS = ("full", "causal", "alibi+causal", "softcap+causal", "relative table", "relative table (learnable)",
+            "document", "prefix_lm", "dilated")
 
 
 def rel(a, b) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def count_kept(mask_mod, s: int, device: str, chunk: int = 1024) -> int:
+    """Unmasked (q, kv) entries of an S x S mask that does not depend on b, h (as bench_forward)."""
+    if mask_mod is None:
+        return s * s
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    kv = torch.arange(s, device=device)[None, :]
+    total = 0
+    for start in range(0, s, chunk):
+        q = torch.arange(start, min(start + chunk, s), device=device)[:, None]
+        total += int(torch.as_tensor(mask_mod(zero, zero, q, kv), device=device).expand(q.shape[0], s).sum().item())
+    return total
+
+
+def document_ids(seq_len: int, num_docs: int, device: str, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """Sorted int32 document ids, ``num_docs`` non-empty documents of random lengths (as bench_forward)."""
+    n = max(1, min(num_docs, seq_len))
+    gen = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randperm(seq_len - 1, generator=gen)[: n - 1] + 1).values  # distinct, in [1, S)
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.full((1,), seq_len, dtype=torch.long)])
+    lengths = bounds.diff()
+    ids = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), lengths)
+    return ids.to(device), lengths.tolist()
 
 
 def main(argv=None) -> int:
@@ -34,8 +67,17 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--variants", default="")
+    parser.add_argument("--variants", default="", help=f"comma-separated subset of: {', '.join(VARIANTS)} "
+                        "(default: all)")
+    parser.add_argument("--prefix", type=int, default=1024, help="prefix length of the prefix LM mask (default 1024)")
+    parser.add_argument("--docs", type=int, default=16, help="documents in the causal document mask (default 16)")
+    parser.add_argument("--dilated-window", type=int, default=2048,
+                        help="window of the dilated (stride 2) sliding window (default 2048)")
     args = parser.parse_args(argv)
+    wanted = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         print("bench_backward: no CUDA device; nothing to time")
         return 0
@@ -46,6 +88,14 @@ def main(argv=None) -> int:
 
     B, H, S, D = args.batch, args.heads, args.seq_len, args.head_dim
     dev, dtype = "cuda", torch.bfloat16
+    try:  # one compile per variant: stay well inside dynamo's recompile limit
+        import torch._dynamo as dynamo
+
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+    except Exception:  # noqa: BLE001
+        dynamo = None
     flex = torch.compile(flex_attention)
     slopes = fg.mods.alibi_slopes(H, device=dev)
     table = torch.randn(H, 2 * S - 1, device=dev) * 0.1
@@ -67,24 +117,54 @@ def main(argv=None) -> int:
     def relative_learnable(score, b, h, q, kv):
         return score + learnable[h, q - kv + S - 1]
 
-    half = (S + 1) / (2 * S)
-    variants = {  # name: (score_mod, mask_mod, density, captured tensors with grads)
-        "full": (None, None, 1.0, []),
-        "causal": (None, causal, half, []),
-        "alibi+causal": (alibi, causal, half, []),
-        "softcap+causal": (softcap, causal, half, []),
-        "relative table": (relative, None, 1.0, []),
-        "relative table (learnable)": (relative_learnable, None, 1.0, [learnable]),
+    doc, doc_lengths = document_ids(S, args.docs, dev)
+    prefix, dilated_window = args.prefix, args.dilated_window
+
+    def document(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (kv <= q)
+
+    def prefix_lm(b, h, q, kv):  # as fg.mods.prefix_lm
+        return (kv < prefix) | (q >= kv)
+
+    def dilated(b, h, q, kv):
+        return (kv <= q) & (q - kv < dilated_window) & ((q - kv) % 2 == 0)
+
+    @fg.mask_mod
+    def fg_dilated(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < dilated_window) & ((q_idx - kv_idx) % 2 == 0)
+
+    variants = {  # name: (score_mod, mask_mod, captured tensors with grads); flashgen runs the same mods
+        "full": (None, None, []),
+        "causal": (None, causal, []),
+        "alibi+causal": (alibi, causal, []),
+        "softcap+causal": (softcap, causal, []),
+        "relative table": (relative, None, []),
+        "relative table (learnable)": (relative_learnable, None, [learnable]),
+        "document": (None, document, []),
+        "prefix_lm": (None, prefix_lm, []),
+        "dilated": (None, dilated, []),
     }
-    if args.variants:
-        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+    assert tuple(variants) == VARIANTS
+    fg_masks = {  # the block-sparse variants: flashgen runs its library mods instead of the inline mask
+        "document": fg.mods.causal & fg.mods.document(doc),
+        "prefix_lm": fg.mods.prefix_lm(prefix),
+        "dilated": fg_dilated,
+    }
+    if wanted:
+        variants = {k: v for k, v in variants.items() if k in wanted}
     q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
     dout = torch.randn(B, H, S, D, device=dev, dtype=dtype)
     rows = []
-    for name, (score_mod, mask_mod, density, extra) in variants.items():
-        flop = 3.5 * 4 * B * H * S * S * D * density
-        row = {"variant": name}
-        attn = fg.compile(score_mod=score_mod, mask_mod=mask_mod)
+    for name, (score_mod, mask_mod, extra) in variants.items():
+        fg_mask = fg_masks.get(name, mask_mod)
+        kept = count_kept(fg_mask, S, dev)
+        flop = 3.5 * 4 * B * H * kept * D
+        row = {"variant": name, "density": kept / (S * S)}
+        if name == "document":
+            row["doc_lengths"] = doc_lengths
+        if dynamo is not None:  # each variant compiles flex afresh (as bench_forward)
+            dynamo.reset()
+        attn = fg.compile(score_mod=score_mod, mask_mod=fg_mask)
         block_mask = create_block_mask(mask_mod, None, None, S, S, device=dev) if mask_mod else None
         inputs = [q, k, v, *extra]
 
@@ -134,8 +214,9 @@ def main(argv=None) -> int:
     (out / "bench_backward.json").write_text(json.dumps({"meta": stamp, "rows": rows}, indent=2))
     lines = [f"fwd+bwd TFLOP/s, {stamp['date']}, {stamp['gpu']}, torch {stamp['torch']}, triton {stamp['triton']}, "
              f"bf16 B={B} H={H} S={S} D={D}", "",
-             "| variant | flashgen | flex | ratio | SDPA (default) | grad rel err vs peer | peak GiB fg / flex |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | density | flashgen | flex | ratio | SDPA (default) | grad rel err vs peer | "
+             "peak GiB fg / flex |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def f(x, spec=".0f"):
         return "—" if x is None else format(x, spec)
@@ -143,7 +224,8 @@ def main(argv=None) -> int:
     for r in rows:
         ratio = r["flashgen"] / r["flex"] if r.get("flashgen") and r.get("flex") else None
         flex_cell = f(r.get("flex")) if r.get("flex") else r.get("flex_error", "—")[:40]
-        lines.append(f"| {r['variant']} | {f(r.get('flashgen'))} | {flex_cell} | {f(ratio, '.2f')} | "
+        lines.append(f"| {r['variant']} | {r['density']:.4f} | {f(r.get('flashgen'))} | {flex_cell} | "
+                     f"{f(ratio, '.2f')} | "
                      f"{f(r.get('sdpa'))} | {f(r.get('max_rel_err_vs_peer'), '.1e')} | "
                      f"{f(r.get('flashgen_peak_gib'), '.1f')} / {f(r.get('flex_peak_gib'), '.1f')} |")
     (out / "bench_backward.md").write_text("\n".join(lines) + "\n")

@@ -4,9 +4,14 @@ One process, one command on a CUDA machine (from the repository root)::
 
     PYTHONPATH=. python3 benchmarks/bench_forward.py --out docs/benchmarks/
     PYTHONPATH=. python3 benchmarks/bench_forward.py --sweep          # also sweep launch configs
+    PYTHONPATH=. python3 benchmarks/bench_forward.py --variants document,prefix_lm,dilated
 
 bf16, B=4, H=16, S=8192, D=128 by default. Variants: full, causal, sliding window 1024,
-alibi + causal, softcap 30 + causal. flashgen runs the library mods (``fg.mods``); FlexAttention
+alibi + causal, softcap 30 + causal, and the block-sparse masks: causal document mask (16
+documents of random lengths, fixed seed: ``(doc[q] == doc[kv]) & (kv <= q)``), prefix LM 1024
+(``(kv < 1024) | (q >= kv)``) and a dilated sliding window
+(``(kv <= q) & (q - kv < 2048) & ((q - kv) % 2 == 0)``). flashgen runs the library mods
+(``fg.mods``; the dilated window is an ``@fg.mask_mod`` function written here); FlexAttention
 runs equivalent ``score_mod`` / ``mask_mod`` functions written inline here, with a
 ``create_block_mask`` block mask for the masked variants and default kernel options; SDPA runs the
 cuDNN and flash (FA2) backends for full and causal (``is_causal=True``).
@@ -19,8 +24,15 @@ of warm-up and of measurement, not counts). TFLOP/s = 2·B·H·kept·(D + Dv) / 
 exact number of unmasked (q, kv) entries (counted by evaluating the mask), i.e. 4·B·H·S²·D·density.
 
 Also measured: host overhead per call of a cached variant at a tiny shape, and the first-call time
-(trace + codegen + Triton compile + launch) of a new variant. ``--sweep`` times every launch
-config of a grid for full and causal at D=128 and at D=64 (B=8, H=16, S=4096).
+(trace + codegen + Triton compile + launch) of a new variant. For the document, prefix LM and
+dilated masks, the analysis time (wall, synchronized, median of a few calls): FlexAttention's
+``create_block_mask(mask_mod, B, H, S, S)`` (and with B = H = None, broadcast; for the document
+mask also ``torch.compile(create_block_mask)``) next to flashgen's block map at its default
+forward tile size: the first call (``fg.block_mask``: trace + analysis), and for the document mask
+a cached call (``attn.block_mask`` again, same doc tensor) and a rebuilt one (``doc.add_(0)``
+bumps the tensor's version, so flashgen analyses again), with and without building the run lists
+the kernel reads. ``--sweep`` times every launch config of a grid for full and causal at D=128
+and at D=64 (B=8, H=16, S=4096).
 
 A peer that fails (out of memory, compile error, unsupported backend) is recorded with its error
 string; the run goes on. Results: ``bench_forward.json`` and ``bench_forward.md`` under ``--out``,
@@ -36,6 +48,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +64,8 @@ REP_MS = 100
 SWEEP_SHAPES = {128: (4, 16, 8192), 64: (8, 16, 4096)}  # D -> (B, H, S)
 SWEEP_VARIANTS = ("full", "causal")
 PEERS = ("flashgen", "flex", "cudnn", "fa2")
+VARIANT_KEYS = ("full", "causal", "sliding", "alibi_causal", "softcap_causal", "document", "prefix_lm", "dilated")
+ANALYSIS_CALLS = 5  # timed calls per analysis measurement (after one warm-up), median reported
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,8 +131,11 @@ def count_kept(mask_mod: Callable | None, sq: int, skv: int, device: str, chunk:
     return total
 
 
-def closed_form_kept(kind: str, s: int, window: int | None = None) -> int:
-    """Unmasked entries of an S x S mask, in closed form (a cross-check of :func:`count_kept`)."""
+def closed_form_kept(kind: str, s: int, window: int | None = None, params: dict | None = None) -> int:
+    """Unmasked entries of an S x S mask, in closed form (a cross-check of :func:`count_kept`).
+    ``window``: the sliding or dilated window, or the prefix length; ``params``: the variant's
+    other parameters (``doc_lengths``, ``dilation``)."""
+    params = params or {}
     if kind == "full":
         return s * s
     if kind == "causal":
@@ -125,7 +143,30 @@ def closed_form_kept(kind: str, s: int, window: int | None = None) -> int:
     if kind == "sliding":
         w = min(window, s)
         return w * (w + 1) // 2 + (s - w) * w  # row i keeps min(i + 1, W) keys
+    if kind == "document":  # causal inside each document: a triangle per document
+        lengths = params["doc_lengths"]
+        if sum(lengths) != s:
+            raise ValueError(f"document lengths sum to {sum(lengths)}, not S={s}")
+        return sum(n * (n + 1) // 2 for n in lengths)
+    if kind == "prefix_lm":  # row i keeps max(i + 1, P) keys
+        p = min(window, s)
+        return p * p + s * (s + 1) // 2 - p * (p + 1) // 2
+    if kind == "dilated":  # row i keeps distances 0, d, 2d, ... up to min(i, W - 1)
+        d = params["dilation"]
+        return sum(min(i, window - 1) // d + 1 for i in range(s))
     raise ValueError(kind)
+
+
+def document_ids(seq_len: int, num_docs: int, device: str, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """A sorted int32 document id per position: ``num_docs`` documents of random lengths (fixed
+    seed, every one non-empty) packed into ``seq_len`` positions. Returns (ids on ``device``, lengths)."""
+    n = max(1, min(num_docs, seq_len))
+    gen = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randperm(seq_len - 1, generator=gen)[: n - 1] + 1).values  # distinct, in [1, S)
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.full((1,), seq_len, dtype=torch.long)])
+    lengths = bounds.diff()
+    ids = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), lengths)
+    return ids.to(device), lengths.tolist()
 
 
 def tflops(flop: float, ms: float | None) -> float | None:
@@ -145,14 +186,17 @@ class Variant:
     flex_mask: Callable | None  # FlexAttention mask_mod, written inline
     sdpa_causal: bool | None  # is_causal for SDPA; None: SDPA cannot express the variant
     mask_kind: str  # for the closed-form density check
-    window: int | None = None
-    extra: dict = field(default_factory=dict)
+    window: int | None = None  # sliding / dilated window, prefix length
+    extra: dict = field(default_factory=dict)  # closed-form parameters (reported) and the doc tensor
+    analysis: bool = False  # also time the block-map analysis (flashgen) and create_block_mask (flex)
 
 
-def build_variants(fg, heads: int, device: str, window: int = 1024) -> list[Variant]:
+def build_variants(fg, heads: int, device: str, window: int = 1024, *, seq_len: int = 8192, prefix: int = 1024,
+                   num_docs: int = 16, dilated_window: int = 2048, dilation: int = 2) -> list[Variant]:
     """The benchmark's variants. The flex mods keep Python floats out of their closures (the softcap
     constant is a literal): dynamo may turn a captured float into a dynamic scalar, a different kernel."""
     slopes = fg.mods.alibi_slopes(heads, device=device)
+    doc, doc_lengths = document_ids(seq_len, num_docs, device)
 
     def flex_causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
@@ -166,6 +210,19 @@ def build_variants(fg, heads: int, device: str, window: int = 1024) -> list[Vari
     def flex_softcap(score, b, h, q_idx, kv_idx):
         return 30.0 * torch.tanh(score / 30.0)
 
+    def flex_document(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+    def flex_prefix_lm(b, h, q_idx, kv_idx):  # as fg.mods.prefix_lm
+        return (kv_idx < prefix) | (q_idx >= kv_idx)
+
+    def flex_dilated(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < dilated_window) & ((q_idx - kv_idx) % dilation == 0)
+
+    @fg.mask_mod
+    def dilated(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < dilated_window) & ((q_idx - kv_idx) % dilation == 0)
+
     causal = fg.mods.causal
     return [
         Variant("full", "full", {}, None, None, False, "full"),
@@ -176,6 +233,13 @@ def build_variants(fg, heads: int, device: str, window: int = 1024) -> list[Vari
                 flex_alibi, flex_causal, None, "causal"),
         Variant("softcap_causal", "softcap 30 + causal", {"score_mod": fg.mods.softcap(30.0), "mask_mod": causal},
                 flex_softcap, flex_causal, None, "causal"),
+        Variant("document", f"causal document ({len(doc_lengths)} docs)",
+                {"mask_mod": causal & fg.mods.document(doc)}, None, flex_document, None, "document",
+                extra={"doc": doc, "doc_lengths": doc_lengths}, analysis=True),
+        Variant("prefix_lm", f"prefix LM {prefix}", {"mask_mod": fg.mods.prefix_lm(prefix)}, None, flex_prefix_lm,
+                None, "prefix_lm", prefix, analysis=True),
+        Variant("dilated", f"dilated window {dilated_window} (stride {dilation})", {"mask_mod": dilated}, None,
+                flex_dilated, None, "dilated", dilated_window, extra={"dilation": dilation}, analysis=True),
     ]
 
 
@@ -194,8 +258,12 @@ def run_variant(fg, var: Variant, q, k, v, flex_fn, device: str, check_len: int)
                    "dtype": str(q.dtype).removeprefix("torch.")}
 
     # density: counted exactly by evaluating the mask, cross-checked against the closed form
+    params = {name: value for name, value in var.extra.items() if not isinstance(value, torch.Tensor)}
+    entry.update(params)
+    if var.window is not None:
+        entry["window"] = var.window
     kept = count_kept(var.fg_kwargs.get("mask_mod"), S, S, device)
-    closed = closed_form_kept(var.mask_kind, S, var.window)
+    closed = closed_form_kept(var.mask_kind, S, var.window, params)
     entry["kept"] = kept
     entry["density"] = kept / (S * S)
     if kept != closed:
@@ -241,9 +309,9 @@ def run_variant(fg, var: Variant, q, k, v, flex_fn, device: str, check_len: int)
     # first calls (compile) and outputs. Dynamo is reset first: each variant compiles flex afresh,
     # so that what an earlier variant captured (a tensor, an int) cannot make this one dynamic
     if peers.get("flex") is not None:
-        import torch._dynamo
+        import torch._dynamo as dynamo  # "as": a plain import would make torch a local name of this function
 
-        attempt(torch._dynamo.reset)
+        attempt(dynamo.reset)
     outputs: dict[str, torch.Tensor] = {}
     first_call_s: dict[str, float] = {}
     for name in PEERS:
@@ -332,6 +400,105 @@ def run_variant(fg, var: Variant, q, k, v, flex_fn, device: str, check_len: int)
     peers.clear()
     free_memory()
     return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis time: building the block map (flashgen) / create_block_mask (FlexAttention)
+
+
+def wall_ms(make: Callable[[], object], device: str, calls: int, warmup: int = 1,
+            finish: Callable[[object], object] | None = None) -> dict:
+    """Wall milliseconds per call of ``make()``, synchronized after each call: median over ``calls``
+    calls after ``warmup`` untimed ones, and the very first call. With ``finish``, also the median
+    of ``make()`` followed by ``finish(result)`` (``with_runs_ms``)."""
+    alone, both = [], []
+    first = None
+    for i in range(warmup + calls):
+        t0 = time.perf_counter()
+        value = make()
+        sync(device)
+        t1 = time.perf_counter()
+        if finish is not None:
+            finish(value)
+            sync(device)
+        t2 = time.perf_counter()
+        del value
+        if first is None:
+            first = (t1 - t0) * 1e3
+        if i >= warmup:
+            alone.append((t1 - t0) * 1e3)
+            both.append((t2 - t0) * 1e3)
+    out = {"ms": statistics.median(alone), "min_ms": min(alone), "first_ms": first, "calls": calls, "warmup": warmup}
+    if finish is not None:
+        out["with_runs_ms"] = statistics.median(both)
+    return out
+
+
+def analysis_times(fg, var: Variant, shape: tuple[int, int, int, int], device: str, calls: int = ANALYSIS_CALLS,
+                   dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Per-call analysis time of one masked variant (see the module docstring). flashgen's maps use
+    the tile size of its default forward config; ``with_runs_ms`` adds the run lists the forward
+    kernel reads (built on the host, copied to the GPU), i.e. what a forward call pays in total."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from flashgen.runtime import default_config
+
+    B, H, S, D = shape
+    cfg = default_config(torch.device(device), D, D, dtype)
+    tile = (cfg.block_m, cfg.block_n)
+    ragged = S % cfg.block_n != 0
+    mask = var.fg_kwargs["mask_mod"]
+    res: dict = {"flashgen_block_size": list(tile), "calls": calls}
+
+    def runs_of(bm):
+        return bm.runs(ragged_last=ragged)
+
+    def record(name: str, fn: Callable[[], dict]) -> None:
+        value, err = attempt(fn)
+        res[name] = value if err is None else {"error": err}
+        if err:
+            print(f"  analysis {name}: failed: {err}")
+
+    # flashgen, first call: a fresh trace + analysis + block map every call (fg.block_mask keeps no cache)
+    record("flashgen_first_call", lambda: wall_ms(
+        lambda: fg.block_mask(mask, B, H, S, S, block_size=tile, device=device), device, calls, 0, runs_of))
+    value, err = attempt(lambda: fg.block_mask(mask, B, H, S, S, block_size=tile, device=device))
+    if err is None:
+        res["flashgen_tiles"] = value.counts()
+        res["flashgen_method"] = value.method
+    doc = var.extra.get("doc")
+    if doc is not None:
+        attn = fg.compile(**var.fg_kwargs)
+        # (a) cached: what a second forward call with the same doc tensor pays
+        record("flashgen_cached", lambda: wall_ms(
+            lambda: attn.block_mask(B, H, S, S, tile, device), device, 10 * calls, 1, runs_of))
+
+        # (b) rebuilt: the doc tensor's version changed (as after an in-place update), so flashgen analyses again
+        def rebuilt():
+            doc.add_(0)
+            return attn.block_mask(B, H, S, S, tile, device)
+
+        record("flashgen_rebuilt", lambda: wall_ms(rebuilt, device, 2 * calls, 1, runs_of))
+    # FlexAttention: create_block_mask evaluates the mask densely (vmap), over B x H unless broadcast
+    record("flex_create_block_mask", lambda: wall_ms(
+        lambda: create_block_mask(var.flex_mask, B, H, S, S, device=device), device, calls))
+    record("flex_create_block_mask_broadcast", lambda: wall_ms(
+        lambda: create_block_mask(var.flex_mask, None, None, S, S, device=device), device, calls))
+    if doc is not None:  # the per-step case: FlexAttention's docs suggest compiling create_block_mask
+        compiled = torch.compile(create_block_mask)
+        record("flex_create_block_mask_compiled", lambda: wall_ms(
+            lambda: compiled(var.flex_mask, B, H, S, S, device=device), device, calls))
+
+    def flex_summary() -> dict:
+        flex_bm = create_block_mask(var.flex_mask, None, None, S, S, device=device)
+        return {"flex_block_size": list(getattr(flex_bm, "BLOCK_SIZE", ())),
+                "flex_sparsity_pct": float(flex_bm.sparsity())}
+
+    value, err = attempt(flex_summary)
+    if err is None:
+        res.update(value)
+    free_memory()
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,6 +696,53 @@ def short_table(report: dict) -> str:
         ratio = fgt / flx if fgt and flx else None
         rows.append((e["label"], _peer_cell(e, "flashgen"), _peer_cell(e, "flex"), _fmt(ratio, ".2f"),
                      _peer_cell(e, "cudnn"), _peer_cell(e, "fa2"), "ok" if e["checks_ok"] else "FAIL"))
+    return _text_table(rows)
+
+
+# analysis-time measurements: (key in entry["analysis"], Markdown header, short header)
+ANALYSIS_COLUMNS = (
+    ("flashgen_first_call", "flashgen first call `fg.block_mask`", "fg first"),
+    ("flashgen_cached", "flashgen cached `attn.block_mask`", "fg cached"),
+    ("flashgen_rebuilt", "flashgen rebuilt (`doc.add_(0)`)", "fg rebuilt"),
+    ("flex_create_block_mask", "flex `create_block_mask(B, H)`", "flex (B,H)"),
+    ("flex_create_block_mask_broadcast", "flex `create_block_mask(None, None)`", "flex bcast"),
+    ("flex_create_block_mask_compiled", "flex compiled `create_block_mask(B, H)`", "flex compiled"),
+)
+
+
+def _ms_cell(a: dict, key: str, runs: bool = True) -> str:
+    """Median ms of one analysis measurement; flashgen's with the run lists in parentheses."""
+    r = a.get(key)
+    if not isinstance(r, dict):
+        return "-"
+    if r.get("error"):
+        return "err"
+
+    def fmt(ms):
+        return format(ms, ".3f" if ms < 10 else ".1f")
+
+    cell = fmt(r["ms"])
+    if runs and r.get("with_runs_ms") is not None:
+        cell += f" ({fmt(r['with_runs_ms'])})"
+    return cell
+
+
+def analysis_line(a: dict) -> str:
+    parts = [f"{short} {_ms_cell(a, key, runs=False)} ms" for key, _, short in ANALYSIS_COLUMNS if key in a]
+    return ", ".join(parts)
+
+
+def analysis_short_table(report: dict) -> str:
+    entries = [e for e in report["variants"] if e.get("analysis")]
+    rows = [("analysis ms/call", *(short for _, _, short in ANALYSIS_COLUMNS))]
+    for e in entries:
+        a = e["analysis"]
+        rows.append((e["label"], *("err" if a.get("error") else _ms_cell(a, key, runs=False)
+                                   for key, _, _ in ANALYSIS_COLUMNS)))
+    return _text_table(rows)
+
+
+def _text_table(rows: list[tuple]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, r in enumerate(rows):
@@ -536,6 +750,48 @@ def short_table(report: dict) -> str:
         if i == 0:
             lines.append("-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def analysis_markdown(report: dict) -> list[str]:
+    entries = [e for e in report["variants"] if e.get("analysis")]
+    if not entries:
+        return []
+    out = ["", "## Analysis (block map / create_block_mask, ms per call)", "",
+           "Wall time per call, synchronized, median of a few calls after a warm-up (the first call of "
+           "`fg.block_mask` is not warmed: every call traces and analyses afresh). flashgen at its default "
+           "forward tile size, in parentheses with the run lists the kernel reads (built on the host, copied to "
+           "the GPU): what a forward call pays. cached: `attn.block_mask` again with the same doc tensor; rebuilt: "
+           "after `doc.add_(0)` (a new tensor version) inside the timed region. FlexAttention at its default "
+           "block size; `(B, H)` evaluates the mask for every batch and head, `(None, None)` broadcasts.", "",
+           "| variant | flashgen tiles (empty / partial / full) | " + " | ".join(h for _, h, _ in ANALYSIS_COLUMNS)
+           + " |", "|---|---|" + "---:|" * len(ANALYSIS_COLUMNS)]
+    notes = []
+    for e in entries:
+        a = e["analysis"]
+        if a.get("error"):
+            out.append(f"| {e['label']} | error: `{a['error']}` |" + " |" * len(ANALYSIS_COLUMNS))
+            continue
+        t = a.get("flashgen_tiles")
+        tiles = (f"{t['empty']} / {t['partial']} / {t['full']} at {a['flashgen_block_size'][0]}x"
+                 f"{a['flashgen_block_size'][1]}") if t else "-"
+        out.append(f"| {e['label']} | {tiles} | " + " | ".join(_ms_cell(a, key) for key, _, _ in ANALYSIS_COLUMNS)
+                   + " |")
+        for key, header, _ in ANALYSIS_COLUMNS:
+            r = a.get(key)
+            if isinstance(r, dict) and r.get("error"):
+                notes.append(f"- {e['label']} / {header}: `{r['error']}`")
+        comp = a.get("flex_create_block_mask_compiled")
+        if isinstance(comp, dict) and comp.get("first_ms") is not None:
+            notes.append(f"- {e['label']}: compiled `create_block_mask` first call (compile) "
+                         f"{comp['first_ms'] / 1e3:.1f} s")
+        cached = a.get("flashgen_cached")
+        if isinstance(cached, dict) and cached.get("first_ms") is not None:
+            notes.append(f"- {e['label']}: flashgen's first `attn.block_mask` (builds the map) "
+                         f"{cached['first_ms']:.2f} ms")
+        if a.get("flex_sparsity_pct") is not None:
+            notes.append(f"- {e['label']}: flex block mask at {'x'.join(map(str, a.get('flex_block_size', [])))}: "
+                         f"{a['flex_sparsity_pct']:.1f}% of blocks empty")
+    return out + ([""] + notes if notes else [])
 
 
 def markdown(report: dict) -> str:
@@ -570,6 +826,7 @@ def markdown(report: dict) -> str:
         for e in report["variants"]:
             items = ", ".join(f"{name} {value:.2e}" for name, value in e["checks"].items())
             out.append(f"- {e['label']}: {items}")
+    out += analysis_markdown(report)
     h = report.get("host_overhead")
     if h:
         out += ["", "## Host overhead (B=1, H=1, S=128, D=64, bf16, causal)", ""]
@@ -646,11 +903,11 @@ def compiled_flex():
     except ImportError:
         return None
     try:  # one recompile per variant (new score_mod / block mask): stay well inside dynamo's limit
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
         for name in ("cache_size_limit", "recompile_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
     except Exception:
         pass
     return torch.compile(flex_attention)
@@ -668,7 +925,9 @@ def run(args, device: str) -> dict:
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, H, S, D, device=device, dtype=torch.bfloat16) for _ in range(3))
         flex_fn = compiled_flex()
-        variants = build_variants(fg, H, device, window=args.window)
+        variants = build_variants(fg, H, device, window=args.window, seq_len=S, prefix=args.prefix,
+                                  num_docs=args.docs, dilated_window=args.dilated_window)
+        assert tuple(v_.key for v_ in variants) == VARIANT_KEYS
         wanted = [s.strip() for s in args.variants.split(",")] if args.variants else None
         if wanted:
             unknown = set(wanted) - {v_.key for v_ in variants}
@@ -684,6 +943,13 @@ def run(args, device: str) -> dict:
                 f"{name} {r['ms']:.3f} ms {r['tflops']:.1f} TF/s" if "ms" in r else f"{name} {r.get('error') or '-'}"
                 for name, r in entry["results"].items())
             print(f"  {cells}  ({entry['wall_s']:.0f} s)", flush=True)
+            if var.analysis:
+                t0 = time.perf_counter()
+                value, err = attempt(lambda var=var: analysis_times(fg, var, (B, H, S, D), device, args.analysis_calls))
+                entry["analysis"] = value if err is None else {"error": err}
+                entry["analysis"]["wall_s"] = time.perf_counter() - t0
+                print("  analysis: " + (f"failed: {err}" if err else analysis_line(value)), flush=True)
+                free_memory()
         del q, k, v
         free_memory()
         print("== host overhead ==", flush=True)
@@ -724,12 +990,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-budget", type=float, default=270.0,
                    help="seconds for the whole sweep, shared by its 4 groups; likely winners run first (default 270)")
     p.add_argument("--variants", default="",
-                   help="comma-separated subset of: full, causal, sliding, alibi_causal, softcap_causal")
+                   help=f"comma-separated subset of: {', '.join(VARIANT_KEYS)} (default: all)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--window", type=int, default=1024, help="sliding window size (default 1024)")
+    p.add_argument("--prefix", type=int, default=1024, help="prefix length of the prefix LM mask (default 1024)")
+    p.add_argument("--docs", type=int, default=16, help="documents in the causal document mask (default 16)")
+    p.add_argument("--dilated-window", type=int, default=2048,
+                   help="window of the dilated (stride 2) sliding window (default 2048)")
+    p.add_argument("--analysis-calls", type=int, default=ANALYSIS_CALLS,
+                   help=f"timed calls per analysis-time measurement, median reported (default {ANALYSIS_CALLS})")
     p.add_argument("--check-len", type=int, default=512, help="queries/keys of the float64 reference slice")
     p.add_argument("--calls", type=int, default=1000, help="calls for the host-overhead mean (default 1000)")
     return p
@@ -757,6 +1029,9 @@ def main(argv: list[str] | None = None) -> int:
     if report["variants"]:
         print()
         print(short_table(report))
+        if any(e.get("analysis") for e in report["variants"]):
+            print()
+            print(analysis_short_table(report))
     return 0
 
 
