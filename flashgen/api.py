@@ -201,16 +201,19 @@ class Attention:
         """Gradients for q, k, v and the captured tensors in ``grad_slots`` (float32 buffers)."""
         B, Hq, Sq, D = q.shape
         _, Hkv, Skv, Dv = v.shape
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         grads = {slot: torch.zeros(self.captured[slot].shape, dtype=torch.float32, device=q.device)
                  for slot in grad_slots}
         if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-            return dq, dk, dv, grads
-        # delta = rowsum(dO * O) - dlse: the softmax's correction term per row
-        delta = (out.float() * dout.float()).sum(-1)
-        if dlse is not None:
-            delta = delta - torch.nan_to_num(dlse.float(), posinf=0.0, neginf=0.0)
-        delta = delta.contiguous()
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grads
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # every element is stored
+        ks = self._backward_source(grad_slots)
+        module = load_module(ks)
+        # delta = rowsum(dO * O) - dlse: the softmax's correction term per row, one small kernel
+        delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+        dlse = dlse.float().contiguous() if dlse is not None else None
+        module.attn_bwd_delta[(triton.cdiv(Sq, _DELTA_ROWS), B * Hq)](
+            out, dout, dlse if dlse is not None else delta, delta, *out.stride(), *dout.stride(), Hq, Sq,
+            HEAD_DV=Dv, BLOCK_DV=padded(Dv), BLOCK_M=_DELTA_ROWS, HAS_DLSE=dlse is not None)
         lse = lse.contiguous()
         capture_args, large = _capture_args(self.captured)
         grad_args = [x for slot in grad_slots for x in [grads[slot], *grads[slot].stride()]]
@@ -218,8 +221,6 @@ class Attention:
                       IDX_T=tl.int64 if large else tl.int32, **_precision(q.dtype))
         dkdv_cfg, dq_cfg = default_backward_configs(q.device, D, Dv, q.dtype)
         shape = (B, Hq, Sq, Skv)
-        ks = self._backward_source(grad_slots)
-        module = load_module(ks)
         launch(
             _EvenN(module.attn_bwd_dkdv, Skv), (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg,
             lambda c: (triton.cdiv(Skv, c.block_n), B * Hkv),
@@ -403,6 +404,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Call
 # reuse the traced Attention. Anything the fingerprint cannot see through is traced every time.
 _recent: OrderedDict[tuple, Attention] = OrderedDict()
 _RECENT_MAX = 128
+_DELTA_ROWS = 32  # rows per program of the delta kernel
 _BLOCK_MAPS_MAX = 16  # block maps kept per Attention (shapes x tile sizes x captured-tensor versions)
 _UNSEEN = object()
 _STABLE_MODULES = {"torch", "math", "flashgen", "operator", "builtins"}

@@ -28,7 +28,7 @@ from .ir import DType, Node, Op, depends_on, toposort
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _INF = math.inf
 _SUMMARY = 16  # positions per range summary entry: bounds are exact for ranges aligned to it
-_FLOAT_MARGIN = 1e-5  # relative: float comparisons closer than this stay undecided
+_FLOAT_MARGIN = 1e-5  # relative widening of every float bound: closer calls stay undecided
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +150,10 @@ class _Evaluator:
         memo: dict[int, Interval] = {}
         for n in toposort([root]):
             lo, hi = self.step(n, [memo[id(c)] for c in n.src])
+            if n.dtype is DType.FLOAT and n.op is not Op.CONST:
+                # the kernel computes in fp32: widen, so that no later floor, cast or comparison
+                # decides on a rounding that fp32 may take the other way (kv_idx * 0.7 at 90)
+                lo, hi = lo - _FLOAT_MARGIN * lo.abs(), hi + _FLOAT_MARGIN * hi.abs()
             memo[id(n)] = _nan_safe(lo, hi)
         return memo[id(root)]
 
@@ -426,7 +430,7 @@ class BlockMask:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         read = set(reads(mask))
         # the analysis runs on the host: a few thousand small tensor operations at most
-        cpu = [t.detach().to("cpu") if i in read else t for i, t in enumerate(tensors)]
+        cpu = [t.detach().to("cpu", copy=True) if i in read else t for i, t in enumerate(tensors)]
         self.method = "runtime" if read else "static"
         self.closed_form = closed_form  # the kernels use the band's closed form and read no metadata
         self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size)

@@ -1,0 +1,724 @@
+"""Block sparsity (flashgen/blocks.py): the per-tile classification of masks, against a dense
+brute-force oracle, and the kernels that visit tiles through the block map's runs.
+
+Invariants:
+- never wrong: a tile reported EMPTY has no visible in-range entry, a tile reported FULL has no
+  masked in-range entry (padding past Sq / Skv never counts); PARTIAL is always allowed;
+- exact where interval arithmetic is exact: single affine inequalities (every index variable used
+  once), ``q // c == kv // c``, the library's band / prefix / chunk masks, lookups of sorted
+  document ids on 16-aligned tiles;
+- the runs the kernels read describe the same map; cached maps follow in-place changes of the
+  captured tensors; kernels reading them match the float64 reference, forward and backward.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from helpers import check_against_reference, rel_err, requires_interpreter
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_fuzz import FUZZ, examples
+
+import flashgen as fg
+from flashgen.runtime import default_backward_configs, default_config
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the oracle
+
+
+def oracle(mask_mod, B, H, Sq, Skv, block_size):
+    """Exact tile states [B, H, nq, nk] from the mask evaluated densely, as eager PyTorch does."""
+    bq, bk = block_size
+    b = torch.arange(B).view(B, 1, 1, 1)
+    h = torch.arange(H).view(1, H, 1, 1)
+    q_idx = torch.arange(Sq).view(1, 1, Sq, 1)
+    kv_idx = torch.arange(Skv).view(1, 1, 1, Skv)
+    dense = torch.as_tensor(mask_mod(b, h, q_idx, kv_idx)).to(torch.bool).expand(B, H, Sq, Skv)
+    nq, nk = -(-Sq // bq), -(-Skv // bk)
+    pad = (0, nk * bk - Skv, 0, nq * bq - Sq)
+    # padding is True for "all visible" and False for "any visible": it never decides a tile
+    every = torch.nn.functional.pad(dense, pad, value=True).view(B, H, nq, bq, nk, bk).all(5).all(3)
+    some = torch.nn.functional.pad(dense, pad, value=False).view(B, H, nq, bq, nk, bk).any(5).any(3)
+    return torch.where(every, FULL, torch.where(some, PARTIAL, EMPTY)).to(torch.uint8)
+
+
+def analyse(mask_mod, B, H, Sq, Skv, block_size):
+    """(BlockMask, its state broadcast to [B, H, nq, nk], the oracle's states)."""
+    bm = fg.block_mask(mask_mod, B, H, Sq, Skv, block_size=block_size)
+    truth = oracle(mask_mod, B, H, Sq, Skv, block_size)
+    state = bm.state
+    assert state.dtype == torch.uint8
+    assert state.shape[0] in (1, B) and state.shape[1] in (1, H) and state.shape[2:] == truth.shape[2:]
+    return bm, state.expand(B, H, -1, -1), truth
+
+
+def assert_never_wrong(state, truth, what=""):
+    false_empty = (state == EMPTY) & (truth != EMPTY)
+    false_full = (state == FULL) & (truth != FULL)
+    assert not false_empty.any(), f"{what}: tiles reported EMPTY with visible entries at {false_empty.nonzero()[:5]}"
+    assert not false_full.any(), f"{what}: tiles reported FULL with masked entries at {false_full.nonzero()[:5]}"
+
+
+def decode_runs(runs, rows, cols):
+    """The dense [nb, nh, rows, cols] map the kernel metadata describes (each tile at most once)."""
+    nb, nh = runs.shape[:2]
+    out = torch.zeros(nb, nh, rows, cols, dtype=torch.uint8)
+    for b in range(nb):
+        for h in range(nh):
+            for r in range(rows):
+                for kind, state in ((0, PARTIAL), (1, FULL)):
+                    entry = runs[b, h, r, kind].tolist()
+                    for i in range(entry[0]):
+                        start, end = entry[1 + 2 * i], entry[2 + 2 * i]
+                        assert 0 <= start < end <= cols, f"run [{start}, {end}) outside {cols} blocks"
+                        assert (out[b, h, r, start:end] == EMPTY).all(), "runs overlap"
+                        out[b, h, r, start:end] = state
+    return out
+
+
+def assert_runs_match(bm):
+    """Forward runs (with the ragged last KV block listed as partial) and transposed runs (dK/dV
+    pass) encode exactly bm.state."""
+    state = bm.state
+    nq, nk = state.shape[2:]
+    ragged = bm.shape[3] % bm.block_size[1] != 0
+    want = state.clone()
+    if ragged:
+        last = want[..., -1]
+        last[last == FULL] = PARTIAL
+    assert torch.equal(decode_runs(bm.runs(ragged_last=ragged).cpu(), nq, nk), want)
+    assert torch.equal(decode_runs(bm.runs(transpose=True).cpu(), nk, nq), state.transpose(2, 3))
+
+
+def counts_of(state):
+    return {name: int((state == s).sum()) for s, name in ((EMPTY, "empty"), (PARTIAL, "partial"), (FULL, "full"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. literal maps of the library masks (derived by hand; the oracle agrees)
+
+
+DOC80 = [0] * 20 + [1] * 44 + [2] * 16
+
+LITERALS = {
+    # name: (mask, Sq, Skv, block, expected map)
+    "causal": (lambda: fg.mods.causal, 64, 64, (16, 16),
+               [[1, 0, 0, 0],
+                [2, 1, 0, 0],
+                [2, 2, 1, 0],
+                [2, 2, 2, 1]]),
+    # 0 <= q - kv < 40: tile (i, j) spans q - kv in [16(i-j) - 15, 16(i-j) + 15]
+    "sliding_window": (lambda: fg.mods.sliding_window(40), 64, 64, (16, 16),
+                       [[1, 0, 0, 0],
+                        [2, 1, 0, 0],
+                        [1, 2, 1, 0],
+                        [1, 1, 2, 1]]),
+    # kv < 20 or q >= kv: the first KV block is all prefix, the second only partly
+    "prefix_lm": (lambda: fg.mods.prefix_lm(20), 64, 64, (16, 16),
+                  [[2, 1, 0, 0],
+                   [2, 1, 0, 0],
+                   [2, 2, 1, 0],
+                   [2, 2, 2, 1]]),
+    # chunks 0..23, 24..47, 48..63 over blocks 0..15 | 16..31 | 32..47 | 48..63
+    "chunked": (lambda: fg.mods.chunked(24), 64, 64, (16, 16),
+                [[2, 1, 0, 0],
+                 [1, 1, 1, 0],
+                 [0, 1, 2, 0],
+                 [0, 0, 0, 2]]),
+    # documents 0..19, 20..63, 64..79, causal: (3, 2) lies inside document 1 below the diagonal
+    "causal_document": (lambda: fg.mods.causal & fg.mods.document(torch.tensor(DOC80)), 80, 80, (16, 16),
+                        [[1, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0],
+                         [0, 1, 1, 0, 0],
+                         [0, 1, 2, 1, 0],
+                         [0, 0, 0, 0, 1]]),
+    # ragged: q blocks 0..15 | 16..31 | 32..47 | 48..49, KV blocks 0..15 | 16..31 | 32..39
+    "causal_ragged": (lambda: fg.mods.causal, 50, 40, (16, 16),
+                      [[1, 0, 0],
+                       [2, 1, 0],
+                       [2, 2, 1],
+                       [2, 2, 2]]),
+    "sliding_window_ragged": (lambda: fg.mods.sliding_window(20), 50, 40, (16, 16),
+                              [[1, 0, 0],
+                               [1, 1, 0],
+                               [1, 1, 1],
+                               [0, 1, 2]]),
+    "prefix_lm_ragged": (lambda: fg.mods.prefix_lm(20), 50, 40, (16, 16),
+                         [[2, 1, 0],
+                          [2, 1, 0],
+                          [2, 2, 1],
+                          [2, 2, 2]]),
+    # padding keys 40..47 would be in chunk 1: they must not make the last column partial
+    "chunked_ragged_kv": (lambda: fg.mods.chunked(40), 50, 40, (16, 16),
+                          [[2, 2, 2],
+                           [2, 2, 2],
+                           [1, 1, 1],
+                           [0, 0, 0]]),
+    # padding queries 40..47 would be in chunk 1: they must not make the last row partial
+    "chunked_ragged_q": (lambda: fg.mods.chunked(40), 40, 50, (16, 16),
+                         [[2, 2, 1, 0],
+                          [2, 2, 1, 0],
+                          [2, 2, 1, 0]]),
+}
+
+
+@pytest.mark.parametrize("name", list(LITERALS))
+def test_library_mask_literal_maps(name):
+    make, Sq, Skv, block, expected = LITERALS[name]
+    mask = make()
+    bm = fg.block_mask(mask, 1, 1, Sq, Skv, block_size=block)
+    want = torch.tensor(expected, dtype=torch.uint8)[None, None]
+    assert torch.equal(oracle(mask, 1, 1, Sq, Skv, block), want), "the literal disagrees with the oracle"
+    assert torch.equal(bm.state, want), f"\n{bm.state[0, 0]}\n!=\n{want[0, 0]}"
+    assert bm.counts() == counts_of(want)
+    assert bm.method == ("runtime" if "document" in name else "static")
+    assert_runs_match(bm)
+
+
+EXACT_SHAPES = [(64, 64, (16, 16)), (50, 40, (16, 16)), (45, 70, (16, 32)), (100, 37, (8, 16)), (33, 97, (7, 5)),
+                (1, 90, (1, 16)), (90, 1, (32, 1)), (130, 130, (128, 128)), (64, 64, (1, 1))]
+
+
+@pytest.mark.parametrize("name, mask", [
+    ("causal", fg.mods.causal), ("not_causal", ~fg.mods.causal), ("sliding_window(9)", fg.mods.sliding_window(9)),
+    ("sliding_window(40)", fg.mods.sliding_window(40)), ("prefix_lm(20)", fg.mods.prefix_lm(20)),
+    ("prefix_lm(1)", fg.mods.prefix_lm(1)), ("chunked(24)", fg.mods.chunked(24)), ("chunked(1)", fg.mods.chunked(1)),
+    ("chunked(7)", fg.mods.chunked(7)),
+])
+def test_static_library_masks_are_exact(name, mask):
+    """Single band / prefix / chunk masks: every variable occurs once per comparison, the tile's
+    index ranges are contiguous, so interval bounds are attained: no conservative tile."""
+    for Sq, Skv, block in EXACT_SHAPES:
+        bm, state, truth = analyse(mask, 1, 1, Sq, Skv, block)
+        assert bm.method == "static"
+        assert torch.equal(state, truth), f"{name} at {Sq}x{Skv}, blocks {block}: not exact"
+        assert bm.state.shape[:2] == (1, 1), "the map of a mask that ignores b and h has size-1 dims"
+
+
+def test_band_masks_read_no_metadata_others_do():
+    for mask in (fg.mods.causal, fg.mods.sliding_window(16)):
+        assert fg.block_mask(mask, 2, 3, 100, 100, block_size=(16, 16)).nbytes == 0
+    for mask in (fg.mods.prefix_lm(20), fg.mods.chunked(24), fg.mods.causal & fg.mods.chunked(24)):
+        bm = fg.block_mask(mask, 2, 3, 100, 100, block_size=(16, 16))
+        assert 0 < bm.nbytes < 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. random static masks (hypothesis)
+
+
+COMPARE = ["<", "<=", ">", ">=", "==", "!="]
+INEQUALITY = ["<", "<=", ">", ">="]
+
+
+def _affine(a, c, d, extra="", e=0):
+    terms = [f"{a} * q_idx" if a else "", f"{c} * kv_idx" if c else "", f"{e} * {extra}" if extra and e else ""]
+    return " + ".join([t for t in terms if t] + [str(d)])
+
+
+@st.composite
+def affine_inequalities(draw, ops=INEQUALITY):
+    """``a*q_idx + c*kv_idx + e*(h or b) + d  op  0`` with at least one index coefficient."""
+    a, c = draw(st.integers(-3, 3)), draw(st.integers(-3, 3))
+    if a == 0 and c == 0:
+        c = draw(st.sampled_from([-1, 1]))
+    extra = draw(st.sampled_from(["", "h", "b"]))
+    e = draw(st.integers(-8, 8)) if extra else 0
+    return f"({_affine(a, c, draw(st.integers(-40, 40)), extra, e)} {draw(st.sampled_from(ops))} 0)"
+
+
+@st.composite
+def band_atoms(draw):
+    """One index variable on each side (causal, windows, head-dependent windows)."""
+    lhs, rhs = draw(st.sampled_from([("q_idx", "kv_idx"), ("kv_idx", "q_idx")]))
+    shift = draw(st.sampled_from(["", " + h * {w}", " - h * {w}", " + b * {w}"])).format(w=draw(st.integers(1, 9)))
+    return f"({lhs} {draw(st.sampled_from(COMPARE))} {rhs} + {draw(st.integers(-30, 30))}{shift})"
+
+
+@st.composite
+def chunk_atoms(draw):
+    c = draw(st.integers(1, 24))
+    return f"(q_idx // {c} == kv_idx // {c})"
+
+
+@st.composite
+def division_atoms(draw):
+    kind = draw(st.integers(0, 2))
+    m = draw(st.integers(1, 6))
+    if kind == 0:
+        return f"((kv_idx - q_idx) % {m} == {draw(st.integers(0, m - 1))})"
+    if kind == 1:
+        return f"(q_idx % {m} {draw(st.sampled_from(COMPARE))} kv_idx % {m})"
+    a, c = draw(st.integers(-3, 3)), draw(st.integers(1, 3))
+    expr = _affine(a, c, draw(st.integers(-20, 20)))
+    return f"(({expr}) // {draw(st.integers(1, 20))} {draw(st.sampled_from(COMPARE))} {draw(st.integers(-4, 4))})"
+
+
+STATIC_ATOMS = st.one_of(affine_inequalities(COMPARE), band_atoms(), chunk_atoms(), division_atoms())
+
+
+def combined(atoms, max_leaves=5):
+    return st.recursive(atoms, lambda child: st.one_of(
+        child.map(lambda x: f"(~{x})"),
+        st.tuples(child, st.sampled_from(["&", "|", "^"]), child).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+    ), max_leaves=max_leaves)
+
+
+BLOCKS = st.sampled_from([1, 2, 3, 4, 5, 8, 16, 32])
+SHAPES = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 80), st.integers(1, 80), BLOCKS, BLOCKS)
+LONG_BLOCKS = st.sampled_from([1, 3, 5, 8, 16, 32, 48, 64])
+LONG_SHAPES = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 160), st.integers(1, 160), LONG_BLOCKS,
+                        LONG_BLOCKS)
+
+
+def mask_from(src, namespace=None):
+    return eval(f"lambda b, h, q_idx, kv_idx: {src}", {"torch": torch, **(namespace or {})})
+
+
+@settings(FUZZ, max_examples=examples(150))
+@given(src=combined(STATIC_ATOMS), shape=SHAPES)
+def test_random_static_masks_never_wrong(src, shape):
+    B, H, Sq, Skv, bq, bk = shape
+    mask = mask_from(src)
+    bm, state, truth = analyse(mask, B, H, Sq, Skv, (bq, bk))
+    assert bm.method == "static"
+    assert_never_wrong(state, truth, src)
+    assert bm.counts() == counts_of(bm.state)
+    assert_runs_match(bm)
+
+
+@settings(FUZZ, max_examples=examples(100))
+@given(src=st.one_of(affine_inequalities(), band_atoms().filter(lambda s: "==" not in s and "!=" not in s),
+                     chunk_atoms()),
+       shape=SHAPES)
+def test_single_affine_inequalities_are_exact(src, shape):
+    """Interval arithmetic is exact on expressions that use each variable once: the range of
+    ``a*q + c*kv + e*h + d`` over a tile is attained, so an inequality is decided exactly; so is
+    ``q // c == kv // c`` (floor is monotone and the tile's chunk ranges are contiguous)."""
+    B, H, Sq, Skv, bq, bk = shape
+    bm, state, truth = analyse(mask_from(src), B, H, Sq, Skv, (bq, bk))
+    assert torch.equal(state, truth), f"{src}: {int((state != truth).sum())} conservative tiles"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. masks that read captured tensors
+
+
+def sorted_doc_ids(S, ndocs, generator):
+    cuts = torch.randperm(S - 1, generator=generator)[: ndocs - 1] + 1
+    ids = torch.zeros(S, dtype=torch.long)
+    ids[cuts] = 1
+    return ids.cumsum(0)
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 16), (16, 48), (5, 7), (64, 64)])
+def test_document_masks_sorted_ids(block):
+    g = torch.Generator().manual_seed(1)
+    S = 150
+    doc = sorted_doc_ids(S, 5, g)
+    doc2 = torch.stack([sorted_doc_ids(S, 3, g), sorted_doc_ids(S, 7, g)])
+    for mask, B, batched in [(fg.mods.document(doc), 2, False), (fg.mods.causal & fg.mods.document(doc), 2, False),
+                             (fg.mods.document(doc2), 2, True), (fg.mods.causal & fg.mods.document(doc2), 2, True)]:
+        bm, state, truth = analyse(mask, B, 2, S, S, block)
+        assert bm.method == "runtime"
+        assert bm.state.shape[:2] == ((2, 1) if batched else (1, 1))
+        assert_never_wrong(state, truth, f"document {block}")
+        assert_runs_match(bm)
+    # sorted ids, tiles aligned to the 16-position range summaries: a pure document mask is exact
+    if block[0] % 16 == 0 and block[1] % 16 == 0:
+        for mask, B in [(fg.mods.document(doc), 1), (fg.mods.document(doc2), 2)]:
+            bm, state, truth = analyse(mask, B, 1, S, S, block)
+            assert torch.equal(state, truth)
+
+
+def test_document_mask_per_batch_ids_differ_per_batch():
+    doc2 = torch.tensor([[0] * 32 + [1] * 32, [0] * 64])
+    bm, state, truth = analyse(fg.mods.document(doc2), 2, 1, 64, 64, (32, 32))
+    assert bm.state[0, 0].tolist() == [[2, 0], [0, 2]]
+    assert bm.state[1, 0].tolist() == [[2, 2], [2, 2]]
+    assert torch.equal(state, truth)
+
+
+def test_unsorted_ids_never_wrong():
+    g = torch.Generator().manual_seed(2)
+    for S, ndocs, block in [(100, 3, (16, 16)), (77, 2, (8, 32)), (128, 5, (4, 4))]:
+        doc = torch.randint(0, ndocs, (S,), generator=g)
+        doc[40:56] = 9  # one contiguous run, so some tiles are decidable
+        doc2 = torch.randint(0, ndocs, (2, S), generator=g)
+        for mask, B in [(fg.mods.document(doc), 1), (fg.mods.causal & fg.mods.document(doc), 1),
+                        (fg.mods.document(doc2), 2), (~fg.mods.document(doc) | fg.mods.causal, 1)]:
+            bm, state, truth = analyse(mask, B, 1, S, S, block)
+            assert bm.method == "runtime"
+            assert_never_wrong(state, truth, f"unsorted ids S={S}")
+            assert_runs_match(bm)
+
+
+def test_bool_and_float_captured_tensors():
+    g = torch.Generator().manual_seed(3)
+    S = 96
+    keep = torch.rand(S, generator=g) < 0.5
+    keep[16:32], keep[32:48] = False, True
+    scores = torch.rand(S, generator=g)
+    scores[0:16], scores[16:32] = 0.9, 0.1
+
+    def keep_kv(b, h, q_idx, kv_idx):
+        return keep[kv_idx]
+
+    def score_rows(b, h, q_idx, kv_idx):
+        return scores[q_idx] > 0.3
+
+    bm, state, truth = analyse(keep_kv, 1, 1, S, S, (16, 16))
+    assert bm.method == "runtime"
+    assert_never_wrong(state, truth, "keep[kv_idx]")
+    # 16-aligned ranges of a lookup are bounded exactly: an all-False column is skipped, an all-True one full
+    assert (bm.state[0, 0, :, 1] == EMPTY).all() and (bm.state[0, 0, :, 2] == FULL).all()
+
+    bm, state, truth = analyse(score_rows, 1, 1, S, S, (16, 16))
+    assert bm.method == "runtime"
+    assert_never_wrong(state, truth, "scores[q_idx] > 0.3")
+    assert (bm.state[0, 0, 0] == FULL).all() and (bm.state[0, 0, 1] == EMPTY).all()
+
+    for mask in (lambda b, h, q_idx, kv_idx: keep[kv_idx] & (scores[q_idx] > 0.3) & (q_idx >= kv_idx),
+                 lambda b, h, q_idx, kv_idx: keep[q_idx] | (scores[kv_idx] * 2.0 < scores[q_idx]),
+                 lambda b, h, q_idx, kv_idx: torch.where(keep[q_idx], scores[kv_idx], 0.5) >= 0.25):
+        for block in [(16, 16), (8, 24), (3, 5)]:
+            bm, state, truth = analyse(mask, 1, 1, S, S, block)
+            assert bm.method == "runtime"
+            assert_never_wrong(state, truth, f"captured bool/float, blocks {block}")
+
+
+def test_float_comparison_at_the_threshold_is_not_decided():
+    """fp32 0.3 is 0.30000001192... in float64: a float64-only analysis would call
+    ``scores > 0.3`` always true, but eager fp32 (and the kernel) compare 0.3f > 0.3f: False."""
+    scores = torch.full((64,), 0.3)
+
+    def above(b, h, q_idx, kv_idx):
+        return scores[kv_idx] > 0.3
+
+    bm, state, truth = analyse(above, 1, 1, 64, 64, (16, 16))
+    assert (truth == EMPTY).all()
+    assert_never_wrong(state, truth, "scores > 0.3 at 0.3")
+
+
+def test_dense_two_dimensional_lookup_never_wrong():
+    g = torch.Generator().manual_seed(4)
+    dense = torch.rand(2, 70, 60, generator=g) < 0.3
+    dense[:, :, 30:] = False
+
+    def lookup(b, h, q_idx, kv_idx):
+        return dense[h, q_idx, kv_idx]
+
+    bm, state, truth = analyse(lookup, 1, 2, 70, 60, (16, 16))
+    assert bm.method == "runtime" and bm.state.shape[:2] == (1, 2)
+    assert_never_wrong(state, truth, "dense[h, q_idx, kv_idx]")
+    assert_runs_match(bm)
+
+
+RUNTIME_ATOMS = [
+    "(doc[q_idx] == doc[kv_idx])", "(doc[q_idx] >= doc[kv_idx])", "(doc2[b, q_idx] == doc2[b, kv_idx])",
+    "keep[kv_idx]", "keep[q_idx]", "(sc[q_idx] > 0.3)", "(sc[kv_idx] * 2.0 < sc[q_idx])", "(hs[h] > 0.0)",
+    "(rel[kv_idx - q_idx + 159] > 0)", "(doc[q_idx // 2] == doc[kv_idx // 2])", "(doc[kv_idx] <= 1)",
+    "(sc[kv_idx] + hs[h] > 0.5)", "(torch.where(keep[q_idx], doc[kv_idx], 2) == 2)", "(doc2[b, kv_idx] == doc[q_idx])",
+    "(lim[b] > kv_idx)",
+]
+
+
+def piecewise(shape, values, p, generator):
+    """Random runs along the last dim (a new run at each position with probability p), each run
+    holding one value drawn from ``values`` (a 1-D tensor): runs make some tiles decidable, so a
+    bound that is off by one position shows."""
+    run = (torch.rand(shape, generator=generator) < p).long().cumsum(-1)  # run number: at most the length
+    return values[run % values.numel()]
+
+
+@st.composite
+def runtime_masks(draw):
+    """A lookup of a captured tensor, possibly negated, combined with up to two more atoms."""
+    src = draw(st.sampled_from(RUNTIME_ATOMS))
+    if draw(st.booleans()):
+        src = f"(~{src})"
+    for _ in range(draw(st.integers(0, 2))):
+        other = draw(st.one_of(st.sampled_from(RUNTIME_ATOMS), STATIC_ATOMS))
+        src = f"({src} {draw(st.sampled_from(['&', '|', '^']))} {other})"
+    return src
+
+
+@settings(FUZZ, max_examples=examples(100))
+@given(src=runtime_masks(), shape=LONG_SHAPES,
+       seed=st.integers(0, 2**16), ndocs=st.integers(1, 5), sort=st.booleans(), p=st.sampled_from([0.05, 0.2, 1.0]))
+def test_random_runtime_masks_never_wrong(src, shape, seed, ndocs, sort, p):
+    B, H, Sq, Skv, bq, bk = shape
+    g = torch.Generator().manual_seed(seed)
+    S = 160
+    if sort:  # document ids that only grow
+        doc = (torch.rand(S, generator=g) < p).long().cumsum(0)
+        doc2 = (torch.rand(B, S, generator=g) < p).long().cumsum(-1)
+    else:
+        doc = piecewise((S,), torch.randint(0, ndocs, (97,), generator=g), p, g)
+        doc2 = piecewise((B, S), torch.randint(0, ndocs, (97,), generator=g), p, g)
+    namespace = dict(doc=doc, doc2=doc2, keep=piecewise((S,), torch.rand(97, generator=g) < 0.6, p, g),
+                     sc=piecewise((S,), torch.rand(97, generator=g), p, g), hs=torch.randn(H, generator=g),
+                     rel=torch.randint(-2, 3, (2 * S - 1,), generator=g), lim=torch.randint(0, S, (B,), generator=g))
+    bm, state, truth = analyse(mask_from(src, namespace), B, H, Sq, Skv, (bq, bk))
+    assert_never_wrong(state, truth, src)
+    assert bm.counts() == counts_of(bm.state)
+    assert_runs_match(bm)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. scale: the analysis follows the mask's boundary, not the number of tiles
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def test_scale_causal_a_million_tokens():
+    bm, seconds = timed(lambda: fg.block_mask(fg.mods.causal, 1, 1, 2**20, 2**20))
+    assert seconds < 1.0, f"{seconds:.2f} s"
+    assert bm.nbytes == 0 and bm.method == "static"
+    n = 2**20 // 128
+    assert bm.counts() == {"empty": n * (n - 1) // 2, "partial": n, "full": n * (n - 1) // 2}
+
+
+def test_scale_prefix_lm_a_million_tokens():
+    bm, seconds = timed(lambda: fg.block_mask(fg.mods.prefix_lm(1024), 1, 1, 2**20, 2**20, block_size=(128, 128)))
+    assert seconds < 1.0, f"{seconds:.2f} s"
+    nbytes, seconds = timed(lambda: bm.nbytes)  # builds the runs: linear in query blocks, not tiles
+    assert seconds < 1.0, f"{seconds:.2f} s"
+    assert 0 < nbytes < 1_000_000
+    n = 2**20 // 128
+    # the prefix is 8 whole blocks: full below the diagonal and in the prefix, partial on the diagonal
+    assert bm.counts()["partial"] == n - 8
+    assert bm.counts()["full"] == 8 * n + (n - 8) * (n - 9) // 2
+
+
+def test_scale_document_mask_256k_tokens():
+    S = 2**18
+    doc = sorted_doc_ids(S, 64, torch.Generator().manual_seed(5))
+    assert doc.unique().numel() == 64
+    mask = fg.mods.causal & fg.mods.document(doc)
+    bm, seconds = timed(lambda: fg.block_mask(mask, 1, 1, S, S))
+    nbytes, more = timed(lambda: bm.nbytes)
+    assert seconds + more < 2.0, f"{seconds:.2f} + {more:.2f} s"
+    assert bm.method == "runtime"
+    assert 0 < nbytes < 2_000_000
+    c = bm.counts()
+    n = S // 128
+    assert sum(c.values()) == n * n
+    assert c["partial"] < 8 * n, "at most a few partial tiles per query block"
+    assert c["empty"] > 0.9 * n * n
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. caching through fg.compile
+
+
+def test_block_mask_cache_follows_in_place_changes():
+    doc = torch.tensor([0] * 30 + [1] * 34)
+    mask = fg.mods.causal & fg.mods.document(doc)
+    attn = fg.compile(mask_mod=mask)
+    bm = attn.block_mask(2, 2, 64, 64, (16, 16))
+    assert attn.block_mask(2, 2, 64, 64, (16, 16)) is bm
+    assert attn.block_mask(2, 2, 64, 64, (16, 32)) is not bm  # another tile size
+    assert attn.block_mask(2, 2, 64, 48, (16, 16)) is not bm  # another shape
+    assert attn.block_mask(2, 2, 64, 64, (16, 16)) is bm  # still cached
+    before = bm.state.clone()
+    assert torch.equal(before.expand(2, 2, -1, -1), oracle(mask, 2, 2, 64, 64, (16, 16)))
+
+    doc[30:] = 0  # one document: tiles below the diagonal become full
+    bm2 = attn.block_mask(2, 2, 64, 64, (16, 16))
+    assert bm2 is not bm
+    assert torch.equal(bm2.state.expand(2, 2, -1, -1), oracle(mask, 2, 2, 64, 64, (16, 16)))
+    assert not torch.equal(bm2.state, before)
+    assert torch.equal(bm.state, before), "an existing map is a snapshot"
+    assert attn.block_mask(2, 2, 64, 64, (16, 16)) is bm2
+
+    doc.add_(0)  # same values, new version: recomputed, same map
+    bm3 = attn.block_mask(2, 2, 64, 64, (16, 16))
+    assert bm3 is not bm2 and torch.equal(bm3.state, bm2.state)
+
+
+def test_block_mask_cache_ignores_tensors_the_mask_does_not_read():
+    slopes = torch.ones(2)
+    attn = fg.compile(score_mod=lambda s, b, h, q_idx, kv_idx: s + slopes[h], mask_mod=fg.mods.prefix_lm(8))
+    bm = attn.block_mask(1, 2, 40, 40, (16, 16))
+    slopes.add_(1.0)
+    assert attn.block_mask(1, 2, 40, 40, (16, 16)) is bm
+
+
+@requires_interpreter
+def test_kernels_follow_in_place_changes_of_the_doc_ids():
+    torch.manual_seed(0)
+    S = 96
+    doc = torch.zeros(S, dtype=torch.long)
+    mask = fg.mods.causal & fg.mods.document(doc)
+    attn = fg.compile(mask_mod=mask)
+    q, k, v = (torch.randn(1, 2, S, 16) for _ in range(3))
+    check_against_reference(q, k, v, mask_mod=mask, attn=attn)  # one document: full tiles below the diagonal
+    doc[40:] = 1  # those tiles now cross a document boundary: a stale map would skip their mask code
+    check_against_reference(q, k, v, mask_mod=mask, attn=attn)
+    doc[:] = torch.arange(S) // 32  # documents on the kernel's tiles: most tiles become empty
+    check_against_reference(q, k, v, mask_mod=mask, attn=attn)
+    doc[:] = 0  # back to one document: a stale map would skip tiles that are visible again
+    check_against_reference(q, k, v, mask_mod=mask, attn=attn)
+    # fg.attention keeps its traced Attention (and block maps) across calls: it must notice too
+    fg.attention(q, k, v, mask_mod=mask)
+    doc[50:] = 3
+    out = fg.attention(q, k, v, mask_mod=mask)
+    assert rel_err(out, fg.attention_reference(q, k, v, mask_mod=mask)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. kernels through the block runs, forward and backward
+
+
+def check_forward_backward(mask_mod, q, k, v, *, enable_gqa=False, tol=1e-4):
+    attn = fg.compile(mask_mod=mask_mod)
+    assert attn.analysis.block_runs, "this test is meant to exercise the block runs"
+    check_against_reference(q, k, v, mask_mod=mask_mod, enable_gqa=enable_gqa, attn=attn)
+
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attn(qg, kg, vg, enable_gqa=enable_gqa)
+    dout = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    (out.double() * dout).sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = fg.attention_reference(qd, kd, vd, mask_mod=mask_mod, enable_gqa=enable_gqa)
+    (ref * dout).sum().backward()
+    for name, got, want in (("dq", qg.grad, qd.grad), ("dk", kg.grad, kd.grad), ("dv", vg.grad, vd.grad)):
+        assert not torch.isnan(got).any(), f"{name} has NaN"
+        assert rel_err(got, want) < tol, f"{name}: relative error {rel_err(got, want):.2e}"
+
+    # the (cached) maps the forward, dK/dV and dQ kernels read, at the tile sizes they launched with
+    B, Hq, Sq, D = q.shape
+    Skv = k.shape[2]
+    configs = (default_config(q.device, D, v.shape[-1], q.dtype),
+               *default_backward_configs(q.device, D, v.shape[-1], q.dtype))
+    maps = []
+    for cfg in configs:
+        block = (cfg.block_m, cfg.block_n)
+        bm = attn.block_mask(B, Hq, Sq, Skv, block, q.device)
+        assert_never_wrong(bm.state.expand(B, Hq, -1, -1), oracle(mask_mod, B, Hq, Sq, Skv, block), f"{block}")
+        assert_runs_match(bm)
+        maps.append(bm)
+    return maps[0]
+
+
+def qkv(B, Hq, Hkv, Sq, Skv, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, Sq, D, generator=g), torch.randn(B, Hkv, Skv, D, generator=g),
+            torch.randn(B, Hkv, Skv, D, generator=g))
+
+
+def dilated_window(b, h, q_idx, kv_idx):
+    return ((kv_idx - q_idx) % 2 == 0) & (kv_idx <= q_idx) & (q_idx - kv_idx < 24)
+
+
+def head_window(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx - h * 8
+
+
+def chunked_or_tail(b, h, q_idx, kv_idx):
+    # chunks of 32 (the kernel's tiles) within a window, and the ragged last KV block fully visible
+    return ((q_idx // 32 == kv_idx // 32) & (kv_idx <= q_idx + 25)) | (kv_idx >= 64)
+
+
+DOC_PER_BATCH = torch.tensor([[0] * 20 + [1] * 76, [0] * 40 + [1] * 10 + [2] * 46])
+
+KERNEL_CASES = {
+    # name: (mask, B, Hq, Hkv, Sq, Skv)
+    "prefix_lm": (fg.mods.prefix_lm(20), 1, 2, 2, 70, 70),
+    "chunked(24)": (fg.mods.chunked(24), 1, 2, 2, 96, 96),
+    "chunked(32)_ragged": (fg.mods.chunked(32), 1, 2, 2, 70, 70),
+    "causal_document_per_batch": (fg.mods.causal & fg.mods.document(DOC_PER_BATCH), 2, 2, 2, 96, 96),
+    "dilated_window": (dilated_window, 1, 2, 2, 64, 64),
+    "head_window": (head_window, 1, 2, 2, 64, 64),
+    "head_window_gqa": (head_window, 1, 4, 2, 48, 48),
+    "ragged_sq_ne_skv": (chunked_or_tail, 1, 2, 2, 45, 70),
+}
+
+
+@requires_interpreter
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_kernels_through_block_runs(name):
+    mask, B, Hq, Hkv, Sq, Skv = KERNEL_CASES[name]
+    q, k, v = qkv(B, Hq, Hkv, Sq, Skv)
+    bm = check_forward_backward(mask, q, k, v, enable_gqa=Hq != Hkv)
+    c = bm.counts()
+    if name not in ("chunked(24)", "dilated_window"):
+        assert c["empty"] and c["full"], f"{name} should skip some tiles and run others without mask code: {c}"
+    if name.startswith("head_window"):
+        assert bm.state.shape[1] == Hq, "a head-dependent mask has one map per query head"
+        ref = fg.attention_reference(q, k, v, mask_mod=mask, enable_gqa=Hq != Hkv)
+        assert (ref[:, 1:, :8] == 0).all(), "rows of heads > 0 fully masked"
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. text
+
+
+def test_picture_and_str():
+    bm = fg.block_mask(fg.mods.causal, 1, 1, 64, 64, block_size=(8, 8))
+    assert bm.picture() == "\n".join("█" * i + "░" + "·" * (7 - i) for i in range(8))
+    # on a coarser picture each character is a group of tiles (here 2 query blocks x 1 KV block)
+    assert bm.picture(size=4) == "░░······\n██░░····\n████░░··\n██████░░"
+    text = str(bm)
+    assert "static" in text and bm.picture() in text
+    assert all(ch in text for ch in "·░█")
+    assert "8 partial" in text and "28 empty" in text and "28 full" in text
+
+    doc = torch.tensor([0] * 24 + [1] * 40)
+    bm = fg.block_mask(fg.mods.document(doc), 1, 1, 64, 64, block_size=(16, 16))
+    assert "runtime" in str(bm) and "runtime" in repr(bm)
+    assert bm.picture() == "█░··\n░░░░\n·░██\n·░██"
+
+
+def test_picture_shows_the_requested_batch_and_head():
+    bm = fg.block_mask(head_window, 1, 2, 32, 32, block_size=(8, 8))
+    assert bm.picture(h=0) == "░···\n█░··\n██░·\n███░"
+    assert bm.picture(h=1) == "····\n░···\n█░··\n██░·"
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. bad input
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(B=0), "B"), (dict(H=-1), "H"), (dict(Sq=2.5), "Sq"), (dict(Skv=True), "Skv"),
+    (dict(block_size=(0, 16)), "block_size"), (dict(block_size="x"), "block_size"),
+    (dict(block_size=(16,)), "block_size"), (dict(block_size=(16.0, 16)), "block_size"),
+])
+def test_bad_arguments(kwargs, name):
+    args = dict(B=1, H=1, Sq=64, Skv=64) | kwargs
+    block = args.pop("block_size", (16, 16))
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        fg.block_mask(fg.mods.causal, args["B"], args["H"], args["Sq"], args["Skv"], block_size=block)
+
+
+# regressions: float rounding across floor(), and pictures that must stay snapshots
+
+
+def test_floor_of_a_rounded_float_is_never_wrong():
+    # 90 * 0.7 is 62.999... in float64 but 63.0000009 in the kernel's fp32
+    def mask(b, h, q_idx, kv_idx):
+        return torch.floor(kv_idx * 0.7) >= 63
+
+    bm, state, truth = analyse(mask, 1, 1, 8, 91, (8, 7))
+    assert_never_wrong(state, truth, "floor(kv_idx * 0.7) >= 63")
+
+
+def test_picture_is_a_snapshot_like_state():
+    doc = torch.tensor([0] * 16 + [1] * 16)
+    bm = fg.block_mask(fg.mods.document(doc), 1, 1, 32, 32, block_size=(16, 16))
+    assert bm.picture() == "█·\n·█"
+    doc[:] = 0
+    assert bm.state[0, 0].tolist() == [[2, 0], [0, 2]]
+    assert bm.picture() == "█·\n·█"
