@@ -28,6 +28,7 @@ from .ir import DType, Node, Op, depends_on, toposort
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _INF = math.inf
 _SUMMARY = 16  # positions per range summary entry: bounds are exact for ranges aligned to it
+_ONE_PASS = 1 << 15  # maps with at most this many tiles are classified tile by tile, in one pass
 _FLOAT_MARGIN = 1e-5  # relative widening of every float bound: closer calls stay undecided
 
 
@@ -47,25 +48,25 @@ class _RangeTable:
         pad = (-n) % _SUMMARY
         lo = torch.nn.functional.pad(x, (0, pad), value=_INF).view(x.shape[0], -1, _SUMMARY).amin(-1)
         hi = torch.nn.functional.pad(x, (0, pad), value=-_INF).view(x.shape[0], -1, _SUMMARY).amax(-1)
-        self.lo, self.hi = [lo], [hi]
+        los, his = [lo], [hi]
         width = 1
         while 2 * width <= lo.shape[-1]:
-            a, b = self.lo[-1], self.hi[-1]
-            self.lo.append(torch.minimum(a[:, :-width], a[:, width:]))
-            self.hi.append(torch.maximum(b[:, :-width], b[:, width:]))
+            a, b = los[-1], his[-1]
+            los.append(torch.minimum(a[:, :-width], a[:, width:]))
+            his.append(torch.maximum(b[:, :-width], b[:, width:]))
             width *= 2
+        # level j at [j]: min/max over 2**j summaries from each start (padding is never read)
+        n = lo.shape[-1]
+        self.lo = torch.stack([torch.nn.functional.pad(x, (0, n - x.shape[-1]), value=_INF) for x in los])
+        self.hi = torch.stack([torch.nn.functional.pad(x, (0, n - x.shape[-1]), value=-_INF) for x in his])
 
     def query(self, row: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bounds over positions [start, stop] (inclusive, in range) of flattened row ``row``."""
         first, last = start // _SUMMARY, stop // _SUMMARY
         level = torch.floor(torch.log2((last - first + 1).to(torch.float64))).long()
-        lo = torch.empty(row.shape, dtype=torch.float64, device=row.device)
-        hi = torch.empty_like(lo)
-        for j in torch.unique(level).tolist():
-            sel = level == j
-            r, a, b = row[sel], first[sel], last[sel] - (1 << j) + 1
-            lo[sel] = torch.minimum(self.lo[j][r, a], self.lo[j][r, b])
-            hi[sel] = torch.maximum(self.hi[j][r, a], self.hi[j][r, b])
+        second = last - torch.bitwise_left_shift(torch.ones_like(level), level) + 1
+        lo = torch.minimum(self.lo[level, row, first], self.lo[level, row, second])
+        hi = torch.maximum(self.hi[level, row, first], self.hi[level, row, second])
         return lo, hi
 
 
@@ -315,8 +316,13 @@ def decide(mask: Node, tensors: list[torch.Tensor], dims: tuple[int, int], lengt
     (nb, nh), (sq, skv), (bq, bk) = dims, lengths, block
     nq, nk = -(-sq // bq), -(-skv // bk)
     summaries = summaries or _Summaries(tensors)
-    bb, hh = torch.meshgrid(torch.arange(nb, device=device), torch.arange(nh, device=device), indexing="ij")
-    cur = [bb.flatten(), hh.flatten()] + [torch.full((nb * nh,), v, device=device) for v in (0, nq, 0, nk)]
+    if nb * nh * nq * nk <= _ONE_PASS:  # small maps: every tile in one pass beats the splitting's overheads
+        bb, hh, qq, kk = (x.flatten() for x in torch.meshgrid(
+            *(torch.arange(n, device=device) for n in (nb, nh, nq, nk)), indexing="ij"))
+        cur = [bb, hh, qq, qq + 1, kk, kk + 1]
+    else:
+        bb, hh = torch.meshgrid(torch.arange(nb, device=device), torch.arange(nh, device=device), indexing="ij")
+        cur = [bb.flatten(), hh.flatten()] + [torch.full((nb * nh,), v, device=device) for v in (0, nq, 0, nk)]
     done: list[list[torch.Tensor]] = []
     while cur[0].numel():
         b, h, q0, q1, k0, k1 = cur
