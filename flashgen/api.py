@@ -115,6 +115,16 @@ class Attention:
     def __repr__(self) -> str:
         return f"flashgen.Attention({self.program.name!r}, key={self.program.key[:12]})"
 
+    def _repr_markdown_(self) -> str:
+        """Jupyter's view: the variant, its analysis and the block map of the last call."""
+        parts = [f"**flashgen.Attention** `{self.program.name}` (program key `{self.program.key[:12]}`)",
+                 "```\n" + ir.format_program({"logits": self.program.logits, "mask": self.program.mask}) + "\n```",
+                 "**analysis**", "```\n" + self.analysis.report() + "\n```"]
+        if self._last_block_map is not None and self.analysis.has_mask:
+            parts += ["**block map of the last call**", "```\n" + str(self._last_block_map) + "\n```"]
+        parts.append("`attn.source('fwd')` / `attn.source('bwd')` show the generated kernels.")
+        return "\n\n".join(parts)
+
     # -- block sparsity -------------------------------------------------------------------------
     def block_mask(self, B: int, H: int, Sq: int, Skv: int, block_size: tuple[int, int] = (128, 128),
                    device: torch.device | str | None = None) -> BlockMask:

@@ -502,6 +502,10 @@ class BlockMask:
                 f"({100 * c['empty'] / total:.0f}% skipped)")
         return head + "\n" + self.picture()
 
+    def _repr_markdown_(self) -> str:
+        """Jupyter's view: the summary and the picture."""
+        return "**flashgen.BlockMask**\n\n```\n" + str(self) + "\n```"
+
     def __repr__(self) -> str:
         return (f"BlockMask(shape={self.shape}, block_size={self.block_size}, method={self.method!r}, "
                 f"nbytes={self.nbytes})")
