@@ -25,10 +25,15 @@ from .runtime import (
     launch,
     load_kernel,
     load_module,
+    load_tuning,
     padded,
+    run_config,
+    store_tuning,
 )
+from .settings import settings
 from .spec import Mod
 from .trace import Program, trace_attention
+from .tuning import candidates, tune, tuning_key
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -63,8 +68,13 @@ class Attention:
     """
 
     def __init__(self, score_mod: Callable | None = None, mask_mod: Callable | None = None,
-                 bias: Callable | torch.Tensor | None = None, *, deterministic: bool = False):
+                 bias: Callable | torch.Tensor | None = None, *, deterministic: bool = False,
+                 autotune: bool | None = None):
         self.deterministic = deterministic
+        self.autotune = settings().autotune if autotune is None else autotune
+        self.last_tuning: dict[str, list[dict]] = {}  # family -> trials of the last tuning run
+        self._retune = False
+        self._tuned_configs: dict[tuple, Config] = {}  # tuning key -> configuration, for this process
         self.program: Program
         self.program, self.captured = trace_attention(score_mod, mask_mod, _as_bias_fn(bias))
         self.analysis: Analysis = analyze(self.program.logits, self.program.mask)
@@ -180,23 +190,64 @@ class Attention:
             if lse is not None:
                 lse.fill_(float("-inf"))
             return out, lse
-        cfg = config or default_config(q.device, D, Dv, q.dtype)
         ks = self._kernel_source()
+        kernel = load_kernel(ks)
         capture_args, large = _capture_args(self.captured)
         shape = (B, Hq, Sq, Skv)
-        launch(
-            load_kernel(ks), (ks.key, cfg, D, Dv, q.dtype), cfg,
-            lambda c: (triton.cdiv(Sq, c.block_m), B * Hq),
-            q, k, v, out, lse if lse is not None else out,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *capture_args,
-            scale, Hq, Sq, Skv, Hq // Hkv,
-            HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
-            IDX_T=tl.int64 if large else tl.int32, STORE_LSE=want_lse, **_precision(q.dtype),
-            extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
-            if self.analysis.block_runs else None,
-        )
+        args = (q, k, v, out, lse if lse is not None else out,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
+        kwargs = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
+                      IDX_T=tl.int64 if large else tl.int32, STORE_LSE=want_lse, **_precision(q.dtype),
+                      extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
+                      if self.analysis.block_runs else None)
+
+        def grid(c):
+            return (triton.cdiv(Sq, c.block_m), B * Hq)
+
+        if config is None and self.autotune:
+            config = self._tuned("fwd", ks.key, shape, D, Dv, q, lambda c: run_config(kernel, c, grid, *args, **kwargs))
+        cfg = config or default_config(q.device, D, Dv, q.dtype)
+        launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)
         return out, lse
+
+    def _tuned(self, family: str, kernel_key: str, shape: tuple[int, int, int, int], D: int, Dv: int,
+               q: torch.Tensor, run) -> Config:
+        """The tuned configuration of one kernel family for this call's key: stored, or tuned now."""
+        B, Hq, Sq, Skv = shape
+        sparsity = "none" if not self.analysis.has_mask else ("map" if self.analysis.block_runs else "band")
+        key = tuning_key(family, kernel_key, B * Hq, Sq, Skv, D, Dv, q.dtype, sparsity)
+        memo = (tuple(key.values()), q.device)
+        if not self._retune and memo in self._tuned_configs:
+            return self._tuned_configs[memo]
+        record = None if self._retune else load_tuning(self.name, family, key)
+        if record is not None:
+            self._tuned_configs[memo] = Config(**record["best"])
+            return self._tuned_configs[memo]
+        current = settings()
+        best, trials = tune(f"{self.name} {family}", candidates(family, q.device, D, Dv, q.dtype), run, q.device,
+                            tune_ms=current.tune_ms, progress=current.progress)
+        store_tuning(self.name, family, key, best, trials)
+        self.last_tuning[family] = trials
+        self._tuned_configs[memo] = best
+        return best
+
+    def tune(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backward: bool = False,
+             enable_gqa: bool = False) -> dict[str, list[dict]]:
+        """Tune the forward (and with ``backward=True`` the two backward kernels) for these inputs'
+        key now, even if results are stored; returns the trials per kernel family."""
+        self.last_tuning = {}
+        autotune, self.autotune, self._retune = self.autotune, True, True
+        try:
+            if backward:
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                out = self(*leaves, enable_gqa=enable_gqa)
+                out.backward(torch.randn_like(out))
+            else:
+                with torch.no_grad():
+                    self(q, k, v, enable_gqa=enable_gqa)
+        finally:
+            self.autotune, self._retune = autotune, False
+        return self.last_tuning
 
     def _backward_source(self, grad_slots: tuple[int, ...]) -> KernelSource:
         key = (self.program.key, grad_slots)
@@ -226,29 +277,40 @@ class Attention:
             HEAD_DV=Dv, BLOCK_DV=padded(Dv), BLOCK_M=_DELTA_ROWS, HAS_DLSE=dlse is not None)
         lse = lse.contiguous()
         capture_args, large = _capture_args(self.captured)
-        grad_args = [x for slot in grad_slots for x in [grads[slot], *grads[slot].stride()]]
         common = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
                       IDX_T=tl.int64 if large else tl.int32, **_precision(q.dtype))
         dkdv_cfg, dq_cfg = default_backward_configs(q.device, D, Dv, q.dtype)
         shape = (B, Hq, Sq, Skv)
-        launch(
-            _EvenN(module.attn_bwd_dkdv, Skv), (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg,
-            lambda c: (triton.cdiv(Skv, c.block_n), B * Hkv),
-            q, k, v, dout, dk, dv, lse, delta,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-            *capture_args, *grad_args,
-            scale, Hq, Hkv, Sq, Skv, Hq // Hkv, **common,
-            extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True)) if self.analysis.has_mask else None,
-        )
-        launch(
-            _EvenN(module.attn_bwd_dq, Skv), (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg,
-            lambda c: (triton.cdiv(Sq, c.block_m), B * Hq),
-            q, k, v, dout, dq, lse, delta,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            *capture_args,
-            scale, Hq, Sq, Skv, Hq // Hkv, **common,
-            extra=(lambda c: self._runs_args(shape, c, q.device)) if self.analysis.has_mask else None,
-        )
+        masked = self.analysis.has_mask
+        dkdv_kernel, dq_kernel = _EvenN(module.attn_bwd_dkdv, Skv), _EvenN(module.attn_bwd_dq, Skv)
+
+        def dkdv_args(gbufs: dict) -> tuple:
+            grad_args = [x for slot in grad_slots for x in [gbufs[slot], *gbufs[slot].stride()]]
+            return (q, k, v, dout, dk, dv, lse, delta,
+                    *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+                    *capture_args, *grad_args, scale, Hq, Hkv, Sq, Skv, Hq // Hkv)
+
+        dkdv_kw = dict(common, extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True))
+                       if masked else None)
+        dq_args = (q, k, v, dout, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+                   *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
+        dq_kw = dict(common, extra=(lambda c: self._runs_args(shape, c, q.device)) if masked else None)
+
+        def dkdv_grid(c):
+            return (triton.cdiv(Skv, c.block_n), B * Hkv)
+
+        def dq_grid(c):
+            return (triton.cdiv(Sq, c.block_m), B * Hq)
+
+        if self.autotune:
+            scratch = {slot: torch.zeros_like(g) for slot, g in grads.items()}  # tuning runs add into these
+            dkdv_cfg = self._tuned("dkdv", ks.key, shape, D, Dv, q,
+                                   lambda c: run_config(dkdv_kernel, c, dkdv_grid, *dkdv_args(scratch), **dkdv_kw))
+            dq_cfg = self._tuned("dq", ks.key, shape, D, Dv, q,
+                                 lambda c: run_config(dq_kernel, c, dq_grid, *dq_args, **dq_kw))
+        launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg, dkdv_grid, *dkdv_args(grads),
+               **dkdv_kw)
+        launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
         return dq, dk, dv, grads
 
 
@@ -376,12 +438,17 @@ def _check_inputs(q, k, v, scale, enable_gqa, captured) -> float:
 
 
 def compile(score_mod: Callable | None = None, mask_mod: Callable | None = None,
-            bias: Callable | torch.Tensor | None = None, *, deterministic: bool = False) -> Attention:
+            bias: Callable | torch.Tensor | None = None, *, deterministic: bool = False,
+            autotune: bool | None = None) -> Attention:
     """Trace and analyse the mods once; the returned :class:`Attention` is reusable.
 
     ``deterministic=True`` promises bitwise-identical gradients run to run. The q, k, v gradients
-    always are (no atomics); learnable captured tensors are refused in that mode for now."""
-    return Attention(score_mod, mask_mod, bias, deterministic=deterministic)
+    always are (no atomics); learnable captured tensors are refused in that mode for now.
+    ``autotune=True`` tunes each kernel's launch configuration on first use for a new key (shape
+    bucket, dtype, head dims) and stores the result on disk for later processes; the default
+    (None) follows ``FLASHGEN_AUTOTUNE`` and otherwise uses a default configuration per GPU and
+    head dim."""
+    return Attention(score_mod, mask_mod, bias, deterministic=deterministic, autotune=autotune)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable | None = None,

@@ -97,12 +97,286 @@ def _time(fn, cuda: bool) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+# ---------------------------------------------------------------------------------------------
+# SPEC: a library variant (``causal``, ``sliding_window:512``) or ``path/to/file.py:name``
+
+LIBRARY = {
+    # name: (what it is, default argument)
+    "full": ("no mask, no score_mod", None),
+    "causal": ("causal mask", None),
+    "sliding_window": ("causal sliding window of W keys (sliding_window:W)", 256),
+    "prefix_lm": ("prefix LM: the first N keys are visible to every query (prefix_lm:N)", 256),
+    "chunked": ("attention within chunks of C positions (chunked:C)", 256),
+    "document": ("causal document mask, N documents of equal length (document:N)", 4),
+    "alibi": ("ALiBi + causal", None),
+    "softcap": ("soft-capping tanh(s / cap) * cap + causal (softcap:CAP)", 30.0),
+    "relative_bias": ("learnable-style relative-position table + causal", None),
+}
+
+
+class CliError(Exception):
+    """A bad command line: printed as one line, exit status 2."""
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        dims = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or min(dims) < 1:
+        raise CliError(f"--shape {text!r}: expected four positive integers B,H,S,D (e.g. 4,16,8192,128)")
+    return dims  # type: ignore[return-value]
+
+
+def resolve(spec: str, shape: tuple[int, int, int, int], device: str) -> tuple[str, dict]:
+    """(label, keyword arguments of fg.compile) for a SPEC at a shape."""
+    import torch
+
+    import flashgen as fg
+
+    B, H, S, D = shape
+    if ".py:" in spec or spec.endswith(".py"):
+        return _from_file(spec)
+    name, _, arg = spec.partition(":")
+    if name not in LIBRARY:
+        raise CliError(f"unknown SPEC {spec!r}: use one of {', '.join(LIBRARY)} (some take :ARG) "
+                       "or path/to/file.py:name")
+    default = LIBRARY[name][1]
+    if arg and default is None:
+        raise CliError(f"{name} takes no argument, got {spec!r}")
+    try:
+        value = type(default)(arg) if arg else default
+    except ValueError:
+        raise CliError(f"{spec!r}: the argument of {name} must be a {type(default).__name__}") from None
+    m = fg.mods
+    if name == "full":
+        return name, {}
+    if name == "causal":
+        return name, dict(mask_mod=m.causal)
+    if name == "sliding_window":
+        return f"{name}:{value}", dict(mask_mod=m.sliding_window(value))
+    if name == "prefix_lm":
+        return f"{name}:{value}", dict(mask_mod=m.prefix_lm(value))
+    if name == "chunked":
+        return f"{name}:{value}", dict(mask_mod=m.chunked(value))
+    if name == "document":
+        doc = (torch.arange(S, device=device) * value) // S
+        return f"{name}:{value}", dict(mask_mod=m.document(doc) & m.causal)
+    if name == "alibi":
+        return name, dict(score_mod=m.alibi(m.alibi_slopes(H, device=device)), mask_mod=m.causal)
+    if name == "softcap":
+        return f"{name}:{value:g}", dict(score_mod=m.softcap(value), mask_mod=m.causal)
+    table = 0.1 * torch.randn(H, 2 * S - 1, device=device)
+    return name, dict(score_mod=m.relative_bias(table), mask_mod=m.causal)
+
+
+def _from_file(spec: str) -> tuple[str, dict]:
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    import flashgen as fg
+    from flashgen.spec import Bias, MaskMod, ScoreMod
+
+    path, _, attr = spec.rpartition(":") if not spec.endswith(".py") else (spec, "", "")
+    if not attr:
+        raise CliError(f"{spec!r}: name the object after the file, as path/to/file.py:name")
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"{spec!r}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"flashgen_cli_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file: report it in one line
+        raise CliError(f"{spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+    if not hasattr(module, attr):
+        raise CliError(f"{spec!r}: {path} has no {attr!r}")
+    obj = getattr(module, attr)
+    if isinstance(obj, fg.Attention):
+        return attr, dict(attention=obj)
+    if isinstance(obj, ScoreMod):
+        return attr, dict(score_mod=obj)
+    if isinstance(obj, MaskMod):
+        return attr, dict(mask_mod=obj)
+    if isinstance(obj, Bias):
+        return attr, dict(bias=obj)
+    if isinstance(obj, dict) and set(obj) <= {"score_mod", "mask_mod", "bias"}:
+        return attr, dict(obj)
+    if callable(obj):
+        arity = len(inspect.signature(obj).parameters)
+        if arity == 5:
+            return attr, dict(score_mod=obj)
+        if arity == 4:
+            return attr, dict(mask_mod=obj)
+    raise CliError(f"{spec!r}: {attr} is a {type(obj).__name__}; expected an fg.Attention, a decorated mod, a dict "
+                   "of score_mod/mask_mod/bias, or a function of 5 (score_mod) or 4 (mask_mod) arguments")
+
+
+def _attention(spec: str, shape, device: str):
+    import flashgen as fg
+
+    label, kwargs = resolve(spec, shape, device)
+    attn = kwargs.pop("attention", None)
+    return label, (attn if attn is not None else fg.compile(**kwargs))
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in table:
+        raise CliError(f"--dtype {name!r}: choose bf16, fp16 or fp32")
+    return table[name]
+
+
+def _need_gpu(command: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CliError(f"'flashgen {command}' times kernels and needs a CUDA GPU; none is visible")
+
+
+def _show(args: argparse.Namespace) -> int:
+    _, attn = _attention(args.spec, parse_shape(args.shape), "cpu")
+    print(attn.source("bwd" if args.bwd else "fwd"), end="")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from flashgen.runtime import default_config
+
+    B, H, S, D = shape = parse_shape(args.shape)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, attn = _attention(args.spec, shape, device)
+    if attn.analysis.has_mask:
+        cfg = default_config(torch.device(device), D, D, _dtype(args.dtype))
+        attn.block_mask(B, H, S, S, (cfg.block_m, cfg.block_n), device)
+    print(attn.explain())
+    return 0
+
+
+def _inputs(shape, dtype, device: str):
+    import torch
+
+    B, H, S, D = shape
+    return [torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(3)]
+
+
+def _tune(args: argparse.Namespace) -> int:
+    _need_gpu("tune")
+    shape = parse_shape(args.shape)
+    label, attn = _attention(args.spec, shape, "cuda")
+    trials = attn.tune(*_inputs(shape, _dtype(args.dtype), "cuda"), backward=args.bwd)
+    for family, rows in trials.items():
+        print(f"== {label} {family}: {len(rows)} configurations ==")
+        print(f"{'block_m':>8} {'block_n':>8} {'warps':>6} {'stages':>7} {'ms':>10}")
+        ok = [r for r in rows if r["ms"] is not None]
+        best = min(ok, key=lambda r: r["ms"]) if ok else None
+        for r in sorted(rows, key=lambda r: (r["ms"] is None, r["ms"] or 0.0)):
+            ms = f"{r['ms']:.4f}" if r["ms"] is not None else "failed"
+            mark = "  <- best" if r is best else ""
+            print(f"{r['block_m']:>8} {r['block_n']:>8} {r['num_warps']:>6} {r['num_stages']:>7} {ms:>10}{mark}")
+    print("stored in the cache; later processes reuse it with fg.compile(..., autotune=True)")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+    import triton.testing
+
+    _need_gpu("bench")
+    B, H, S, D = shape = parse_shape(args.shape)
+    dtype = _dtype(args.dtype)
+    label, kwargs = resolve(args.spec, shape, "cuda")
+    attn = kwargs.pop("attention", None) or __import__("flashgen").compile(**kwargs)
+    q, k, v = _inputs(shape, dtype, "cuda")
+    mask_mod = kwargs.get("mask_mod")
+    density = _kept_fraction(mask_mod, S) if mask_mod is not None else 1.0
+    flops = 4 * B * H * S * S * D * density
+    rows = [("flashgen", lambda: attn(q, k, v))]
+    if args.spec in ("full", "causal"):
+        rows.append(("sdpa", lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=args.spec == "causal")))
+    print(f"{label}: B={B} H={H} S={S} D={D} {args.dtype}, density {density:.4f} (unmasked entries of b=0, h=0)")
+    for name, fn in rows:
+        with torch.no_grad():
+            ms = triton.testing.do_bench(fn, return_mode="median")
+        print(f"  {name:<10} {ms:8.3f} ms  {flops / ms / 1e9:8.1f} TFLOP/s")
+    print("FlexAttention next to every library variant: benchmarks/bench_forward.py and bench_backward.py")
+    return 0
+
+
+def _kept_fraction(mask_mod, S: int) -> float:
+    """Fraction of visible (q, kv) entries at b = h = 0, evaluating the mask 1024 rows at a time."""
+    import torch
+
+    kept = 0
+    zero = torch.zeros((), dtype=torch.long, device="cuda")
+    kv = torch.arange(S, device="cuda")[None, :]
+    for start in range(0, S, 1024):
+        q = torch.arange(start, min(start + 1024, S), device="cuda")[:, None]
+        kept += int(torch.as_tensor(mask_mod(zero, zero, q, kv)).expand(q.shape[0], S).sum())
+    return kept / (S * S)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from flashgen.runtime import cache_dir, cache_entries, clear_cache
+
+    if args.action == "clear":
+        print(f"removed {clear_cache()} entries from {cache_dir()}")
+        return 0
+    entries = cache_entries()
+    if args.action == "ls":
+        for e in entries:
+            stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+            print(f"{e.kind:<7} {e.size:>9} B  {stamp}  {e.path.name}")
+        if not entries:
+            print(f"(empty: {cache_dir()})")
+        return 0
+    kinds = {k: [e for e in entries if e.kind == k] for k in ("kernel", "tuning")}
+    print(f"cache directory: {cache_dir()}")
+    for k, es in kinds.items():
+        print(f"  {k:<7} entries: {len(es):>5}  {sum(e.size for e in es) / 1024:10.1f} KiB")
+    print("compiled binaries live in Triton's own cache (TRITON_CACHE_DIR, default ~/.triton/cache)")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from flashgen.settings import settings
+
+    for var, value, meaning in settings().describe():
+        print(f"{var:<24} {value:<40} {meaning}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashgen", description="flashgen: an attention compiler for Triton")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="compile a few variants, explain them, check and time them")
     demo.add_argument("--cpu", action="store_true", help="run on the CPU interpreter even if a GPU is present")
     demo.set_defaults(func=_demo)
+    spec_help = (f"a library variant ({', '.join(LIBRARY)}; some take :ARG, e.g. sliding_window:512) "
+                 "or path/to/file.py:name")
+    for name, func, text in (("show", _show, "print the generated Triton source"),
+                             ("explain", _explain, "print the analysis report with the block-map picture"),
+                             ("tune", _tune, "tune launch configurations and store the winner (GPU)"),
+                             ("bench", _bench, "time a variant next to SDPA (GPU)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("spec", help=spec_help)
+        p.add_argument("--shape", default="1,16,4096,128", help="B,H,S,D (default 1,16,4096,128)")
+        p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
+        if name in ("show", "tune"):
+            p.add_argument("--bwd", action="store_true", help="the backward kernels too" if name == "tune"
+                           else "the backward kernels instead of the forward one")
+        p.set_defaults(func=func)
+    cache = sub.add_parser("cache", help="list, summarise or clear the disk cache")
+    cache.add_argument("action", choices=("ls", "info", "clear"))
+    cache.set_defaults(func=_cache)
+    config = sub.add_parser("config", help="print the effective FLASHGEN_* settings")
+    config.set_defaults(func=_config)
     return parser
 
 
@@ -110,8 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:
+    except CliError as e:
         print(f"flashgen: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"flashgen: error: {first}", file=sys.stderr)
         return 2
 
 

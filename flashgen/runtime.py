@@ -1,19 +1,35 @@
-"""Loading generated kernels and launching them.
+"""The disk cache, loading generated kernels, and launching them.
 
-Generated sources are written atomically to files (Triton reads kernel source with ``inspect``)
-under ``$FLASHGEN_CACHE_DIR`` (default ``~/.cache/flashgen``) and imported with importlib, once
-per process and source key. On a machine without a GPU, ``flashgen/__init__`` switches Triton's
-interpreter on before Triton is imported, so CPU tensors run the same kernels with nothing for the
-user to set.
+Disk cache (``settings().cache_dir``, default ``~/.cache/flashgen``):
+
+- ``kernels/<variant>-<key12>.py``: generated sources (Triton reads kernel source with
+  ``inspect``, so they must be files), named by the sha256 of their text, which covers the IR,
+  the template and flashgen's version. Compiled binaries are Triton's: its own disk cache keys
+  them by this source, the launch options, the GPU architecture and Triton's version.
+- ``tuning/<variant>-<family>-<hash16>.json``: autotuning results (see ``flashgen.tuning``),
+  keyed by flashgen and Triton versions, GPU, source key and tuning key.
+
+Writes are atomic (temp file + rename) under a file lock, re-checked after acquiring it, so
+concurrent processes neither corrupt nor duplicate entries. An entry that does not match its key
+(truncated, edited) is reported once as a warning and rebuilt, never used.
+``FLASHGEN_DISABLE_CACHE=1`` sends sources to a per-process temporary directory and keeps tuning
+results in memory. On a machine without a GPU, ``flashgen/__init__`` switches Triton's
+interpreter on before Triton is imported, so CPU tensors run the same kernels.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import importlib.util
+import json
 import os
 import re
+import shutil
 import sys
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -22,10 +38,43 @@ import torch
 import triton
 
 from .codegen.render import KernelSource
+from .settings import settings
+
+
+class CacheWarning(UserWarning):
+    """A cache entry was corrupted (and rebuilt) or could not be written."""
+
+
+_private_dir: Path | None = None
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FLASHGEN_CACHE_DIR") or Path.home() / ".cache" / "flashgen")
+    """Where sources and tuning results go: the settings' directory, or with
+    FLASHGEN_DISABLE_CACHE=1 a temporary one removed when the process exits."""
+    global _private_dir
+    current = settings()
+    if not current.disable_cache:
+        return current.cache_dir
+    if _private_dir is None:
+        _private_dir = Path(tempfile.mkdtemp(prefix="flashgen-nocache-"))
+        atexit.register(shutil.rmtree, _private_dir, True)
+    return _private_dir
+
+
+def _lock(path: Path):
+    from filelock import FileLock  # a torch dependency
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=120)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, CacheWarning, stacklevel=3)
 
 
 def identifier(name: str) -> str:
@@ -78,6 +127,13 @@ def _patch_interpreter_index() -> None:
 _modules: dict[str, ModuleType] = {}
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
 def source_path(ks: KernelSource) -> Path:
     return cache_dir() / "kernels" / f"{ks.name}-{ks.key[:12]}.py"
 
@@ -94,8 +150,14 @@ def load_module(ks: KernelSource) -> ModuleType:
         if interpreting():
             _patch_interpreter_index()
         path = source_path(ks)
-        if not path.exists() or path.read_text() != ks.source:
-            write_atomic(path, ks.source)
+        if _read(path) != ks.source:
+            with _lock(path):
+                text = _read(path)  # another process may have written it meanwhile
+                if text is not None and text != ks.source:
+                    _warn_once(str(path), f"flashgen: cache entry {path} does not match its key "
+                                          "(truncated or edited); it was rebuilt")
+                if text != ks.source:
+                    write_atomic(path, ks.source)
         mod_name = f"flashgen_generated_{ks.name}_{ks.key[:12]}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
@@ -174,9 +236,7 @@ def launch(kernel, key: tuple, cfg: Config, grid, *args, extra=None, **kwargs) -
     candidates = [cfg] + smaller_configs(cfg)
     for i, candidate in enumerate(candidates):
         try:
-            more = extra(candidate) if extra is not None else ()
-            kernel[grid(candidate)](*args, *more, BLOCK_M=candidate.block_m, BLOCK_N=candidate.block_n,
-                                    num_warps=candidate.num_warps, num_stages=candidate.num_stages, **kwargs)
+            run_config(kernel, candidate, grid, *args, extra=extra, **kwargs)
         except OutOfResources:
             if i == len(candidates) - 1:
                 raise
@@ -186,5 +246,103 @@ def launch(kernel, key: tuple, cfg: Config, grid, *args, extra=None, **kwargs) -
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def run_config(kernel, cfg: Config, grid, *args, extra=None, **kwargs) -> None:
+    """Launch ``kernel`` with exactly ``cfg`` (see :func:`launch` for ``grid`` and ``extra``)."""
+    more = extra(cfg) if extra is not None else ()
+    kernel[grid(cfg)](*args, *more, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages, **kwargs)
+
+
 def padded(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning results on disk
+
+
+def _environment_key() -> dict:
+    """What, besides the kernel, changes a tuning result: versions and the GPU."""
+    from ._version import __version__
+
+    gpu = "cpu"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        gpu = f"{torch.cuda.get_device_name()} sm_{major}{minor}"
+    return {"flashgen": __version__, "triton": triton.__version__, "gpu": gpu}
+
+
+def tuning_path(name: str, family: str, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps({**key, **_environment_key()}, sort_keys=True).encode()).hexdigest()
+    return cache_dir() / "tuning" / f"{name}-{family}-{digest[:16]}.json"
+
+
+_tuned_in_memory: dict[str, dict] = {}
+
+
+def load_tuning(name: str, family: str, key: dict) -> dict | None:
+    """A stored tuning record for ``key``, or None (a corrupted one is reported and removed)."""
+    path = tuning_path(name, family, key)
+    if str(path) in _tuned_in_memory:
+        return _tuned_in_memory[str(path)]
+    if settings().disable_cache:
+        return None
+    text = _read(path)
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+        expected = {**key, **_environment_key()}
+        if record.get("key") != json.loads(json.dumps(expected)) or "best" not in record:
+            raise ValueError("key mismatch")
+        Config(**record["best"])
+    except (ValueError, TypeError, KeyError) as exc:
+        _warn_once(str(path), f"flashgen: tuning result {path} is corrupted ({exc}); it will be tuned again")
+        path.unlink(missing_ok=True)
+        return None
+    _tuned_in_memory[str(path)] = record
+    return record
+
+
+def store_tuning(name: str, family: str, key: dict, best: Config, trials: list[dict]) -> Path:
+    path = tuning_path(name, family, key)
+    record = {"key": {**key, **_environment_key()}, "best": best.__dict__, "trials": trials,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = json.loads(json.dumps(record))
+    _tuned_in_memory[str(path)] = record
+    if not settings().disable_cache:
+        with _lock(path):
+            write_atomic(path, json.dumps(record, indent=1) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# inspecting and clearing the cache (``flashgen cache``)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    kind: str  # "kernel" or "tuning"
+    path: Path
+    size: int
+    mtime: float
+
+
+def cache_entries() -> list[CacheEntry]:
+    root = cache_dir()
+    out = []
+    for kind, sub, pattern in (("kernel", "kernels", "*.py"), ("tuning", "tuning", "*.json")):
+        for path in sorted((root / sub).glob(pattern)):
+            st = path.stat()
+            out.append(CacheEntry(kind, path, st.st_size, st.st_mtime))
+    return out
+
+
+def clear_cache() -> int:
+    """Remove every cache entry (and its lock file); returns the number of entries removed."""
+    entries = cache_entries()
+    for e in entries:
+        e.path.unlink(missing_ok=True)
+        Path(str(e.path) + ".lock").unlink(missing_ok=True)
+    _tuned_in_memory.clear()
+    return len(entries)

@@ -14,7 +14,7 @@ LAYERS = {
     "spec": {"spec", "trace", "mods", "reference"},
     "analysis": {"analysis", "blocks"},
     "codegen": {"codegen", "codegen.render"},
-    "runtime": {"runtime", "api"},
+    "runtime": {"runtime", "api", "settings", "tuning"},
     "cli": {"cli", "__main__", "__init__"},
 }
 DEPENDS = {

@@ -1,0 +1,75 @@
+"""Every ``FLASHGEN_*`` environment variable, in one typed place (``flashgen config`` prints them).
+
+Values are read from the environment at each call of :func:`settings`, so a notebook can change
+``os.environ`` between calls; nothing else in flashgen reads ``FLASHGEN_*`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name}={os.environ[name]!r}: use 1/0 (or true/false, yes/no, on/off)")
+
+
+def _number(name: str, default: float, lo: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a number") from None
+    if value < lo:
+        raise ValueError(f"{name}={raw!r}: must be at least {lo}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """flashgen's configuration from the environment."""
+
+    cache_dir: Path  # FLASHGEN_CACHE_DIR: generated sources and tuning results (default ~/.cache/flashgen)
+    disable_cache: bool  # FLASHGEN_DISABLE_CACHE=1: nothing persists (sources go to a per-process temp dir)
+    autotune: bool  # FLASHGEN_AUTOTUNE=1: every compiled variant tunes on first use, as with autotune=True
+    tune_ms: float  # FLASHGEN_TUNE_MS: measuring time per configuration while tuning (default 50 ms)
+    progress: bool  # FLASHGEN_PROGRESS=0 hides the tuning progress bar (default: shown on a terminal)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(variable, effective value, meaning) rows."""
+        meaning = {
+            "cache_dir": ("FLASHGEN_CACHE_DIR", "generated sources and tuning results"),
+            "disable_cache": ("FLASHGEN_DISABLE_CACHE", "1: nothing is written to the cache directory"),
+            "autotune": ("FLASHGEN_AUTOTUNE", "1: every variant tunes on first use"),
+            "tune_ms": ("FLASHGEN_TUNE_MS", "measuring time per configuration while tuning"),
+            "progress": ("FLASHGEN_PROGRESS", "tuning progress bar"),
+        }
+        rows = []
+        for f in fields(self):
+            var, text = meaning[f.name]
+            value = getattr(self, f.name)
+            shown = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            rows.append((var, shown, text))
+        return rows
+
+
+def settings() -> Settings:
+    """The current settings (a bad value raises ValueError naming the variable)."""
+    import sys
+
+    progress_env = os.environ.get("FLASHGEN_PROGRESS", "").strip()
+    return Settings(
+        cache_dir=Path(os.environ.get("FLASHGEN_CACHE_DIR") or Path.home() / ".cache" / "flashgen").expanduser(),
+        disable_cache=_flag("FLASHGEN_DISABLE_CACHE"),
+        autotune=_flag("FLASHGEN_AUTOTUNE"),
+        tune_ms=_number("FLASHGEN_TUNE_MS", 50.0, 1.0),
+        progress=_flag("FLASHGEN_PROGRESS") if progress_env else sys.stderr.isatty(),
+    )
