@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
 
 from .ir import DType, Node, Op, binary, const, format_expr, toposort
+from .lowrank import BiasStructure, bias_structure
 from .rewrite import simplify
 
 Bound = Optional[int]  # noqa: UP045 - None means unbounded on that side (a runtime alias)
@@ -214,6 +216,18 @@ class Analysis:
     plain_logits: bool  # no score_mod and no bias: the scale folds into exp2
     block_runs: bool  # the band does not say all: kernels visit the tiles of a block map (flashgen.blocks)
     row_level: tuple[str, ...]  # subexpressions hoisted out of the KV loop (depend on b, h, q only)
+    logits: Node = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    @cached_property
+    def bias(self) -> BiasStructure:
+        """The additive bias part of the logits and its exact separation rank (sympy; computed on
+        first access)."""
+        return bias_structure(self.logits)
+
+    @property
+    def bias_rank(self) -> int | None:
+        """Exact rank of ``logits - score`` as Σ_r f_r(b, h, q_idx)·g_r(b, h, kv_idx), or None."""
+        return self.bias.rank
 
     def report(self) -> str:
         lines = [f"  mask:           {'yes' if self.has_mask else 'none'}"]
@@ -228,6 +242,11 @@ class Analysis:
         lines.append(f"  logits:         {'plain (scale folded into exp2)' if self.plain_logits else 'modified'}")
         if self.row_level:
             lines.append(f"  hoisted out of the KV loop: {', '.join(self.row_level)}")
+        if not self.plain_logits and self.logits is not None:
+            lines.append(f"  additive bias:  {self.bias.report()}")
+            if self.bias.rank:
+                lines.append("  bias lowering:  evaluated in the KV loop (traced biases always are; the FlashBias "
+                             "path of extra head dims is taken for fg.LowRankBias factors)")
         return "\n".join(lines)
 
 
@@ -237,7 +256,7 @@ def analyze(logits: Node, mask: Node) -> Analysis:
     plain = logits.op is Op.SCORE
     block_runs = not (residual.op is Op.CONST and residual.arg is True)
     return Analysis(has_mask, band, residual, plain, block_runs,
-                    tuple(format_expr(n) for n in hoisted([logits, mask])))
+                    tuple(format_expr(n) for n in hoisted([logits, mask])), logits)
 
 
 def row_levels(roots: list[Node]) -> dict[int, bool]:

@@ -16,6 +16,7 @@ from .analysis import Analysis, analyze
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
 from .codegen.render import KernelSource, render_backward, render_forward
+from .factors import LowRankBias
 from .runtime import (
     Config,
     default_backward_configs,
@@ -75,9 +76,16 @@ class Attention:
         self.last_tuning: dict[str, list[dict]] = {}  # family -> trials of the last tuning run
         self._retune = False
         self._tuned_configs: dict[tuple, Config] = {}  # tuning key -> configuration, for this process
+        # a LowRankBias is not traced: its factors become extra head dims of q and k at call time
+        self.low_rank_bias = bias if isinstance(bias, LowRankBias) else None
         self.program: Program
-        self.program, self.captured = trace_attention(score_mod, mask_mod, _as_bias_fn(bias))
+        self.program, self.captured = trace_attention(score_mod, mask_mod,
+                                                      None if self.low_rank_bias else _as_bias_fn(bias))
         self.analysis: Analysis = analyze(self.program.logits, self.program.mask)
+        if self.low_rank_bias is not None and score_mod is not None and not self.analysis.bias.additive:
+            raise ValueError("a LowRankBias with a score_mod that is not of the form score + f(b, h, q_idx, kv_idx) "
+                             "is not supported: the factors enter the score itself (q' = [scale q, phi_q]), so the "
+                             "score_mod would see score + bias. Pass the bias as a tensor or a traced bias instead")
         self.name = identifier(self.program.name)
         self._block_maps: OrderedDict[tuple, BlockMask] = OrderedDict()
         self._last_block_map: BlockMask | None = None
@@ -112,6 +120,11 @@ class Attention:
                 lines.append(f"  captured{slot}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)} on {t.device}")
         lines.append("analysis:")
         lines.append(self.analysis.report())
+        if self.low_rank_bias is not None:
+            lr = self.low_rank_bias
+            err = f", factorisation error {lr.error:.2e}" if lr.error is not None else ""
+            lines.append(f"  low-rank bias:  fg.LowRankBias of rank {lr.rank}{err}: runs as plain attention with "
+                         f"head dim D + {lr.rank} (q' = [scale q, phi_q], k' = [k, phi_k], scale 1)")
         if self._last_block_map is not None and self.analysis.has_mask:
             lines.append("block map of the last call:")
             lines.append("  " + str(self._last_block_map).replace("\n", "\n  "))
@@ -169,6 +182,9 @@ class Attention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                  enable_gqa: bool = False, return_lse: bool = False, config: Config | None = None):
         scale = _check_inputs(q, k, v, scale, enable_gqa, self.captured)
+        if self.low_rank_bias is not None:
+            q, k, v = _with_factors(self.low_rank_bias, q, k, v, scale)
+            scale = 1.0
         learnable = [t for t in self.captured if t.requires_grad]
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or learnable):
             if self.deterministic:
@@ -340,6 +356,32 @@ class _AttentionFunction(torch.autograd.Function):
         return (None, None, None, dq, dk, dv, *captured_grads)
 
 
+def _with_factors(lr: LowRankBias, q, k, v, scale: float):
+    """FlashBias: ``q' = [scale · q, phi_q]``, ``k' = [k, phi_k]`` (attention with scale 1 on
+    these equals attention on q, k with the bias phi_q phi_kᵀ added). Per-query-head key factors
+    under grouped-query attention repeat k and v to the query heads."""
+    B, Hq, Sq, _ = q.shape
+    _, Hkv, Skv, _ = k.shape
+    fq, fk = lr.phi_q, lr.phi_k
+    problems = []
+    for name, t, length, heads in (("phi_q", fq, Sq, Hq), ("phi_k", fk, Skv, Hq)):
+        if t.shape[2] != length:
+            problems.append(f"{name} has length {t.shape[2]}, expected {length}")
+        if t.shape[0] not in (1, B) or t.shape[1] not in (1, heads) + ((Hkv,) if name == "phi_k" else ()):
+            problems.append(f"{name} of shape {list(t.shape)} does not broadcast to batch {B}, heads {heads}")
+        if t.device != q.device:
+            problems.append(f"{name} is on {t.device} but q on {q.device}")
+    if problems:
+        raise ValueError("LowRankBias: " + "; ".join(problems))
+    if fk.shape[1] not in (1, Hkv):  # per query head: give every query head its own keys
+        k, v = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
+        Hkv = Hq
+    r = fq.shape[-1]
+    q2 = torch.cat([q * scale, fq.to(q.dtype).expand(B, Hq, Sq, r)], dim=-1)
+    k2 = torch.cat([k, fk.to(k.dtype).expand(B, Hkv, Skv, r)], dim=-1)
+    return q2, k2, v
+
+
 def _capture_args(captured: list[torch.Tensor]) -> tuple[list, bool]:
     """Kernel arguments for the captured tensors (pointer, sizes, strides), and whether any needs
     64-bit offsets."""
@@ -495,6 +537,8 @@ def _fingerprint(obj, depth: int = 0):
         return (type(obj).__name__, obj)
     if isinstance(obj, torch.Tensor):
         return ("tensor", id(obj), obj.dtype, tuple(obj.shape), tuple(obj.stride()), str(obj.device))
+    if isinstance(obj, LowRankBias):
+        return ("lowrank", _fingerprint(obj.phi_q), _fingerprint(obj.phi_k))
     if isinstance(obj, types.ModuleType):
         # torch.where, math.pi: fixed. A user module's attributes can change between calls (cfg.W),
         # so a mod that reads one is traced every time.

@@ -39,7 +39,12 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score
         scores = torch.as_tensor(score_mod(scores, b, h, q_idx, kv_idx), dtype=torch.float64, device=dev)
         scores = scores.expand(B, Hq, Sq, Skv)
     if bias is not None:
-        extra = bias if isinstance(bias, torch.Tensor) else bias(b, h, q_idx, kv_idx)
+        if isinstance(bias, torch.Tensor):
+            extra = bias
+        elif hasattr(bias, "phi_q"):  # fg.LowRankBias
+            extra = bias.phi_q.double() @ bias.phi_k.double().transpose(-1, -2)
+        else:
+            extra = bias(b, h, q_idx, kv_idx)
         scores = scores + torch.as_tensor(extra, device=dev).to(torch.float64)
     if mask_mod is not None:
         keep = torch.as_tensor(mask_mod(b, h, q_idx, kv_idx), device=dev).expand(B, Hq, Sq, Skv)

@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "flashgen"
 
 LAYERS = {
     "ir": {"ir", "rewrite", "autodiff", "_version"},
-    "spec": {"spec", "trace", "mods", "reference"},
-    "analysis": {"analysis", "blocks"},
+    "spec": {"spec", "trace", "mods", "reference", "factors"},
+    "analysis": {"analysis", "blocks", "lowrank"},
     "codegen": {"codegen", "codegen.render"},
     "runtime": {"runtime", "api", "settings", "tuning"},
     "cli": {"cli", "__main__", "__init__"},

@@ -1,0 +1,87 @@
+"""Biases given as low-rank factors: ``fg.LowRankBias(phi_q, phi_k)`` and ``fg.low_rank``.
+
+``bias[b, h, i, j] = Σ_r phi_q[b, h, i, r] · phi_k[b, h, j, r]``. Attention with such a bias is
+plain attention on ``q' = [scale · q, phi_q]`` and ``k' = [k, phi_k]`` with scale 1 (FlashBias):
+the bias costs R more columns of the q·kᵀ product instead of an Sq x Skv read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankBias:
+    """An additive bias ``phi_q @ phi_kᵀ``: ``phi_q [B|1, H|1, Sq, R]``, ``phi_k [B|1, H|1, Skv, R]``
+    (floating point; gradients flow to both when they require grad). ``error``: the relative
+    Frobenius error of the factorisation when it came from :func:`low_rank` (None otherwise)."""
+
+    phi_q: torch.Tensor
+    phi_k: torch.Tensor
+    error: float | None = None
+
+    def __post_init__(self):
+        problems = []
+        for name, t in (("phi_q", self.phi_q), ("phi_k", self.phi_k)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+                problems.append(f"{name} must be a floating-point tensor [B|1, H|1, S, R], got "
+                                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if not problems:
+            if self.phi_q.shape[-1] != self.phi_k.shape[-1]:
+                problems.append(f"phi_q and phi_k need the same rank R (last dim), got {self.phi_q.shape[-1]} "
+                                f"and {self.phi_k.shape[-1]}")
+            if self.phi_q.device != self.phi_k.device:
+                problems.append(f"phi_q is on {self.phi_q.device} but phi_k on {self.phi_k.device}")
+        if problems:
+            raise ValueError("LowRankBias: " + "; ".join(problems))
+
+    @property
+    def rank(self) -> int:
+        return self.phi_q.shape[-1]
+
+    def dense(self) -> torch.Tensor:
+        """The bias as a dense tensor ``[B|1, H|1, Sq, Skv]`` (for checks on small shapes)."""
+        return self.phi_q @ self.phi_k.transpose(-1, -2)
+
+    def __repr__(self) -> str:
+        err = f", error={self.error:.2e}" if self.error is not None else ""
+        return f"LowRankBias(rank={self.rank}, phi_q={list(self.phi_q.shape)}, phi_k={list(self.phi_k.shape)}{err})"
+
+
+def low_rank(bias: torch.Tensor, tol: float = 1e-2, max_rank: int | None = None) -> LowRankBias:
+    """Truncated SVD of a dense bias ``[B|1, H|1, Sq, Skv]`` per (batch, head): the smallest rank
+    R (the same for every (batch, head)) with relative Frobenius error ``‖bias − φ_q φ_kᵀ‖ / ‖bias‖
+    <= tol`` over the whole tensor, capped at ``max_rank`` (a warning says when the cap leaves the
+    error above ``tol``). Approximate by design: flashgen never takes this path on its own."""
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 4 or not bias.is_floating_point():
+        raise ValueError(f"low_rank: bias must be a floating-point tensor [B|1, H|1, Sq, Skv], got "
+                         f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+    if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
+        raise ValueError(f"low_rank: tol must be in [0, 1), got {tol!r}")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+        raise ValueError(f"low_rank: max_rank must be a positive int or None, got {max_rank!r}")
+    work = bias.detach().to(torch.float64 if bias.device.type == "cpu" else torch.float32)
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)  # [.., Sq, K], [.., K], [.., K, Skv]
+    energy = (s**2).sum(dim=(0, 1))  # per singular index, summed over (batch, head)
+    total = float(energy.sum())
+    if total == 0.0:
+        rank = 1
+    else:
+        tail = (energy.flip(0).cumsum(0).flip(0) / total).sqrt()  # tail[r]: error when keeping r values
+        tail = torch.cat([tail, tail.new_zeros(1)])
+        rank = int(torch.nonzero(tail <= tol)[0]) if bool((tail <= tol).any()) else s.shape[-1]
+        rank = max(rank, 1)
+    if max_rank is not None:
+        rank = min(rank, max_rank)
+    rank = min(rank, s.shape[-1])
+    kept = (s[..., :rank] ** 2).sum()
+    error = float(((s**2).sum() - kept).clamp_min(0).sqrt() / (s**2).sum().sqrt()) if total else 0.0
+    if error > tol:
+        warnings.warn(f"low_rank: max_rank={max_rank} leaves a relative error of {error:.3g} > tol={tol}", stacklevel=2)
+    root = s[..., :rank].sqrt()
+    phi_q = (u[..., :rank] * root[..., None, :]).to(bias.dtype)
+    phi_k = (vh[..., :rank, :].transpose(-1, -2) * root[..., None, :]).to(bias.dtype)
+    return LowRankBias(phi_q.contiguous(), phi_k.contiguous(), error)

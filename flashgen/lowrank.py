@@ -1,0 +1,123 @@
+"""Low-rank structure of additive biases (FlashBias): is ``logits - score`` a short sum of
+products ``f_r(b, h, q_idx) · g_r(b, h, kv_idx)``?
+
+The logits are split as ``score + A`` when their derivative with respect to the score is exactly
+1 (``score_mod(score) = score + ...`` plus any ``bias``). ``A`` goes to sympy; its maximal
+non-polynomial subexpressions become atoms, classified by the indices they read: query-side
+(``q_idx`` and possibly ``b``, ``h``: ``slopes[h] * q_idx``, ``q_idx % W``), key-side, or
+coefficient (``b``, ``h`` only). An atom that reads both ``q_idx`` and ``kv_idx`` (a table
+indexed by ``q_idx - kv_idx``, ``exp(q_idx * kv_idx)``) is not separable. What remains is a
+polynomial in the query-side and key-side atoms; with its coefficients arranged as a matrix
+``M[query monomial, key monomial]``, ``A = Σ M_ij F_i G_j`` and the rank of ``M`` (generic in the
+coefficients) is the exact separation rank. Terms without any key-side factor are constant along
+a row, so softmax ignores them: ``softmax_rank`` drops them (they still count when the
+log-sum-exp is returned, which ``rank`` includes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .ir import Node, to_sympy
+
+
+@dataclass(frozen=True)
+class BiasStructure:
+    """The additive bias part of a program's logits, and how it separates."""
+
+    additive: bool  # logits == score + A with A independent of the score
+    rank: int | None  # exact separation rank of A (None: not separable, or not additive)
+    softmax_rank: int | None  # rank without the query-only terms (which cancel in the softmax)
+    factors: tuple[tuple[str, str], ...]  # (query-side monomial, key-side monomial) terms, for explain()
+    reason: str  # why rank is None, or "" when it is not
+
+    def report(self) -> str:
+        if self.rank is None:
+            return f"not low-rank ({self.reason})"
+        terms = " + ".join(f"[{f}]·[{g}]" for f, g in self.factors[:8]) + (" + ..." if len(self.factors) > 8 else "")
+        return (f"rank {self.rank} ({self.softmax_rank} without query-only terms): "
+                f"bias = Σ coefficient(b, h) × {terms}")
+
+
+_NONE = BiasStructure(False, None, None, (), "")
+
+
+def bias_structure(logits: Node) -> BiasStructure:
+    """Separate ``logits = score + A`` and find the exact rank of ``A`` (see the module doc)."""
+    import sympy as sp
+
+    expr = to_sympy(logits)
+    score = sp.Symbol("score", real=True)
+    if not expr.has(score):
+        return BiasStructure(False, None, None, (), "the logits do not contain the score")
+    if sp.simplify(sp.diff(expr, score) - 1) != 0:
+        return BiasStructure(False, None, None, (), "the logits are not score + a bias (the score_mod is not additive)")
+    bias = sp.expand(expr - score)
+    if bias == 0:
+        return BiasStructure(True, 0, 0, (), "")
+    q = sp.Symbol("q_idx", integer=True, nonnegative=True)
+    kv = sp.Symbol("kv_idx", integer=True, nonnegative=True)
+    atoms: dict[object, sp.Symbol] = {}
+    sides: dict[sp.Symbol, str] = {q: "q", kv: "kv"}
+
+    def side(e) -> str:
+        free = e.free_symbols
+        return "mixed" if q in free and kv in free else "q" if q in free else "kv" if kv in free else "coef"
+
+    def polynomial_part(e):
+        """``e`` with maximal non-polynomial subexpressions replaced by atom symbols."""
+        if e.is_Symbol or e.is_Number:
+            return e
+        if e.is_Add or e.is_Mul:
+            return e.func(*(polynomial_part(a) for a in e.args))
+        if e.is_Pow and e.exp.is_Integer and e.exp > 0:
+            return polynomial_part(e.base) ** e.exp
+        where = side(e)
+        if where == "mixed":
+            raise _Mixed(e)
+        if where == "coef":
+            return e
+        if e not in atoms:
+            sym = sp.Symbol(f"{where}_atom{len(atoms)}")
+            atoms[e] = sym
+            sides[sym] = where
+        return atoms[e]
+
+    try:
+        poly_expr = sp.expand(polynomial_part(bias))
+    except _Mixed as mixed:
+        return BiasStructure(True, None, None, (), f"{mixed.args[0]} reads q_idx and kv_idx together")
+    qs = [s for s in poly_expr.free_symbols if sides.get(s) == "q"]
+    ks = [s for s in poly_expr.free_symbols if sides.get(s) == "kv"]
+    if not qs and not ks:
+        return BiasStructure(True, 1, 0, (("1", "1"),), "")
+    poly = sp.Poly(poly_expr, *qs, *ks)
+    rows: dict[tuple, int] = {}
+    cols: dict[tuple, int] = {}
+    entries: dict[tuple[int, int], object] = {}
+    for monomial, coeff in poly.terms():
+        fm, gm = monomial[: len(qs)], monomial[len(qs):]
+        i = rows.setdefault(fm, len(rows))
+        j = cols.setdefault(gm, len(cols))
+        entries[i, j] = coeff
+    matrix = sp.zeros(len(rows), len(cols))
+    for (i, j), c in entries.items():
+        matrix[i, j] = c
+    rank = matrix.rank(simplify=True)
+    constant_key = cols.get(tuple(0 for _ in ks))
+    keep = [j for j in range(len(cols)) if j != constant_key]
+    softmax_rank = matrix[:, keep].rank(simplify=True) if keep else 0
+    inverse = {v: k for k, v in atoms.items()}
+
+    def show(syms, monomial) -> str:
+        parts = [f"{inverse.get(s, s)}" + (f"^{p}" if p > 1 else "") for s, p in zip(syms, monomial) if p]
+        return "·".join(parts) or "1"
+
+    by_index_r = {v: k for k, v in rows.items()}
+    by_index_c = {v: k for k, v in cols.items()}
+    factors = tuple((show(qs, by_index_r[i]), show(ks, by_index_c[j])) for (i, j) in sorted(entries))
+    return BiasStructure(True, int(rank), int(softmax_rank), factors, "")
+
+
+class _Mixed(Exception):
+    """A subexpression that reads both q_idx and kv_idx and is not polynomial."""
