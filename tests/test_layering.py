@@ -26,7 +26,8 @@ DEPENDS = {
     "cli": set(LAYERS),
 }
 # Lines of code (non-blank, non-comment) the package may hold: small enough to read in an afternoon.
-SIZE_BUDGET = 3500
+# 3500 until the block maps (#4), the tuner and CLI (#6) and low-rank biases (#5) arrived (~3700).
+SIZE_BUDGET = 4000
 
 
 def module_name(path: Path) -> str:
