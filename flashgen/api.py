@@ -574,15 +574,20 @@ def _fingerprint(obj, depth: int = 0):
 
 
 def block_mask(mask_mod: Callable, B: int, H: int, Sq: int, Skv: int, *, block_size: tuple[int, int] = (128, 128),
-               device: torch.device | str | None = None) -> BlockMask:
+               device: torch.device | str | None = None, exact: bool | None = None) -> BlockMask:
     """Which ``block_size`` tiles of ``mask_mod`` over ``[B, H, Sq, Skv]`` are empty, full or
     partial, derived from the mask's IR by interval analysis (no per-element evaluation).
 
-    For inspection: attention calls build (and cache) the maps they need themselves."""
+    ``exact=True`` also evaluates the mask element by element on the tiles that intervals leave
+    undecided (streaming, on ``device``); the default does so only for masks that read captured
+    tensors and leave most tiles undecided (unsorted ids). For inspection: attention calls build
+    (and cache) the maps they need themselves."""
     for name, value in (("B", B), ("H", H), ("Sq", Sq), ("Skv", Skv)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"block_mask: {name} must be a positive int, got {value!r}")
     if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
             or not all(isinstance(x, int) and x >= 1 for x in block_size)):
         raise ValueError(f"block_mask: block_size must be two positive ints (query, kv), got {block_size!r}")
-    return Attention(mask_mod=mask_mod).block_mask(B, H, Sq, Skv, tuple(block_size), device)
+    attn = Attention(mask_mod=mask_mod)
+    return BlockMask(attn.program.mask, attn.captured, (B, H, Sq, Skv), tuple(block_size),
+                     closed_form=not attn.analysis.block_runs, device=device, exact=exact)

@@ -343,6 +343,38 @@ def decide(mask: Node, tensors: list[torch.Tensor], dims: tuple[int, int], lengt
     return Boxes(*cols)
 
 
+def refine(mask: Node, tensors: list[torch.Tensor], boxes: Boxes, lengths: tuple[int, int],
+           block: tuple[int, int], device: torch.device | str = "cpu", chunk: int = 1 << 22) -> Boxes:
+    """The exact fallback: evaluate the mask on every element of each undecided single tile (on
+    ``device``, ``chunk`` elements at a time, never the dense mask) and reclassify the tile. For
+    masks that intervals cannot see through (unsorted ids, bitwise patterns)."""
+    (sq, skv), (bq, bk) = lengths, block
+    leaf = (boxes.state == PARTIAL) & (boxes.q1 - boxes.q0 == 1) & (boxes.k1 - boxes.k0 == 1)
+    todo = torch.nonzero(leaf).flatten()
+    if not todo.numel():
+        return boxes
+    state = boxes.state.clone()
+    summaries = _Summaries([t.detach().to(device) for t in tensors])
+    per = max(1, chunk // (bq * bk))
+    dq, dk = torch.arange(bq, device=device), torch.arange(bk, device=device)
+    f = torch.float64
+    for start in range(0, todo.numel(), per):
+        idx = todo[start:start + per]
+        b, h, q0, k0 = (x[idx].to(device) for x in (boxes.b, boxes.h, boxes.q0, boxes.k0))
+        q = (q0 * bq)[:, None, None] + dq[None, :, None]  # [tiles, bq, 1]
+        k = (k0 * bk)[:, None, None] + dk[None, None, :]  # [tiles, 1, bk]
+        shape = (idx.numel(), bq, bk)
+        valid = ((q < sq) & (k < skv)).expand(shape)
+        q, k = torch.clamp(q, max=sq - 1).expand(shape).to(f), torch.clamp(k, max=skv - 1).expand(shape).to(f)
+        bb, hh = (x[:, None, None].expand(shape).to(f) for x in (b, h))
+        lo, hi = _Evaluator(summaries, bb, hh, q, q, k, k).bounds(mask)
+        full = ((lo > 0) | ~valid).flatten(1).all(1)
+        empty = ((hi < 1) | ~valid).flatten(1).all(1)
+        new = torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.uint8)
+        state[idx] = new.to(state.device)
+    return Boxes(boxes.b, boxes.h, boxes.q0, boxes.q1, boxes.k0, boxes.k1, state)
+
+
 def paint(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
     """The dense state map [batches, heads, query blocks, KV blocks] (for inspection and tests)."""
     out = torch.zeros((*dims, *grid), dtype=torch.uint8, device=boxes.b.device)
@@ -427,7 +459,8 @@ class BlockMask:
     kernels read only ``runs`` (or nothing, for closed-form band masks)."""
 
     def __init__(self, mask: Node, tensors: list[torch.Tensor], shape: tuple[int, int, int, int],
-                 block_size: tuple[int, int], *, closed_form: bool, device: torch.device | str | None = None):
+                 block_size: tuple[int, int], *, closed_form: bool, device: torch.device | str | None = None,
+                 exact: bool | None = None):
         B, H, sq, skv = shape
         self.shape = shape
         self.block_size = block_size
@@ -440,6 +473,13 @@ class BlockMask:
         self.method = "runtime" if read else "static"
         self.closed_form = closed_form  # the kernels use the band's closed form and read no metadata
         self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size)
+        c = self.counts()
+        if exact is None:  # masks reading tensors, with most tiles undecided: unsorted ids, say
+            exact = self.method == "runtime" and 2 * c["partial"] > sum(c.values())
+        self.exact = bool(exact)  # partial tiles were checked element by element
+        if self.exact:
+            originals = [t if i in read else cpu[i] for i, t in enumerate(tensors)]
+            self.boxes = refine(mask, originals, self.boxes, (sq, skv), block_size, device=self.device)
         self._mask, self._tensors = mask, cpu
         self._state: torch.Tensor | None = None
         self._runs: dict[tuple[bool, bool], torch.Tensor] = {}
@@ -476,6 +516,9 @@ class BlockMask:
         character per tile, or per group of tiles on large maps (a group shows its own class)."""
         nq, nk = self.grid
         rows, cols = min(nq, size), min(nk, 2 * size)
+        if (rows, cols) == (nq, nk):  # one character per tile: the map itself
+            tiles = self.state[min(b, self.dims[0] - 1), min(h, self.dims[1] - 1)].tolist()
+            return "\n".join("".join(_PICTURE[t] for t in row) for row in tiles)
         qe = [i * nq // rows for i in range(rows + 1)]
         ke = [j * nk // cols for j in range(cols + 1)]
         f = torch.float64
@@ -496,6 +539,8 @@ class BlockMask:
         c = self.counts()
         total = sum(c.values()) or 1
         source = "closed form in the kernel, no metadata" if self.closed_form else f"{self.nbytes} bytes of runs"
+        if self.exact:
+            source += "; partial tiles checked element by element"
         head = (f"BlockMask {sq}x{skv}, blocks {self.block_size[0]}x{self.block_size[1]}, map "
                 f"{'x'.join(map(str, (*self.dims, *self.grid)))} ({self.method}; {source})\n"
                 f"  tiles: {c['full']} full, {c['partial']} partial, {c['empty']} empty "

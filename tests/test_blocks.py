@@ -722,3 +722,70 @@ def test_picture_is_a_snapshot_like_state():
     doc[:] = 0
     assert bm.state[0, 0].tolist() == [[2, 0], [0, 2]]
     assert bm.picture() == "█·\n·█"
+
+
+# ---------------------------------------------------------------------------------------------
+# tier 3: the exact fallback, element by element on the tiles intervals leave undecided
+
+
+def _unsorted_ids(n, groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, groups, (n,), generator=g)
+
+
+@pytest.mark.parametrize("case", ["unsorted_ids", "bitwise", "dilated", "per_batch_unsorted"])
+def test_exact_fallback_matches_the_oracle(case):
+    ids = _unsorted_ids(90, 3, seed=5)
+    ids_b = torch.stack([_unsorted_ids(90, 2, seed=6), torch.sort(_unsorted_ids(90, 4, seed=7)).values])
+    mask = {
+        "unsorted_ids": lambda b, h, q, kv: ids[q] == ids[kv],
+        "bitwise": lambda b, h, q, kv: ((kv & 8) == 0) | (q < kv),
+        "dilated": lambda b, h, q, kv: ((kv - q) % 2 == 0) & (kv <= q),
+        "per_batch_unsorted": lambda b, h, q, kv: ids_b[b, q] == ids_b[b, kv],
+    }[case]
+    B = 2 if case == "per_batch_unsorted" else 1
+    bm = fg.block_mask(mask, B, 1, 90, 90, block_size=(4, 8), exact=True)
+    truth = oracle(mask, B, 1, 90, 90, (4, 8))
+    assert bm.exact
+    assert torch.equal(bm.state.expand_as(truth), truth)
+    assert_runs_match(bm)
+
+
+def test_exact_fallback_finds_tiles_intervals_cannot():
+    mask = lambda b, h, q, kv: (kv & 16) == 0  # noqa: E731
+    rough = fg.block_mask(mask, 1, 1, 64, 64, block_size=(16, 16), exact=False)
+    exact = fg.block_mask(mask, 1, 1, 64, 64, block_size=(16, 16), exact=True)
+    assert rough.counts() == {"empty": 0, "partial": 16, "full": 0}
+    assert exact.counts() == {"empty": 8, "partial": 0, "full": 8}
+    assert "element by element" in str(exact)
+
+
+def test_exact_fallback_is_chosen_for_unsorted_ids_only():
+    unsorted = _unsorted_ids(256, 4, seed=8)
+    ordered = torch.sort(unsorted).values
+    a = fg.block_mask(lambda b, h, q, kv: unsorted[q] == unsorted[kv], 1, 1, 256, 256, block_size=(16, 16))
+    s = fg.block_mask(lambda b, h, q, kv: ordered[q] == ordered[kv], 1, 1, 256, 256, block_size=(16, 16))
+    st = fg.block_mask(lambda b, h, q, kv: ((kv - q) % 2 == 0) & (kv <= q), 1, 1, 256, 256, block_size=(16, 16))
+    assert a.exact and not s.exact and not st.exact  # static masks are never refined by default
+
+
+@requires_interpreter
+def test_kernels_with_an_exact_block_map():
+    torch.manual_seed(3)
+    ids = torch.tensor([0, 1] * 8 + [2] * 24 + [0] * 16)[torch.randperm(56)]
+    ids[:16] = 5  # a block of one group: some tiles are full, others empty once checked exactly
+
+    def mask(b, h, q, kv):
+        return (ids[q] == ids[kv]) & (kv <= q + 8)
+
+    attn = fg.compile(mask_mod=mask)
+    q, k, v = (torch.randn(1, 2, 56, 16, requires_grad=True) for _ in range(3))
+    check_against_reference(q.detach(), k.detach(), v.detach(), mask_mod=mask, attn=attn)
+    dout = torch.randn(1, 2, 56, 16)
+    grads = torch.autograd.grad((attn(q, k, v) * dout).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = fg.attention_reference(q64, k64, v64, mask_mod=mask)
+    want = torch.autograd.grad((ref * dout.double()).sum(), (q64, k64, v64))
+    for g, w in zip(grads, want):
+        assert rel_err(g, w) < 1e-4
+    assert any(bm.exact for bm in attn._block_maps.values())
