@@ -131,7 +131,9 @@ class Attention:
         read = {r.arg for r in float_reads(self.program.logits)}
         learnable = [f"captured{i}" for i, t in enumerate(self.captured) if i in read and t.requires_grad]
         lines.append("gradients: q, k, v (deterministic)" + (
-            f"; {', '.join(learnable)} (atomic adds{', refused: deterministic=True' if self.deterministic else ''})"
+            f"; {', '.join(learnable)} ("
+            + ("int64 fixed-point atomics, deterministic, two dK/dV passes" if self.deterministic
+               else "fp32 atomic adds") + ")"
             if learnable else ""))
         return "\n".join(lines)
 
@@ -187,8 +189,6 @@ class Attention:
             scale = 1.0
         learnable = [t for t in self.captured if t.requires_grad]
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or learnable):
-            if self.deterministic:
-                _check_deterministic(self, learnable)
             out, lse = _AttentionFunction.apply(self, scale, config, q, k, v, *self.captured)
         else:
             out, lse = self._forward(q, k, v, scale, return_lse, config)
@@ -300,8 +300,12 @@ class Attention:
         masked = self.analysis.has_mask
         dkdv_kernel, dq_kernel = _EvenN(module.attn_bwd_dkdv, Skv), _EvenN(module.attn_bwd_dq, Skv)
 
+        fixed = torch.zeros(2, dtype=torch.float32, device=q.device)  # deterministic mode: max |c|, scale
+
         def dkdv_args(gbufs: dict) -> tuple:
             grad_args = [x for slot in grad_slots for x in [gbufs[slot], *gbufs[slot].stride()]]
+            if grad_slots:
+                grad_args += [fixed[0:], fixed[1:]]
             return (q, k, v, dout, dk, dv, lse, delta,
                     *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
                     *capture_args, *grad_args, scale, Hq, Hkv, Sq, Skv, Hq // Hkv)
@@ -320,14 +324,35 @@ class Attention:
 
         if self.autotune:
             scratch = {slot: torch.zeros_like(g) for slot, g in grads.items()}  # tuning runs add into these
-            dkdv_cfg = self._tuned("dkdv", ks.key, shape, D, Dv, q,
-                                   lambda c: run_config(dkdv_kernel, c, dkdv_grid, *dkdv_args(scratch), **dkdv_kw))
+            dkdv_cfg = self._tuned("dkdv", ks.key, shape, D, Dv, q, lambda c: run_config(
+                dkdv_kernel, c, dkdv_grid, *dkdv_args(scratch), GRAD_PASS=0, **dkdv_kw))
             dq_cfg = self._tuned("dq", ks.key, shape, D, Dv, q,
                                  lambda c: run_config(dq_kernel, c, dq_grid, *dq_args, **dq_kw))
-        launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg, dkdv_grid, *dkdv_args(grads),
-               **dkdv_kw)
+        if self.deterministic and grad_slots:
+            grads = self._deterministic_dkdv(dkdv_kernel, ks.key, dkdv_cfg, dkdv_grid, dkdv_args, dkdv_kw, grads, fixed,
+                                             shape, D, Dv, q.dtype, grad_slots)
+        else:
+            launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg, dkdv_grid, *dkdv_args(grads),
+                   GRAD_PASS=0, **dkdv_kw)
         launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
         return dq, dk, dv, grads
+
+
+    def _deterministic_dkdv(self, kernel, key, cfg, grid, args, kw, grads, fixed, shape, D, Dv, dtype, grad_slots):
+        """Captured-tensor gradients that are bitwise reproducible: a first dK/dV pass finds the
+        largest contribution m (atomic max: order-free), then the second adds every contribution
+        as an int64 fixed-point number at scale 2^F, F = floor(62 - log2(m · N)) for N terms, so
+        that no sum can overflow and integer addition makes the order irrelevant. Costs a second
+        dK/dV pass; the resolution is m · N / 2^62 per term."""
+        B, Hq, Sq, Skv = shape
+        cfg = launch(kernel, (key, "dkdv", cfg, D, Dv, dtype), cfg, grid, *args(grads), GRAD_PASS=1, **kw)
+        terms = B * Hq * Sq * Skv * max(1, sum(1 for r in float_reads(self.program.logits) if r.arg in grad_slots))
+        largest = fixed[0].clamp_min(torch.finfo(torch.float32).tiny)
+        exponent = torch.floor(62.0 - torch.log2(largest) - math.log2(terms)).clamp(-120.0, 120.0)
+        fixed[1] = torch.exp2(exponent)  # on the device: no synchronisation
+        integers = {slot: torch.zeros(g.shape, dtype=torch.int64, device=g.device) for slot, g in grads.items()}
+        run_config(kernel, cfg, grid, *args(integers), GRAD_PASS=2, **kw)
+        return {slot: (i.double() / fixed[1].double()).float() for slot, i in integers.items()}
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -413,14 +438,6 @@ def _precision(dtype: torch.dtype) -> dict:
                 DOT_F32=dtype == torch.bfloat16 and interpreting())
 
 
-def _check_deterministic(attn: Attention, learnable: list[torch.Tensor]) -> None:
-    if learnable:
-        raise NotImplementedError(
-            f"deterministic=True with learnable captured tensors ({len(learnable)} of {attn.program.name!r}) is not "
-            "implemented yet: their gradients are accumulated with atomic adds. Gradients of q, k and v are always "
-            "deterministic; pass deterministic=False, or detach the captured tensors.")
-
-
 def _check_inputs(q, k, v, scale, enable_gqa, captured) -> float:
     """Validate the inputs, listing every problem at once; returns the softmax scale."""
     names = ("q", "k", "v")
@@ -485,7 +502,8 @@ def compile(score_mod: Callable | None = None, mask_mod: Callable | None = None,
     """Trace and analyse the mods once; the returned :class:`Attention` is reusable.
 
     ``deterministic=True`` promises bitwise-identical gradients run to run. The q, k, v gradients
-    always are (no atomics); learnable captured tensors are refused in that mode for now.
+    always are (no atomics); learnable captured tensors then accumulate in int64 fixed point
+    instead of fp32 atomics, at the cost of a second dK/dV pass.
     ``autotune=True`` tunes each kernel's launch configuration on first use for a new key (shape
     bucket, dtype, head dims) and stores the result on disk for later processes; the default
     (None) follows ``FLASHGEN_AUTOTUNE`` and otherwise uses a default configuration per GPU and

@@ -143,12 +143,54 @@ def test_q_k_v_gradients_are_bitwise_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_deterministic_mode_refuses_atomic_captured_gradients():
+def _learnable_grads(attn, q, k, v, tensors, dout):
+    for t in (q, k, v, *tensors):
+        t.grad = None
+    (attn(q, k, v) * dout).sum().backward()
+    return [t.grad.clone() for t in (q, k, v, *tensors)]
+
+
+def test_deterministic_learnable_gradients_are_fixed_point_and_correct():
+    # a table read per element, a 0-d temperature and per-head gates (uniform reads), all learnable
+    table = (0.3 * torch.randn(2, 79)).requires_grad_()
+    temperature = torch.tensor(1.3, requires_grad=True)
+    gates = torch.rand(2, requires_grad=True)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score * temperature + gates[h] * table[h, q_idx - kv_idx + 39]
+
+    q, k, v = (rand(1, 2, 40, 16).requires_grad_() for _ in range(3))
+    dout = rand(1, 2, 40, 16)
+    fixed = fg.compile(score_mod=mod, mask_mod=fg.mods.causal, deterministic=True)
+    atomic = fg.compile(score_mod=mod, mask_mod=fg.mods.causal)
+    assert "int64 fixed-point" in fixed.explain() and "GRAD_PASS == 2" in fixed.source("bwd")
+    first = _learnable_grads(fixed, q, k, v, (table, temperature, gates), dout)
+    second = _learnable_grads(fixed, q, k, v, (table, temperature, gates), dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    plain = _learnable_grads(atomic, q, k, v, (table, temperature, gates), dout)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    td, tempd, gd = (t.detach().double().requires_grad_() for t in (table, temperature, gates))
+
+    def mod64(score, b, h, q_idx, kv_idx):
+        return score * tempd + gd[h] * td[h, q_idx - kv_idx + 39]
+
+    ref = fg.attention_reference(qd, kd, vd, mod64, fg.mods.causal)
+    want = torch.autograd.grad((ref * dout.double()).sum(), (qd, kd, vd, td, tempd, gd))
+    for name, g, p, w in zip(["dq", "dk", "dv", "dtable", "dtemperature", "dgates"], first, plain, want):
+        assert rel_err(g, w) < 1e-4, f"{name}: {rel_err(g, w):.2e}"
+        assert rel_err(g, p) < 1e-4, f"{name} differs from the atomic version: {rel_err(g, p):.2e}"
+
+
+def test_deterministic_mode_with_gradients_that_are_all_zero():
     table = torch.randn(2, 39, requires_grad=True)
-    attn = fg.compile(score_mod=fg.mods.relative_bias(table), deterministic=True)
+
+    def mod(score, b, h, q_idx, kv_idx):  # the table is read only where the mask removes the entry
+        return score + torch.where(kv_idx > q_idx, table[h, kv_idx - q_idx], 0.0)
+
+    attn = fg.compile(score_mod=mod, mask_mod=fg.mods.causal, deterministic=True)
     q, k, v = (rand(1, 2, 20, 16).requires_grad_() for _ in range(3))
-    with pytest.raises(NotImplementedError, match="deterministic=True with learnable captured tensors"):
-        attn(q, k, v)
+    attn(q, k, v).sum().backward()
+    assert table.grad is not None and torch.equal(table.grad, torch.zeros_like(table))
 
 
 def test_gradcheck_float64_inputs_through_float32_kernels_is_refused_cleanly():

@@ -321,6 +321,8 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
     grad_params = [p for slot in grad_slots
                    for p in [f"gcap{slot}"] + [f"gcap{slot}_stride{d}" for d in range(capture_ndims[slot])]]
+    if grad_slots:
+        grad_params += ["GMAX", "GSCALE"]  # deterministic mode's max |contribution| and fixed-point scale
     context = dict(
         version=__version__,
         name=name,
