@@ -240,8 +240,12 @@ class Attention:
             self._tuned_configs[memo] = Config(**record["best"])
             return self._tuned_configs[memo]
         current = settings()
-        best, trials = tune(f"{self.name} {family}", candidates(family, q.device, D, Dv, q.dtype), run, q.device,
-                            tune_ms=current.tune_ms, progress=current.progress)
+        configs = candidates(family, q.device, D, Dv, q.dtype)
+        if not configs:  # every configuration of the space is over budget (fp32, wide heads): the default
+            dkdv, dq = default_backward_configs(q.device, D, Dv, q.dtype)
+            configs = [{"fwd": default_config(q.device, D, Dv, q.dtype), "dkdv": dkdv, "dq": dq}[family]]
+        best, trials = tune(f"{self.name} {family}", configs, run, q.device, tune_ms=current.tune_ms,
+                            progress=current.progress)
         store_tuning(self.name, family, key, best, trials)
         self.last_tuning[family] = trials
         self._tuned_configs[memo] = best
@@ -253,6 +257,8 @@ class Attention:
         key now, even if results are stored; returns the trials per kernel family."""
         self.last_tuning = {}
         autotune, self.autotune, self._retune = self.autotune, True, True
+        learnable = [t for t in self.captured if t.requires_grad]
+        saved = [None if t.grad is None else t.grad.clone() for t in learnable]
         try:
             if backward:
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -263,6 +269,8 @@ class Attention:
                     self(q, k, v, enable_gqa=enable_gqa)
         finally:
             self.autotune, self._retune = autotune, False
+            for t, g in zip(learnable, saved):  # the tuning step's gradients are not the user's
+                t.grad = g
         return self.last_tuning
 
     def _backward_source(self, grad_slots: tuple[int, ...]) -> KernelSource:

@@ -383,7 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "dtype"):
+            _dtype(args.dtype)  # a bad --dtype is an error for every command that takes one
         return args.func(args)
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        sys.stderr.close()
+        return 0
     except CliError as e:
         print(f"flashgen: error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 """Low-rank structure of additive biases (FlashBias): is ``logits - score`` a short sum of
 products ``f_r(b, h, q_idx) · g_r(b, h, kv_idx)``?
 
-The logits are split as ``score + A`` when their derivative with respect to the score is exactly
-1 (``score_mod(score) = score + ...`` plus any ``bias``). ``A`` goes to sympy; its maximal
+The logits are split as ``score + A`` when the score is one top-level summand of them and no
+other summand reads it (``score_mod(score) = score + ...`` plus any ``bias``). ``A`` goes to sympy; its maximal
 non-polynomial subexpressions become atoms, classified by the indices they read: query-side
 (``q_idx`` and possibly ``b``, ``h``: ``slopes[h] * q_idx``, ``q_idx % W``), key-side, or
 coefficient (``b``, ``h`` only). An atom that reads both ``q_idx`` and ``kv_idx`` (a table
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ir import Node, to_sympy
+from .ir import Node, Op, depends_on, to_sympy
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,17 @@ def bias_structure(logits: Node) -> BiasStructure:
     """Separate ``logits = score + A`` and find the exact rank of ``A`` (see the module doc)."""
     import sympy as sp
 
-    expr = to_sympy(logits)
-    score = sp.Symbol("score", real=True)
-    if not expr.has(score):
+    terms = _summands(logits, 1)
+    with_score = [(sign, t) for sign, t in terms if depends_on(t, "score")]
+    if not with_score:
         return BiasStructure(False, None, None, (), "the logits do not contain the score")
-    if sp.simplify(sp.diff(expr, score) - 1) != 0:
+    if len(with_score) != 1 or with_score[0][0] != 1 or with_score[0][1].op is not Op.SCORE:
         return BiasStructure(False, None, None, (), "the logits are not score + a bias (the score_mod is not additive)")
-    bias = sp.expand(expr - score)
+    bias = sp.Integer(0)
+    for sign, t in terms:
+        if t.op is not Op.SCORE:
+            bias += sign * to_sympy(t)
+    bias = sp.expand(bias)
     if bias == 0:
         return BiasStructure(True, 0, 0, (), "")
     q = sp.Symbol("q_idx", integer=True, nonnegative=True)
@@ -117,6 +121,17 @@ def bias_structure(logits: Node) -> BiasStructure:
     by_index_c = {v: k for k, v in cols.items()}
     factors = tuple((show(qs, by_index_r[i]), show(ks, by_index_c[j])) for (i, j) in sorted(entries))
     return BiasStructure(True, int(rank), int(softmax_rank), factors, "")
+
+
+def _summands(node: Node, sign: int) -> list[tuple[int, Node]]:
+    """``node`` as signed terms of its top-level sums and differences."""
+    if node.op is Op.ADD:
+        return _summands(node.src[0], sign) + _summands(node.src[1], sign)
+    if node.op is Op.SUB:
+        return _summands(node.src[0], sign) + _summands(node.src[1], -sign)
+    if node.op is Op.NEG:
+        return _summands(node.src[0], -sign)
+    return [(sign, node)]
 
 
 class _Mixed(Exception):

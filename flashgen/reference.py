@@ -41,8 +41,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score
     if bias is not None:
         if isinstance(bias, torch.Tensor):
             extra = bias
-        elif hasattr(bias, "phi_q"):  # fg.LowRankBias
-            extra = bias.phi_q.double() @ bias.phi_k.double().transpose(-1, -2)
+        elif hasattr(bias, "phi_q"):  # fg.LowRankBias (key factors may be given per KV head)
+            fk = bias.phi_k.double()
+            if fk.shape[1] not in (1, Hq):
+                fk = fk.repeat_interleave(Hq // fk.shape[1], dim=1)
+            extra = bias.phi_q.double() @ fk.transpose(-1, -2)
         else:
             extra = bias(b, h, q_idx, kv_idx)
         scores = scores + torch.as_tensor(extra, device=dev).to(torch.float64)

@@ -90,6 +90,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must stay readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -293,6 +294,8 @@ def load_tuning(name: str, family: str, key: dict) -> dict | None:
     try:
         record = json.loads(text)
         expected = {**key, **_environment_key()}
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
         if record.get("key") != json.loads(json.dumps(expected)) or "best" not in record:
             raise ValueError("key mismatch")
         Config(**record["best"])

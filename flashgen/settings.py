@@ -6,6 +6,7 @@ Values are read from the environment at each call of :func:`settings`, so a note
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,7 +29,7 @@ def _number(name: str, default: float, lo: float) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r}: expected a number") from None
-    if value < lo:
+    if not math.isfinite(value) or value < lo:
         raise ValueError(f"{name}={raw!r}: must be at least {lo}")
     return value
 

@@ -246,5 +246,5 @@ def test_tile_uniform_gradient_atomics_are_bounds_checked():
 def test_explain_names_the_gradients():
     table = torch.randn(2, 39, requires_grad=True)
     report = fg.compile(score_mod=fg.mods.relative_bias(table)).explain()
-    assert "gradients: q, k, v (deterministic); captured0 (atomic adds)" in report
+    assert "gradients: q, k, v (deterministic); captured0 (fp32 atomic adds)" in report
     assert fg.compile(mask_mod=fg.mods.causal).explain().endswith("gradients: q, k, v (deterministic)")

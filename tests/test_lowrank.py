@@ -1,0 +1,513 @@
+"""Low-rank biases: the exact separation rank of traced biases (``Analysis.bias``), the
+``fg.LowRankBias`` path (q' = [scale q, phi_q], k' = [k, phi_k]) against the float64 reference,
+and the truncated SVD of ``fg.low_rank``.
+
+The analysis gives the generic rank (coefficients that depend on b, h are symbols), so on a dense
+grid the numerical rank of every (b, h) slice is at most the analysed rank, and equal to it for at
+least one slice when the coefficients cannot cancel.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+from helpers import rel_err, requires_interpreter
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+from test_fuzz import FUZZ, examples
+
+import flashgen as fg
+from flashgen import api
+
+# per-head coefficients whose values admit no exact cancellation against the dyadic coefficients below
+SLOPES = torch.tensor([0.7310585786300049, -1.2599210498948732, 0.3183098861837907], dtype=torch.float64)
+W = 5  # columns of the image grid
+GRID_S = 40  # positions of the dense grid for numerical ranks
+TABLE = torch.randn(2 * GRID_S - 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # distances
+NUM_RTOL = 1e-9  # numerical rank: singular values above this fraction of the largest
+
+def _squared_distance(b, h, q, kv):
+    return -0.125 * (q - kv) ** 2
+
+
+def _grid_distance(b, h, q, kv):
+    return -0.125 * ((q % W - kv % W) ** 2 + (q // W - kv // W) ** 2)
+
+
+def _query_only(b, h, q, kv):
+    return SLOPES[h] * q
+
+
+def _key_only(b, h, q, kv):
+    return SLOPES[h] * kv
+
+
+# name -> (compile kwargs, rank, softmax_rank, additive)
+EXAMPLES = {
+    "alibi": (dict(score_mod=fg.mods.alibi(SLOPES)), 2, 1, True),
+    "alibi_causal": (dict(score_mod=fg.mods.alibi(SLOPES), mask_mod=fg.mods.causal), 2, 1, True),
+    "squared_distance": (dict(bias=_squared_distance), 3, 2, True),
+    "grid_distance": (dict(bias=_grid_distance), 4, 3, True),
+    "relative_bias": (dict(score_mod=fg.mods.relative_bias(TABLE)), None, None, True),
+    "softcap": (dict(score_mod=fg.mods.softcap(30.0)), None, None, False),
+    "plain": (dict(), 0, 0, True),
+    "mask_only": (dict(mask_mod=fg.mods.causal), 0, 0, True),
+    "query_only": (dict(bias=_query_only), 1, 0, True),
+    "key_only": (dict(bias=_key_only), 1, 1, True),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. ranks of the examples
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_ranks(name):
+    kwargs, rank, softmax_rank, additive = EXAMPLES[name]
+    attn = fg.compile(**kwargs)
+    structure = attn.analysis.bias
+    assert attn.analysis.bias_rank == rank
+    assert structure.rank == rank and structure.softmax_rank == softmax_rank
+    assert structure.additive is additive
+    if rank is None:
+        assert structure.reason and structure.factors == ()
+        assert structure.report().startswith("not low-rank (")
+    else:
+        assert structure.reason == ""
+        assert len(structure.factors) >= rank  # at least one (query, key) term per unit of rank
+    assert attn.analysis.plain_logits is (name in ("plain", "mask_only"))
+
+
+def test_explain_shows_the_factors():
+    alibi = fg.compile(fg.mods.alibi(SLOPES), fg.mods.causal).explain()
+    line = next(ln for ln in alibi.splitlines() if "additive bias:" in ln)
+    assert "rank 2 (1 without query-only terms)" in line
+    assert "[q_idx]·[1]" in line and "[1]·[kv_idx]" in line
+    assert "bias lowering:" in alibi
+    grid = fg.compile(bias=_grid_distance).explain()
+    assert "rank 4 (3 without query-only terms)" in grid and "Mod(q_idx, 5)" in grid and "floor(kv_idx/5)" in grid
+    relative = fg.compile(fg.mods.relative_bias(TABLE)).explain()
+    assert "additive bias:  not low-rank (" in relative and "reads q_idx and kv_idx together" in relative
+    softcap = fg.compile(fg.mods.softcap(30.0)).explain()
+    assert "not low-rank (the logits are not score + a bias" in softcap
+    assert "additive bias" not in fg.compile().explain()  # plain logits: nothing to report
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. against the numerical rank of the materialised bias
+
+
+def dense_bias(score_mod=None, bias=None, *, B=2, H=3, S=GRID_S) -> torch.Tensor:
+    """``logits - score`` as a float64 tensor [B, H, S, S], computed eagerly like the reference
+    (the score mods here are additive, so the bias is ``score_mod(0) + bias``)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # int index * python float must not round to float32
+    try:
+        b = torch.arange(B).view(B, 1, 1, 1)
+        h = torch.arange(H).view(1, H, 1, 1)
+        q = torch.arange(S).view(1, 1, S, 1)
+        kv = torch.arange(S).view(1, 1, 1, S)
+        out = torch.zeros((), dtype=torch.float64)
+        if score_mod is not None:
+            out = out + score_mod(torch.zeros((), dtype=torch.float64), b, h, q, kv)
+        if bias is not None:
+            out = out + bias(b, h, q, kv)
+    finally:
+        torch.set_default_dtype(old)
+    return torch.as_tensor(out, dtype=torch.float64).expand(B, H, S, S)
+
+
+def numerical_rank(m: torch.Tensor, top: float | None = None) -> int:
+    """Singular values above NUM_RTOL times ``top`` (default: the largest of ``m``)."""
+    s = torch.linalg.svdvals(m)
+    top = float(s[0]) if top is None else top
+    return 0 if top == 0 else int((s > NUM_RTOL * top).sum())
+
+
+def check_ranks(structure, dense: torch.Tensor) -> None:
+    """Analysed rank >= numerical rank of every (b, h) slice, equal for at least one; the same for
+    softmax_rank against the rank after removing per-row constants: min_f rank(A - f 1ᵀ) is the
+    rank of A with its row means removed (thresholded against A's own scale, since removing a
+    query-only bias leaves only rounding noise)."""
+    B, H = dense.shape[:2]
+    centred = dense - dense.mean(dim=-1, keepdim=True)
+    tops = [float(torch.linalg.svdvals(dense[b, h])[0]) for b in range(B) for h in range(H)]
+    ranks = [numerical_rank(dense[b, h]) for b in range(B) for h in range(H)]
+    soft = [numerical_rank(centred[b, h], tops[b * H + h]) for b in range(B) for h in range(H)]
+    why = f"analysis: {structure}; numerical ranks {ranks}, without row constants {soft}"
+    assert structure.rank is not None and structure.softmax_rank is not None, why
+    assert all(structure.rank >= r for r in ranks), why
+    assert structure.rank in ranks, why
+    assert all(structure.softmax_rank >= r for r in soft), why
+    assert structure.softmax_rank in soft, why
+
+
+@pytest.mark.parametrize("name", [n for n, e in EXAMPLES.items() if e[1] is not None])
+def test_example_ranks_match_numerical_rank(name):
+    kwargs, *_ = EXAMPLES[name]
+    dense = dense_bias(kwargs.get("score_mod"), kwargs.get("bias"))
+    check_ranks(fg.compile(**kwargs).analysis.bias, dense)
+
+
+def test_relative_bias_is_numerically_full_rank():
+    """None for the relative-position table is not a missed factorisation: the Toeplitz matrix of
+    a random table has full numerical rank."""
+    assert numerical_rank(dense_bias(fg.mods.relative_bias(TABLE))[0, 0]) == GRID_S
+
+
+COEFS = (-3.0, -2.0, -1.5, -1.0, -0.5, 0.5, 1.0, 1.5, 2.0, 3.0)  # nonzero, dyadic: exact rank arithmetic
+X = "(q * 0.0625)"  # positions scaled by a power of two: moderate values, exact coefficients
+Y = "(kv * 0.0625)"
+Q_PARTS = ("", X, f"{X} ** 2", f"{X} ** 3", "torch.sin(0.7 * q)", "torch.cos(0.45 * q)")
+K_PARTS = ("", Y, f"{Y} ** 2", f"{Y} ** 3", "torch.sin(0.55 * kv)", "torch.cos(0.3 * kv)")
+FACTORS = ("", "slopes[h]", "(b + 1)")
+MIXED = ("torch.exp(q * kv * 0.01)", "table[q - kv + 39]")
+
+terms = st.lists(st.tuples(st.sampled_from(COEFS), st.sampled_from(Q_PARTS), st.sampled_from(K_PARTS),
+                           st.sampled_from(FACTORS)), min_size=1, max_size=6)
+
+
+def bias_source(drawn, mixed=None) -> str:
+    parts = []
+    for coef, fq, fk, factor in drawn:
+        parts.append(" * ".join([repr(coef)] + [p for p in (factor, fq, fk) if p]))
+    if mixed:
+        parts.append(f"0.5 * {mixed}")
+    return "lambda b, h, q, kv: " + " + ".join(parts)
+
+
+@settings(FUZZ, max_examples=examples(100))
+@given(terms)
+def test_random_polynomial_bias_rank(drawn):
+    src = bias_source(drawn)
+    note(src)
+    fn = eval(src, {"torch": torch, "slopes": SLOPES})
+    structure = fg.compile(bias=fn).analysis.bias
+    assert structure.additive
+    check_ranks(structure, dense_bias(bias=fn))
+
+
+@settings(FUZZ, max_examples=examples(20))
+@given(terms, st.sampled_from(MIXED))
+def test_mixed_terms_are_not_separable(drawn, mixed):
+    src = bias_source(drawn, mixed)
+    note(src)
+    fn = eval(src, {"torch": torch, "slopes": SLOPES, "table": TABLE})
+    structure = fg.compile(bias=fn).analysis.bias
+    assert structure.additive and structure.rank is None and structure.softmax_rank is None
+    assert "reads q_idx and kv_idx together" in structure.reason
+
+
+def _score_dependent_step(s, b, h, q, kv):
+    return s + torch.where(s > 0, 0.5, 0.0)
+
+
+def test_score_in_a_condition_is_not_additive():
+    structure = fg.compile(_score_dependent_step).analysis.bias
+    assert not structure.additive and structure.rank is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. the LowRankBias path against the float64 reference
+
+
+def rand(*shape, scale=1.0):
+    return torch.randn(*shape) * scale
+
+
+def run_grads(fn, leaves, dout, dlse):
+    for t in leaves:
+        t.grad = None
+    out, lse = fn()
+    ((out.double() * dout).sum() + (lse.double() * dlse).sum()).backward()
+    return out.detach(), lse.detach(), [t.grad.clone() if t.grad is not None else None for t in leaves]
+
+
+def check_low_rank(q, k, v, phi_q, phi_k, score_mod=None, mask_mod=None, *, enable_gqa=False, captured=(),
+                   tol=1e-4, ref_phi_k=lambda t: t):
+    """Forward (out, lse) and backward (q, k, v, phi_q, phi_k and captured tensors) of the kernel
+    against torch.autograd through the float64 reference with float64 copies of the factors
+    (``ref_phi_k`` maps the key factors to the reference's layout)."""
+    ours = [t.detach().clone().requires_grad_() for t in (q, k, v, phi_q, phi_k)]
+    theirs = [t.detach().double().requires_grad_() for t in (q, k, v, phi_q, phi_k)]
+    B, Hq, Sq, _ = q.shape
+    dout = torch.randn(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
+    dlse = torch.randn(B, Hq, Sq, dtype=torch.float64)
+    attn = fg.compile(score_mod, mask_mod, fg.LowRankBias(ours[3], ours[4]))
+    out, lse, got = run_grads(lambda: attn(*ours[:3], enable_gqa=enable_gqa, return_lse=True),
+                              ours + list(captured), dout, dlse)
+    ref_bias = fg.LowRankBias(theirs[3], ref_phi_k(theirs[4]))
+    ref, ref_lse, want = run_grads(
+        lambda: fg.attention_reference(*theirs[:3], score_mod, mask_mod, ref_bias, enable_gqa=enable_gqa,
+                                       return_lse=True), theirs + list(captured), dout, dlse)
+    assert out.shape == ref.shape and out.dtype == torch.float32 and lse.shape == ref_lse.shape
+    assert rel_err(out, ref) < tol, f"out: {rel_err(out, ref):.2e}"
+    assert rel_err(lse, ref_lse) < tol, f"lse: {rel_err(lse, ref_lse):.2e}"
+    names = ["dq", "dk", "dv", "dphi_q", "dphi_k"] + [f"dcaptured{i}" for i in range(len(captured))]
+    for name, g, w, leaf in zip(names, got, want, ours + list(captured)):
+        assert g is not None and w is not None, name
+        assert g.shape == leaf.shape, name
+        assert not torch.isnan(g).any(), name
+        assert rel_err(g, w) < tol, f"{name}: {rel_err(g, w):.2e}"
+    return attn
+
+
+B, H, S, D, R = 2, 2, 24, 16, 3
+MASKS = {"none": None, "causal": fg.mods.causal, "prefix_lm": fg.mods.prefix_lm(8)}
+
+
+@requires_interpreter
+@pytest.mark.parametrize("mask", MASKS)
+def test_low_rank_bias_masks(mask):
+    check_low_rank(rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, R, scale=0.7),
+                   rand(B, H, S, R, scale=0.7), mask_mod=MASKS[mask])
+
+
+@requires_interpreter
+@pytest.mark.parametrize("shapes", [((1, H), (B, 1)), ((B, 1), (1, H)), ((1, 1), (B, H)), ((B, H), (1, 1))],
+                         ids=lambda s: f"q{list(s[0])}k{list(s[1])}")
+def test_low_rank_bias_broadcast_factors(shapes):
+    (bq, hq), (bk, hk) = shapes
+    check_low_rank(rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, D), rand(bq, hq, S, R, scale=0.7),
+                   rand(bk, hk, S, R, scale=0.7), mask_mod=fg.mods.causal)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("key_heads", [1, 2, 4], ids=lambda n: f"phi_k_heads{n}")
+def test_low_rank_bias_gqa(key_heads):
+    """Hq=4, Hkv=2: key factors shared by all heads, per kv head (query head h uses kv head h // 2,
+    like k and v), or per query head (k, v repeated to the query heads)."""
+    per_kv_head = key_heads == 2
+    check_low_rank(rand(B, 4, S, D), rand(B, 2, S, D), rand(B, 2, S, D), rand(B, 4, S, R, scale=0.7),
+                   rand(B, key_heads, S, R, scale=0.7), mask_mod=fg.mods.causal, enable_gqa=True,
+                   ref_phi_k=(lambda t: t.repeat_interleave(2, dim=1)) if per_kv_head else (lambda t: t))
+
+
+def test_reference_accepts_per_kv_head_key_factors():
+    q, k, v = rand(1, 4, 8, D), rand(1, 2, 8, D), rand(1, 2, 8, D)
+    phi_q, phi_k = rand(1, 4, 8, R), rand(1, 2, 8, R)
+    got = fg.attention_reference(q, k, v, bias=fg.LowRankBias(phi_q, phi_k), enable_gqa=True)
+    want = fg.attention_reference(q, k, v, bias=fg.LowRankBias(phi_q, phi_k.repeat_interleave(2, dim=1)),
+                                  enable_gqa=True)
+    assert torch.allclose(got, want)
+
+
+@requires_interpreter
+def test_low_rank_bias_different_lengths():
+    check_low_rank(rand(1, H, 19, D), rand(1, H, 37, D), rand(1, H, 37, 8), rand(1, H, 19, 2, scale=0.7),
+                   rand(1, 1, 37, 2, scale=0.7), mask_mod=fg.mods.causal)
+
+
+@requires_interpreter
+def test_low_rank_bias_with_additive_score_mods():
+    slopes = torch.tensor([0.25, -0.5], requires_grad=True)
+    check_low_rank(rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, R, scale=0.7),
+                   rand(1, H, S, R, scale=0.7), fg.mods.alibi(slopes), fg.mods.causal, captured=(slopes,))
+    attn = check_low_rank(rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, R, scale=0.7),
+                          rand(B, H, S, R, scale=0.7), lambda s, b, h, q, kv: s + 0.1 * slopes[h] * (q - kv) ** 2,
+                          captured=(slopes,))
+    assert "low-rank bias:  fg.LowRankBias of rank 3" in attn.explain()
+
+
+@pytest.mark.parametrize("score_mod", [fg.mods.softcap(30.0), lambda s, b, h, q, kv: 2.0 * s],
+                         ids=["softcap", "scaled"])
+def test_non_additive_score_mod_with_low_rank_bias_raises(score_mod):
+    lr = fg.LowRankBias(rand(1, 1, S, R), rand(1, 1, S, R))
+    with pytest.raises(ValueError, match="LowRankBias with a score_mod"):
+        fg.compile(score_mod, bias=lr)
+    with pytest.raises(ValueError, match="LowRankBias with a score_mod"):
+        fg.attention(rand(1, 1, S, D), rand(1, 1, S, D), rand(1, 1, S, D), score_mod, bias=lr)
+    fg.compile(score_mod, bias=lambda b, h, q, kv: q * 0.5)  # a traced bias is fine with any score_mod
+
+
+@requires_interpreter
+def test_score_dependent_score_mod_with_low_rank_bias():
+    torch.manual_seed(1)
+    q, k, v = rand(1, H, S, D), rand(1, H, S, D), rand(1, H, S, D)
+    lr = fg.LowRankBias(rand(1, H, S, R), rand(1, H, S, R))
+    try:
+        attn = fg.compile(_score_dependent_step, bias=lr)
+    except ValueError:
+        return  # refusing it is correct too
+    out = attn(q, k, v)
+    ref = fg.attention_reference(q, k, v, _score_dependent_step, bias=lr)
+    assert rel_err(out, ref) < 1e-4, f"{rel_err(out, ref):.2e}"
+
+
+@pytest.mark.parametrize("phi_q, phi_k, named, other", [
+    ((B, H, S, 2), (B, H, S, 3), "phi_q and phi_k need the same rank", None),
+    ((H, S, R), (B, H, S, R), "phi_q must be a floating-point tensor", "phi_k"),
+    ((B, H, S, R), (S, R), "phi_k must be a floating-point tensor", "phi_q"),
+    ((B, H, S, R), "int", "phi_k must be a floating-point tensor", "phi_q"),
+], ids=["rank_mismatch", "phi_q_3d", "phi_k_2d", "phi_k_int"])
+def test_bad_factors_at_construction(phi_q, phi_k, named, other):
+    fq = torch.randn(*phi_q)
+    fk = torch.randint(0, 3, (B, H, S, R)) if phi_k == "int" else torch.randn(*phi_k)
+    with pytest.raises(ValueError, match="LowRankBias") as info:
+        fg.LowRankBias(fq, fk)
+    assert named in str(info.value)
+    if other:
+        assert other not in str(info.value)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("phi_q, phi_k, hq, hkv, named, other", [
+    ((B, H, S + 1, R), (B, H, S, R), H, H, "phi_q has length 25, expected 24", "phi_k"),
+    ((B, H, S, R), (B, H, S - 1, R), H, H, "phi_k has length 23, expected 24", "phi_q"),
+    ((B, 3, S, R), (B, H, S, R), H, H, "phi_q of shape [2, 3, 24, 3] does not broadcast", "phi_k"),
+    ((B, H, S, R), (3, H, S, R), H, H, "phi_k of shape [3, 2, 24, 3] does not broadcast", "phi_q"),
+    ((B, 2, S, R), (B, 4, S, R), 4, 2, "phi_q of shape [2, 2, 24, 3] does not broadcast", "phi_k"),
+    ((B, 4, S, R), (B, 3, S, R), 4, 2, "phi_k of shape [2, 3, 24, 3] does not broadcast", "phi_q"),
+], ids=["phi_q_length", "phi_k_length", "phi_q_heads", "phi_k_batch", "gqa_phi_q_kv_heads", "gqa_phi_k_heads"])
+def test_bad_factors_at_call(phi_q, phi_k, hq, hkv, named, other):
+    lr = fg.LowRankBias(torch.randn(*phi_q), torch.randn(*phi_k))
+    q, k, v = rand(B, hq, S, D), rand(B, hkv, S, D), rand(B, hkv, S, D)
+    with pytest.raises(ValueError, match="LowRankBias") as info:
+        fg.attention(q, k, v, bias=lr, enable_gqa=hq != hkv)
+    assert named in str(info.value)
+    assert other not in str(info.value)
+
+
+@requires_interpreter
+def test_attention_reuses_the_traced_variant_and_sees_new_factor_values(monkeypatch):
+    monkeypatch.setattr(api, "_recent", OrderedDict())
+    q, k, v = rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, D)
+    phi_q, phi_k = rand(B, H, S, R, scale=0.7), rand(1, H, S, R, scale=0.7)
+    first = fg.attention(q, k, v, bias=fg.LowRankBias(phi_q, phi_k), mask_mod=fg.mods.causal)
+    assert len(api._recent) == 1
+    attn = next(iter(api._recent.values()))
+    again = fg.attention(q, k, v, bias=fg.LowRankBias(phi_q, phi_k), mask_mod=fg.mods.causal)  # a new wrapper
+    assert len(api._recent) == 1 and next(iter(api._recent.values())) is attn
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        phi_q.mul_(-2.0)
+        phi_k.add_(0.5)
+    updated = fg.attention(q, k, v, bias=fg.LowRankBias(phi_q, phi_k), mask_mod=fg.mods.causal)
+    assert len(api._recent) == 1 and next(iter(api._recent.values())) is attn
+    ref = fg.attention_reference(q, k, v, mask_mod=fg.mods.causal, bias=fg.LowRankBias(phi_q, phi_k))
+    assert rel_err(updated, ref) < 1e-4
+    assert rel_err(updated, first) > 1e-2
+    fg.attention(q, k, v, bias=fg.LowRankBias(phi_q.clone(), phi_k), mask_mod=fg.mods.causal)
+    assert len(api._recent) == 2  # other factor tensors: another variant
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. fg.low_rank
+
+
+def truncation_error(bias: torch.Tensor, rank: int) -> float:
+    """Relative Frobenius error over the whole tensor of keeping ``rank`` singular values per slice."""
+    s = torch.linalg.svdvals(bias.double())
+    return math.sqrt(float((s[..., rank:] ** 2).sum() / (s**2).sum()))
+
+
+def exact_rank(shape_q, shape_k, rank, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(*shape_q[:-1], rank, generator=g, dtype=torch.float64)
+    b = torch.randn(*shape_k[:-1], rank, generator=g, dtype=torch.float64)
+    return (a @ b.transpose(-1, -2)).to(dtype)
+
+
+def test_low_rank_picks_the_smallest_rank_within_tol():
+    bias = exact_rank((2, 2, 32, 1), (2, 2, 24, 1), 3)
+    bias = bias + 1e-4 * bias.std() * torch.randn(bias.shape, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lr = fg.low_rank(bias, tol=1e-2)
+    assert lr.rank == 3
+    assert lr.phi_q.shape == (2, 2, 32, 3) and lr.phi_k.shape == (2, 2, 24, 3)
+    assert lr.phi_q.dtype == lr.phi_k.dtype == torch.float32
+    assert 0 < lr.error <= 1e-2
+    dense_error = ((lr.dense().double() - bias.double()).norm() / bias.double().norm()).item()
+    assert abs(dense_error - lr.error) < 1e-6
+    assert truncation_error(bias, 3) <= 1e-2 < truncation_error(bias, 2) < truncation_error(bias, 1)
+    assert "error=" in repr(lr) and "rank=3" in repr(lr)
+
+
+def test_low_rank_of_an_exact_rank_2_float32_bias():
+    bias = exact_rank((2, 3, 30, 1), (2, 3, 20, 1), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lr = fg.low_rank(bias, tol=1e-6)
+    assert lr.rank == 2 and lr.error <= 1e-6
+    assert rel_err(lr.dense(), bias) < 1e-6
+
+
+def test_low_rank_of_exact_rank_2_float64_biases_with_a_tiny_tol():
+    for seed in range(8):
+        bias = exact_rank((2, 3, 30, 1), (2, 3, 20, 1), 2, dtype=torch.float64, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            lr = fg.low_rank(bias, tol=1e-9)
+        assert lr.rank == 2
+        assert lr.error <= 1e-9, f"seed {seed}: reported error {lr.error:.2e}, true {rel_err(lr.dense(), bias):.2e}"
+
+
+def test_low_rank_max_rank_warns():
+    bias = exact_rank((1, 2, 24, 1), (1, 2, 24, 1), 3)
+    with pytest.warns(UserWarning, match=r"max_rank=2 leaves a relative error"):
+        lr = fg.low_rank(bias, tol=1e-3, max_rank=2)
+    assert lr.rank == 2 and lr.error > 1e-3
+    assert abs(lr.error - rel_err(lr.dense(), bias)) < 1e-6
+    assert abs(lr.error - truncation_error(bias, 2)) < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fg.low_rank(bias, tol=1e-3, max_rank=5).rank == 3  # a cap above the need changes nothing
+
+
+@pytest.mark.parametrize("lead", [(1, 3), (2, 1)], ids=["1xH", "Bx1"])
+def test_low_rank_broadcast_shapes(lead):
+    bias = exact_rank((*lead, 20, 1), (*lead, 28, 1), 2) + 0.3
+    lr = fg.low_rank(bias, tol=1e-5)
+    assert lr.phi_q.shape == (*lead, 20, lr.rank) and lr.phi_k.shape == (*lead, 28, lr.rank)
+    assert lr.rank == 3  # the constant adds one
+    assert rel_err(lr.dense(), bias) <= 1e-5
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(2, 8, 8),), "bias must be a floating-point tensor"),
+    ((torch.randint(0, 5, (1, 1, 8, 8)),), "bias must be a floating-point tensor"),
+    (([[1.0]],), "bias must be a floating-point tensor"),
+    ((torch.randn(1, 1, 8, 8), 1.5), "tol must be in"),
+    ((torch.randn(1, 1, 8, 8), -0.1), "tol must be in"),
+    ((torch.randn(1, 1, 8, 8), 1e-2, 0), "max_rank must be a positive int"),
+    ((torch.randn(1, 1, 8, 8), 1e-2, 2.0), "max_rank must be a positive int"),
+], ids=["3d", "int", "list", "tol_1.5", "tol_negative", "max_rank_0", "max_rank_float"])
+def test_low_rank_bad_inputs(args, match):
+    with pytest.raises(ValueError, match=match):
+        fg.low_rank(*args)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("mask", ["none", "causal"])
+def test_low_rank_factors_run_within_the_factorisation_error(mask):
+    """A smooth bias (not exactly low-rank) through its truncated SVD. Per row, logits perturbed by
+    at most eps move every softmax weight by a factor within [e^-2eps, e^2eps], so the output row
+    moves by at most (e^2eps - 1) max_j |v_j| and the lse by at most eps."""
+    Sq, Skv = 32, 40
+    q, k, v = rand(1, H, Sq, D), rand(1, H, Skv, D), rand(1, H, Skv, D)
+    i = torch.arange(Sq, dtype=torch.float32).view(1, 1, Sq, 1)
+    j = torch.arange(Skv, dtype=torch.float32).view(1, 1, 1, Skv)
+    width = torch.tensor([6.0, 12.0]).view(1, H, 1, 1)
+    bias = 3.0 * torch.exp(-(((i - j) / width) ** 2))
+    lr = fg.low_rank(bias, tol=1e-2)
+    assert 1 < lr.rank < 20 and 0 < lr.error <= 1e-2
+    mask_mod = MASKS[mask]
+    out, lse = fg.attention(q, k, v, mask_mod=mask_mod, bias=lr, return_lse=True)
+    exact, exact_lse = fg.attention_reference(q, k, v, mask_mod=mask_mod, bias=lr, return_lse=True)
+    assert rel_err(out, exact) < 1e-4 and rel_err(lse, exact_lse) < 1e-4
+    ref, ref_lse = fg.attention_reference(q, k, v, mask_mod=mask_mod, bias=bias, return_lse=True)
+    eps = (lr.dense().double() - bias.double()).abs().max().item()
+    assert eps > 0
+    row_bound = math.expm1(2 * eps) * v.double().norm(dim=-1).max().item() + 1e-4
+    assert (out.double() - ref).norm(dim=-1).max().item() <= row_bound
+    assert (lse.double() - ref_lse).abs().max().item() <= eps + 1e-4
