@@ -70,3 +70,36 @@ def test_learnable_captured_tensors():
 def test_fully_masked_rows_no_nan():
     mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: (q_idx >= 100) & (kv_idx <= q_idx))
     check(1, 2, 2, 300, 300, 64, 64, torch.bfloat16, mask_mod=mask)
+
+
+def test_deterministic_learnable_gradients_are_bitwise_reproducible():
+    table = (0.1 * torch.randn(4, 2 * 512 - 1, device="cuda")).requires_grad_()
+    slopes = torch.rand(4, device="cuda").requires_grad_()
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx) * 0.01 + table[h, q_idx - kv_idx + 511]
+
+    q, k, v = (torch.randn(2, 4, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(2, 4, 512, 64, device="cuda", dtype=torch.bfloat16)
+    runs = {}
+    for deterministic in (True, False):
+        attn = fg.compile(score_mod=mod, mask_mod=fg.mods.causal, deterministic=deterministic)
+        grads = []
+        for _ in range(3):
+            for t in (q, k, v, table, slopes):
+                t.grad = None
+            (attn(q, k, v) * dout).sum().backward()
+            grads.append([t.grad.clone() for t in (table, slopes)])
+        runs[deterministic] = grads
+    for later in runs[True][1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[True][0], later)), "deterministic=True differs run to run"
+    for a, b in zip(runs[True][0], runs[False][0]):  # the fixed-point sums agree with the fp32 atomics
+        assert rel(a, b) < 1e-4
+
+
+def test_low_rank_bias_forward_and_backward():
+    B, H, S, D, R = 2, 4, 384, 64, 8
+    phi_q = (0.5 * torch.randn(1, H, S, R, device="cuda")).requires_grad_()
+    phi_k = (0.5 * torch.randn(1, H, S, R, device="cuda")).requires_grad_()
+    check(B, H, H, S, S, D, D, torch.bfloat16, captured=(), bias=fg.LowRankBias(phi_q, phi_k),
+          mask_mod=fg.mods.causal)
