@@ -22,9 +22,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import count_kept, document_ids  # noqa: E402 - one definition for both scripts
 
 REL_TOL = 3e-2
 VARIANTS = ("full", "causal", "alibi+causal", "softcap+causal", "relative table", "relative table (learnable)",
@@ -34,30 +38,6 @@ VARIANTS = ("full", "causal", "alibi+causal", "softcap+causal", "relative table"
 def rel(a, b) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def count_kept(mask_mod, s: int, device: str, chunk: int = 1024) -> int:
-    """Unmasked (q, kv) entries of an S x S mask that does not depend on b, h (as bench_forward)."""
-    if mask_mod is None:
-        return s * s
-    zero = torch.zeros((), dtype=torch.long, device=device)
-    kv = torch.arange(s, device=device)[None, :]
-    total = 0
-    for start in range(0, s, chunk):
-        q = torch.arange(start, min(start + chunk, s), device=device)[:, None]
-        total += int(torch.as_tensor(mask_mod(zero, zero, q, kv), device=device).expand(q.shape[0], s).sum().item())
-    return total
-
-
-def document_ids(seq_len: int, num_docs: int, device: str, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """Sorted int32 document ids, ``num_docs`` non-empty documents of random lengths (as bench_forward)."""
-    n = max(1, min(num_docs, seq_len))
-    gen = torch.Generator().manual_seed(seed)
-    cuts = torch.sort(torch.randperm(seq_len - 1, generator=gen)[: n - 1] + 1).values  # distinct, in [1, S)
-    bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.full((1,), seq_len, dtype=torch.long)])
-    lengths = bounds.diff()
-    ids = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), lengths)
-    return ids.to(device), lengths.tolist()
 
 
 def main(argv=None) -> int:
@@ -157,7 +137,7 @@ def main(argv=None) -> int:
     rows = []
     for name, (score_mod, mask_mod, extra) in variants.items():
         fg_mask = fg_masks.get(name, mask_mod)
-        kept = count_kept(fg_mask, S, dev)
+        kept = count_kept(fg_mask, S, S, dev)
         flop = 3.5 * 4 * B * H * kept * D
         row = {"variant": name, "density": kept / (S * S)}
         if name == "document":
