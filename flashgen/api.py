@@ -34,7 +34,7 @@ from .runtime import (
 from .settings import settings
 from .spec import Mod
 from .trace import Program, trace_attention
-from .tuning import candidates, tune, tuning_key
+from .tuning import candidates, first_fitting, tune, tuning_key
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -222,7 +222,7 @@ class Attention:
 
         if config is None and self.autotune:
             config = self._tuned("fwd", ks.key, shape, D, Dv, q, lambda c: run_config(kernel, c, grid, *args, **kwargs))
-        cfg = config or default_config(q.device, D, Dv, q.dtype)
+        cfg = config or first_fitting("fwd", default_config(q.device, D, Dv, q.dtype), q.device, D, Dv, q.dtype)
         launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)
         return out, lse
 
@@ -303,7 +303,8 @@ class Attention:
         capture_args, large = _capture_args(self.captured)
         common = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
                       IDX_T=tl.int64 if large else tl.int32, **_precision(q.dtype))
-        dkdv_cfg, dq_cfg = default_backward_configs(q.device, D, Dv, q.dtype)
+        dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
+                            for family, c in zip(("dkdv", "dq"), default_backward_configs(q.device, D, Dv, q.dtype)))
         shape = (B, Hq, Sq, Skv)
         masked = self.analysis.has_mask
         dkdv_kernel, dq_kernel = _EvenN(module.attn_bwd_dkdv, Skv), _EvenN(module.attn_bwd_dq, Skv)

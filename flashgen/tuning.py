@@ -11,6 +11,7 @@ later processes without re-tuning.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .runtime import Config
+from .runtime import Config, smaller_configs
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,28 @@ def register_values(family: str, cfg: Config, block_d: int, block_dv: int) -> fl
     return live / (32 * cfg.num_warps)
 
 
+@functools.cache
 def shared_memory_limit(device: torch.device) -> int:
     if device.type != "cuda":
         return 232448  # an H100/H200's, so that tuning in the interpreter prunes like on the GPU
-    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
     return int(props["max_shared_mem"])
+
+
+def first_fitting(family: str, cfg: Config, device: torch.device, head_dim: int, head_dim_v: int,
+                  dtype: torch.dtype) -> Config:
+    """``cfg``, or the first of :func:`~flashgen.runtime.smaller_configs` whose shared-memory
+    estimate (a lower bound) fits the device: configurations that cannot fit are never compiled
+    (each failed compile of a wide fp32 kernel costs tens of seconds)."""
+    block_d, block_dv = (max(16, triton.next_power_of_2(d)) for d in (head_dim, head_dim_v))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    limit = shared_memory_limit(device)
+    options = [cfg] + smaller_configs(cfg)
+    for c in options:
+        if shared_memory_bytes(family, c, block_d, block_dv, itemsize) <= limit:
+            return c
+    return options[-1]
 
 
 def candidates(family: str, device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,

@@ -1,6 +1,7 @@
 """Runtime pieces that need no kernel: config fallback, atomic writes, identifiers."""
 
 import pytest
+import torch
 from triton.runtime.errors import OutOfResources
 
 from flashgen import runtime
@@ -48,3 +49,20 @@ def test_write_atomic_and_identifier(tmp_path):
     assert path.read_text() == "x = 1\n" and not list(path.parent.glob("*.tmp"))
     assert runtime.identifier("alibi_(causal & sliding_window(64))") == "alibi_causal_sliding_window_64"
     assert runtime.identifier("123") == "v_123"
+
+
+def test_defaults_that_cannot_fit_are_shrunk_before_compiling():
+    from flashgen.runtime import Config, default_backward_configs, default_config
+    from flashgen.tuning import first_fitting, shared_memory_bytes, shared_memory_limit
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # the GPU tables, the H200's limit (cpu's)
+    limit = shared_memory_limit(cpu)
+    for d, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (128, torch.float32), (256, torch.bfloat16)):
+        for family, cfg in zip(("fwd", "dkdv", "dq"), (default_config(cuda, d, d, dtype),
+                                                       *default_backward_configs(cuda, d, d, dtype))):
+            assert first_fitting(family, cfg, cpu, d, d, dtype) == cfg, (family, d, dtype)  # measured defaults stay
+    wide = default_backward_configs(cuda, 256, 256, torch.float32)[0]
+    assert shared_memory_bytes("dkdv", wide, 256, 256, 4) > limit  # the fp32 D=256 default cannot fit ...
+    fitted = first_fitting("dkdv", wide, cpu, 256, 256, torch.float32)
+    assert fitted != wide and shared_memory_bytes("dkdv", fitted, 256, 256, 4) <= limit  # ... so it is shrunk
+    assert first_fitting("dkdv", Config(512, 512, 8, 4), cpu, 256, 256, torch.float32).block_m <= 32
