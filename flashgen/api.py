@@ -405,6 +405,9 @@ def _with_factors(lr: LowRankBias, q, k, v, scale: float):
             problems.append(f"{name} of shape {list(t.shape)} does not broadcast to batch {B}, heads {heads}")
         if t.device != q.device:
             problems.append(f"{name} is on {t.device} but q on {q.device}")
+    if q.shape[-1] + fq.shape[-1] > MAX_HEAD_DIM:
+        problems.append(f"head dim {q.shape[-1]} plus rank {fq.shape[-1]} exceeds {MAX_HEAD_DIM}, the widest head "
+                        "the kernels take; use a lower rank (fg.low_rank(..., max_rank=...)) or a dense bias")
     if problems:
         raise ValueError("LowRankBias: " + "; ".join(problems))
     if fk.shape[1] not in (1, Hkv):  # per query head: give every query head its own keys

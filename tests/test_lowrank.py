@@ -511,3 +511,10 @@ def test_low_rank_factors_run_within_the_factorisation_error(mask):
     row_bound = math.expm1(2 * eps) * v.double().norm(dim=-1).max().item() + 1e-4
     assert (out.double() - ref).norm(dim=-1).max().item() <= row_bound
     assert (lse.double() - ref_lse).abs().max().item() <= eps + 1e-4
+
+
+def test_rank_that_makes_the_head_too_wide_is_refused():
+    q, k, v = (torch.randn(1, 1, 16, 250) for _ in range(3))
+    wide = fg.LowRankBias(torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8))
+    with pytest.raises(ValueError, match="exceeds 256"):
+        fg.attention(q, k, v, bias=wide)
