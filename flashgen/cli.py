@@ -287,11 +287,13 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
     import triton.testing
 
+    import flashgen as fg
+
     _need_gpu("bench")
     B, H, S, D = shape = parse_shape(args.shape)
     dtype = _dtype(args.dtype)
     label, kwargs = resolve(args.spec, shape, "cuda")
-    attn = kwargs.pop("attention", None) or __import__("flashgen").compile(**kwargs)
+    attn = kwargs.pop("attention", None) or fg.compile(**kwargs)
     q, k, v = _inputs(shape, dtype, "cuda")
     mask_mod = kwargs.get("mask_mod")
     density = _kept_fraction(mask_mod, S) if mask_mod is not None else 1.0
