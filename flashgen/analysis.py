@@ -244,9 +244,6 @@ class Analysis:
             lines.append(f"  hoisted out of the KV loop: {', '.join(self.row_level)}")
         if not self.plain_logits and self.logits is not None:
             lines.append(f"  additive bias:  {self.bias.report()}")
-            if self.bias.rank:
-                lines.append("  bias lowering:  evaluated in the KV loop (traced biases always are; the FlashBias "
-                             "path of extra head dims is taken for fg.LowRankBias factors)")
         return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ from .analysis import Analysis, analyze
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
 from .codegen.render import KernelSource, render_backward, render_forward
-from .factors import LowRankBias
+from .factors import LowRankBias, factor_bias
+from .lowrank import lowering_cost
 from .runtime import (
     Config,
     default_backward_configs,
@@ -70,7 +71,10 @@ class Attention:
 
     def __init__(self, score_mod: Callable | None = None, mask_mod: Callable | None = None,
                  bias: Callable | torch.Tensor | None = None, *, deterministic: bool = False,
-                 autotune: bool | None = None):
+                 autotune: bool | None = None, bias_lowering: str = "loop"):
+        if bias_lowering not in ("auto", "loop", "factors"):
+            raise ValueError(f"bias_lowering={bias_lowering!r}: choose 'auto', 'loop' or 'factors'")
+        self.bias_lowering = bias_lowering
         self.deterministic = deterministic
         self.autotune = settings().autotune if autotune is None else autotune
         self.last_tuning: dict[str, list[dict]] = {}  # family -> trials of the last tuning run
@@ -87,6 +91,14 @@ class Attention:
                              "is not supported: the factors enter the score itself (q' = [scale q, phi_q]), so the "
                              "score_mod would see score + bias. Pass the bias as a tensor or a traced bias instead")
         self.name = identifier(self.program.name)
+        self._mods = (score_mod, mask_mod, None if isinstance(bias, (LowRankBias, torch.Tensor)) else bias)
+        self._factored: OrderedDict[tuple, Attention] = OrderedDict()  # factor lowering, per shape
+        self.last_lowering: str | None = None  # the cost model's decision at the last call
+        self._lowering_memo: dict[int, tuple[str, str]] = {}
+        if bias_lowering == "factors" and (self.low_rank_bias is not None or isinstance(bias, torch.Tensor)
+                                           or not self.analysis.bias.rank):
+            raise ValueError("bias_lowering='factors' needs a traced additive bias of finite rank (attn.analysis."
+                             f"bias: {self.analysis.bias.report()}); tensors and LowRankBias already have a path")
         self._block_maps: OrderedDict[tuple, BlockMask] = OrderedDict()
         self._last_block_map: BlockMask | None = None
 
@@ -120,6 +132,9 @@ class Attention:
                 lines.append(f"  captured{slot}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)} on {t.device}")
         lines.append("analysis:")
         lines.append(self.analysis.report())
+        if self.analysis.bias.rank and self.low_rank_bias is None:
+            decided = f"; last call: {self.last_lowering}" if self.last_lowering else ""
+            lines.append(f"  bias lowering:  {self.bias_lowering}{decided}")
         if self.low_rank_bias is not None:
             lr = self.low_rank_bias
             err = f", factorisation error {lr.error:.2e}" if lr.error is not None else ""
@@ -184,6 +199,9 @@ class Attention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                  enable_gqa: bool = False, return_lse: bool = False, config: Config | None = None):
         scale = _check_inputs(q, k, v, scale, enable_gqa, self.captured)
+        if self._lowers_to_factors(q.shape[-1]):
+            inner = self._factored_attention(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+            return inner(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, config=config)
         if self.low_rank_bias is not None:
             q, k, v = _with_factors(self.low_rank_bias, q, k, v, scale)
             scale = 1.0
@@ -193,6 +211,47 @@ class Attention:
         else:
             out, lse = self._forward(q, k, v, scale, return_lse, config)
         return (out, lse) if return_lse else out
+
+    def _lowers_to_factors(self, head_dim: int) -> bool:
+        """Whether this call runs the traced bias as factors (FlashBias), by ``bias_lowering`` and
+        the cost model; gradients to captured tensors the bias reads keep it in the loop."""
+        if self.bias_lowering == "loop" or self.low_rank_bias is not None or self.analysis.plain_logits:
+            return False
+        structure = self.analysis.bias
+        if not structure.rank:
+            return False
+        learnable = torch.is_grad_enabled() and any(t.requires_grad for t in self.captured)
+        if self.bias_lowering == "factors":
+            if learnable:
+                raise ValueError("bias_lowering='factors' cannot pass gradients to the captured tensors the bias "
+                                 "reads (the factors are computed numerically); use 'loop' or detach them")
+            self.last_lowering = "factors (forced)"
+            return True
+        if head_dim not in self._lowering_memo:
+            self._lowering_memo[head_dim] = lowering_cost(self.program.logits, structure.rank, head_dim)
+        choice, why = self._lowering_memo[head_dim]
+        self.last_lowering = why if not learnable else "loop: captured tensors the bias reads require grad"
+        return choice == "factors" and not learnable
+
+    def _factored_attention(self, B: int, H: int, Sq: int, Skv: int, device) -> Attention:
+        """An Attention for the mask with the bias as factors at this shape (cached per shape and
+        captured-tensor versions)."""
+        key = (B, H, Sq, Skv, str(device), tuple((t.data_ptr(), t._version) for t in self.captured))
+        inner = self._factored.get(key)
+        if inner is None:
+            score_mod, mask_mod, bias = self._mods
+            zero = torch.zeros((), dtype=torch.float64, device=device)
+
+            def additive(b, h, q_idx, kv_idx):
+                total = score_mod(zero, b, h, q_idx, kv_idx) if score_mod is not None else 0.0
+                return total + (bias(b, h, q_idx, kv_idx) if bias is not None else 0.0)
+
+            factors = factor_bias(additive, self.analysis.bias.rank, B, H, Sq, Skv, device)
+            inner = Attention(mask_mod=mask_mod, bias=factors, deterministic=self.deterministic, autotune=self.autotune)
+            self._factored[key] = inner
+            if len(self._factored) > 4:
+                self._factored.popitem(last=False)
+        return inner
 
     def _forward(self, q, k, v, scale: float, want_lse: bool, config: Config | None):
         B, Hq, Sq, D = q.shape
@@ -510,7 +569,7 @@ def _check_inputs(q, k, v, scale, enable_gqa, captured) -> float:
 
 def compile(score_mod: Callable | None = None, mask_mod: Callable | None = None,
             bias: Callable | torch.Tensor | None = None, *, deterministic: bool = False,
-            autotune: bool | None = None) -> Attention:
+            autotune: bool | None = None, bias_lowering: str = "loop") -> Attention:
     """Trace and analyse the mods once; the returned :class:`Attention` is reusable.
 
     ``deterministic=True`` promises bitwise-identical gradients run to run. The q, k, v gradients
@@ -519,8 +578,14 @@ def compile(score_mod: Callable | None = None, mask_mod: Callable | None = None,
     ``autotune=True`` tunes each kernel's launch configuration on first use for a new key (shape
     bucket, dtype, head dims) and stores the result on disk for later processes; the default
     (None) follows ``FLASHGEN_AUTOTUNE`` and otherwise uses a default configuration per GPU and
-    head dim."""
-    return Attention(score_mod, mask_mod, bias, deterministic=deterministic, autotune=autotune)
+    head dim.
+    ``bias_lowering`` places a traced additive bias of finite rank (``attn.analysis.bias_rank``):
+    ``"loop"`` (default) evaluates it per score in the KV loop; ``"factors"`` computes exact
+    factors φ_q, φ_k per shape (an interpolative decomposition from O((Sq + Skv)·rank) evaluations)
+    and runs it as ``fg.LowRankBias`` (FlashBias); ``"auto"`` lets a cost model choose per head dim
+    (experimental: its constants come from the H200's datasheet ratios, not from measurements)."""
+    return Attention(score_mod, mask_mod, bias, deterministic=deterministic, autotune=autotune,
+                     bias_lowering=bias_lowering)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable | None = None,

@@ -86,3 +86,39 @@ def low_rank(bias: torch.Tensor, tol: float = 1e-2, max_rank: int | None = None)
     phi_q = (u[..., :rank] * root[..., None, :]).to(bias.dtype)
     phi_k = (vh[..., :rank, :].transpose(-1, -2) * root[..., None, :]).to(bias.dtype)
     return LowRankBias(phi_q.contiguous(), phi_k.contiguous(), error)
+
+
+def factor_bias(fn, rank: int, B: int, H: int, Sq: int, Skv: int, device, *, oversample: int = 8,
+                seed: int = 0) -> LowRankBias:
+    """Exact factors of a bias ``fn(b, h, q_idx, kv_idx)`` known to have rank ``rank`` (from
+    ``Analysis.bias``), from O((Sq + Skv) · rank) evaluations instead of Sq · Skv: an
+    interpolative decomposition. The columns at ``rank + oversample`` random keys span the column
+    space; LU pivoting on their orthonormal basis picks ``rank`` skeleton rows I; then
+    ``bias = U (U[I])⁻¹ bias[I, :]``. float64 throughout; the factors are float32."""
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    h = torch.arange(H, device=device).view(1, H, 1, 1)
+    q = torch.arange(Sq, device=device).view(1, 1, Sq, 1)
+    kv = torch.arange(Skv, device=device).view(1, 1, 1, Skv)
+
+    def evaluate(qi, ki):
+        with torch.no_grad():
+            out = torch.as_tensor(fn(b, h, qi, ki), device=device).to(torch.float64)
+        return out.expand(B, H, qi.shape[2], ki.shape[3])
+
+    r = max(1, min(rank, Sq, Skv))
+    cols = torch.randperm(Skv, generator=gen)[: min(Skv, r + oversample)].sort().values.to(device)
+    sample = evaluate(q, cols.view(1, 1, 1, -1))  # [B, H, Sq, r + oversample]
+    basis = torch.linalg.svd(sample, full_matrices=False)[0][..., :r]  # [B, H, Sq, r]
+    _, pivots = torch.linalg.lu_factor(basis)  # partial pivoting: the best-conditioned rows first
+    order = torch.arange(Sq, device=device).expand(B, H, Sq).clone()
+    for i in range(r):  # LAPACK's row swaps, applied in turn, give the pivot rows
+        j = pivots[..., i].long() - 1
+        a, c = order[..., i].clone(), order.gather(-1, j[..., None])[..., 0]
+        order[..., i] = c
+        order.scatter_(-1, j[..., None], a[..., None])
+    rows = order[..., :r]  # [B, H, r]
+    skeleton = basis.gather(-2, rows[..., None].expand(B, H, r, r))  # U[I]
+    phi_q = torch.linalg.solve(skeleton.transpose(-1, -2), basis.transpose(-1, -2)).transpose(-1, -2)
+    row_values = torch.stack([evaluate(rows[..., i].reshape(B, H, 1, 1), kv)[..., 0, :] for i in range(r)], -1)
+    return LowRankBias(phi_q.float().contiguous(), row_values.float().contiguous())

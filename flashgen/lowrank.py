@@ -136,3 +136,23 @@ def _summands(node: Node, sign: int) -> list[tuple[int, Node]]:
 
 class _Mixed(Exception):
     """A subexpression that reads both q_idx and kv_idx and is not polynomial."""
+
+
+# H200 (Hopper): ~990 TFLOP/s of bf16 tensor-core work against ~67 TFLOP/s of fp32 arithmetic
+# elsewhere, so one elementwise operation per score costs about as much as 15 tensor-core FLOPs.
+ELEMENTWISE_COST = 15
+LOAD_COST = 4  # a read of a captured tensor per score, in elementwise operations
+
+
+def lowering_cost(logits: Node, rank: int, head_dim: int) -> tuple[str, str]:
+    """("loop" or "factors", why): evaluating the additive bias per score costs its operations;
+    as factors it costs the extra q·kᵀ columns, padded to the power of two the kernels use."""
+    terms = [t for _, t in _summands(logits, 1) if t.op is not Op.SCORE]
+    nodes = {id(n): n for t in terms for n in t.toposort() if n.op not in (Op.CONST, Op.INDEX)}
+    ops = sum(LOAD_COST if n.op is Op.LOAD else 1 for n in nodes.values()) + len(terms)
+    width = max(16, 1 << (head_dim - 1).bit_length())
+    wider = max(16, 1 << (head_dim + rank - 1).bit_length())
+    factors, loop = 2 * (wider - width), ELEMENTWISE_COST * ops
+    choice = "factors" if factors < loop else "loop"
+    return choice, (f"{choice}: factors add {wider - width} q·k columns ({factors} tensor-core FLOPs per score), "
+                    f"the loop {ops} operations (~{loop})")

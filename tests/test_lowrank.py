@@ -518,3 +518,80 @@ def test_rank_that_makes_the_head_too_wide_is_refused():
     wide = fg.LowRankBias(torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8))
     with pytest.raises(ValueError, match="exceeds 256"):
         fg.attention(q, k, v, bias=wide)
+
+
+# ---------------------------------------------------------------------------------------------
+# lowering traced separable biases to factors (bias_lowering=)
+
+
+def _dense(fn, B, H, Sq, Skv):
+    idx = (torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1), torch.arange(Sq).view(1, 1, Sq, 1),
+           torch.arange(Skv).view(1, 1, 1, Skv))
+    return torch.as_tensor(fn(*idx)).double().expand(B, H, Sq, Skv)
+
+
+@pytest.mark.parametrize("name", ["alibi", "squared", "grid"])
+def test_factor_bias_is_exact(name):
+    from flashgen.factors import factor_bias
+
+    slopes = torch.rand(3, dtype=torch.float64) + 0.5
+    fn, rank = {
+        "alibi": (lambda b, h, q, kv: slopes[h] * (kv - q), 2),
+        "squared": (lambda b, h, q, kv: -0.01 * (q - kv).double() ** 2, 3),
+        "grid": (lambda b, h, q, kv: -0.01 * ((q % 7 - kv % 7).double() ** 2 + (q // 7 - kv // 7).double() ** 2), 4),
+    }[name]
+    lr = factor_bias(fn, rank, 2, 3, 90, 70, "cpu")
+    assert lr.rank == rank
+    assert rel_err(lr.dense(), _dense(fn, 2, 3, 90, 70)) < 1e-6  # float32 factors of an exact decomposition
+
+
+@requires_interpreter
+@pytest.mark.parametrize("lowering", ["factors", "auto", "loop"])
+def test_bias_lowering_matches_the_reference(lowering):
+    slopes = torch.rand(2) + 0.2
+
+    def grid(b, h, q_idx, kv_idx):
+        return -0.05 * slopes[h] * ((q_idx % 8 - kv_idx % 8) ** 2 + (q_idx // 8 - kv_idx // 8) ** 2)
+
+    mods = dict(bias=grid, mask_mod=fg.mods.prefix_lm(8))
+    attn = fg.compile(**mods, bias_lowering=lowering)
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(1, 2, 40, 16)
+    out, lse = attn(q, k, v, return_lse=True)
+    grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = fg.attention_reference(qd, kd, vd, **mods, return_lse=True)
+    want = torch.autograd.grad((ref * dout.double()).sum(), (qd, kd, vd))
+    assert rel_err(out, ref) < 1e-4 and rel_err(lse, ref_lse) < 1e-4
+    for g, w in zip(grads, want):
+        assert rel_err(g, w) < 1e-4
+    if lowering == "loop":
+        assert attn.last_lowering is None and not attn._factored
+    else:
+        assert attn.last_lowering.startswith("factors") and len(attn._factored) == 1
+        assert "bias lowering:  " + lowering in attn.explain()
+
+
+def test_cost_model_choices():
+    from flashgen.lowrank import lowering_cost
+
+    alibi = fg.compile(score_mod=fg.mods.alibi(torch.rand(2))).program.logits
+    assert lowering_cost(alibi, 2, 128)[0] == "loop"  # 128 more columns cost more than a few operations
+    assert lowering_cost(alibi, 2, 80)[0] == "factors"  # 80 + 2 fits the 128 the kernels pad 80 to anyway
+    choice, why = lowering_cost(alibi, 2, 64)
+    assert choice in why and "columns" in why and "operations" in why
+
+
+def test_bias_lowering_refusals():
+    table = torch.randn(2, 79)
+    with pytest.raises(ValueError, match="'auto', 'loop' or 'factors'"):
+        fg.compile(score_mod=fg.mods.alibi(torch.rand(2)), bias_lowering="fast")
+    with pytest.raises(ValueError, match="finite rank"):
+        fg.compile(score_mod=fg.mods.relative_bias(table), bias_lowering="factors")
+    slopes = torch.rand(2, requires_grad=True)
+    forced = fg.compile(score_mod=fg.mods.alibi(slopes), bias_lowering="factors")
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="gradients"):
+        forced(q, k, v)
+    auto = fg.compile(score_mod=fg.mods.alibi(slopes), bias_lowering="auto")
+    assert not auto._lowers_to_factors(80) and "require grad" in auto.last_lowering  # learnable: stays in the loop
