@@ -75,6 +75,7 @@ def shared_memory_limit(device: torch.device) -> int:
     return int(props["max_shared_mem"])
 
 
+@functools.cache  # on every call's path: computed once per (family, config, device, head dims, dtype)
 def first_fitting(family: str, cfg: Config, device: torch.device, head_dim: int, head_dim_v: int,
                   dtype: torch.dtype) -> Config:
     """``cfg``, or the first of :func:`~flashgen.runtime.smaller_configs` whose shared-memory
