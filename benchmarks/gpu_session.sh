@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call's worth of verification, in priority order, each step under its own time limit so
+# that a slow step cannot eat the whole call (the GPU suite alone ran past 9 minutes once).
+#   PYTHONPATH=. bash benchmarks/gpu_session.sh [OUT_DIR]      (on the GPU machine, from the repo root)
+# Logs go to OUT_DIR (default $OUT, else ./gpu-session); a summary is printed last.
+set -u
+out=${1:-${OUT:-gpu-session}}
+mkdir -p "$out"
+export PYTHONPATH=${PYTHONPATH:-.}
+summary=()
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-22s rc=%-4s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$out/$name.log")")")
+}
+step gpu-forward 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step gpu-backward 240 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_gpu_backward.py
+step bench-forward 200 python3 benchmarks/bench_forward.py --out "$out/fwd"
+step bench-backward 200 python3 benchmarks/bench_backward.py --out "$out/bwd"
+step bench-lowrank 90 python3 benchmarks/bench_lowrank.py
+step startup 120 python3 benchmarks/startup.py
+printf '%s\n' "${summary[@]}"
