@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # One device call's worth of verification, in priority order, each step under its own time limit so
 # that a slow step cannot eat the whole call (the GPU suite alone ran past 9 minutes once).
-#   PYTHONPATH=. bash benchmarks/gpu_session.sh [OUT_DIR]      (on the GPU machine, from the repo root)
-# Logs go to OUT_DIR (default $OUT, else ./gpu-session); a summary is printed last.
+#   PYTHONPATH=. bash benchmarks/gpu_session.sh OUT_DIR [STEP ...]   (on the GPU machine, repo root)
+# Steps: gpu-forward gpu-backward bench-forward bench-backward bench-lowrank startup (default: all,
+# up to ~18 minutes: name a subset to stay inside one 10-minute device call). Logs go to OUT_DIR;
+# a summary is printed last.
 set -u
 out=${1:-${OUT:-gpu-session}}
+shift $(( $# > 0 ? 1 : 0 ))
+wanted=" $* "
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:-.}
 summary=()
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  if [ "$wanted" != "  " ] && [[ "$wanted" != *" $name "* ]]; then return; fi
   local t0=$SECONDS
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
