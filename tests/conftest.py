@@ -5,6 +5,24 @@ interpreter on (it must be chosen before Triton is imported) whatever order the 
 import os
 import sys
 
+import pytest
+
 import flashgen  # noqa: F401
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh cache directory, no other FLASHGEN_* variable set, empty in-process memos."""
+    from helpers import FLASHGEN_VARS
+
+    from flashgen import runtime
+
+    for var in FLASHGEN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    root = tmp_path / "cache"
+    monkeypatch.setenv("FLASHGEN_CACHE_DIR", str(root))
+    monkeypatch.setattr(runtime, "_modules", {})  # else a variant loaded by another test is never rewritten
+    monkeypatch.setattr(runtime, "_tuned_in_memory", {})
+    return root

@@ -39,3 +39,8 @@ def check_against_reference(q, k, v, score_mod=None, mask_mod=None, bias=None, *
         lse_err = (lse.double()[~masked] - ref_lse[~masked]).abs().max().item()
         assert lse_err < 50 * tol, f"lse error {lse_err:.2e}"
     return out
+
+
+# every FLASHGEN_* variable (flashgen.settings reads exactly these)
+FLASHGEN_VARS = ("FLASHGEN_CACHE_DIR", "FLASHGEN_DISABLE_CACHE", "FLASHGEN_AUTOTUNE", "FLASHGEN_TUNE_MS",
+                 "FLASHGEN_PROGRESS")

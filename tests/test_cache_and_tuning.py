@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOLERANCES, rel_err, requires_interpreter
+from helpers import FLASHGEN_VARS, TOLERANCES, rel_err, requires_interpreter
 from triton.runtime.errors import OutOfResources
 
 import flashgen as fg
@@ -30,22 +30,9 @@ from flashgen.settings import Settings, settings
 from flashgen.tuning import SPACES, Space, candidates, shared_memory_bytes, tuning_key
 
 ROOT = Path(__file__).resolve().parents[1]
-VARS = ("FLASHGEN_CACHE_DIR", "FLASHGEN_DISABLE_CACHE", "FLASHGEN_AUTOTUNE", "FLASHGEN_TUNE_MS", "FLASHGEN_PROGRESS")
 TINY = {"fwd": Space((16, 32), (16,), (4,), (1,)),
         "dkdv": Space((16,), (16, 32), (4,), (1,)),
         "dq": Space((16, 32), (16,), (4,), (1,))}
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """A fresh cache directory, no other FLASHGEN_* variable set, empty in-process memos."""
-    for var in VARS:
-        monkeypatch.delenv(var, raising=False)
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FLASHGEN_CACHE_DIR", str(root))
-    monkeypatch.setattr(runtime, "_modules", {})  # else a variant loaded by another test is never rewritten
-    monkeypatch.setattr(runtime, "_tuned_in_memory", {})
-    return root
 
 
 @pytest.fixture
@@ -67,7 +54,7 @@ def files(root: Path) -> list[Path]:
 
 
 def test_settings_defaults(monkeypatch, tmp_path):
-    for var in VARS:
+    for var in FLASHGEN_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert settings() == Settings(cache_dir=tmp_path / ".cache" / "flashgen", disable_cache=False, autotune=False,

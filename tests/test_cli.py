@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FLASHGEN_VARS
 
 import flashgen as fg
 from flashgen import runtime
@@ -18,7 +19,6 @@ from flashgen.settings import settings
 from flashgen.tuning import tuning_key
 
 ROOT = Path(__file__).resolve().parents[1]
-VARS = ("FLASHGEN_CACHE_DIR", "FLASHGEN_DISABLE_CACHE", "FLASHGEN_AUTOTUNE", "FLASHGEN_TUNE_MS", "FLASHGEN_PROGRESS")
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 
 MODS_FILE = '''
@@ -38,17 +38,6 @@ def branchy(b, h, q_idx, kv_idx):
 
 number = 3
 '''
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    for var in VARS:
-        monkeypatch.delenv(var, raising=False)
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FLASHGEN_CACHE_DIR", str(root))
-    monkeypatch.setattr(runtime, "_modules", {})
-    monkeypatch.setattr(runtime, "_tuned_in_memory", {})
-    return root
 
 
 @pytest.fixture
@@ -80,7 +69,7 @@ def test_config_prints_every_variable(cache, capsys, monkeypatch):
     assert rc == 0 and err == ""
     rows = settings().describe()
     lines = out.splitlines()
-    assert len(lines) == len(rows) == len(VARS)
+    assert len(lines) == len(rows) == len(FLASHGEN_VARS)
     for line, (var, value, meaning) in zip(lines, rows):
         assert line.split()[:2] == [var, value] and line.endswith(meaning)
     assert f"FLASHGEN_CACHE_DIR       {cache} " in out and "75.0" in out
@@ -99,7 +88,7 @@ def test_python_dash_m_entry_point(cache):
     proc = subprocess.run([sys.executable, "-m", "flashgen", "config"], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for var in VARS:
+    for var in FLASHGEN_VARS:
         assert var in proc.stdout
     assert str(cache) in proc.stdout and "33.0" in proc.stdout
 
