@@ -56,11 +56,11 @@ from test_fuzz import (
     MAX_FLOAT,
     NEG_INF,
     POW2_DIVISORS,
-    SEQ_LENS,
     Case,
     Ex,
     Gen,
     const,
+    draw_shape,
     examples,
     materialize,
     node,
@@ -298,12 +298,7 @@ def _under_float_floordiv(ex: Ex) -> set[str]:
 
 @st.composite
 def grad_cases(draw, roles: tuple[str, ...], optional: tuple[str, ...] = (), learnable: bool = False) -> GradCase:
-    B, H, Sq, Skv = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(SEQ_LENS), draw(SEQ_LENS)
-    D, Dv = draw(st.sampled_from((16, 32))), draw(st.sampled_from((16, 32)))
-    gqa = H == 2 and draw(st.integers(0, 3)) == 0
-    scale = draw(st.sampled_from((None, None, 0.25, 0.125)))
-    bshd = draw(st.integers(0, 3)) == 0
-    seed = draw(st.integers(0, 2**31 - 1))
+    B, H, Sq, Skv, D, Dv, gqa, scale, bshd, seed = draw_shape(draw)
     mods, found, reads, no_grad = [], [], set(), set()
     for role in roles:
         if role in optional and not draw(st.booleans()):
