@@ -368,7 +368,8 @@ class Attention:
         masked = self.analysis.has_mask
         dkdv_kernel, dq_kernel = _EvenN(module.attn_bwd_dkdv, Skv), _EvenN(module.attn_bwd_dq, Skv)
 
-        fixed = torch.zeros(2, dtype=torch.float32, device=q.device)  # deterministic mode: max |c|, scale
+        # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)
+        fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if grad_slots else None
 
         def dkdv_args(gbufs: dict) -> tuple:
             grad_args = [x for slot in grad_slots for x in [gbufs[slot], *gbufs[slot].stride()]]
