@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .runtime import Config, smaller_configs
+from .runtime import Config, padded, smaller_configs
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ def register_values(family: str, cfg: Config, block_d: int, block_dv: int) -> fl
     return live / (32 * cfg.num_warps)
 
 
+def _tile_dims(head_dim: int, head_dim_v: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """The padded head dims the kernels use (``runtime.padded``) and the element size."""
+    return padded(head_dim), padded(head_dim_v), torch.empty((), dtype=dtype).element_size()
+
+
 @functools.cache
 def shared_memory_limit(device: torch.device) -> int:
     if device.type != "cuda":
@@ -81,8 +86,7 @@ def first_fitting(family: str, cfg: Config, device: torch.device, head_dim: int,
     """``cfg``, or the first of :func:`~flashgen.runtime.smaller_configs` whose shared-memory
     estimate (a lower bound) fits the device: configurations that cannot fit are never compiled
     (each failed compile of a wide fp32 kernel costs tens of seconds)."""
-    block_d, block_dv = (max(16, triton.next_power_of_2(d)) for d in (head_dim, head_dim_v))
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    block_d, block_dv, itemsize = _tile_dims(head_dim, head_dim_v, dtype)
     limit = shared_memory_limit(device)
     options = [cfg] + smaller_configs(cfg)
     for c in options:
@@ -94,8 +98,7 @@ def first_fitting(family: str, cfg: Config, device: torch.device, head_dim: int,
 def candidates(family: str, device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                space: Space | None = None) -> list[Config]:
     """The family's space without configurations that cannot fit."""
-    block_d, block_dv = (max(16, triton.next_power_of_2(d)) for d in (head_dim, head_dim_v))
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    block_d, block_dv, itemsize = _tile_dims(head_dim, head_dim_v, dtype)
     limit = shared_memory_limit(device)
     return [c for c in (space or SPACES[family]).configs()
             if shared_memory_bytes(family, c, block_d, block_dv, itemsize) <= limit
