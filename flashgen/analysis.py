@@ -24,12 +24,33 @@ from .rewrite import simplify
 Bound = Optional[int]  # noqa: UP045 - None means unbounded on that side (a runtime alias)
 
 
-def int_bounds(node: Node) -> tuple[Bound, Bound]:
-    """Bounds (lo, hi), inclusive, of an integer or boolean expression; None where unknown."""
+def int_bounds(node: Node, index: dict[str, tuple[int, int]] | None = None) -> tuple[Bound, Bound]:
+    """Bounds (lo, hi), inclusive, of an integer or boolean expression; None where unknown.
+    ``index`` gives bounds of the index variables; those it leaves out are only non-negative."""
+    return _all_bounds([node], index or {})[id(node)]
+
+
+def _all_bounds(roots: list[Node], index: dict[str, tuple[int, int]]) -> dict[int, tuple[Bound, Bound]]:
     memo: dict[int, tuple[Bound, Bound]] = {}
-    for n in toposort([node]):
-        memo[id(n)] = _bounds_step(n, [memo[id(c)] for c in n.src])
-    return memo[id(node)]
+    for n in toposort(roots):
+        memo[id(n)] = index.get(n.arg, (0, None)) if n.op is Op.INDEX else \
+            _bounds_step(n, [memo[id(c)] for c in n.src])
+    return memo
+
+
+def reads_in_range(roots: list[Node], shapes: list[tuple[int, ...]], B: int, H: int, Sq: int, Skv: int) -> bool:
+    """True when every captured-tensor read under ``roots`` provably indexes inside its tensor
+    (``shapes[slot]``) for every b < B, h < H, q_idx < Sq, kv_idx < Skv. Kernels then read without
+    bounds masks (which also keeps contiguous reads vectorised); otherwise an index out of range
+    reads 0. Indices computed from loaded values are not bounded here, so they keep the checks."""
+    memo = _all_bounds(roots, {"b": (0, B - 1), "h": (0, H - 1), "q_idx": (0, Sq - 1), "kv_idx": (0, Skv - 1)})
+    for n in toposort(roots):
+        if n.op is Op.LOAD:
+            for d, i in enumerate(n.src):
+                lo, hi = memo[id(i)]
+                if lo is None or hi is None or lo < 0 or hi > shapes[n.arg][d] - 1:
+                    return False
+    return True
 
 
 def _bounds_step(n: Node, s: list[tuple[Bound, Bound]]) -> tuple[Bound, Bound]:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import ir
-from .analysis import Analysis, analyze
+from .analysis import Analysis, analyze, reads_in_range
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
 from .codegen.render import KernelSource, render_backward, render_forward
@@ -47,12 +47,13 @@ _sources: dict[object, KernelSource] = {}
 
 def _as_bias_fn(bias) -> Callable | None:
     """A dense bias tensor broadcastable to [B, H, Sq, Skv] becomes a mod that reads it
-    (size-1 dimensions are read at index 0, as broadcasting would)."""
+    (size-1 and missing leading dimensions are read at index 0, as broadcasting would)."""
     if not isinstance(bias, torch.Tensor):
         return bias
-    if bias.dim() != 4 or not bias.is_floating_point():
-        raise ValueError(f"a bias tensor must be floating point with 4 dims broadcastable to [B, H, Sq, Skv], "
-                         f"got {bias.dtype} of shape {tuple(bias.shape)}")
+    if not 2 <= bias.dim() <= 4 or not bias.is_floating_point():
+        raise ValueError(f"a bias tensor must be floating point with 2 to 4 dims broadcastable to [B, H, Sq, Skv] "
+                         f"(e.g. [H, Sq, Skv]), got {bias.dtype} of shape {tuple(bias.shape)}")
+    bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))  # leading dims of 1, as broadcasting reads them
     ones = [size == 1 for size in bias.shape]
 
     def dense_bias(b, h, q_idx, kv_idx):
@@ -101,6 +102,7 @@ class Attention:
                              f"bias: {self.analysis.bias.report()}); tensors and LowRankBias already have a path")
         self._block_maps: OrderedDict[tuple, BlockMask] = OrderedDict()
         self._last_block_map: BlockMask | None = None
+        self._checked_reads: dict[tuple, bool] = {}
 
     # -- introspection -----------------------------------------------------------------------
     def _kernel_source(self) -> KernelSource:
@@ -185,6 +187,15 @@ class Attention:
             self._block_maps.move_to_end(key)
         self._last_block_map = bm
         return bm
+
+    def _check_reads(self, shape: tuple[int, int, int, int]) -> bool:
+        """CHECK_READS for a launch: False when every captured-tensor read is proved in range for
+        this shape (the kernels then read without bounds masks)."""
+        key = (shape, tuple(t.shape for t in self.captured))
+        if key not in self._checked_reads:
+            self._checked_reads[key] = not reads_in_range([self.program.logits, self.program.mask],
+                                                          [tuple(t.shape) for t in self.captured], *shape)
+        return self._checked_reads[key]
 
     def _runs_args(self, shape: tuple[int, int, int, int], cfg: Config, device, *, transpose: bool = False,
                    ragged_last: bool = False) -> tuple:
@@ -272,7 +283,8 @@ class Attention:
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
         kwargs = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
-                      IDX_T=tl.int64 if large else tl.int32, STORE_LSE=want_lse, **_precision(q.dtype),
+                      IDX_T=tl.int64 if large else tl.int32, CHECK_READS=self._check_reads(shape),
+                      STORE_LSE=want_lse, **_precision(q.dtype),
                       extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
                       if self.analysis.block_runs else None)
 
@@ -360,11 +372,12 @@ class Attention:
             HEAD_DV=Dv, BLOCK_DV=padded(Dv), BLOCK_M=_DELTA_ROWS, HAS_DLSE=dlse is not None)
         lse = lse.contiguous()
         capture_args, large = _capture_args(self.captured)
+        shape = (B, Hq, Sq, Skv)
         common = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
-                      IDX_T=tl.int64 if large else tl.int32, **_precision(q.dtype))
+                      IDX_T=tl.int64 if large else tl.int32, CHECK_READS=self._check_reads(shape),
+                      **_precision(q.dtype))
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
                             for family, c in zip(("dkdv", "dq"), default_backward_configs(q.device, D, Dv, q.dtype)))
-        shape = (B, Hq, Sq, Skv)
         masked = self.analysis.has_mask
         dkdv_kernel, dq_kernel = _EvenN(module.attn_bwd_dkdv, Skv), _EvenN(module.attn_bwd_dq, Skv)
 

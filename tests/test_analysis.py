@@ -5,7 +5,7 @@ import torch
 
 import flashgen as fg
 from flashgen import ir
-from flashgen.analysis import Band, int_bounds
+from flashgen.analysis import Band, int_bounds, reads_in_range
 from flashgen.ir import Op
 
 q, kv = ir.index("q_idx"), ir.index("kv_idx")
@@ -51,6 +51,44 @@ def test_int_bounds():
     assert int_bounds(ir.binary(Op.SUB, q, kv)) == (None, None)
     assert int_bounds(ir.binary(Op.MUL, ir.const(-2), q)) == (None, 0)
     assert int_bounds(ir.binary(Op.MIN, q, ir.const(7))) == (0, 7)
+
+
+def test_int_bounds_with_index_extents():
+    extents = {"q_idx": (0, 9), "kv_idx": (0, 19)}
+    assert int_bounds(ir.binary(Op.SUB, q, kv), extents) == (-19, 9)
+    assert int_bounds(ir.binary(Op.FLOORDIV, kv, ir.const(4)), extents) == (0, 4)
+    assert int_bounds(ir.index("h"), extents) == (0, None)  # not given: only non-negative
+
+
+_IDS, _TABLE = torch.arange(64) // 16, torch.ones(8, dtype=torch.bool)
+
+
+def _nested_read(b, h, q_idx, kv_idx):
+    return _TABLE[_IDS[q_idx]]
+
+
+def _roots(**mods):
+    attn = fg.compile(**mods)
+    return [attn.program.logits, attn.program.mask], [tuple(t.shape) for t in attn.captured]
+
+
+@pytest.mark.parametrize("mods,shape,proved", [
+    # a dense bias read at (0, h, q_idx, kv_idx): in range exactly when it covers the launch
+    (dict(bias=torch.randn(1, 4, 16, 24)), (2, 4, 16, 24), True),
+    (dict(bias=torch.randn(1, 4, 16, 24)), (2, 4, 16, 25), False),
+    (dict(bias=torch.randn(1, 4, 16, 24)), (2, 5, 16, 24), False),
+    # relative positions q - kv + L - 1 in [0, 2L - 2] while both lengths are at most L
+    (dict(score_mod=fg.mods.relative_bias(torch.randn(2, 2 * 32 - 1))), (1, 2, 32, 32), True),
+    (dict(score_mod=fg.mods.relative_bias(torch.randn(2, 2 * 32 - 1))), (1, 2, 33, 32), False),
+    (dict(score_mod=fg.mods.alibi(torch.rand(4))), (3, 4, 100, 100), True),
+    (dict(score_mod=fg.mods.alibi(torch.rand(4))), (3, 8, 100, 100), False),
+    (dict(mask_mod=fg.mods.document(torch.arange(64) // 16)), (1, 1, 64, 64), True),
+    # an index read from a tensor has no static bounds: the checks stay
+    (dict(mask_mod=_nested_read), (1, 1, 64, 64), False),
+])
+def test_reads_in_range(mods, shape, proved):
+    roots, shapes = _roots(**mods)
+    assert reads_in_range(roots, shapes, *shape) is proved
 
 
 def test_floor_division_uses_the_fast_path_only_when_safe():

@@ -116,6 +116,11 @@ def test_dense_bias_gradient():
                    captured=(bias,))
 
 
+def test_dense_bias_without_leading_dims_gets_its_gradient():
+    bias = torch.randn(2, 30, 30).requires_grad_()  # [H, Sq, Skv], broadcast over the batch
+    check_backward(rand(2, 2, 30, 16), rand(2, 2, 30, 16), rand(2, 2, 30, 16), bias=bias, captured=(bias,))
+
+
 def test_fully_masked_rows_have_zero_gradient_and_no_nan():
     mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: (q_idx >= 8) & (kv_idx <= q_idx))
     q, k, v = (rand(1, 1, 24, 16).requires_grad_() for _ in range(3))

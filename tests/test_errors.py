@@ -84,8 +84,9 @@ def test_mod_errors_surface_as_trace_errors():
 
 def test_bad_bias_tensor():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="broadcastable"):
-        fg.attention(q, k, v, bias=torch.randn(16, 16))
+    for bad in (torch.randn(16), torch.randn(1, 1, 1, 16, 16), torch.ones(16, 16, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="broadcastable"):
+            fg.attention(q, k, v, bias=bad)
 
 
 def test_library_mod_arguments_are_checked():

@@ -142,6 +142,25 @@ def test_empty_inputs():
     assert out.shape == (1, 2, 4, 8) and (out == 0).all() and torch.isneginf(lse).all()
 
 
+@requires_interpreter
+def test_reads_out_of_range_give_zero():
+    # relative_bias covers distances up to L - 1 = 7; at S = 20 the farther ones read 0, as documented
+    # (the launch cannot prove the reads in range, so the kernel keeps its bounds masks)
+    L, S = 8, 20
+    table = torch.randn(2, 2 * L - 1)
+    q, k, v = (rand(1, 2, S, 16) for _ in range(3))
+    attn = fg.compile(score_mod=fg.mods.relative_bias(table))
+    assert attn._check_reads((1, 2, S, S))
+    wide = torch.zeros(2, 2 * S - 1)  # the same table with zeros for the distances it does not cover
+    wide[:, S - L:S + L - 1] = table
+    ref = fg.attention_reference(q, k, v, fg.mods.relative_bias(wide))
+    assert rel_err(attn(q, k, v), ref) < 1e-4
+    # at S <= L every read is proved in range: no bounds masks, same results
+    q, k, v = (t[:, :, :L] for t in (q, k, v))
+    assert not attn._check_reads((1, 2, L, L))
+    check_against_reference(q, k, v, fg.mods.relative_bias(table), attn=attn)
+
+
 def test_generated_source_and_explain():
     table = torch.randn(2, 39)
     attn = fg.compile(score_mod=fg.mods.relative_bias(table), mask_mod=fg.mods.sliding_window(8))
@@ -172,7 +191,7 @@ def test_attention_reuses_traces_but_sees_changed_closure_scalars():
 
 def test_dense_bias_broadcasts_over_every_size_one_dimension():
     q, k, v = rand(2, 2, 20, 16), rand(2, 2, 24, 16), rand(2, 2, 24, 16)
-    for shape in [(1, 1, 20, 24), (2, 1, 1, 24), (1, 2, 20, 1), (1, 1, 1, 1)]:
+    for shape in [(1, 1, 20, 24), (2, 1, 1, 24), (1, 2, 20, 1), (1, 1, 1, 1), (2, 20, 24), (20, 1)]:
         check_against_reference(q, k, v, bias=torch.randn(*shape))
 
 

@@ -199,8 +199,9 @@ def _load(n: Node, idx: list[str]) -> str:
         value = f"tl.load({base})"
     else:
         offset, in_range = _address(n, idx, base)
-        # out-of-range reads give 0 instead of faulting or reading other memory
-        value = f"tl.load({base} + {offset}, mask={in_range}, other=0)"
+        # out-of-range reads give 0 instead of faulting or reading other memory (unless the launch
+        # proved every index in range: CHECK_READS False)
+        value = f"_read({base} + {offset}, {in_range}, CHECK_READS)"
     if n.dtype is DType.FLOAT:
         return f"{value}.to(tl.float32)"
     if n.dtype is DType.BOOL:
