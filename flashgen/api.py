@@ -20,6 +20,7 @@ from .factors import LowRankBias, factor_bias
 from .lowrank import lowering_cost
 from .runtime import (
     Config,
+    binaries_here,
     default_backward_configs,
     default_config,
     identifier,
@@ -264,6 +265,7 @@ class Attention:
                 self._factored.popitem(last=False)
         return inner
 
+    @binaries_here()  # compiled kernels persist in flashgen's cache
     def _forward(self, q, k, v, scale: float, want_lse: bool, config: Config | None):
         B, Hq, Sq, D = q.shape
         _, Hkv, Skv, Dv = v.shape
@@ -353,6 +355,7 @@ class Attention:
             _sources[key] = ks
         return ks
 
+    @binaries_here()
     def _backward(self, q, k, v, out, lse, dout, dlse, scale: float, grad_slots: tuple[int, ...]):
         """Gradients for q, k, v and the captured tensors in ``grad_slots`` (float32 buffers)."""
         B, Hq, Sq, D = q.shape

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -334,15 +335,16 @@ def _cache(args: argparse.Namespace) -> int:
     if args.action == "ls":
         for e in entries:
             stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
-            print(f"{e.kind:<7} {e.size:>9} B  {stamp}  {e.path.name}")
+            print(f"{e.kind:<7} {e.size:>9} B  {stamp}  {e.label or e.path.name}")
         if not entries:
             print(f"(empty: {cache_dir()})")
         return 0
-    kinds = {k: [e for e in entries if e.kind == k] for k in ("kernel", "tuning")}
+    kinds = {k: [e for e in entries if e.kind == k] for k in ("kernel", "binary", "tuning")}
     print(f"cache directory: {cache_dir()}")
     for k, es in kinds.items():
         print(f"  {k:<7} entries: {len(es):>5}  {sum(e.size for e in es) / 1024:10.1f} KiB")
-    print("compiled binaries live in Triton's own cache (TRITON_CACHE_DIR, default ~/.triton/cache)")
+    if "TRITON_CACHE_DIR" in os.environ:
+        print(f"compiled binaries go to TRITON_CACHE_DIR={os.environ['TRITON_CACHE_DIR']} (set by you), not here")
     return 0
 
 

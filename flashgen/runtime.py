@@ -4,8 +4,11 @@ Disk cache (``settings().cache_dir``, default ``~/.cache/flashgen``):
 
 - ``kernels/<variant>-<key12>.py``: generated sources (Triton reads kernel source with
   ``inspect``, so they must be files), named by the sha256 of their text, which covers the IR,
-  the template and flashgen's version. Compiled binaries are Triton's: its own disk cache keys
-  them by this source, the launch options, the GPU architecture and Triton's version.
+  the template and flashgen's version.
+- ``triton/<hash>/``: the compiled binaries of those kernels. Triton compiles and keys them (by
+  the source, the launch options, the GPU architecture and Triton's version); flashgen points
+  Triton's cache here while it launches its own kernels (:func:`binaries_here`), unless the user
+  set ``TRITON_CACHE_DIR``, which then wins.
 - ``tuning/<variant>-<family>-<hash16>.json``: autotuning results (see ``flashgen.tuning``),
   keyed by flashgen and Triton versions, GPU, source key and tuning key.
 
@@ -30,6 +33,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -59,6 +64,23 @@ def cache_dir() -> Path:
         _private_dir = Path(tempfile.mkdtemp(prefix="flashgen-nocache-"))
         atexit.register(shutil.rmtree, _private_dir, True)
     return _private_dir
+
+
+@contextmanager
+def binaries_here() -> Iterator[None]:
+    """Within this context Triton compiles into (and loads from) ``<cache>/triton``: flashgen's
+    kernels persist with the rest of its cache, and a warm cache serves a fresh process without
+    compiling. A ``TRITON_CACHE_DIR`` set by the user is left alone."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or "TRITON_CACHE_DIR" in os.environ or interpreting():
+        yield
+        return
+    knobs.cache.dir = str(cache_dir() / "triton")  # (Triton's knob also sets the environment variable)
+    try:
+        yield
+    finally:
+        del knobs.cache.dir
+        os.environ.pop("TRITON_CACHE_DIR", None)
 
 
 def _lock(path: Path):
@@ -325,10 +347,18 @@ def store_tuning(name: str, family: str, key: dict, best: Config, trials: list[d
 
 @dataclass(frozen=True)
 class CacheEntry:
-    kind: str  # "kernel" or "tuning"
+    kind: str  # "kernel" (a generated source), "binary" (one compiled kernel, a directory) or "tuning"
     path: Path
     size: int
     mtime: float
+    label: str = ""  # what a binary is: the kernel's name, from Triton's metadata
+
+
+def _binary_entry(path: Path) -> CacheEntry:
+    files = [f for f in path.iterdir() if f.is_file()]
+    names = sorted({f.stem for f in files if f.suffix == ".json" and not f.name.startswith("__grp__")})
+    mtime = max((f.stat().st_mtime for f in files), default=path.stat().st_mtime)
+    return CacheEntry("binary", path, sum(f.stat().st_size for f in files), mtime, ",".join(names))
 
 
 def cache_entries() -> list[CacheEntry]:
@@ -337,7 +367,8 @@ def cache_entries() -> list[CacheEntry]:
     for kind, sub, pattern in (("kernel", "kernels", "*.py"), ("tuning", "tuning", "*.json")):
         for path in sorted((root / sub).glob(pattern)):
             st = path.stat()
-            out.append(CacheEntry(kind, path, st.st_size, st.st_mtime))
+            out.append(CacheEntry(kind, path, st.st_size, st.st_mtime, path.name))
+    out += [_binary_entry(path) for path in sorted((root / "triton").glob("*")) if path.is_dir()]
     return out
 
 
@@ -345,7 +376,10 @@ def clear_cache() -> int:
     """Remove every cache entry (and its lock file); returns the number of entries removed."""
     entries = cache_entries()
     for e in entries:
-        e.path.unlink(missing_ok=True)
-        Path(str(e.path) + ".lock").unlink(missing_ok=True)
+        if e.kind == "binary":
+            shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            e.path.unlink(missing_ok=True)
+            Path(str(e.path) + ".lock").unlink(missing_ok=True)
     _tuned_in_memory.clear()
     return len(entries)

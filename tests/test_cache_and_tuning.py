@@ -431,6 +431,28 @@ def test_measure_on_cpu_is_a_median_of_wall_times():
 # listing and clearing
 
 
+def test_compiled_binaries_go_to_the_cache(cache, monkeypatch):
+    knobs = pytest.importorskip("triton").knobs
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)  # as on a GPU, where Triton compiles
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    before = knobs.cache.dir
+    with runtime.binaries_here():
+        assert knobs.cache.dir == str(cache / "triton")
+    assert knobs.cache.dir == before
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache / "users"))  # the user's choice wins
+    with runtime.binaries_here():
+        assert knobs.cache.dir == str(cache / "users")
+    # a compiled kernel is one directory of Triton's files: one entry, named by the kernel
+    binary = cache / "triton" / "ABCDEF"
+    binary.mkdir(parents=True)
+    (binary / "attn_fwd.json").write_text("{}")
+    (binary / "attn_fwd.cubin").write_bytes(b"\0" * 100)
+    (binary / "__grp__attn_fwd.json").write_text("{}")
+    [entry] = runtime.cache_entries()
+    assert (entry.kind, entry.path, entry.label, entry.size) == ("binary", binary, "attn_fwd", 104)
+    assert runtime.clear_cache() == 1 and not binary.exists()
+
+
 def test_cache_entries_and_clear(cache):
     assert runtime.cache_entries() == []  # the directory does not exist yet
     attn = fg.compile(mask_mod=fg.mods.causal)

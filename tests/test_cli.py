@@ -93,7 +93,8 @@ def test_python_dash_m_entry_point(cache):
     assert str(cache) in proc.stdout and "33.0" in proc.stdout
 
 
-def test_cache_info_ls_clear(cache, capsys):
+def test_cache_info_ls_clear(cache, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     rc, out, _ = cli(capsys, "cache", "ls")
     assert rc == 0 and out == f"(empty: {cache})\n"
     attn = fg.compile(mask_mod=fg.mods.causal)
@@ -108,8 +109,9 @@ def test_cache_info_ls_clear(cache, capsys):
     assert lines[0] == f"cache directory: {cache}"
     kib = runtime.source_path(ks).stat().st_size / 1024
     assert lines[1].split() == ["kernel", "entries:", "1", f"{kib:.1f}", "KiB"]
-    assert lines[2].split()[:3] == ["tuning", "entries:", "1"]
-    assert "TRITON_CACHE_DIR" in lines[3]
+    assert lines[2].split() == ["binary", "entries:", "0", "0.0", "KiB"]  # the interpreter compiles nothing
+    assert lines[3].split()[:3] == ["tuning", "entries:", "1"]
+    assert len(lines) == 4
 
     rc, out, _ = cli(capsys, "cache", "ls")
     lines = out.splitlines()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import flashgen as fg
+from flashgen import runtime
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -437,3 +438,13 @@ def test_host_overhead_with_a_block_map():
     attn = fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal)
     median = median_host_seconds(attn, q, k, v)
     assert median < 200e-6, f"median host time per call {median * 1e6:.0f} µs (bound 200 µs)"
+
+
+def test_compiled_binaries_persist_in_flashgen_cache(cache, monkeypatch):
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    width = 1000 + int(torch.randint(0, 10**6, ()))  # a variant no process has compiled
+    q, k, v = (torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = fg.attention(q, k, v, mask_mod=fg.mods.sliding_window(width) & fg.mods.prefix_lm(16))
+    out.sum().backward()
+    labels = {e.label for e in runtime.cache_entries() if e.kind == "binary"}
+    assert {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"} <= labels, labels
