@@ -30,6 +30,7 @@ from .runtime import (
     load_module,
     load_tuning,
     padded,
+    qk_blocks,
     run_config,
     store_tuning,
 )
@@ -84,6 +85,9 @@ class Attention:
         self._tuned_configs: dict[tuple, Config] = {}  # tuning key -> configuration, for this process
         # a LowRankBias is not traced: its factors become extra head dims of q and k at call time
         self.low_rank_bias = bias if isinstance(bias, LowRankBias) else None
+        # a dense bias tensor's shape, with leading 1s to 4 dims (checked against every call's shape)
+        self.dense_bias_shape = (1,) * (4 - bias.dim()) + tuple(bias.shape) if isinstance(bias, torch.Tensor) \
+            and 2 <= bias.dim() <= 4 else None
         self.program: Program
         self.program, self.captured = trace_attention(score_mod, mask_mod,
                                                       None if self.low_rank_bias else _as_bias_fn(bias))
@@ -211,6 +215,11 @@ class Attention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                  enable_gqa: bool = False, return_lse: bool = False, config: Config | None = None):
         scale = _check_inputs(q, k, v, scale, enable_gqa, self.captured)
+        if self.dense_bias_shape is not None:
+            call = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            if any(n not in (1, want) for n, want in zip(self.dense_bias_shape, call)):
+                raise ValueError(f"the bias tensor of shape {list(self.dense_bias_shape)} does not broadcast to "
+                                 f"[B, H, Sq, Skv] = {list(call)}")
         if self._lowers_to_factors(q.shape[-1]):
             inner = self._factored_attention(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
             return inner(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, config=config)
@@ -240,7 +249,7 @@ class Attention:
             self.last_lowering = "factors (forced)"
             return True
         if head_dim not in self._lowering_memo:
-            self._lowering_memo[head_dim] = lowering_cost(self.program.logits, structure.rank, head_dim)
+            self._lowering_memo[head_dim] = lowering_cost(self.program.logits, structure.rank, head_dim, MAX_HEAD_DIM)
         choice, why = self._lowering_memo[head_dim]
         self.last_lowering = why if not learnable else "loop: captured tensors the bias reads require grad"
         return choice == "factors" and not learnable
@@ -284,7 +293,7 @@ class Attention:
         shape = (B, Hq, Sq, Skv)
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        kwargs = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
+        kwargs = dict(HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv),
                       IDX_T=tl.int64 if large else tl.int32, CHECK_READS=self._check_reads(shape),
                       STORE_LSE=want_lse, **_precision(q.dtype),
                       extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
@@ -376,7 +385,7 @@ class Attention:
         lse = lse.contiguous()
         capture_args, large = _capture_args(self.captured)
         shape = (B, Hq, Sq, Skv)
-        common = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=padded(D), BLOCK_DV=padded(Dv),
+        common = dict(HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv),
                       IDX_T=tl.int64 if large else tl.int32, CHECK_READS=self._check_reads(shape),
                       **_precision(q.dtype))
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)

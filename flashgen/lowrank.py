@@ -144,14 +144,26 @@ ELEMENTWISE_COST = 15
 LOAD_COST = 4  # a read of a captured tensor per score, in elementwise operations
 
 
-def lowering_cost(logits: Node, rank: int, head_dim: int) -> tuple[str, str]:
+def head_blocks(head_dim: int) -> tuple[int, int]:
+    """The q·kᵀ head blocks the kernels use for a head dim: (BLOCK_D, BLOCK_D2), powers of two of
+    at least 16, BLOCK_D2 = 0 for one block. A head that a second, narrower block covers with less
+    padding than the next power of two runs as two dots: 144 -> (128, 16), 192 -> (128, 64),
+    80 -> (64, 16); 128 -> (128, 0), 200 -> (256, 0)."""
+    whole = max(16, 1 << (head_dim - 1).bit_length())
+    first = whole // 2
+    second = max(16, 1 << (head_dim - first - 1).bit_length()) if head_dim > first else 0
+    return (first, second) if first >= 16 and second and first + second < whole else (whole, 0)
+
+
+def lowering_cost(logits: Node, rank: int, head_dim: int, max_head_dim: int = 256) -> tuple[str, str]:
     """("loop" or "factors", why): evaluating the additive bias per score costs its operations;
-    as factors it costs the extra q·kᵀ columns, padded to the power of two the kernels use."""
+    as factors it costs the extra q·kᵀ columns, padded to the head blocks the kernels use."""
     terms = [t for _, t in _summands(logits, 1) if t.op is not Op.SCORE]
     nodes = {id(n): n for t in terms for n in t.toposort() if n.op not in (Op.CONST, Op.INDEX)}
     ops = sum(LOAD_COST if n.op is Op.LOAD else 1 for n in nodes.values()) + len(terms)
-    width = max(16, 1 << (head_dim - 1).bit_length())
-    wider = max(16, 1 << (head_dim + rank - 1).bit_length())
+    if head_dim + rank > max_head_dim:
+        return "loop", f"loop: head dim {head_dim} plus rank {rank} exceeds {max_head_dim}, the kernels' widest head"
+    width, wider = sum(head_blocks(head_dim)), sum(head_blocks(head_dim + rank))
     factors, loop = 2 * (wider - width), ELEMENTWISE_COST * ops
     choice = "factors" if factors < loop else "loop"
     return choice, (f"{choice}: factors add {wider - width} q·k columns ({factors} tensor-core FLOPs per score), "

@@ -43,6 +43,7 @@ import torch
 import triton
 
 from .codegen.render import KernelSource
+from .lowrank import head_blocks
 from .settings import settings
 
 
@@ -277,7 +278,15 @@ def run_config(kernel, cfg: Config, grid, *args, extra=None, **kwargs) -> None:
 
 
 def padded(d: int) -> int:
+    """The width of a head dim in the kernels' tiles: a power of two for v (``BLOCK_DV``), the sum
+    of the q·kᵀ head blocks for q and k (``head_blocks``)."""
     return max(16, triton.next_power_of_2(d))
+
+
+def qk_blocks(d: int) -> dict[str, int]:
+    """The kernels' BLOCK_D and BLOCK_D2 constexprs for a q/k head dim (``lowrank.head_blocks``)."""
+    first, second = head_blocks(d)
+    return {"BLOCK_D": first, "BLOCK_D2": second}
 
 
 # ---------------------------------------------------------------------------------------------

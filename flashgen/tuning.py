@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .lowrank import head_blocks
 from .runtime import Config, padded, smaller_configs
 
 
@@ -67,8 +68,9 @@ def register_values(family: str, cfg: Config, block_d: int, block_dv: int) -> fl
 
 
 def _tile_dims(head_dim: int, head_dim_v: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """The padded head dims the kernels use (``runtime.padded``) and the element size."""
-    return padded(head_dim), padded(head_dim_v), torch.empty((), dtype=dtype).element_size()
+    """The widths the kernels' tiles give the head dims (q/k head blocks, padded v) and the
+    element size."""
+    return sum(head_blocks(head_dim)), padded(head_dim_v), torch.empty((), dtype=dtype).element_size()
 
 
 @functools.cache

@@ -67,6 +67,18 @@ def test_odd_lengths_and_value_dim():
     check_backward(rand(1, 2, 37, 48), rand(1, 2, 53, 48), rand(1, 2, 53, 24), mask_mod=fg.mods.sliding_window(20))
 
 
+@pytest.mark.parametrize("d, dv, mods", [
+    (48, 40, dict(mask_mod=fg.mods.causal)),  # head blocks 32 + 16
+    (80, 64, dict(mask_mod=fg.mods.document(torch.arange(45) // 12), score_mod=fg.mods.softcap(4.0))),  # 64 + 16
+    (144, 32, dict(bias=torch.randn(1, 4, 45, 45))),  # 128 + 16: a head widened by rank-16 factors
+])
+def test_head_dims_in_two_blocks(d, dv, mods):
+    from flashgen.lowrank import head_blocks
+
+    assert head_blocks(d)[1] > 0  # q·kᵀ runs as two dots, and dq, dk come out in two blocks
+    check_backward(rand(1, 4, 45, d), rand(1, 2, 45, d), rand(1, 2, 45, dv), enable_gqa=True, **mods)
+
+
 def test_gqa_accumulates_over_the_group():
     check_backward(rand(2, 6, 40, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 16), mask_mod=fg.mods.causal,
                    enable_gqa=True)

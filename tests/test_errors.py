@@ -87,6 +87,10 @@ def test_bad_bias_tensor():
     for bad in (torch.randn(16), torch.randn(1, 1, 1, 16, 16), torch.ones(16, 16, dtype=torch.int64)):
         with pytest.raises(ValueError, match="broadcastable"):
             fg.attention(q, k, v, bias=bad)
+    # a bias whose shape does not match the call's would read out of range: refused, never zeros
+    for bad in (torch.randn(3, 16, 16), torch.randn(16, 15), torch.randn(2, 1, 1, 16)):
+        with pytest.raises(ValueError, match="does not broadcast"):
+            fg.attention(q, k, v, bias=bad)
 
 
 def test_library_mod_arguments_are_checked():

@@ -41,6 +41,12 @@ def test_causal_head_dims_and_dtypes(dtype, D):
     check(2, 4, 4, 300, 300, D, D, dtype, mask_mod=fg.mods.causal)
 
 
+@pytest.mark.parametrize("dtype, D, Dv", [(torch.bfloat16, 80, 64), (torch.bfloat16, 144, 128),
+                                         (torch.float32, 48, 48)])
+def test_head_dims_in_two_blocks(dtype, D, Dv):
+    check(2, 4, 2, 300, 300, D, Dv, dtype, mask_mod=fg.mods.causal)
+
+
 @pytest.mark.parametrize("name", ["full", "sliding_window", "softcap", "document", "prefix_lm"])
 def test_mods(name):
     doc = torch.sort(torch.randint(0, 4, (1000,), device="cuda")).values

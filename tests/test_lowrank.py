@@ -572,14 +572,33 @@ def test_bias_lowering_matches_the_reference(lowering):
         assert "bias lowering:  " + lowering in attn.explain()
 
 
+def test_head_blocks():
+    from flashgen.lowrank import head_blocks
+
+    expected = {16: (16, 0), 24: (32, 0), 48: (32, 16), 64: (64, 0), 80: (64, 16), 96: (64, 32), 100: (128, 0),
+                128: (128, 0), 144: (128, 16), 192: (128, 64), 200: (256, 0), 256: (256, 0)}
+    assert {d: head_blocks(d) for d in expected} == expected
+    for d in range(1, 257):  # the blocks cover the head, each a power of two >= 16, never wider than one block
+        first, second = head_blocks(d)
+        assert first + second >= d and first >= 16 and (second == 0 or second >= 16)
+        assert first & (first - 1) == 0 and second & (second - 1) == 0
+        assert first + second <= max(16, 1 << (d - 1).bit_length())
+
+
 def test_cost_model_choices():
     from flashgen.lowrank import lowering_cost
 
     alibi = fg.compile(score_mod=fg.mods.alibi(torch.rand(2))).program.logits
-    assert lowering_cost(alibi, 2, 128)[0] == "loop"  # 128 more columns cost more than a few operations
-    assert lowering_cost(alibi, 2, 80)[0] == "factors"  # 80 + 2 fits the 128 the kernels pad 80 to anyway
-    choice, why = lowering_cost(alibi, 2, 64)
-    assert choice in why and "columns" in why and "operations" in why
+    # 128 + 2 runs as head blocks 128 + 16: 16 more columns (32 FLOPs) against 7 operations per score
+    assert lowering_cost(alibi, 2, 128) == ("factors", "factors: factors add 16 q·k columns (32 tensor-core FLOPs "
+                                                       "per score), the loop 7 operations (~105)")
+    assert lowering_cost(alibi, 2, 80)[0] == "factors"  # 80 + 2 fits the blocks 64 + 32 instead of 64 + 16
+    assert lowering_cost(alibi, 2, 96)[0] == "factors"  # 96 + 2: 128, the same 32 columns as 64 + 32
+    assert lowering_cost(alibi, 2, 255)[0] == "loop" and "exceeds 256" in lowering_cost(alibi, 2, 255)[1]
+    assert lowering_cost(alibi, 40, 128)[0] == "loop"  # 168 needs the blocks 128 + 64: 128 FLOPs against ~105
+    quadratic = fg.compile(bias=lambda b, h, q_idx, kv_idx: -0.01 * (q_idx - kv_idx) ** 2).program.logits
+    assert "add 0 q·k columns" in lowering_cost(quadratic, 3, 112)[1]  # 115 fits the 128 that 112 is padded to
+
 
 
 def test_bias_lowering_refusals():
