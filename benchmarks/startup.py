@@ -1,11 +1,12 @@
 """First-call latency of a new variant (forward + backward), cold and with a warm disk cache.
 
-    PYTHONPATH=. python3 benchmarks/startup.py
+    PYTHONPATH=. python3 benchmarks/startup.py [--profile]
 
 Runs the same new variant (a sliding window of a width not used before, so that no cache holds
 it) in two fresh processes one after the other: the first compiles everything (trace, analysis,
-code generation, Triton compile), the second finds the generated sources in flashgen's cache and
-the compiled binaries in Triton's. Prints the seconds of each, measured around the first
+code generation, Triton compile), the second finds the generated sources and the compiled
+binaries in flashgen's cache. ``--profile`` prints each first call's cProfile (top 30 by
+cumulative time). Prints the seconds of each, measured around the first
 forward+backward call only (imports excluded and reported separately).
 """
 
@@ -17,20 +18,35 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, sys, time
+import cProfile, io, json, pstats, sys, time
 t0 = time.perf_counter()
 import torch
 import flashgen as fg
 t_import = time.perf_counter() - t0
-width = int(sys.argv[1])
+width, profile = int(sys.argv[1]), sys.argv[2] == "1"
 q, k, v = (torch.randn(1, 8, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 torch.cuda.synchronize()
+
+
+def first_call():
+    attn = fg.compile(mask_mod=fg.mods.sliding_window(width) & fg.mods.prefix_lm(64))
+    out = attn(q, k, v)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+
+
 t0 = time.perf_counter()
-attn = fg.compile(mask_mod=fg.mods.sliding_window(width) & fg.mods.prefix_lm(64))
-out = attn(q, k, v)
-out.backward(torch.ones_like(out))
-torch.cuda.synchronize()
-print(json.dumps({"import_s": t_import, "first_call_s": time.perf_counter() - t0}))
+if profile:
+    prof = cProfile.Profile()
+    prof.runcall(first_call)
+else:
+    first_call()
+elapsed = time.perf_counter() - t0
+if profile:
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+    print(text.getvalue())
+print(json.dumps({"import_s": t_import, "first_call_s": elapsed}))
 """
 
 
@@ -40,10 +56,14 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("startup: no CUDA device")
         return 0
+    profile = "--profile" in sys.argv[1:]
     width = random.randint(1000, 100000)
     rows = []
     for label in ("cold (new variant)", "warm cache, fresh process"):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(width)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", CHILD, str(width), "1" if profile else "0"], capture_output=True,
+                             text=True, check=True)
+        if profile:
+            print(f"--- {label}: the first call's profile (cumulative)\n" + "\n".join(out.stdout.splitlines()[:-1]))
         rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
     for label, r in rows:
         print(f"{label:<28} first fwd+bwd call {r['first_call_s']:.3f} s   (import flashgen {r['import_s']:.2f} s)")

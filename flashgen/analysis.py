@@ -39,10 +39,9 @@ def _all_bounds(roots: list[Node], index: dict[str, tuple[int, int]]) -> dict[in
 
 
 def reads_in_range(roots: list[Node], shapes: list[tuple[int, ...]], B: int, H: int, Sq: int, Skv: int) -> bool:
-    """True when every captured-tensor read under ``roots`` provably indexes inside its tensor
-    (``shapes[slot]``) for every b < B, h < H, q_idx < Sq, kv_idx < Skv. Kernels then read without
-    bounds masks (which also keeps contiguous reads vectorised); otherwise an index out of range
-    reads 0. Indices computed from loaded values are not bounded here, so they keep the checks."""
+    """Whether every captured-tensor read under ``roots`` provably indexes inside its tensor for all
+    b < B, h < H, q_idx < Sq, kv_idx < Skv (indices computed from loaded values are never proved).
+    Kernels then read without bounds masks; otherwise an index out of range reads 0."""
     memo = _all_bounds(roots, {"b": (0, B - 1), "h": (0, H - 1), "q_idx": (0, Sq - 1), "kv_idx": (0, Skv - 1)})
     for n in toposort(roots):
         if n.op is Op.LOAD:

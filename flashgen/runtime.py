@@ -69,9 +69,8 @@ def cache_dir() -> Path:
 
 @contextmanager
 def binaries_here() -> Iterator[None]:
-    """Within this context Triton compiles into (and loads from) ``<cache>/triton``: flashgen's
-    kernels persist with the rest of its cache, and a warm cache serves a fresh process without
-    compiling. A ``TRITON_CACHE_DIR`` set by the user is left alone."""
+    """Within this context Triton compiles into and loads from ``<cache>/triton``, so a warm cache
+    serves a fresh process without compiling. A ``TRITON_CACHE_DIR`` the user set is left alone."""
     knobs = getattr(triton, "knobs", None)
     if knobs is None or "TRITON_CACHE_DIR" in os.environ or interpreting():
         yield

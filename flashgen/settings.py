@@ -6,23 +6,24 @@ Values are read from the environment at each call of :func:`settings`, so a note
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 
-def _flag(name: str) -> bool:
-    value = os.environ.get(name, "").strip().lower()
+def _flag(name: str, raw: str | None) -> bool:
+    value = (raw or "").strip().lower()
     if value in ("", "0", "false", "no", "off"):
         return False
     if value in ("1", "true", "yes", "on"):
         return True
-    raise ValueError(f"{name}={os.environ[name]!r}: use 1/0 (or true/false, yes/no, on/off)")
+    raise ValueError(f"{name}={raw!r}: use 1/0 (or true/false, yes/no, on/off)")
 
 
-def _number(name: str, default: float, lo: float) -> float:
-    raw = os.environ.get(name, "").strip()
+def _number(name: str, raw: str | None, default: float, lo: float) -> float:
+    raw = (raw or "").strip()
     if not raw:
         return default
     try:
@@ -62,15 +63,26 @@ class Settings:
         return rows
 
 
+VARIABLES = ("FLASHGEN_CACHE_DIR", "FLASHGEN_DISABLE_CACHE", "FLASHGEN_AUTOTUNE", "FLASHGEN_TUNE_MS",
+             "FLASHGEN_PROGRESS")
+
+
 def settings() -> Settings:
-    """The current settings (a bad value raises ValueError naming the variable)."""
+    """The current settings (a bad value raises ValueError naming the variable). Parsed once per
+    distinct environment: a call on the launch path costs a few dictionary reads."""
     import sys
 
-    progress_env = os.environ.get("FLASHGEN_PROGRESS", "").strip()
+    env = os.environ
+    return _parse(tuple(env.get(v) for v in VARIABLES), env.get("HOME"), sys.stderr.isatty())
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(values: tuple[str | None, ...], home: str | None, tty: bool) -> Settings:
+    cache, disable, autotune, tune_ms, progress = values
     return Settings(
-        cache_dir=Path(os.environ.get("FLASHGEN_CACHE_DIR") or Path.home() / ".cache" / "flashgen").expanduser(),
-        disable_cache=_flag("FLASHGEN_DISABLE_CACHE"),
-        autotune=_flag("FLASHGEN_AUTOTUNE"),
-        tune_ms=_number("FLASHGEN_TUNE_MS", 50.0, 1.0),
-        progress=_flag("FLASHGEN_PROGRESS") if progress_env else sys.stderr.isatty(),
+        cache_dir=Path(cache or Path.home() / ".cache" / "flashgen").expanduser(),
+        disable_cache=_flag("FLASHGEN_DISABLE_CACHE", disable),
+        autotune=_flag("FLASHGEN_AUTOTUNE", autotune),
+        tune_ms=_number("FLASHGEN_TUNE_MS", tune_ms, 50.0, 1.0),
+        progress=_flag("FLASHGEN_PROGRESS", progress) if (progress or "").strip() else tty,
     )

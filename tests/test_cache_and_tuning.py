@@ -453,6 +453,30 @@ def test_compiled_binaries_go_to_the_cache(cache, monkeypatch):
     assert runtime.clear_cache() == 1 and not binary.exists()
 
 
+def test_the_cache_switch_happens_once_per_call_signature(cache, monkeypatch):
+    import contextlib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def counting():
+        entered.append(1)
+        yield
+
+    monkeypatch.setattr(api, "binaries_here", counting)
+    attn = fg.compile(mask_mod=fg.mods.causal)
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    for _ in range(3):
+        attn(q, k, v)
+    assert len(entered) == 1  # later calls find the kernel compiled in memory
+    attn(q[:, :, :8], k, v)  # a new shape may specialise a new kernel
+    attn(q, k, v, return_lse=True)
+    assert len(entered) == 3
+    q.requires_grad_()
+    attn(q, k, v).sum().backward()  # forward (with lse) and backward signatures
+    assert len(entered) == 4
+
+
 def test_cache_entries_and_clear(cache):
     assert runtime.cache_entries() == []  # the directory does not exist yet
     attn = fg.compile(mask_mod=fg.mods.causal)
