@@ -23,6 +23,8 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--backward", action="store_true", help="also time forward+backward (q, k, v gradients; the "
+                   "bias and factors frozen), at 3.5x the forward's FLOPs")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_lowrank: no CUDA device")
@@ -61,6 +63,16 @@ def main() -> int:
             err = ((out[:1, :1, :n].double() - ref).norm() / ref.norm()).item()
             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         print(f"  {name:<26} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TF/s   rel err vs dense reference {err:.2e}")
+    if args.backward:
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        dout = torch.randn_like(q)
+        q, k, v = leaves
+        for name, fn in rows:
+            def step(fn=fn):
+                fn().backward(dout)
+
+            ms = triton.testing.do_bench(step, warmup=10, rep=60, grad_to_none=leaves, return_mode="median")
+            print(f"  {name + ' fwd+bwd':<34} {ms:8.3f} ms  {3.5 * flops / ms / 1e9:7.1f} TF/s")
     return 0
 
 
