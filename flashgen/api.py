@@ -94,11 +94,12 @@ class Attention:
 
     def __init__(self, score_mod: Callable | None = None, mask_mod: Callable | None = None,
                  bias: Callable | torch.Tensor | None = None, *, deterministic: bool = False,
-                 autotune: bool | None = None, bias_lowering: str = "loop"):
+                 autotune: bool | None = None, bias_lowering: str = "loop", fast_math: bool | None = None):
         if bias_lowering not in ("auto", "loop", "factors"):
             raise ValueError(f"bias_lowering={bias_lowering!r}: choose 'auto', 'loop' or 'factors'")
         self.bias_lowering = bias_lowering
         self.deterministic = deterministic
+        self.fast_math = fast_math
         self.autotune = settings().autotune if autotune is None else autotune
         self.last_tuning: dict[str, list[dict]] = {}  # family -> trials of the last tuning run
         self._retune = False
@@ -170,6 +171,10 @@ class Attention:
         if self._last_block_map is not None and self.analysis.has_mask:
             lines.append("block map of the last call:")
             lines.append("  " + str(self._last_block_map).replace("\n", "\n  "))
+        if any(n.op in (ir.Op.TANH, ir.Op.SIGMOID) for n in ir.toposort([self.program.logits, self.program.mask])):
+            lines.append("tanh, sigmoid: " + {None: "the GPU's approximate tanh for bf16/fp16 inputs, exact for fp32 "
+                                              "(fast_math=None)", True: "the GPU's approximate tanh (fast_math=True)",
+                                              False: "exact formulas (fast_math=False)"}[self.fast_math])
         read = {r.arg for r in float_reads(self.program.logits)}
         learnable = [f"captured{i}" for i, t in enumerate(self.captured) if i in read and t.requires_grad]
         lines.append("gradients: q, k, v (deterministic)" + (
@@ -212,6 +217,11 @@ class Attention:
             self._block_maps.move_to_end(key)
         self._last_block_map = bm
         return bm
+
+    def _fast_math(self, dtype: torch.dtype) -> bool:
+        """FAST_MATH for a launch: the approximate tanh for bf16/fp16 unless told; never in the
+        interpreter, which cannot run the GPU's instruction."""
+        return not interpreting() and (dtype != torch.float32 if self.fast_math is None else self.fast_math)
 
     def _check_reads(self, shape: tuple[int, int, int, int]) -> bool:
         """CHECK_READS for a launch: False when every captured-tensor read is proved in range for
@@ -288,7 +298,8 @@ class Attention:
                 return total + (bias(b, h, q_idx, kv_idx) if bias is not None else 0.0)
 
             factors = factor_bias(additive, self.analysis.bias.rank, B, H, Sq, Skv, device)
-            inner = Attention(mask_mod=mask_mod, bias=factors, deterministic=self.deterministic, autotune=self.autotune)
+            inner = Attention(mask_mod=mask_mod, bias=factors, deterministic=self.deterministic, autotune=self.autotune,
+                              fast_math=self.fast_math)
             self._factored[key] = inner
             if len(self._factored) > 4:
                 self._factored.popitem(last=False)
@@ -315,7 +326,7 @@ class Attention:
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
         kwargs = dict(HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv),
                       IDX_T=tl.int64 if large else tl.int32, CHECK_READS=self._check_reads(shape),
-                      STORE_LSE=want_lse, **_precision(q.dtype),
+                      FAST_MATH=self._fast_math(q.dtype), STORE_LSE=want_lse, **_precision(q.dtype),
                       extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
                       if self.analysis.block_runs else None)
 
@@ -407,7 +418,7 @@ class Attention:
         shape = (B, Hq, Sq, Skv)
         common = dict(HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv),
                       IDX_T=tl.int64 if large else tl.int32, CHECK_READS=self._check_reads(shape),
-                      **_precision(q.dtype))
+                      FAST_MATH=self._fast_math(q.dtype), **_precision(q.dtype))
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
                             for family, c in zip(("dkdv", "dq"), default_backward_configs(q.device, D, Dv, q.dtype)))
         masked = self.analysis.has_mask
@@ -615,7 +626,7 @@ def _check_inputs(q, k, v, scale, enable_gqa, captured) -> float:
 
 def compile(score_mod: Callable | None = None, mask_mod: Callable | None = None,
             bias: Callable | torch.Tensor | None = None, *, deterministic: bool = False,
-            autotune: bool | None = None, bias_lowering: str = "loop") -> Attention:
+            autotune: bool | None = None, bias_lowering: str = "loop", fast_math: bool | None = None) -> Attention:
     """Trace and analyse the mods once; the returned :class:`Attention` is reusable.
 
     ``deterministic=True`` promises bitwise-identical gradients run to run. The q, k, v gradients
@@ -629,27 +640,32 @@ def compile(score_mod: Callable | None = None, mask_mod: Callable | None = None,
     ``"loop"`` (default) evaluates it per score in the KV loop; ``"factors"`` computes exact
     factors φ_q, φ_k per shape (an interpolative decomposition from O((Sq + Skv)·rank) evaluations)
     and runs it as ``fg.LowRankBias`` (FlashBias); ``"auto"`` lets a cost model choose per head dim
-    (experimental: its constants come from the H200's datasheet ratios, not from measurements)."""
+    (experimental: its constants come from the H200's datasheet ratios, not from measurements).
+    ``fast_math`` chooses how kernels compute ``tanh`` and ``sigmoid`` (soft-capping, gates): the
+    GPU's ``tanh.approx.f32`` instruction (relative error about 2^-11, below bf16's and fp16's
+    resolution; one special-function operation instead of an exp and a division) or exact
+    formulas. None (default): approximate for bf16/fp16 inputs, exact for fp32. Triton's
+    interpreter (no GPU) always runs the exact formulas."""
     return Attention(score_mod, mask_mod, bias, deterministic=deterministic, autotune=autotune,
-                     bias_lowering=bias_lowering)
+                     bias_lowering=bias_lowering, fast_math=fast_math)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable | None = None,
               mask_mod: Callable | None = None, bias: Callable | torch.Tensor | None = None, *,
               scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
-              deterministic: bool = False):
+              deterministic: bool = False, fast_math: bool | None = None):
     """softmax(score_mod(scale * q kᵀ) + bias, masked by mask_mod) · v, as one fused kernel.
 
     q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Skv, D]``, v ``[B, Hkv, Skv, Dv]`` -> ``[B, Hq, Sq, Dv]`` in
     q's dtype; with ``return_lse=True`` also the row log-sum-exp ``[B, Hq, Sq]`` (float32, natural
     log, ``-inf`` for fully masked rows, whose output is 0). Mods are traced on the first call and
     again only when something they read changes; kernels are generated and compiled once per
-    equivalent program.
+    equivalent program. ``deterministic`` and ``fast_math`` as in :func:`compile`.
     """
-    key = _fingerprint((score_mod, mask_mod, bias, deterministic))
+    key = _fingerprint((score_mod, mask_mod, bias, deterministic, fast_math))
     attn = _recent.get(key) if key is not None else None
     if attn is None:
-        attn = Attention(score_mod, mask_mod, bias, deterministic=deterministic)
+        attn = Attention(score_mod, mask_mod, bias, deterministic=deterministic, fast_math=fast_math)
         if key is not None:
             _recent[key] = attn
             if len(_recent) > _RECENT_MAX:

@@ -161,6 +161,20 @@ def test_reads_out_of_range_give_zero():
     check_against_reference(q, k, v, fg.mods.relative_bias(table), attn=attn)
 
 
+@requires_interpreter
+@pytest.mark.parametrize("fast_math", [None, True, False])
+def test_fast_math_option(fast_math):
+    attn = fg.compile(score_mod=fg.mods.softcap(5.0), mask_mod=fg.mods.causal, fast_math=fast_math)
+    assert "_tanh(" in attn.source() and "FAST_MATH" in attn.source() and "tanh.approx.f32" in attn.source()
+    assert {None: "bf16/fp16", True: "fast_math=True", False: "exact"}[fast_math] in attn.explain()
+    assert not attn._fast_math(torch.bfloat16)  # the interpreter cannot run the GPU's instruction: exact
+    q, k, v = (rand(1, 2, 30, 16) for _ in range(3))
+    check_against_reference(q, k, v, fg.mods.softcap(5.0), fg.mods.causal, attn=attn)
+    out = fg.attention(q, k, v, score_mod=fg.mods.softcap(5.0), fast_math=fast_math)
+    assert rel_err(out, fg.attention_reference(q, k, v, fg.mods.softcap(5.0))) < 1e-4
+    assert "tanh, sigmoid" not in fg.compile(mask_mod=fg.mods.causal).explain()  # only where they occur
+
+
 def test_generated_source_and_explain():
     table = torch.randn(2, 39)
     attn = fg.compile(score_mod=fg.mods.relative_bias(table), mask_mod=fg.mods.sliding_window(8))
@@ -181,7 +195,7 @@ def test_attention_reuses_traces_but_sees_changed_closure_scalars():
         return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
     out4 = fg.attention(q, k, v, mask_mod=mask)
-    assert fg.api._fingerprint((None, mask, None, False)) in fg.api._recent
+    assert fg.api._fingerprint((None, mask, None, False, None)) in fg.api._recent
     window = 9  # noqa: F841 - read by the mask's closure
     out9 = fg.attention(q, k, v, mask_mod=mask)
     ref9 = fg.attention_reference(q, k, v, mask_mod=mask)

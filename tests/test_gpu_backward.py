@@ -14,14 +14,14 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(B, Hq, Hkv, Sq, Skv, D, Dv, dtype, captured=(), **mods):
+def check(B, Hq, Hkv, Sq, Skv, D, Dv, dtype, captured=(), fast_math=None, **mods):
     dev = "cuda"
     q = torch.randn(B, Hq, Sq, D, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(B, Hkv, Skv, D, device=dev, dtype=dtype, requires_grad=True)
     v = torch.randn(B, Hkv, Skv, Dv, device=dev, dtype=dtype, requires_grad=True)
     dout = torch.randn(B, Hq, Sq, Dv, device=dev, dtype=torch.float64)
     gqa = Hq != Hkv
-    out = fg.attention(q, k, v, enable_gqa=gqa, **mods)
+    out = fg.attention(q, k, v, enable_gqa=gqa, fast_math=fast_math, **mods)
     (out.double() * dout).sum().backward()
     got = [t.grad for t in (q, k, v, *captured)]
     for t in captured:
@@ -108,4 +108,20 @@ def test_low_rank_bias_forward_and_backward():
     phi_q = (0.5 * torch.randn(1, H, S, R, device="cuda")).requires_grad_()
     phi_k = (0.5 * torch.randn(1, H, S, R, device="cuda")).requires_grad_()
     check(B, H, H, S, S, D, D, torch.bfloat16, captured=(), bias=fg.LowRankBias(phi_q, phi_k),
+          mask_mod=fg.mods.causal)
+
+
+@pytest.mark.parametrize("fast_math", [None, True, False])
+def test_fast_math_tanh_and_sigmoid(fast_math):
+    # soft-capping (tile-level tanh), a gate by head (row-level sigmoid) and a 0-d temperature (scalar tanh)
+    gate = torch.randn(4, device="cuda", requires_grad=True)
+    temp = torch.tensor(0.7, device="cuda", requires_grad=True)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return 20.0 * torch.tanh(score * torch.tanh(temp) / 20.0) * torch.sigmoid(gate[h])
+
+    attn = fg.compile(score_mod=mod, mask_mod=fg.mods.causal, fast_math=fast_math)
+    assert attn._fast_math(torch.bfloat16) is (fast_math is not False)
+    assert attn._fast_math(torch.float32) is (fast_math is True)
+    check(2, 4, 4, 300, 300, 64, 64, torch.bfloat16, captured=(gate, temp), fast_math=fast_math, score_mod=mod,
           mask_mod=fg.mods.causal)

@@ -25,9 +25,9 @@ _LEAF_NAMES = {"b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 
 _FUNCS = {
     Op.EXP: "tl.exp", Op.EXP2: "tl.exp2", Op.LOG: "tl.log", Op.LOG2: "tl.log2", Op.SQRT: "tl.sqrt",
-    Op.RSQRT: "tl.rsqrt", Op.SIGMOID: "tl.sigmoid", Op.SIN: "tl.sin", Op.COS: "tl.cos",
-    Op.FLOOR: "tl.floor", Op.CEIL: "tl.ceil", Op.TANH: "_tanh",
+    Op.RSQRT: "tl.rsqrt", Op.SIN: "tl.sin", Op.COS: "tl.cos", Op.FLOOR: "tl.floor", Op.CEIL: "tl.ceil",
 }
+_FAST_MATH_FUNCS = {Op.TANH: "_tanh", Op.SIGMOID: "_sigmoid"}  # helpers with an approximate variant (FAST_MATH)
 _INFIX = {
     Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.AND: "&", Op.OR: "|", Op.XOR: "^", Op.SHL: "<<", Op.SHR: ">>",
     Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
@@ -138,6 +138,8 @@ class _Emitter:
             return f"tl.where({r[0]} > 0, {pos}, tl.where({r[0]} < 0, {neg}, {zero}))"
         if op in _FUNCS:
             return f"{_FUNCS[op]}({self._f(s[0])})"
+        if op in _FAST_MATH_FUNCS:
+            return f"{_FAST_MATH_FUNCS[op]}({self._f(s[0])}, FAST_MATH)"
         if op is Op.CAST:
             if n.arg == "bool":
                 return f"{r[0]} != 0"
