@@ -2,7 +2,7 @@
 
 Skipped without CUDA. References are computed from the same low-precision inputs, upcast to
 float64 by ``fg.attention_reference``; tolerances are relative errors ‖out − ref‖ / ‖ref‖:
-2e-2 for bf16/fp16 and 1e-4 for fp32 (flashgen uses IEEE fp32 dots for fp32 inputs).
+2e-2 for bf16/fp16 and 1e-4 for fp32 (flashgen's fp32 dots are tf32x3: fp32-level accuracy).
 Shapes stay small (B=2, H=4, S <= 1024) so that the file runs in well under two minutes; most
 of that time is Triton compiling one kernel per (program, dtype, head dims, specialization).
 """
