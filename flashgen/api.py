@@ -126,6 +126,7 @@ class Attention:
             raise ValueError("bias_lowering='factors' needs a traced additive bias of finite rank (attn.analysis."
                              f"bias: {self.analysis.bias.report()}); tensors and LowRankBias already have a path")
         self._block_maps: OrderedDict[tuple, BlockMask] = OrderedDict()
+        self._mask_reads = [self.captured[i] for i in reads(self.program.mask)]  # what a block map depends on
         self._last_block_map: BlockMask | None = None
         self._checked_reads: dict[tuple, bool] = {}
         self._launched: set[tuple] = set()  # call signatures launched before (see _compiling_into_the_cache)
@@ -203,9 +204,8 @@ class Attention:
         """The block map of this variant's mask at one shape, cached: rebuilt only for a new shape,
         tile size or device, or when a captured tensor the mask reads changes (its data pointer or
         version counter)."""
-        read = [self.captured[i] for i in reads(self.program.mask)]
         key = (B, H, Sq, Skv, tuple(block_size), str(device),
-               tuple((t.data_ptr(), t._version) for t in read))
+               tuple((t.data_ptr(), t._version) for t in self._mask_reads))
         bm = self._block_maps.get(key)
         if bm is None:
             bm = BlockMask(self.program.mask, self.captured, (B, H, Sq, Skv), tuple(block_size),

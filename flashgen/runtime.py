@@ -256,17 +256,23 @@ def launch(kernel, key: tuple, cfg: Config, grid, *args, extra=None, **kwargs) -
     from triton.runtime.errors import OutOfResources
 
     cfg = _working_configs.get(key, cfg)
-    candidates = [cfg] + smaller_configs(cfg)
-    for i, candidate in enumerate(candidates):
-        try:
-            run_config(kernel, candidate, grid, *args, extra=extra, **kwargs)
-        except OutOfResources:
-            if i == len(candidates) - 1:
-                raise
-            continue
-        _working_configs[key] = candidate
-        return candidate
-    raise AssertionError("unreachable")  # pragma: no cover
+    try:
+        run_config(kernel, cfg, grid, *args, extra=extra, **kwargs)  # the common case: it fits
+    except OutOfResources:
+        fallbacks = smaller_configs(cfg)
+        for i, candidate in enumerate(fallbacks):
+            try:
+                run_config(kernel, candidate, grid, *args, extra=extra, **kwargs)
+            except OutOfResources:
+                if i == len(fallbacks) - 1:
+                    raise
+                continue
+            cfg = candidate
+            break
+        else:
+            raise
+    _working_configs[key] = cfg
+    return cfg
 
 
 def run_config(kernel, cfg: Config, grid, *args, extra=None, **kwargs) -> None:
