@@ -218,6 +218,15 @@ class Attention:
         self._last_block_map = bm
         return bm
 
+    def _launch_constants(self, dtype: torch.dtype, D: int, Dv: int, shape: tuple) -> tuple[list, dict]:
+        """The captured tensors' kernel arguments (pointer, sizes, strides) and the constexprs
+        every kernel of a call shares."""
+        args = [x for t in self.captured for x in (t, *t.shape, *t.stride())]
+        large = any(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX for t in self.captured)
+        return args, dict(HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv), IDX_T=tl.int64 if large else
+                          tl.int32, CHECK_READS=self._check_reads(shape), FAST_MATH=self._fast_math(dtype),
+                          **_precision(dtype))
+
     def _fast_math(self, dtype: torch.dtype) -> bool:
         """FAST_MATH for a launch: the approximate tanh for bf16/fp16 unless told; never in the
         interpreter, which cannot run the GPU's instruction."""
@@ -320,13 +329,11 @@ class Attention:
             return out, lse
         ks = self._kernel_source()
         kernel = load_kernel(ks)
-        capture_args, large = _capture_args(self.captured)
         shape = (B, Hq, Sq, Skv)
+        capture_args, common = self._launch_constants(q.dtype, D, Dv, shape)
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        kwargs = dict(HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv),
-                      IDX_T=tl.int64 if large else tl.int32, CHECK_READS=self._check_reads(shape),
-                      FAST_MATH=self._fast_math(q.dtype), STORE_LSE=want_lse, **_precision(q.dtype),
+        kwargs = dict(common, STORE_LSE=want_lse,
                       extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
                       if self.analysis.block_runs else None)
 
@@ -414,11 +421,8 @@ class Attention:
             out, dout, dlse if dlse is not None else delta, delta, *out.stride(), *dout.stride(), Hq, Sq,
             HEAD_DV=Dv, BLOCK_DV=padded(Dv), BLOCK_M=_DELTA_ROWS, HAS_DLSE=dlse is not None)
         lse = lse.contiguous()
-        capture_args, large = _capture_args(self.captured)
         shape = (B, Hq, Sq, Skv)
-        common = dict(HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv),
-                      IDX_T=tl.int64 if large else tl.int32, CHECK_READS=self._check_reads(shape),
-                      FAST_MATH=self._fast_math(q.dtype), **_precision(q.dtype))
+        capture_args, common = self._launch_constants(q.dtype, D, Dv, shape)
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
                             for family, c in zip(("dkdv", "dq"), default_backward_configs(q.device, D, Dv, q.dtype)))
         masked = self.analysis.has_mask
@@ -533,19 +537,6 @@ def _with_factors(lr: LowRankBias, q, k, v, scale: float):
     q2 = torch.cat([q * scale, fq.to(q.dtype).expand(B, Hq, Sq, r)], dim=-1)
     k2 = torch.cat([k, fk.to(k.dtype).expand(B, Hkv, Skv, r)], dim=-1)
     return q2, k2, v
-
-
-def _capture_args(captured: list[torch.Tensor]) -> tuple[list, bool]:
-    """Kernel arguments for the captured tensors (pointer, sizes, strides), and whether any needs
-    64-bit offsets."""
-    args: list = []
-    large = False
-    for t in captured:
-        args.append(t)
-        args.extend(t.shape)
-        args.extend(t.stride())
-        large |= sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX
-    return args, large
 
 
 class _EvenN:
