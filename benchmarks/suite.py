@@ -110,10 +110,6 @@ class Record:
     error: str | None = None
 
 
-def record_key(record: dict) -> tuple[str, str, str, str]:
-    return record["variant"], record["shape"], record["pass_name"], record["impl"]
-
-
 def build_cases(heads: int, seq_len: int, device: str, bias_dtype: torch.dtype, wanted: list[str]) -> dict[str, Case]:
     """The wanted variants at one (H, S). The dense bias is only allocated when wanted (GiBs at S=8192)."""
     cases = {var.key: Case(var) for var in build_variants(fg, heads, device, seq_len=seq_len) if var.key in wanted}
@@ -310,12 +306,11 @@ def make_header(device: str, smoke: bool, now: datetime.datetime) -> dict:
 
 
 def summary(records: list[Record]) -> str:
-    def one(r: Record) -> str:
-        return f"{r.impl} error: {r.error}" if r.error else f"{r.impl} {r.ms:.4g} ms {r.tflops:.4g} TF/s"
-
+    cells = [f"{r.impl} error: {r.error}" if r.error else f"{r.impl} {r.ms:.4g} ms {r.tflops:.4g} TF/s"
+             for r in records]
     checks = next((r.checks for r in records if r.impl == "flashgen"), {})
-    return "  " + " | ".join(map(one, records)) + "\n  checks: " + ", ".join(
-        f"{name} {value:.2e}" if isinstance(value, float) else f"{name} {value}" for name, value in checks.items())
+    return "  " + " | ".join(cells) + "\n  checks: " + ", ".join(
+        f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in checks.items())
 
 
 def run_shape(shape, variants: list[str], passes: list[str], device: str, peers: bool, flex,
@@ -376,7 +371,7 @@ def merge(runs: list[dict]) -> dict[tuple, tuple[dict, dict]]:
     merged: dict[tuple, tuple[dict, dict]] = {}
     for run in sorted(runs, key=lambda r: r["header"]["timestamp"]):
         for record in run["records"]:
-            merged[record_key(record)] = (record, run["header"])
+            merged[record["variant"], record["shape"], record["pass_name"], record["impl"]] = record, run["header"]
     return merged
 
 
@@ -402,18 +397,22 @@ def ratio(impls: dict) -> float | None:
     return mine / flex if mine and flex else None
 
 
+def runs_of(rows: dict) -> dict[str, dict]:
+    """timestamp -> header of the runs the records of ``rows`` (variant -> impl -> (record, header)) came from."""
+    return {h["timestamp"]: h for impls in rows.values() for _, h in impls.values()}
+
+
 def stamp(header: dict) -> str:
     return (f"{header['date']}: {header['gpu']}, torch {header['torch']}, triton {header['triton']}, "
             f"flashgen {header['flashgen']}" + (" (smoke)" if header.get("smoke") else ""))
 
 
 def table(shape: str, pass_name: str, rows: dict) -> list[str]:
-    headers = {h["timestamp"]: h for impls in rows.values() for _, h in impls.values()}
     B, H, S, D = shape.split("x")
-    out = [f"## B={B} H={H} S={S} D={D}, {pass_name}", "", *(f"- run {stamp(h)}" for h in headers.values()), "",
+    out = [f"## B={B} H={H} S={S} D={D}, {pass_name}", "", *(f"- run {stamp(h)}" for h in runs_of(rows).values()), "",
            "| variant | density | flashgen TF/s | flex TF/s | flashgen/flex | cuDNN TF/s | flash TF/s | "
            "checks (rel. err.) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-    errors = []
+    errors, mixed = [], False
 
     def cell(impl: str, impls: dict) -> str:
         record = impls.get(impl, (None,))[0]
@@ -426,11 +425,15 @@ def table(shape: str, pass_name: str, rows: dict) -> list[str]:
         checks = impls.get("flashgen", ({}, None))[0].get("checks", {})
         check_text = ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} `{v}`" for k, v in checks.items())
         r = ratio(impls)
-        out.append(f"| {some['label']} | {some['density']:.3f} | {cell('flashgen', impls)} | {cell('flex', impls)} | "
-                   f"{'—' if r is None else f'{r:.2f}'} | {cell('cudnn', impls)} | {cell('flash', impls)} | "
+        mark = " †" if len(runs_of({0: impls})) > 1 else ""
+        mixed = mixed or bool(mark)
+        out.append(f"| {some['label']}{mark} | {some['density']:.3f} | {cell('flashgen', impls)} | "
+                   f"{cell('flex', impls)} | {'—' if r is None else f'{r:.2f}'} | {cell('cudnn', impls)} | "
+                   f"{cell('flash', impls)} | "
                    f"{check_text or '—'} |")
         errors += [f"- {some['label']} / {impl}: `{rec['error']}`" for impl, (rec, _) in impls.items() if rec["error"]]
-    return out + (["", "Errors:", "", *errors] if errors else []) + [""]
+    note = ["", "† this row's records come from different runs (#7's targets compare within one run)."]
+    return out + (note if mixed else []) + (["", "Errors:", "", *errors] if errors else []) + [""]
 
 
 def markdown(g: dict) -> str:
@@ -466,10 +469,11 @@ def chart(g: dict, path: Path) -> bool:
         ax.axhline(TARGET, color="tab:red", linestyle="--", linewidth=1, label=f"#7 target {TARGET}×")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.25 * max([TARGET, *(v for v in values if v)]))
         ax.set_ylabel("flashgen / flex")
         ax.set_title(f"{shape} (BxHxSxD), {pass_name}", fontsize=10)
-        ax.legend(loc="upper right", fontsize=8)
-    headers = {h["timestamp"]: h for rows in g.values() for impls in rows.values() for _, h in impls.values()}
+        ax.legend(loc="upper left", fontsize=8)
+    headers = {ts: h for rows in g.values() for ts, h in runs_of(rows).items()}
     fig.suptitle("; ".join(stamp(h) for h in headers.values()), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
