@@ -1,0 +1,63 @@
+"""benchmarks/suite.py: a smoke run and its report end to end (a subprocess, Triton's interpreter
+without a GPU), and the merge of several runs (the newest record wins)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "suite.py"
+
+
+def load_suite():
+    spec = importlib.util.spec_from_file_location("bench_suite", SUITE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def suite(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(SUITE), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_smoke_run_and_report(tmp_path):
+    suite("run", "--smoke", "--variants", "causal,document", "--passes", "fwd", "--out", str(tmp_path))
+    (path,) = tmp_path.glob("suite-*.json")
+    run = json.loads(path.read_text())
+    assert {"date", "gpu", "torch", "triton", "flashgen"} <= set(run["header"])
+    records = {(r["variant"], r["pass_name"], r["impl"]): r for r in run["records"]}
+    assert set(records) == {("causal", "fwd", "flashgen"), ("document", "fwd", "flashgen")}
+    for r in records.values():
+        assert r["error"] is None and r["ms"] > 0 and r["tflops"] > 0 and 0 < r["density"] < 1
+        (name, err), = r["checks"].items()
+        assert name.startswith("out_vs_reference") and err < 2e-2
+
+    suite("report", str(tmp_path))
+    md = (tmp_path / "suite.md").read_text()
+    assert "| causal |" in md and "| causal document (16 docs) |" in md and run["header"]["date"] in md
+
+
+def test_merge_keeps_the_newest_record(tmp_path):
+    bench = load_suite()
+
+    def write(stamp: str, records: list[tuple[str, float]]) -> None:
+        header = {"timestamp": f"2026-11-{stamp}T00:00:00+00:00"}
+        rows = [{"variant": v, "shape": "1x2x128x32", "pass_name": "fwd", "impl": "flashgen", "ms": ms}
+                for v, ms in records]
+        (tmp_path / f"suite-202611{stamp}.json").write_text(json.dumps({"header": header, "records": rows}))
+
+    write("02", [("causal", 1.0)])
+    write("01", [("causal", 2.0), ("full", 3.0)])
+    write("03", [("full", 4.0)])
+    runs = bench.load_runs(tmp_path)
+    merged = bench.merge(runs[::-1])  # the order of the runs does not matter, their timestamps do
+    assert {key[0]: record["ms"] for key, (record, _) in merged.items()} == {"causal": 1.0, "full": 4.0}
+    assert merged[("causal", "1x2x128x32", "fwd", "flashgen")][1]["timestamp"].startswith("2026-11-02")
