@@ -129,6 +129,7 @@ class Attention:
         self._mask_reads = [self.captured[i] for i in reads(self.program.mask)]  # what a block map depends on
         self._last_block_map: BlockMask | None = None
         self._checked_reads: dict[tuple, bool] = {}
+        self._constants: dict[tuple, dict] = {}  # launch constexprs per call layout (_launch_constants)
         self._launched: set[tuple] = set()  # call signatures launched before (see _compiling_into_the_cache)
 
     # -- introspection -----------------------------------------------------------------------
@@ -220,12 +221,19 @@ class Attention:
 
     def _launch_constants(self, dtype: torch.dtype, D: int, Dv: int, shape: tuple) -> tuple[list, dict]:
         """The captured tensors' kernel arguments (pointer, sizes, strides) and the constexprs
-        every kernel of a call shares."""
+        every kernel of a call shares (memoised per shapes and layouts: this is the launch path)."""
         args = [x for t in self.captured for x in (t, *t.shape, *t.stride())]
-        large = any(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX for t in self.captured)
-        return args, dict(HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv), IDX_T=tl.int64 if large else
-                          tl.int32, CHECK_READS=self._check_reads(shape), FAST_MATH=self._fast_math(dtype),
-                          **_precision(dtype))
+        key = (dtype, D, Dv, shape, tuple(a for a in args if isinstance(a, int)))  # (the sizes and strides)
+        constants = self._constants.get(key)
+        if constants is None:
+            if len(self._constants) >= 256:  # (many sequence lengths)
+                self._constants.clear()
+            large = any(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX
+                        for t in self.captured)
+            constants = self._constants[key] = dict(
+                HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv), IDX_T=tl.int64 if large else tl.int32,
+                CHECK_READS=self._check_reads(shape), FAST_MATH=self._fast_math(dtype), **_precision(dtype))
+        return args, constants
 
     def _fast_math(self, dtype: torch.dtype) -> bool:
         """FAST_MATH for a launch: the approximate tanh for bf16/fp16 unless told; never in the

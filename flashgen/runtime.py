@@ -23,6 +23,7 @@ interpreter on before Triton is imported, so CPU tensors run the same kernels.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import importlib.util
 import json
@@ -119,6 +120,7 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+@functools.cache
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (decided when triton was imported)."""
     knobs = getattr(triton, "knobs", None)
@@ -285,7 +287,7 @@ def run_config(kernel, cfg: Config, grid, *args, extra=None, **kwargs) -> None:
 def padded(d: int) -> int:
     """The width of a head dim in the kernels' tiles: a power of two for v (``BLOCK_DV``), the sum
     of the q·kᵀ head blocks for q and k (``head_blocks``)."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (d - 1).bit_length())
 
 
 def qk_blocks(d: int) -> dict[str, int]:
