@@ -210,6 +210,60 @@ def test_deterministic_mode_with_gradients_that_are_all_zero():
     assert table.grad is not None and torch.equal(table.grad, torch.zeros_like(table))
 
 
+def test_reference_passes_gradcheck():
+    # the float64 reference every gradient test compares with is itself checked against finite
+    # differences (torch.autograd.gradcheck), with a learnable table and a 0-d temperature
+    table = torch.randn(2, 11, dtype=torch.float64, requires_grad=True)
+    temp = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return 3.0 * torch.tanh(score * temp / 3.0) + table[h, q_idx - kv_idx + 5]
+
+    def f(q, k, v, table, temp):
+        return fg.attention_reference(q, k, v, mod, fg.mods.causal)
+
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(f, (q, k, v, table, temp))
+
+
+@pytest.mark.parametrize("name", ["softcap", "relative_table", "alibi_learnable"])
+def test_kernel_directional_derivatives_match_central_differences(name):
+    # gradcheck's idea on the fp32 kernels themselves: for a random direction d, the analytic
+    # <grad f, d> against (f(x + e d) - f(x - e d)) / 2e, the outputs computed by the kernels in
+    # float32. With e = 1e-2 the truncation error is O(e^2) ~ 1e-4 relative; the outputs' fp32
+    # rounding (~1e-7 each, ~4e-6 over the sum) contributes ~2e-4 after dividing by 2e.
+    torch.manual_seed(1)
+    slopes = torch.rand(2, requires_grad=True)
+    table = torch.randn(2, 39, requires_grad=True)
+    mods = {"softcap": (dict(score_mod=fg.mods.softcap(2.0), mask_mod=fg.mods.causal), []),
+            "relative_table": (dict(score_mod=fg.mods.relative_bias(table)), [table]),
+            "alibi_learnable": (dict(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.sliding_window(7)), [slopes])}
+    kwargs, captured = mods[name]
+    attn = fg.compile(**kwargs)
+    leaves = [rand(1, 2, 20, 16).requires_grad_() for _ in range(3)] + captured
+    weight = torch.randn(1, 2, 20, 16, dtype=torch.float64)  # the loss sums in float64: no summation error
+    loss = (attn(*leaves[:3]).double() * weight).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    directions = [torch.randn_like(t) for t in leaves]
+    analytic = sum((g * d).sum() for g, d in zip(grads, directions)).item()
+    eps = 1e-2
+    originals = [t.detach().clone() for t in leaves]
+
+    def f(sign: float) -> float:  # the loss at x + sign * eps * d; captured tensors are moved in place
+        moved = [x + sign * eps * d for x, d in zip(originals, directions)]
+        with torch.no_grad():
+            for t, m in zip(captured, moved[3:]):
+                t.copy_(m)
+            return (attn(*moved[:3]).double() * weight).sum().item()
+
+    plus, minus = f(1.0), f(-1.0)
+    with torch.no_grad():
+        for t, x in zip(captured, originals[3:]):
+            t.copy_(x)
+    numeric = (plus - minus) / (2 * eps)
+    assert abs(numeric - analytic) <= 1e-3 * max(1.0, abs(analytic)), (numeric, analytic)
+
+
 def test_gradcheck_float64_inputs_through_float32_kernels_is_refused_cleanly():
     q = torch.randn(1, 1, 8, 16, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="float64"):
