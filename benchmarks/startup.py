@@ -29,7 +29,7 @@ q, k, v = (torch.randn(1, 8, 1024, 64, device="cuda", dtype=torch.bfloat16, requ
 # torch's own first backward imports torch.fx and sympy (seconds without bytecode caches); any
 # training script pays it once, with or without flashgen: done here, timed apart
 t0 = time.perf_counter()
-(q * 2).sum().backward()
+(q * 2).backward(torch.ones_like(q))  # a non-scalar output: the path that imports torch.fx
 q.grad = None
 torch.cuda.synchronize()
 t_torch = time.perf_counter() - t0
