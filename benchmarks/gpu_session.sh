@@ -2,9 +2,10 @@
 # One device call's worth of verification, in priority order, each step under its own time limit so
 # that a slow step cannot eat the whole call (the GPU suite alone ran past 9 minutes once).
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh OUT_DIR [STEP ...]   (on the GPU machine, repo root)
-# Steps: gpu-forward gpu-backward bench-forward bench-backward bench-lowrank startup (default: all,
-# up to ~18 minutes: name a subset to stay inside one 10-minute device call). Logs go to OUT_DIR;
-# a summary is printed last.
+# Steps: gpu-forward gpu-backward bench-forward bench-backward bench-lowrank startup host suite
+# (default: all, up to ~25 minutes: name a subset to stay inside one 10-minute device call). Logs go
+# to OUT_DIR; the suite's JSON to OUT_DIR/suite (copy it to docs/benchmarks/ and run
+# `suite.py report docs/benchmarks` where matplotlib is installed). A summary is printed last.
 set -u
 out=${1:-${OUT:-gpu-session}}
 shift $(( $# > 0 ? 1 : 0 ))
@@ -21,9 +22,11 @@ step() {  # step NAME SECONDS COMMAND...
   summary+=("$(printf '%-22s rc=%-4s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$out/$name.log")")")
 }
 step gpu-forward 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
-step gpu-backward 240 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_gpu_backward.py
+step gpu-backward 330 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_gpu_backward.py
 step bench-forward 200 python3 benchmarks/bench_forward.py --out "$out/fwd"
 step bench-backward 200 python3 benchmarks/bench_backward.py --out "$out/bwd"
 step bench-lowrank 90 python3 benchmarks/bench_lowrank.py
 step startup 120 python3 benchmarks/startup.py
+step host 40 python3 benchmarks/host_overhead.py
+step suite 240 python3 benchmarks/suite.py run --out "$out/suite" --shapes 4x16x8192x128 --passes fwd
 printf '%s\n' "${summary[@]}"
