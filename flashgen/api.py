@@ -120,7 +120,7 @@ class Attention:
         self._mods = (score_mod, mask_mod, None if isinstance(bias, (LowRankBias, torch.Tensor)) else bias)
         self._factored: OrderedDict[tuple, Attention] = OrderedDict()  # factor lowering, per shape
         self.last_lowering: str | None = None  # the cost model's decision at the last call
-        self._lowering_memo: dict[int, tuple[str, str]] = {}
+        self._lowering_memo: dict[tuple[int, str], tuple[str, str]] = {}
         if bias_lowering == "factors" and (self.low_rank_bias is not None or isinstance(bias, torch.Tensor)
                                            or not self.analysis.bias.rank):
             raise ValueError("bias_lowering='factors' needs a traced additive bias of finite rank (attn.analysis."
@@ -267,7 +267,7 @@ class Attention:
             if any(n not in (1, want) for n, want in zip(self.dense_bias_shape, call)):
                 raise ValueError(f"the bias tensor of shape {list(self.dense_bias_shape)} does not broadcast to "
                                  f"[B, H, Sq, Skv] = {list(call)}")
-        if self._lowers_to_factors(q.shape[-1]):
+        if self._lowers_to_factors(q.shape[-1], q.dtype):
             inner = self._factored_attention(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
             return inner(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, config=config)
         if self.low_rank_bias is not None:
@@ -280,7 +280,7 @@ class Attention:
             out, lse = self._forward(q, k, v, scale, return_lse, config)
         return (out, lse) if return_lse else out
 
-    def _lowers_to_factors(self, head_dim: int) -> bool:
+    def _lowers_to_factors(self, head_dim: int, dtype: torch.dtype) -> bool:
         """Whether this call runs the traced bias as factors (FlashBias), by ``bias_lowering`` and
         the cost model; gradients to captured tensors the bias reads keep it in the loop."""
         if self.bias_lowering == "loop" or self.low_rank_bias is not None or self.analysis.plain_logits:
@@ -295,9 +295,10 @@ class Attention:
                                  "reads (the factors are computed numerically); use 'loop' or detach them")
             self.last_lowering = "factors (forced)"
             return True
-        if head_dim not in self._lowering_memo:
-            self._lowering_memo[head_dim] = lowering_cost(self.program.logits, structure.rank, head_dim, MAX_HEAD_DIM)
-        choice, why = self._lowering_memo[head_dim]
+        key = (head_dim, {torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, "bf16"))
+        if key not in self._lowering_memo:
+            self._lowering_memo[key] = lowering_cost(self.program.logits, structure.rank, *key, MAX_HEAD_DIM)
+        choice, why = self._lowering_memo[key]
         self.last_lowering = why if not learnable else "loop: captured tensors the bias reads require grad"
         return choice == "factors" and not learnable
 

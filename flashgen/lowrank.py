@@ -142,6 +142,9 @@ class _Mixed(Exception):
 # elsewhere, so one elementwise operation per score costs about as much as 15 tensor-core FLOPs.
 ELEMENTWISE_COST = 15
 LOAD_COST = 4  # a read of a captured tensor per score, in elementwise operations
+# a q·kᵀ column's tensor-core cost by input dtype, in bf16 FLOPs: fp32 runs as tf32x3, three tf32
+# products at half bf16's rate
+DOT_COST = {"bf16": 1, "fp16": 1, "fp32": 6}
 
 
 def head_blocks(head_dim: int) -> tuple[int, int]:
@@ -155,16 +158,18 @@ def head_blocks(head_dim: int) -> tuple[int, int]:
     return (first, second) if first >= 16 and second and first + second < whole else (whole, 0)
 
 
-def lowering_cost(logits: Node, rank: int, head_dim: int, max_head_dim: int = 256) -> tuple[str, str]:
+def lowering_cost(logits: Node, rank: int, head_dim: int, dtype: str = "bf16",
+                  max_head_dim: int = 256) -> tuple[str, str]:
     """("loop" or "factors", why): evaluating the additive bias per score costs its operations;
-    as factors it costs the extra q·kᵀ columns, padded to the head blocks the kernels use."""
+    as factors it costs the extra q·kᵀ columns, padded to the head blocks the kernels use, at the
+    tensor-core rate of ``dtype`` ("bf16", "fp16" or "fp32")."""
     terms = [t for _, t in _summands(logits, 1) if t.op is not Op.SCORE]
     nodes = {id(n): n for t in terms for n in t.toposort() if n.op not in (Op.CONST, Op.INDEX)}
     ops = sum(LOAD_COST if n.op is Op.LOAD else 1 for n in nodes.values()) + len(terms)
     if head_dim + rank > max_head_dim:
         return "loop", f"loop: head dim {head_dim} plus rank {rank} exceeds {max_head_dim}, the kernels' widest head"
     width, wider = sum(head_blocks(head_dim)), sum(head_blocks(head_dim + rank))
-    factors, loop = 2 * (wider - width), ELEMENTWISE_COST * ops
+    factors, loop = 2 * (wider - width) * DOT_COST[dtype], ELEMENTWISE_COST * ops
     choice = "factors" if factors < loop else "loop"
-    return choice, (f"{choice}: factors add {wider - width} q·k columns ({factors} tensor-core FLOPs per score), "
-                    f"the loop {ops} operations (~{loop})")
+    return choice, (f"{choice}: factors add {wider - width} q·k columns ({factors} bf16 tensor-core FLOPs per "
+                    f"score at {dtype}), the loop {ops} operations (~{loop})")

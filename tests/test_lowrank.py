@@ -590,8 +590,11 @@ def test_cost_model_choices():
 
     alibi = fg.compile(score_mod=fg.mods.alibi(torch.rand(2))).program.logits
     # 128 + 2 runs as head blocks 128 + 16: 16 more columns (32 FLOPs) against 7 operations per score
-    assert lowering_cost(alibi, 2, 128) == ("factors", "factors: factors add 16 q·k columns (32 tensor-core FLOPs "
-                                                       "per score), the loop 7 operations (~105)")
+    assert lowering_cost(alibi, 2, 128) == ("factors", "factors: factors add 16 q·k columns (32 bf16 tensor-core "
+                                                       "FLOPs per score at bf16), the loop 7 operations (~105)")
+    # fp32 dots are tf32x3 (three tf32 products at half bf16's rate): the same 16 columns cost 192
+    assert lowering_cost(alibi, 2, 128, "fp32")[0] == "loop" and "192" in lowering_cost(alibi, 2, 128, "fp32")[1]
+    assert lowering_cost(alibi, 2, 128, "fp16")[0] == "factors"
     assert lowering_cost(alibi, 2, 80)[0] == "factors"  # 80 + 2 fits the blocks 64 + 32 instead of 64 + 16
     assert lowering_cost(alibi, 2, 96)[0] == "factors"  # 96 + 2: 128, the same 32 columns as 64 + 32
     assert lowering_cost(alibi, 2, 255)[0] == "loop" and "exceeds 256" in lowering_cost(alibi, 2, 255)[1]
@@ -613,4 +616,5 @@ def test_bias_lowering_refusals():
     with pytest.raises(ValueError, match="gradients"):
         forced(q, k, v)
     auto = fg.compile(score_mod=fg.mods.alibi(slopes), bias_lowering="auto")
-    assert not auto._lowers_to_factors(80) and "require grad" in auto.last_lowering  # learnable: stays in the loop
+    # learnable: stays in the loop
+    assert not auto._lowers_to_factors(80, torch.bfloat16) and "require grad" in auto.last_lowering
