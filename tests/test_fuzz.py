@@ -551,7 +551,7 @@ SEQ_LENS = st.one_of(st.integers(1, 70), st.sampled_from((31, 32, 33, 63, 64, 65
 def draw_shape(draw) -> tuple:
     """(B, H, Sq, Skv, D, Dv, gqa, scale, bshd, seed) of one example: everything but the mods."""
     B, H, Sq, Skv = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(SEQ_LENS), draw(SEQ_LENS)
-    D, Dv = draw(st.sampled_from((16, 32))), draw(st.sampled_from((16, 32)))
+    D, Dv = draw(st.sampled_from((16, 32, 48))), draw(st.sampled_from((16, 32)))
     gqa = H == 2 and draw(st.integers(0, 3)) == 0
     scale = draw(st.sampled_from((None, None, 0.25, 0.125)))
     bshd = draw(st.integers(0, 3)) == 0
