@@ -52,13 +52,16 @@ class LowRankBias:
 
 
 def low_rank(bias: torch.Tensor, tol: float = 1e-2, max_rank: int | None = None) -> LowRankBias:
-    """Truncated SVD of a dense bias ``[B|1, H|1, Sq, Skv]`` per (batch, head): the smallest rank
+    """Truncated SVD of a dense bias ``[B|1, H|1, Sq, Skv]`` (or with fewer leading dims, such as
+    ``[H, Sq, Skv]``, as ``bias=`` takes it) per (batch, head): the smallest rank
     R (the same for every (batch, head)) with relative Frobenius error ``‖bias − φ_q φ_kᵀ‖ / ‖bias‖
     <= tol`` over the whole tensor, capped at ``max_rank`` (a warning says when the cap leaves the
     error above ``tol``). Approximate by design: flashgen never takes this path on its own."""
-    if not isinstance(bias, torch.Tensor) or bias.dim() != 4 or not bias.is_floating_point():
-        raise ValueError(f"low_rank: bias must be a floating-point tensor [B|1, H|1, Sq, Skv], got "
-                         f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+    if not isinstance(bias, torch.Tensor) or not 2 <= bias.dim() <= 4 or not bias.is_floating_point():
+        raise ValueError(f"low_rank: bias must be a floating-point tensor [B|1, H|1, Sq, Skv] (leading dims may be "
+                         f"left out), got {getattr(bias, 'dtype', type(bias).__name__)} "
+                         f"{tuple(getattr(bias, 'shape', ()))}")
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
     if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
         raise ValueError(f"low_rank: tol must be in [0, 1), got {tol!r}")
     if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):

@@ -473,15 +473,26 @@ def test_low_rank_broadcast_shapes(lead):
     assert rel_err(lr.dense(), bias) <= 1e-5
 
 
+def test_low_rank_takes_a_bias_without_leading_dims():
+    # [H, Sq, Skv], as bias= takes it: factors [1, H, S, R], the same as for [1, H, Sq, Skv]
+    u, w = torch.randn(3, 20, 2, dtype=torch.float64), torch.randn(3, 24, 2, dtype=torch.float64)
+    bias = u @ w.transpose(-1, -2)
+    lr = fg.low_rank(bias, tol=1e-8)
+    assert lr.rank == 2 and lr.phi_q.shape == (1, 3, 20, 2) and lr.phi_k.shape == (1, 3, 24, 2)
+    assert rel_err(lr.dense()[0], bias) <= 1e-8
+    assert fg.low_rank(bias[0], tol=1e-8).phi_q.shape == (1, 1, 20, 2)
+
+
 @pytest.mark.parametrize("args, match", [
-    ((torch.randn(2, 8, 8),), "bias must be a floating-point tensor"),
+    ((torch.randn(1, 1, 1, 8, 8),), "bias must be a floating-point tensor"),
+    ((torch.randn(8),), "bias must be a floating-point tensor"),
     ((torch.randint(0, 5, (1, 1, 8, 8)),), "bias must be a floating-point tensor"),
     (([[1.0]],), "bias must be a floating-point tensor"),
     ((torch.randn(1, 1, 8, 8), 1.5), "tol must be in"),
     ((torch.randn(1, 1, 8, 8), -0.1), "tol must be in"),
     ((torch.randn(1, 1, 8, 8), 1e-2, 0), "max_rank must be a positive int"),
     ((torch.randn(1, 1, 8, 8), 1e-2, 2.0), "max_rank must be a positive int"),
-], ids=["3d", "int", "list", "tol_1.5", "tol_negative", "max_rank_0", "max_rank_float"])
+], ids=["5d", "1d", "int", "list", "tol_1.5", "tol_negative", "max_rank_0", "max_rank_float"])
 def test_low_rank_bad_inputs(args, match):
     with pytest.raises(ValueError, match=match):
         fg.low_rank(*args)
