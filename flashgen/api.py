@@ -97,6 +97,8 @@ class Attention:
                  autotune: bool | None = None, bias_lowering: str = "loop", fast_math: bool | None = None):
         if bias_lowering not in ("auto", "loop", "factors"):
             raise ValueError(f"bias_lowering={bias_lowering!r}: choose 'auto', 'loop' or 'factors'")
+        if fast_math is not None and not isinstance(fast_math, bool):
+            raise ValueError(f"fast_math={fast_math!r}: choose None (approximate tanh for bf16/fp16), True or False")
         self.bias_lowering = bias_lowering
         self.deterministic = deterministic
         self.fast_math = fast_math

@@ -173,6 +173,8 @@ def test_fast_math_option(fast_math):
     out = fg.attention(q, k, v, score_mod=fg.mods.softcap(5.0), fast_math=fast_math)
     assert rel_err(out, fg.attention_reference(q, k, v, fg.mods.softcap(5.0))) < 1e-4
     assert "tanh, sigmoid" not in fg.compile(mask_mod=fg.mods.causal).explain()  # only where they occur
+    with pytest.raises(ValueError, match="fast_math='yes'"):
+        fg.compile(score_mod=fg.mods.softcap(5.0), fast_math="yes")
 
 
 def test_generated_source_and_explain():
