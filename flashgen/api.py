@@ -130,7 +130,6 @@ class Attention:
         self._block_maps: OrderedDict[tuple, BlockMask] = OrderedDict()
         self._mask_reads = [self.captured[i] for i in reads(self.program.mask)]  # what a block map depends on
         self._last_block_map: BlockMask | None = None
-        self._checked_reads: dict[tuple, bool] = {}
         self._constants: dict[tuple, dict] = {}  # launch constexprs per call layout (_launch_constants)
         self._launched: set[tuple] = set()  # call signatures launched before (see _compiling_into_the_cache)
 
@@ -244,12 +243,10 @@ class Attention:
 
     def _check_reads(self, shape: tuple[int, int, int, int]) -> bool:
         """CHECK_READS for a launch: False when every captured-tensor read is proved in range for
-        this shape (the kernels then read without bounds masks)."""
-        key = (shape, tuple(t.shape for t in self.captured))
-        if key not in self._checked_reads:
-            self._checked_reads[key] = not reads_in_range([self.program.logits, self.program.mask],
-                                                          [tuple(t.shape) for t in self.captured], *shape)
-        return self._checked_reads[key]
+        this shape (the kernels then read without bounds masks). Memoised with the other launch
+        constants (``_launch_constants``)."""
+        return not reads_in_range([self.program.logits, self.program.mask],
+                                  [tuple(t.shape) for t in self.captured], *shape)
 
     def _runs_args(self, shape: tuple[int, int, int, int], cfg: Config, device, *, transpose: bool = False,
                    ragged_last: bool = False) -> tuple:
