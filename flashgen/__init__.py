@@ -23,9 +23,11 @@ from .api import Attention, attention, block_mask, compile  # noqa: E402
 from .blocks import BlockMask  # noqa: E402
 from .factors import LowRankBias, low_rank  # noqa: E402
 from .reference import attention_reference  # noqa: E402
-from .runtime import Config  # noqa: E402
+from .runtime import Config, prewarm_compiler  # noqa: E402
 from .spec import bias, mask_mod, score_mod  # noqa: E402
 from .trace import TraceError  # noqa: E402
+
+prewarm_compiler()  # Triton's self-hash for the first launch, in the background (GPU machines only)
 
 __all__ = ["Attention", "BlockMask", "Config", "LowRankBias", "TraceError", "__version__", "attention",
            "attention_reference", "bias", "block_mask", "compile", "low_rank", "mask_mod", "mods", "score_mod"]

@@ -32,6 +32,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -68,10 +69,30 @@ def cache_dir() -> Path:
     return _private_dir
 
 
+_prewarm: threading.Thread | None = None
+
+
+def prewarm_compiler() -> None:
+    """Start hashing Triton itself in a background thread (``flashgen/__init__`` calls this on a
+    machine with a GPU). Triton keys every compiled binary, cached or not, by a sha256 of its
+    own sources and its ~0.5 GB library, computed on a process's first launch: ~0.5 s that the
+    first call of a fresh process would otherwise wait for. The thread overlaps it with what a
+    program does before that call (CUDA's start-up, building the model); the first launch joins
+    it (:func:`binaries_here`) instead of hashing a second time."""
+    global _prewarm
+    key = getattr(getattr(getattr(triton, "runtime", None), "cache", None), "triton_key", None)
+    if _prewarm is not None or key is None or interpreting():
+        return
+    _prewarm = threading.Thread(target=key, name="flashgen-prewarm", daemon=True)
+    _prewarm.start()
+
+
 @contextmanager
 def binaries_here() -> Iterator[None]:
     """Within this context Triton compiles into and loads from ``<cache>/triton``, so a warm cache
     serves a fresh process without compiling. A ``TRITON_CACHE_DIR`` the user set is left alone."""
+    if _prewarm is not None:
+        _prewarm.join()  # Triton's key of itself (functools-cached once the thread is done)
     knobs = getattr(triton, "knobs", None)
     if knobs is None or "TRITON_CACHE_DIR" in os.environ or interpreting():
         yield

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 from helpers import FLASHGEN_VARS, TOLERANCES, rel_err, requires_interpreter
 from triton.runtime.errors import OutOfResources
 
@@ -451,6 +452,31 @@ def test_compiled_binaries_go_to_the_cache(cache, monkeypatch):
     [entry] = runtime.cache_entries()
     assert (entry.kind, entry.path, entry.label, entry.size) == ("binary", binary, "attn_fwd", 104)
     assert runtime.clear_cache() == 1 and not binary.exists()
+
+
+def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(monkeypatch):
+    import threading
+
+    assert runtime.interpreting() and runtime._prewarm is None  # no thread under the interpreter
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def slow_key():  # stands in for triton_key(): hashing Triton's library
+        started.set()
+        release.wait(5)
+        done.append(1)
+
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(triton.runtime.cache, "triton_key", slow_key)
+    monkeypatch.setattr(runtime, "_prewarm", None)
+    runtime.prewarm_compiler()
+    assert started.wait(5) and not done
+    thread = runtime._prewarm
+    runtime.prewarm_compiler()  # once per process
+    assert runtime._prewarm is thread
+    threading.Timer(0.05, release.set).start()
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/unused")  # binaries_here leaves the user's directory alone
+    with runtime.binaries_here():
+        assert done == [1]  # the launch waited for the hash instead of computing it again
 
 
 def test_the_cache_switch_happens_once_per_call_signature(cache, monkeypatch):
