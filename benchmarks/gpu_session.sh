@@ -6,6 +6,8 @@
 # (default: all, up to ~25 minutes: name a subset to stay inside one 10-minute device call). Logs go
 # to OUT_DIR; the suite's JSON to OUT_DIR/suite (copy it to docs/benchmarks/ and run
 # `suite.py report docs/benchmarks` where matplotlib is installed). A summary is printed last.
+# Time limits: GPU_FORWARD_LIMIT, GPU_BACKWARD_LIMIT, STARTUP_LIMIT, SUITE_LIMIT (seconds);
+# SUITE_ARGS: the suite's options (default --shapes 4x16x8192x128: every variant, both passes).
 set -u
 out=${1:-${OUT:-gpu-session}}
 shift $(( $# > 0 ? 1 : 0 ))
@@ -21,12 +23,13 @@ step() {  # step NAME SECONDS COMMAND...
   local rc=$?
   summary+=("$(printf '%-22s rc=%-4s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$out/$name.log")")")
 }
-step gpu-forward 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
-step gpu-backward 330 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_gpu_backward.py
+step gpu-forward "${GPU_FORWARD_LIMIT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step gpu-backward "${GPU_BACKWARD_LIMIT:-330}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_gpu_backward.py
 step bench-forward 200 python3 benchmarks/bench_forward.py --out "$out/fwd"
 step bench-backward 200 python3 benchmarks/bench_backward.py --out "$out/bwd"
 step bench-lowrank 90 python3 benchmarks/bench_lowrank.py
-step startup 120 python3 benchmarks/startup.py
+step startup "${STARTUP_LIMIT:-120}" python3 benchmarks/startup.py
 step host 40 python3 benchmarks/host_overhead.py
-step suite 240 python3 benchmarks/suite.py run --out "$out/suite" --shapes 4x16x8192x128 --passes fwd
+# SUITE_ARGS picks the suite's shapes/variants/passes (default: the first shape, both passes)
+step suite "${SUITE_LIMIT:-300}" python3 benchmarks/suite.py run --out "$out/suite" ${SUITE_ARGS:---shapes 4x16x8192x128}
 printf '%s\n' "${summary[@]}"

@@ -349,12 +349,13 @@ def cmd_run(args) -> int:
     print(f"flashgen suite: {header['gpu']}, torch {header['torch']}, triton {header['triton']}, {header['date']}")
     flex = None if args.smoke else compiled_flex()
     records = []
-    for shape in shapes:
-        records += run_shape(shape, variants, passes, device, not args.smoke, flex, BIAS_DTYPES[args.bias_dtype])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"suite-{now:%Y%m%dT%H%M%S.%fZ}.json"
-    path.write_text(json.dumps({"header": header, "records": [asdict(r) for r in records]}, indent=1) + "\n")
+    for shape in shapes:
+        for variant in variants:  # written after each variant: a run cut short keeps what it measured
+            records += run_shape(shape, [variant], passes, device, not args.smoke, flex, BIAS_DTYPES[args.bias_dtype])
+            path.write_text(json.dumps({"header": header, "records": [asdict(r) for r in records]}, indent=1) + "\n")
     print(f"wrote {path} ({len(records)} records); `suite.py report {out}` merges the runs there")
     return 0
 

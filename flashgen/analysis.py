@@ -276,12 +276,14 @@ def analyze(logits: Node, mask: Node) -> Analysis:
                     tuple(format_expr(n) for n in hoisted([logits, mask])), logits)
 
 
-def row_levels(roots: list[Node]) -> dict[int, bool]:
-    """For every node under ``roots`` (by id): True if it depends on neither kv_idx nor the score,
-    so it can be computed once per query block instead of once per tile."""
+def row_levels(roots: list[Node], varying: str = "kv_idx") -> dict[int, bool]:
+    """For every node under ``roots`` (by id): True if it depends on neither ``varying`` nor the
+    score, so that a loop over ``varying``'s blocks can compute it once, before the loop: with
+    ``kv_idx`` (the forward and dQ loops) once per query block instead of once per tile, with
+    ``q_idx`` (the dK/dV loop) once per KV block."""
     out: dict[int, bool] = {}
     for n in toposort(roots):
-        leaf_ok = not (n.op is Op.SCORE or (n.op is Op.INDEX and n.arg == "kv_idx"))
+        leaf_ok = not (n.op is Op.SCORE or (n.op is Op.INDEX and n.arg == varying))
         out[id(n)] = leaf_ok and all(out[id(c)] for c in n.src)
     return out
 

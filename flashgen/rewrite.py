@@ -13,7 +13,7 @@ import math
 import struct
 from collections.abc import Callable
 
-from .ir import CONST_EVAL, DType, Node, Op, binary, const, unary
+from .ir import CONST_EVAL, DType, Node, Op, binary, const, depends_on, unary
 
 Rule = Callable[[Node], Node | None]
 
@@ -182,6 +182,102 @@ def selects(node: Node) -> Node | None:
     if node.dtype is DType.BOOL and _is_const(a, True) and _is_const(b, False):
         return cond
     return None
+
+
+def _mixed(node: Node) -> bool:
+    """Whether ``node`` reads both q_idx and kv_idx (so that a kernel computes it on whole tiles,
+    not on a row or column vector)."""
+    return depends_on(node, "q_idx") and depends_on(node, "kv_idx")
+
+
+def _as_float(node: Node) -> Node:
+    """An integer index expression as float32, converting the operands of its sums instead of
+    the sum where it reads both q_idx and kv_idx: ``float(kv) - float(q)`` costs a vector
+    conversion per row and column and one float subtraction per tile entry, where ``float(kv - q)``
+    costs a conversion per entry (a quarter-rate instruction on the GPU, like exp2). Exact while
+    the integers involved stay below 2**24 in magnitude (sequences under 16M tokens); ``x**2`` of
+    such a sum rounds once either way."""
+    if _mixed(node):
+        if node.op in (Op.ADD, Op.SUB):
+            return binary(node.op, _as_float(node.src[0]), _as_float(node.src[1]))
+        if node.op is Op.NEG:
+            return unary(Op.NEG, _as_float(node.src[0]))
+        if node.op is Op.POW and _is_const(node.src[1], 2) and node.src[0].op in (Op.ADD, Op.SUB, Op.NEG):
+            return binary(Op.POW, _as_float(node.src[0]), node.src[1])
+    return unary(Op.CAST, node, "float32")
+
+
+def float_index_arithmetic(node: Node) -> Node | None:
+    """A lowering rule (not among :data:`RULES`: it changes how a value is computed, not which):
+    integer tile expressions that a float operation reads, as in ALiBi's ``slope * (kv_idx -
+    q_idx)``, are converted at their operands (:func:`_as_float`)."""
+    if node.dtype is not DType.FLOAT or node.op not in (Op.CAST, Op.ADD, Op.SUB, Op.MUL, Op.TRUEDIV, Op.MIN, Op.MAX):
+        return None
+    if node.op is Op.CAST and node.arg not in ("float32", "float64"):
+        return None
+    src = []
+    for x in node.src:
+        converted = _as_float(x) if x.dtype is DType.INT else x
+        src.append(x if converted.op is Op.CAST else converted)  # a plain conversion gains nothing
+    if tuple(src) == node.src:
+        return None
+    return src[0] if node.op is Op.CAST else binary(node.op, *src)
+
+
+def reciprocal_constants(node: Node) -> Node | None:
+    """Lowering: ``x / c`` -> ``x * (1 / c)`` for a float constant ``c`` (a multiply instead of an
+    IEEE division sequence per entry; at most one rounding apart)."""
+    if node.op is Op.TRUEDIV and _is_const(node.src[1]) and not isinstance(node.src[1].arg, bool):
+        c = float(node.src[1].arg)
+        if c != 0.0 and math.isfinite(c) and math.isfinite(1.0 / c):
+            return binary(Op.MUL, node.src[0], const(1.0 / c))
+    return None
+
+
+def constant_products(node: Node) -> Node | None:
+    """Lowering: ``a * (b * x)`` -> ``(a * b) * x`` for float constants ``a`` and ``b`` (as in the
+    gradient of a soft-cap, ``30 * (1 - t*t) * (1/30)``; one rounding apart)."""
+    if node.op is not Op.MUL or node.dtype is not DType.FLOAT:
+        return None
+    for a, inner in (node.src, node.src[::-1]):
+        if _is_const(a) and inner.op is Op.MUL:
+            for b, x in (inner.src, inner.src[::-1]):
+                if _is_const(b) and not isinstance(a.arg, bool) and not isinstance(b.arg, bool):
+                    product = float(a.arg) * float(b.arg)
+                    if math.isfinite(product) and product != 0.0:
+                        return binary(Op.MUL, const(product), x)
+    return None
+
+
+LOWERING_RULES: list[Rule] = [float_index_arithmetic, reciprocal_constants, constant_products]
+
+
+def _per_entry(node: Node) -> bool:
+    """Whether a kernel computes ``node`` per tile entry (it reads the score, or both indices)."""
+    return depends_on(node, "score") or _mixed(node)
+
+
+def times(node: Node, c: float) -> Node:
+    """``c * node`` with the factor pushed through sums, negations, selects and products down to
+    the score or to operands computed per row, column or head, where it costs nothing per tile
+    entry: ``c * (score + slope * d)`` becomes ``c·score + (c·slope) * d``. The kernels scale
+    logits by log2(e) for ``exp2`` this way. Equal up to float rounding (one rounding per pushed
+    product instead of one for the whole)."""
+    if node.dtype is not DType.FLOAT or not _per_entry(node):
+        return simplify(binary(Op.MUL, node, const(c)))
+    op, src = node.op, node.src
+    if op in (Op.ADD, Op.SUB):
+        return binary(op, times(src[0], c), times(src[1], c))
+    if op is Op.NEG:
+        return unary(Op.NEG, times(src[0], c))
+    if op is Op.WHERE:
+        return Node(Op.WHERE, DType.FLOAT, None, (src[0], times(src[1], c), times(src[2], c)))
+    if op is Op.MUL and not (_per_entry(src[0]) and _per_entry(src[1])):
+        a, b = src if not _per_entry(src[0]) else src[::-1]  # a: the factor computed per row/column
+        return binary(Op.MUL, times(a, c), b)
+    if op is Op.TRUEDIV and not _per_entry(src[1]):
+        return binary(Op.TRUEDIV, times(src[0], c), src[1])
+    return simplify(binary(Op.MUL, node, const(c)))
 
 
 def _cast_name(dtype: DType) -> str:

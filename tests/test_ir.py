@@ -101,3 +101,74 @@ def test_boolean_chains_are_deduplicated_and_ordered():
     left = simplify(ir.binary(Op.AND, ir.binary(Op.AND, a, b), a))
     right = simplify(ir.binary(Op.AND, b, a))
     assert left is right
+
+
+# ---------------------------------------------------------------------------------------------
+# lowering rules (codegen's rewrites for the GPU: same values, fewer per-entry instructions)
+
+def _lowered(node):
+    from flashgen.rewrite import LOWERING_RULES, RULES
+
+    return simplify(node, RULES + LOWERING_RULES)
+
+
+def _eval32(node, env):
+    """float32 / int64 numpy evaluation of the IR subset these tests use, as a kernel computes it."""
+    import numpy as np
+
+    if node.op is Op.CONST:
+        return np.float32(node.arg) if node.dtype is DType.FLOAT else np.int64(node.arg)
+    if node.op in (Op.INDEX, Op.SCORE):
+        return env["score" if node.op is Op.SCORE else node.arg]
+    x = [_eval32(c, env) for c in node.src]
+    if node.dtype is DType.FLOAT:
+        x = [np.asarray(v).astype(np.float32) for v in x]
+    out = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b,
+           Op.POW: lambda a, b: a ** b, Op.NEG: lambda a: -a, Op.CAST: lambda a: a}[node.op](*x)
+    return np.asarray(out).astype(np.float32 if node.dtype is DType.FLOAT else np.int64)
+
+
+def test_index_differences_are_converted_to_float_at_their_operands():
+    import numpy as np
+
+    s = ir.score()
+    d = ir.binary(Op.SUB, kv, q)
+    alibi = ir.binary(Op.ADD, s, ir.binary(Op.MUL, ir.const(0.375), d))
+    gauss = ir.binary(Op.MUL, ir.const(-0.01), ir.binary(Op.POW, ir.binary(Op.SUB, q, kv), ir.const(2)))
+    for expr in (alibi, gauss):
+        low = _lowered(expr)
+        converted = [n.src[0] for n in low.toposort() if n.op is Op.CAST]
+        assert sorted(n.arg for n in converted) == ["kv_idx", "q_idx"]  # vectors, never a whole tile
+        assert all(n.op is Op.INDEX for n in converted)
+        # bitwise the same float32 values for indices below 2**24 (gauss's square rounds once either way)
+        rng = np.random.default_rng(0)
+        env = {"q_idx": rng.integers(0, 2**24, (64, 1)), "kv_idx": rng.integers(0, 2**24, (1, 64)),
+               "score": rng.standard_normal((64, 64)).astype(np.float32)}
+        if expr is gauss:
+            env["kv_idx"] = env["q_idx"].T + rng.integers(-40000, 40000, (1, 64))  # d**2 inside int32
+        assert np.array_equal(_eval32(low, env), _eval32(expr, env))
+    # a conversion that cannot move to vectors is left to the kernel's promotion
+    table_like = ir.binary(Op.MUL, ir.const(0.5), ir.binary(Op.MUL, q, kv))
+    assert _lowered(table_like) is table_like
+
+
+def test_constants_fold_into_the_score_and_out_of_gradients():
+    from flashgen.rewrite import times
+
+    s = ir.score()
+    slope = ir.load(0, DType.FLOAT, [h])  # slopes[h]
+    alibi = ir.binary(Op.ADD, s, ir.binary(Op.MUL, slope, ir.binary(Op.SUB, kv, q)))
+    scaled = _lowered(times(alibi, 2.0))
+    # 2 * (score + slope * d) == score * 2 + (slope * 2) * d: the factor meets the score and the
+    # head's slope, never the whole tile
+    assert ir.binary(Op.MUL, s, ir.const(2.0)) in set(scaled.toposort())
+    assert ir.binary(Op.MUL, slope, ir.const(2.0)) in set(scaled.toposort())
+    assert not any(n.op is Op.MUL and n.src[1] is ir.const(2.0) and n.src[0].op is Op.ADD for n in scaled.toposort())
+    # a soft-cap's gradient 30 * (1 - t*t) / 30: the constants cancel, the division goes
+    t = ir.unary(Op.TANH, ir.binary(Op.TRUEDIV, s, ir.const(30.0)))
+    dscore = ir.binary(Op.TRUEDIV, ir.binary(Op.MUL, ir.const(30.0), ir.binary(Op.SUB, ir.const(1.0),
+                                                                                 ir.binary(Op.MUL, t, t))),
+                       ir.const(30.0))
+    low_t = _lowered(t)
+    assert _lowered(dscore) is ir.binary(Op.SUB, ir.const(1.0), ir.binary(Op.MUL, low_t, low_t))
+    assert not any(n.op is Op.TRUEDIV for n in _lowered(dscore).toposort())

@@ -20,7 +20,9 @@ from .._version import __version__
 from ..analysis import Analysis, int_bounds, row_levels
 from ..autodiff import float_reads, gradients
 from ..ir import DType, Node, Op, const, format_expr, format_program, to_networkx
+from ..rewrite import LOWERING_RULES, RULES, simplify, times
 
+LOG2E = 1.4426950408889634  # the kernels' exp2 takes logits scaled by log2(e) (see rewrite.times)
 _LEAF_NAMES = {"b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 
 _FUNCS = {
@@ -107,6 +109,11 @@ class _Emitter:
             r = [f"({x} != 0)" if c.op in _COMPARE and DType.FLOAT in (c.src[0].dtype, c.src[1].dtype) else x
                  for x, c in zip(r, s)]
             return f"{r[0]} {_INFIX[op]} {r[1]}"
+        if op in (Op.MUL, Op.TRUEDIV) and Op.SCORE in (s[0].op, s[1].op) and Op.CONST in (s[0].op, s[1].op) \
+                and (op is Op.MUL or s[0].op is Op.SCORE):
+            # a scaled score, in one multiply of the dot's result (score = qk * sm_scale)
+            c = _literal(float(next(x for x in s if x.op is Op.CONST).arg))
+            return f"qk * (sm_scale {_INFIX.get(op, '/')} {c})"
         if op in _INFIX:
             return f"{r[0]} {_INFIX[op]} {r[1]}"
         if op is Op.TRUEDIV:
@@ -211,6 +218,12 @@ def _load(n: Node, idx: list[str]) -> str:
     return value
 
 
+def _lowered(root: Node) -> Node:
+    """``root`` rewritten for the GPU by :data:`~flashgen.rewrite.LOWERING_RULES` (the same values,
+    fewer per-entry instructions); program keys and the analysis use the canonical IR."""
+    return simplify(root, RULES + LOWERING_RULES)
+
+
 def _ordered(roots: list[Node]) -> list[Node]:
     """Nodes in a deterministic dependency order, from the networkx view of the DAG."""
     graph = to_networkx(roots)
@@ -236,6 +249,9 @@ def _template(name: str):
 def render_forward(name: str, program_key: str, logits: Node, mask: Node, analysis: Analysis,
                    capture_ndims: tuple[int, ...]) -> KernelSource:
     """The forward kernel module for one attention program (``name`` must be an identifier)."""
+    listing = format_program({"logits": logits, "mask": mask}).splitlines()
+    logits, mask = _lowered(logits), _lowered(mask)
+    logits = times(logits, LOG2E)
     roots = [logits, mask]
     level = row_levels(roots)
     row = _Emitter("r")
@@ -257,7 +273,7 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         version=__version__,
         name=name,
         ir_key=program_key[:16],
-        program_listing=format_program({"logits": logits, "mask": mask}).splitlines(),
+        program_listing=listing,
         band=analysis.band,
         has_mask=analysis.has_mask,
         has_residual=not (analysis.residual_mask.op is Op.CONST and analysis.residual_mask.arg is True),
@@ -299,21 +315,33 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
 
     ``grad_slots``: captured tensors whose gradient is wanted; each gets a float32 buffer
     ``gcap{slot}`` (with strides ``gcap{slot}_stride{d}``) that the dK/dV pass accumulates into."""
+    listed = {"logits": logits, "mask": mask}
+    logits, mask = _lowered(logits), _lowered(mask)
     score = next((n for n in logits.toposort() if n.op is Op.SCORE), None)
     reads = [r for r in float_reads(logits) if r.arg in grad_slots]
     wrt = ([score] if score is not None else []) + reads
-    grads = gradients(logits, wrt)
+    grads = {k: _lowered(g) for k, g in gradients(logits, wrt).items()}
     dscore = grads[id(score)] if score is not None else const(0.0)
     mask_roots = [mask] if analysis.has_mask else []
 
-    def tile_code(roots: list[Node]) -> _Emitter:
+    def loop_code(roots: list[Node], varying: str) -> tuple[_Emitter, list[str], list[str], list[str]]:
+        """For a loop over ``varying``'s blocks: the emitter, the lines before the loop (what does
+        not depend on ``varying``), the tile lines, and the mask's own tile lines (which only
+        partial tiles run)."""
+        level = row_levels(roots + mask_roots, varying)
         emitter = _Emitter("t")
-        for node in _ordered(roots):
-            emitter.emit(node)
-        return emitter
+        for node in _ordered(roots + mask_roots):
+            if level[id(node)]:
+                emitter.emit(node)
+        outer = list(emitter.lines)
+        tile = [line for root in roots for line in _emit_tile(emitter, root, level)]
+        mask_lines = _emit_tile(emitter, mask, level) if mask_roots else []
+        return emitter, outer, tile, mask_lines
 
-    dq = tile_code([logits, dscore] + mask_roots)
-    dkdv = tile_code([logits, dscore] + mask_roots + [grads[id(r)] for r in reads] + [i for r in reads for i in r.src])
+    scaled = times(logits, LOG2E)  # what exp2 takes
+    dq, dq_outer, dq_tile, dq_mask = loop_code([scaled, dscore], "kv_idx")
+    dkdv, dkdv_outer, dkdv_tile, dkdv_mask = loop_code(
+        [scaled, dscore] + [grads[id(r)] for r in reads] + [i for r in reads for i in r.src], "q_idx")
     grad_reads = []
     for r in reads:
         idx = [dkdv.ref(i) for i in r.src]
@@ -330,21 +358,26 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         version=__version__,
         name=name,
         ir_key=program_key[:16],
-        program_listing=format_program({"logits": logits, "mask": mask, "dL/dscore": dscore}).splitlines(),
+        program_listing=format_program({**listed, "dL/dscore": dscore}).splitlines(),
         # every masked backward reads a block map (for bands too: full tiles then skip the mask code)
         block_runs=analysis.has_mask,
         plain_logits=analysis.plain_logits,
         logits_broadcast=not ir.depends_on(logits, "score"),
         capture_params=[p for c in captures for p in c.params],
         grad_params=grad_params,
-        tile_lines=dkdv.lines,
-        dq_lines=dq.lines,
-        logit_expr=dkdv.ref(logits),
+        # code before each loop, its tiles', and the mask's (partial tiles only)
+        outer_lines=dkdv_outer,
+        tile_lines=dkdv_tile,
+        mask_lines=dkdv_mask,
+        dq_outer_lines=dq_outer,
+        dq_lines=dq_tile,
+        dq_mask_lines=dq_mask,
+        logit_expr=dkdv.ref(scaled),
         mask_expr=dkdv.ref(mask),
         dscore_expr=dkdv._f(dscore),
         grad_reads=grad_reads,
         # the dQ pass has its own (smaller) tile code, so its own names
-        dq_logit_expr=dq.ref(logits),
+        dq_logit_expr=dq.ref(scaled),
         dq_mask_expr=dq.ref(mask),
         dq_dscore_expr=dq._f(dscore),
     )
