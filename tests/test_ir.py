@@ -172,3 +172,15 @@ def test_constants_fold_into_the_score_and_out_of_gradients():
     low_t = _lowered(t)
     assert _lowered(dscore) is ir.binary(Op.SUB, ir.const(1.0), ir.binary(Op.MUL, low_t, low_t))
     assert not any(n.op is Op.TRUEDIV for n in _lowered(dscore).toposort())
+
+
+def test_a_factor_is_pushed_only_where_it_costs_no_per_entry_multiply():
+    from flashgen.rewrite import times
+
+    s = ir.score()
+    read = ir.load(0, DType.FLOAT, [ir.binary(Op.SUB, q, kv)])  # table[q - kv]: a per-entry value
+    rel = ir.binary(Op.ADD, s, read)
+    # pushing would multiply the read too (two products per entry instead of one): kept whole
+    assert times(rel, 2.0) is ir.binary(Op.MUL, rel, ir.const(2.0))
+    capped = ir.binary(Op.MUL, ir.const(30.0), ir.unary(Op.TANH, s))
+    assert times(capped, 2.0) is ir.binary(Op.MUL, ir.const(60.0), ir.unary(Op.TANH, s))
