@@ -1,70 +1,87 @@
-"""Sweep the backward launch configurations (dK/dV pass, then dQ pass) on a GPU.
+"""Backward tile configurations per variant: which (dK/dV, dQ) pair is fastest, forward + backward.
 
-    PYTHONPATH=. python3 benchmarks/sweep_backward.py [--head-dim 128]
+    PYTHONPATH=. python3 benchmarks/sweep_backward.py [--variants rel_table,document] [--shape 4x16x8192x128]
 
-Times forward+backward of full and causal attention (bf16, B=4, H=16, S=8192) with each dK/dV
-config (dQ fixed at the default), then each dQ config with the best dK/dV config. Prints TFLOP/s
-(3.5 x 4·B·H·S²·D·density) per config and the best pair per variant.
+For each variant of the suite (``benchmarks/suite.py``), times forward + backward with the default
+forward configuration and each candidate dK/dV configuration (dQ at its default), then each dQ
+candidate with the best dK/dV one; prints a table and the winner next to the default pair. The
+candidates are forced through ``runtime.default_backward_configs`` (what an untuned call uses).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+import triton
 
-DKDV = [(32, 128, 4, 3), (32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3),
-        (64, 64, 4, 4), (32, 64, 4, 3)]
-DQ = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import suite  # noqa: E402
+
+import flashgen as fg  # noqa: E402
+from flashgen import api  # noqa: E402
+from flashgen.runtime import Config  # noqa: E402
+
+DKDV = [Config(64, 128, 8, 3), Config(64, 64, 4, 3), Config(64, 64, 8, 3), Config(32, 128, 4, 3),
+        Config(64, 128, 8, 2), Config(32, 64, 4, 3)]  # the first: the default for D <= 128
+DQ = [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 8, 3), Config(128, 64, 4, 2), Config(64, 32, 4, 4)]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=8192)
-    args = parser.parse_args()
+def time_pair(attn, q, k, v, dout, dkdv: Config, dq: Config) -> float:
+    api.default_backward_configs = lambda *a: (dkdv, dq)
+
+    def step():
+        out = attn(q, k, v)
+        out.backward(dout)
+
+    try:
+        return float(triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median"))
+    except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a finding, not a crash
+        print(f"  {dkdv} / {dq}: {type(exc).__name__}: {str(exc)[:100]}")
+        return float("inf")
+
+
+def _t(c: Config) -> tuple:
+    return (c.block_m, c.block_n, c.num_warps, c.num_stages)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default="rel_table,document", help=f"of: {', '.join(suite.VARIANTS)}")
+    p.add_argument("--shape", default="4x16x8192x128")
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_backward: no CUDA device")
         return 0
-    import triton
-
-    import flashgen as fg
-    import flashgen.api as api
-
-    B, H, S, D = 4, 16, args.seq_len, args.head_dim
+    B, H, S, D = suite.parse_shape(args.shape)
+    variants = suite.parse_list(args.variants, suite.VARIANTS, "variants")
+    torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
-    default = api.default_backward_configs
-    for name, mask in (("full", None), ("causal", fg.mods.causal)):
-        attn = fg.compile(mask_mod=mask)
-        density = 1.0 if mask is None else (S + 1) / (2 * S)
-        flop = 3.5 * 4 * B * H * S * S * D * density
-
-        def measure(dkdv, dq, attn=attn, flop=flop):
-            api.default_backward_configs = lambda *a: (fg.Config(*dkdv), fg.Config(*dq))
-            try:
-                ms = triton.testing.do_bench(lambda: attn(q, k, v).backward(dout), warmup=10, rep=50,
-                                             return_mode="median")
-                return flop / ms / 1e9
-            except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
-                print(f"  {dkdv} {dq}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-                return 0.0
-
-        base_dkdv, base_dq = (tuple(vars(c).values()) for c in default(q.device, D, D, q.dtype))
+    rows = []
+    for name in variants:
+        case = suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name]
+        attn = fg.compile(**case.variant.fg_kwargs)
+        default = (DKDV[0], DQ[0])
         results = {}
-        for cfg in DKDV:
-            results[(cfg, base_dq)] = tf = measure(cfg, base_dq)
-            print(f"{name} dkdv={cfg} dq={base_dq}: {tf:.1f} TF/s", flush=True)
-        best_dkdv = max(DKDV, key=lambda c: results[(c, base_dq)])
-        for cfg in DQ:
-            results[(best_dkdv, cfg)] = tf = measure(best_dkdv, cfg)
-            print(f"{name} dkdv={best_dkdv} dq={cfg}: {tf:.1f} TF/s", flush=True)
-        best = max(results, key=results.get)
-        print(f"BEST {name} D={D}: dkdv={best[0]} dq={best[1]} {results[best]:.1f} TF/s "
-              f"(default {results.get((base_dkdv, base_dq), 0):.1f})", flush=True)
-    api.default_backward_configs = default
+        for c in DKDV:
+            results[(c, DQ[0])] = time_pair(attn, q, k, v, dout, c, DQ[0])
+            print(f"{name}: dkdv {c} dq {DQ[0]}: {results[(c, DQ[0])]:.3f} ms", flush=True)
+        best_dkdv = min(DKDV, key=lambda c: results[(c, DQ[0])])
+        for c in DQ[1:]:
+            results[(best_dkdv, c)] = time_pair(attn, q, k, v, dout, best_dkdv, c)
+            print(f"{name}: dkdv {best_dkdv} dq {c}: {results[(best_dkdv, c)]:.3f} ms", flush=True)
+        best = min(results, key=results.get)
+        rows.append((name, default, results[default], best, results[best]))
+    print(f"\nfwd+bwd ms, bf16 {args.shape}; configurations as (block_m, block_n, warps, stages)")
+    for name, default, t0, best, t1 in rows:
+        print(f"{name:<16} default dkdv {_t(default[0])} dq {_t(default[1])} {t0:.3f} ms   "
+              f"best dkdv {_t(best[0])} dq {_t(best[1])} {t1:.3f} ms ({t0 / t1:.2f}x)")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -42,6 +43,7 @@ from .tuning import candidates, first_fitting, tune, tuning_key
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+FACTOR_ROUNDING_TOL = 1 / 128  # logits: a bias lowered to factors may move none by more (1% of a weight)
 _INT32_MAX = 2**31 - 1
 
 # one rendered kernel per program key, shared by every Attention with an equivalent program
@@ -120,7 +122,8 @@ class Attention:
                              "score_mod would see score + bias. Pass the bias as a tensor or a traced bias instead")
         self.name = identifier(self.program.name)
         self._mods = (score_mod, mask_mod, None if isinstance(bias, (LowRankBias, torch.Tensor)) else bias)
-        self._factored: OrderedDict[tuple, Attention] = OrderedDict()  # factor lowering, per shape
+        self._factored: OrderedDict[tuple, Attention | None] = OrderedDict()  # factor lowering, per shape
+        self._factored_refusal: dict[tuple, str] = {}  # why a shape's factors were refused
         self.last_lowering: str | None = None  # the cost model's decision at the last call
         self._lowering_memo: dict[tuple[int, str], tuple[str, str]] = {}
         if bias_lowering == "factors" and (self.low_rank_bias is not None or isinstance(bias, torch.Tensor)
@@ -267,8 +270,9 @@ class Attention:
                 raise ValueError(f"the bias tensor of shape {list(self.dense_bias_shape)} does not broadcast to "
                                  f"[B, H, Sq, Skv] = {list(call)}")
         if self._lowers_to_factors(q.shape[-1], q.dtype):
-            inner = self._factored_attention(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
-            return inner(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, config=config)
+            inner = self._factored_attention(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device, q.dtype)
+            if inner is not None:
+                return inner(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, config=config)
         if self.low_rank_bias is not None:
             q, k, v = _with_factors(self.low_rank_bias, q, k, v, scale)
             scale = 1.0
@@ -301,25 +305,39 @@ class Attention:
         self.last_lowering = why if not learnable else "loop: captured tensors the bias reads require grad"
         return choice == "factors" and not learnable
 
-    def _factored_attention(self, B: int, H: int, Sq: int, Skv: int, device) -> Attention:
-        """An Attention for the mask with the bias as factors at this shape (cached per shape and
-        captured-tensor versions)."""
-        key = (B, H, Sq, Skv, str(device), tuple((t.data_ptr(), t._version) for t in self.captured))
-        inner = self._factored.get(key)
-        if inner is None:
-            score_mod, mask_mod, bias = self._mods
-            zero = torch.zeros((), dtype=torch.float64, device=device)
+    def _factored_attention(self, B: int, H: int, Sq: int, Skv: int, device, dtype: torch.dtype) -> Attention | None:
+        """An Attention for the mask with the bias as factors at this shape (cached per shape, dtype
+        and captured-tensor versions), or None where the factors rounded to ``dtype`` would move a
+        logit by more than FACTOR_ROUNDING_TOL and the cost model chose them (a forced choice
+        warns instead)."""
+        key = (B, H, Sq, Skv, str(device), dtype, tuple((t.data_ptr(), t._version) for t in self.captured))
+        if key in self._factored:
+            inner = self._factored[key]
+            if inner is None:
+                self.last_lowering = self._factored_refusal[key]
+            return inner
+        score_mod, mask_mod, bias = self._mods
+        zero = torch.zeros((), dtype=torch.float64, device=device)
 
-            def additive(b, h, q_idx, kv_idx):
-                total = score_mod(zero, b, h, q_idx, kv_idx) if score_mod is not None else 0.0
-                return total + (bias(b, h, q_idx, kv_idx) if bias is not None else 0.0)
+        def additive(b, h, q_idx, kv_idx):
+            total = score_mod(zero, b, h, q_idx, kv_idx) if score_mod is not None else 0.0
+            return total + (bias(b, h, q_idx, kv_idx) if bias is not None else 0.0)
 
-            factors = factor_bias(additive, self.analysis.bias.rank, B, H, Sq, Skv, device)
-            inner = Attention(mask_mod=mask_mod, bias=factors, deterministic=self.deterministic, autotune=self.autotune,
-                              fast_math=self.fast_math)
-            self._factored[key] = inner
-            if len(self._factored) > 4:
-                self._factored.popitem(last=False)
+        factors = factor_bias(additive, self.analysis.bias.rank, B, H, Sq, Skv, device)
+        moved = factors.rounding_bound(dtype)
+        inner = Attention(mask_mod=mask_mod, bias=factors, deterministic=self.deterministic, autotune=self.autotune,
+                          fast_math=self.fast_math)
+        if moved > FACTOR_ROUNDING_TOL:
+            why = (f"the factors in {str(dtype).removeprefix('torch.')} would move logits by up to {moved:.3g} "
+                   f"(the bias's terms cancel), more than {FACTOR_ROUNDING_TOL:.3g}")
+            if self.bias_lowering == "factors":
+                warnings.warn(f"flashgen: bias_lowering='factors': {why}", stacklevel=4)
+            else:
+                inner = None
+                self.last_lowering = self._factored_refusal[key] = f"loop: {why}"
+        self._factored[key] = inner
+        if len(self._factored) > 4:
+            self._factored.popitem(last=False)
         return inner
 
     @_compiling_into_the_cache

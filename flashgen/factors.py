@@ -46,6 +46,20 @@ class LowRankBias:
         """The bias as a dense tensor ``[B|1, H|1, Sq, Skv]`` (for checks on small shapes)."""
         return self.phi_q @ self.phi_k.transpose(-1, -2)
 
+    def rounding_bound(self, dtype: torch.dtype) -> float:
+        """An upper bound on how far any bias entry moves when the factors are rounded to ``dtype``
+        (as the kernels take them, beside q and k): ``Σ_r max|phi_q[.., r]| · max|phi_k[.., r]|``
+        times twice the unit roundoff; ``inf`` past ``dtype``'s range. Factors of a bias with
+        large entries that cancel (ALiBi's ``slope·(kv − q)`` at 8k tokens: terms of ~6000 for an
+        entry of 0) can be exact in float32 and off by whole logits in bfloat16."""
+        info = torch.finfo(dtype)
+        with torch.no_grad():
+            fq = self.phi_q.detach().abs().amax(dim=-2).double()  # [B|1, H|1, R]
+            fk = self.phi_k.detach().abs().amax(dim=-2).double()
+            if max(fq.max().item(), fk.max().item()) > info.max:
+                return float("inf")
+            return float((fq * fk).sum(-1).max().item() * 2 * info.eps / 2)
+
     def __repr__(self) -> str:
         err = f", error={self.error:.2e}" if self.error is not None else ""
         return f"LowRankBias(rank={self.rank}, phi_q={list(self.phi_q.shape)}, phi_k={list(self.phi_k.shape)}{err})"

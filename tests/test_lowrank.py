@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from helpers import rel_err, requires_interpreter
+from helpers import TOLERANCES, rel_err, requires_interpreter
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from test_fuzz import FUZZ, examples
@@ -629,3 +629,34 @@ def test_bias_lowering_refusals():
     auto = fg.compile(score_mod=fg.mods.alibi(slopes), bias_lowering="auto")
     # learnable: stays in the loop
     assert not auto._lowers_to_factors(80, torch.bfloat16) and "require grad" in auto.last_lowering
+
+
+def test_rounding_bound_covers_the_rounded_factors():
+    torch.manual_seed(0)
+    for scale in (1e-3, 1.0, 300.0):
+        lr = fg.LowRankBias(torch.randn(2, 3, 50, 4) * scale, torch.randn(1, 3, 40, 4))
+        for dtype in (torch.bfloat16, torch.float16):
+            bound = lr.rounding_bound(dtype)
+            moved = (lr.phi_q.to(dtype).double() @ lr.phi_k.to(dtype).double().transpose(-1, -2)
+                     - lr.phi_q.double() @ lr.phi_k.double().transpose(-1, -2)).abs().max().item()
+            assert moved <= bound < 50 * moved + 1e-12  # sound, and not vacuous
+    assert fg.LowRankBias(torch.full((1, 1, 4, 1), 1e5), torch.ones(1, 1, 4, 1)).rounding_bound(torch.float16) \
+        == float("inf")  # past float16's range
+
+
+@requires_interpreter
+def test_factors_whose_rounding_moves_logits_are_refused_in_bf16():
+    # ALiBi at 512 tokens: exact float32 factors with terms of ~360 that cancel near the diagonal;
+    # in bfloat16 they would move those logits by whole units
+    slopes = torch.tensor([0.7, 0.5])
+    mods = dict(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.causal)
+    q, k, v = (torch.randn(1, 2, 512, 16) for _ in range(3))
+    ref = fg.attention_reference(q.double(), k.double(), v.double(), **mods)
+    auto = fg.compile(**mods, bias_lowering="auto")
+    out = auto(*(t.bfloat16() for t in (q, k, v)))
+    assert auto.last_lowering.startswith("loop: the factors in bfloat16 would move logits by up to")
+    assert rel_err(out, ref) < TOLERANCES[torch.bfloat16]
+    assert auto(q, k, v) is not None and auto.last_lowering.startswith("loop")  # fp32: the cost model's loop
+    forced = fg.compile(**mods, bias_lowering="factors")
+    with pytest.warns(UserWarning, match="would move logits"):
+        forced(*(t.bfloat16() for t in (q, k, v)))
