@@ -251,6 +251,15 @@ class Attention:
         return not reads_in_range([self.program.logits, self.program.mask],
                                   [tuple(t.shape) for t in self.captured], *shape)
 
+    def _occupancy(self, shape: tuple[int, int, int, int], D: int, Dv: int, q: torch.Tensor) -> float:
+        """The fraction of the mask's tiles that are not empty, from the block map at the forward's
+        default tiles (built, and cached, by the forward call before the backward asks)."""
+        if not self.analysis.has_mask:
+            return 1.0
+        cfg = first_fitting("fwd", default_config(q.device, D, Dv, q.dtype), q.device, D, Dv, q.dtype)
+        counts = self.block_mask(*shape, (cfg.block_m, cfg.block_n), q.device).counts()
+        return (counts["partial"] + counts["full"]) / max(1, sum(counts.values()))
+
     def _runs_args(self, shape: tuple[int, int, int, int], cfg: Config, device, *, transpose: bool = False,
                    ragged_last: bool = False) -> tuple:
         """Kernel arguments for the block map's runs: tensor, then strides (0 along b, h when the
@@ -449,8 +458,9 @@ class Attention:
         lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
         capture_args, common = self._launch_constants(q.dtype, D, Dv, shape)
+        defaults = default_backward_configs(q.device, D, Dv, q.dtype, self._occupancy(shape, D, Dv, q))
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
-                            for family, c in zip(("dkdv", "dq"), default_backward_configs(q.device, D, Dv, q.dtype)))
+                            for family, c in zip(("dkdv", "dq"), defaults))
         masked = self.analysis.has_mask
         dkdv_kernel, dq_kernel = _EvenN(module.attn_bwd_dkdv, Skv), _EvenN(module.attn_bwd_dq, Skv)
 

@@ -473,6 +473,7 @@ class BlockMask:
         self.method = "runtime" if read else "static"
         self.closed_form = closed_form  # the kernels use the band's closed form and read no metadata
         self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size)
+        self._counts: dict[str, int] | None = None
         c = self.counts()
         if exact is None:  # masks reading tensors, with most tiles undecided: unsorted ids, say
             exact = self.method == "runtime" and 2 * c["partial"] > sum(c.values())
@@ -480,6 +481,7 @@ class BlockMask:
         if self.exact:
             originals = [t if i in read else cpu[i] for i, t in enumerate(tensors)]
             self.boxes = refine(mask, originals, self.boxes, (sq, skv), block_size, device=self.device)
+            self._counts = None
         self._mask, self._tensors = mask, cpu
         self._state: torch.Tensor | None = None
         self._runs: dict[tuple[bool, bool], torch.Tensor] = {}
@@ -507,9 +509,11 @@ class BlockMask:
 
     def counts(self) -> dict[str, int]:
         """Number of tiles in each state (over all batches and heads the map has)."""
-        area = (self.boxes.q1 - self.boxes.q0) * (self.boxes.k1 - self.boxes.k0)
-        return {name: int(area[self.boxes.state == s].sum()) for s, name in
-                ((EMPTY, "empty"), (PARTIAL, "partial"), (FULL, "full"))}
+        if self._counts is None:
+            area = (self.boxes.q1 - self.boxes.q0) * (self.boxes.k1 - self.boxes.k0)
+            self._counts = {name: int(area[self.boxes.state == s].sum()) for s, name in
+                            ((EMPTY, "empty"), (PARTIAL, "partial"), (FULL, "full"))}
+        return dict(self._counts)
 
     def picture(self, size: int = 32, b: int = 0, h: int = 0) -> str:
         """A text picture of batch ``b``, head ``h``: ``·`` empty, ``░`` partial, ``█`` full; one

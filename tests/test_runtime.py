@@ -66,3 +66,24 @@ def test_defaults_that_cannot_fit_are_shrunk_before_compiling():
     fitted = first_fitting("dkdv", wide, cpu, 256, 256, torch.float32)
     assert fitted != wide and shared_memory_bytes("dkdv", fitted, 256, 256, 4) <= limit  # ... so it is shrunk
     assert first_fitting("dkdv", Config(512, 512, 8, 4), cpu, 256, 256, torch.float32).block_m <= 32
+
+
+def test_sparse_block_maps_take_the_small_backward_tiles():
+    from flashgen.runtime import SPARSE_OCCUPANCY, Config, default_backward_configs
+
+    cuda = torch.device("cuda")
+    dense = default_backward_configs(cuda, 128, 128, torch.bfloat16)
+    assert default_backward_configs(cuda, 128, 128, torch.bfloat16, occupancy=0.5) == dense
+    assert default_backward_configs(cuda, 128, 128, torch.bfloat16, occupancy=0.05) == (Config(32, 64, 4, 3),
+                                                                                         Config(64, 32, 4, 4))
+    assert default_backward_configs(cuda, 256, 256, torch.bfloat16, occupancy=0.05)[0].block_n == 64  # wide: as before
+    import flashgen as fg
+
+    q = torch.randn(1, 1, 512, 16)
+    shape = (1, 1, 512, 512)
+    doc = torch.arange(512) // 64
+    sparse = fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal)
+    occupancy = sparse._occupancy(shape, 16, 16, q)
+    assert 0 < occupancy < SPARSE_OCCUPANCY  # 8 documents of 64 tokens on tiles of 32: 36 of 256
+    assert abs(fg.compile(mask_mod=fg.mods.causal)._occupancy(shape, 16, 16, q) - 136 / 256) < 1e-9
+    assert fg.compile()._occupancy(shape, 16, 16, q) == 1.0
