@@ -191,12 +191,9 @@ def _mixed(node: Node) -> bool:
 
 
 def _as_float(node: Node) -> Node:
-    """An integer index expression as float32, converting the operands of its sums instead of
-    the sum where it reads both q_idx and kv_idx: ``float(kv) - float(q)`` costs a vector
-    conversion per row and column and one float subtraction per tile entry, where ``float(kv - q)``
-    costs a conversion per entry (a quarter-rate instruction on the GPU, like exp2). Exact while
-    the integers involved stay below 2**24 in magnitude (sequences under 16M tokens); ``x**2`` of
-    such a sum rounds once either way."""
+    """An integer index expression as float32, converted at the operands of its sums where it reads
+    both q_idx and kv_idx: ``float(kv) - float(q)`` converts row and column vectors, ``float(kv - q)``
+    every tile entry. Exact while the integers stay below 2**24 (``x**2`` of a sum rounds once either way)."""
     if _mixed(node):
         if node.op in (Op.ADD, Op.SUB):
             return binary(node.op, _as_float(node.src[0]), _as_float(node.src[1]))
@@ -208,9 +205,8 @@ def _as_float(node: Node) -> Node:
 
 
 def float_index_arithmetic(node: Node) -> Node | None:
-    """A lowering rule (not among :data:`RULES`: it changes how a value is computed, not which):
-    integer tile expressions that a float operation reads, as in ALiBi's ``slope * (kv_idx -
-    q_idx)``, are converted at their operands (:func:`_as_float`)."""
+    """Lowering (not among :data:`RULES`: it changes how a value is computed, not which): integer tile
+    expressions a float operation reads (ALiBi's ``slope * (kv_idx - q_idx)``) go through :func:`_as_float`."""
     if node.dtype is not DType.FLOAT or node.op not in (Op.CAST, Op.ADD, Op.SUB, Op.MUL, Op.TRUEDIV, Op.MIN, Op.MAX):
         return None
     if node.op is Op.CAST and node.arg not in ("float32", "float64"):

@@ -28,8 +28,9 @@ DEPENDS = {
 # Lines of code (non-blank, non-comment) the package may hold: small enough to read in an afternoon.
 # 3500 until the block maps (#4), the tuner and CLI (#6) and low-rank biases (#5) arrived (~3700);
 # 4000 until two head blocks, fast math, launch-time bounds proofs and the binary cache (~4015);
-# 4100 until the lowering rules, loop-invariant backward code and the compiler prewarm (~4160).
-SIZE_BUDGET = 4200
+# 4100 until the lowering rules, loop-invariant backward code and the compiler prewarm (~4160);
+# 4200 until the factor-rounding guard and sparse backward tiles (~4230).
+SIZE_BUDGET = 4300
 
 
 def module_name(path: Path) -> str:
