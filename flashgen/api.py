@@ -35,6 +35,7 @@ from .runtime import (
     qk_blocks,
     run_config,
     store_tuning,
+    templates_here,
 )
 from .settings import settings
 from .spec import Mod
@@ -140,6 +141,7 @@ class Attention:
     def _kernel_source(self) -> KernelSource:
         ks = _sources.get(self.program.key)
         if ks is None:
+            templates_here()
             ks = render_forward(self.name, self.program.key, self.program.logits, self.program.mask, self.analysis,
                                 tuple(c.ndim for c in self.program.captures))
             _sources[self.program.key] = ks
@@ -432,6 +434,7 @@ class Attention:
         key = (self.program.key, grad_slots)
         ks = _sources.get(key)
         if ks is None:
+            templates_here()
             ks = render_backward(self.name, self.program.key, self.program.logits, self.program.mask,
                                  self.analysis, tuple(c.ndim for c in self.program.captures), grad_slots)
             _sources[key] = ks

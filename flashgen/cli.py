@@ -335,14 +335,14 @@ def _cache(args: argparse.Namespace) -> int:
     if args.action == "ls":
         for e in entries:
             stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
-            print(f"{e.kind:<7} {e.size:>9} B  {stamp}  {e.label or e.path.name}")
+            print(f"{e.kind:<8} {e.size:>9} B  {stamp}  {e.label or e.path.name}")
         if not entries:
             print(f"(empty: {cache_dir()})")
         return 0
-    kinds = {k: [e for e in entries if e.kind == k] for k in ("kernel", "binary", "tuning")}
+    kinds = {k: [e for e in entries if e.kind == k] for k in ("kernel", "binary", "tuning", "template")}
     print(f"cache directory: {cache_dir()}")
     for k, es in kinds.items():
-        print(f"  {k:<7} entries: {len(es):>5}  {sum(e.size for e in es) / 1024:10.1f} KiB")
+        print(f"  {k:<8} entries: {len(es):>5}  {sum(e.size for e in es) / 1024:10.1f} KiB")
     if "TRITON_CACHE_DIR" in os.environ:
         print(f"compiled binaries go to TRITON_CACHE_DIR={os.environ['TRITON_CACHE_DIR']} (set by you), not here")
     return 0

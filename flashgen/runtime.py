@@ -11,6 +11,7 @@ Disk cache (``settings().cache_dir``, default ``~/.cache/flashgen``):
   set ``TRITON_CACHE_DIR``, which then wins.
 - ``tuning/<variant>-<family>-<hash16>.json``: autotuning results (see ``flashgen.tuning``),
   keyed by flashgen and Triton versions, GPU, source key and tuning key.
+- ``templates/``: the code templates, compiled (Jinja's bytecode cache; :func:`templates_here`).
 
 Writes are atomic (temp file + rename) under a file lock, re-checked after acquiring it, so
 concurrent processes neither corrupt nor duplicate entries. An entry that does not match its key
@@ -44,7 +45,7 @@ from types import ModuleType
 import torch
 import triton
 
-from .codegen.render import KernelSource
+from .codegen.render import KernelSource, use_template_cache
 from .lowrank import head_blocks
 from .settings import settings
 
@@ -406,10 +407,18 @@ def _binary_entry(path: Path) -> CacheEntry:
     return CacheEntry("binary", path, sum(f.stat().st_size for f in files), mtime, ",".join(names))
 
 
+def templates_here() -> None:
+    """Compiled code templates go to ``<cache>/templates`` (see ``render.use_template_cache``)."""
+    path = cache_dir() / "templates"
+    path.mkdir(parents=True, exist_ok=True)
+    use_template_cache(str(path))
+
+
 def cache_entries() -> list[CacheEntry]:
     root = cache_dir()
     out = []
-    for kind, sub, pattern in (("kernel", "kernels", "*.py"), ("tuning", "tuning", "*.json")):
+    for kind, sub, pattern in (("kernel", "kernels", "*.py"), ("tuning", "tuning", "*.json"),
+                               ("template", "templates", "*.cache")):
         for path in sorted((root / sub).glob(pattern)):
             st = path.stat()
             out.append(CacheEntry(kind, path, st.st_size, st.st_mtime, path.name))

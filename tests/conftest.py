@@ -25,4 +25,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHGEN_CACHE_DIR", str(root))
     monkeypatch.setattr(runtime, "_modules", {})  # else a variant loaded by another test is never rewritten
     monkeypatch.setattr(runtime, "_tuned_in_memory", {})
+    from flashgen import api
+
+    monkeypatch.setattr(api, "_sources", {})  # so that sources render (and templates compile) into this cache
     return root

@@ -47,7 +47,8 @@ def qkv(H=1, S=32, D=16, dtype=torch.float32, grad=False):
 
 
 def files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    """The cache's files, without the compiled templates (which every render may add)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.parent.name != "templates") if root.exists() else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +480,24 @@ def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(monke
         assert done == [1]  # the launch waited for the hash instead of computing it again
 
 
+def test_compiled_templates_are_kept_in_the_cache(cache, monkeypatch):
+    import jinja2
+
+    from flashgen.codegen import render
+
+    fg.compile(mask_mod=fg.mods.sliding_window(777)).source("bwd")  # renders (a variant not seen before)
+    kept = [e for e in runtime.cache_entries() if e.kind == "template"]
+    assert len(kept) >= 2 and {e.path.parent for e in kept} == {cache / "templates"}
+    # a fresh process (a new environment) loads the compiled templates instead of compiling them
+    render._environment.cache_clear()
+    compiled = []
+    real = jinja2.Environment.compile
+    monkeypatch.setattr(jinja2.Environment, "compile", lambda self, *a, **k: compiled.append(a) or real(self, *a, **k))
+    fg.compile(mask_mod=fg.mods.sliding_window(778)).source("bwd")
+    assert compiled == []
+    assert runtime.clear_cache() >= len(kept) and not list((cache / "templates").glob("*.cache"))
+
+
 def test_the_cache_switch_happens_once_per_call_signature(cache, monkeypatch):
     import contextlib
 
@@ -512,10 +531,12 @@ def test_cache_entries_and_clear(cache):
     assert runtime.load_tuning("causal", "fwd", key)["best"] == Config(16, 16, 4, 1).__dict__
     (cache / "kernels" / ".stray.py.123.tmp").write_text("")  # temp files and locks are not entries
     entries = runtime.cache_entries()
+    templates = sorted((cache / "templates").glob("*.cache"))  # the forward template and its include
     assert [(e.kind, e.path) for e in entries] == [("kernel", runtime.source_path(attn._kernel_source())),
-                                                    ("tuning", stored)]
+                                                    ("tuning", stored)] + [("template", t) for t in templates]
+    assert len(templates) == 2
     assert all(e.size == e.path.stat().st_size > 0 and e.mtime == e.path.stat().st_mtime for e in entries)
-    assert runtime.clear_cache() == 2
+    assert runtime.clear_cache() == 4
     assert runtime.cache_entries() == [] and runtime._tuned_in_memory == {}
     assert [p.name for p in files(cache)] == [".stray.py.123.tmp"]  # the entries and their .lock files are gone
     assert runtime.load_tuning("causal", "fwd", key) is None

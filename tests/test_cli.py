@@ -111,17 +111,20 @@ def test_cache_info_ls_clear(cache, capsys, monkeypatch):
     assert lines[1].split() == ["kernel", "entries:", "1", f"{kib:.1f}", "KiB"]
     assert lines[2].split() == ["binary", "entries:", "0", "0.0", "KiB"]  # the interpreter compiles nothing
     assert lines[3].split()[:3] == ["tuning", "entries:", "1"]
-    assert len(lines) == 4
+    templates = len(list((cache / "templates").glob("*.cache")))  # the compiled template and its include
+    assert templates >= 1 and lines[4].split()[:3] == ["template", "entries:", str(templates)]
+    assert len(lines) == 5
 
     rc, out, _ = cli(capsys, "cache", "ls")
     lines = out.splitlines()
-    assert rc == 0 and len(lines) == 2
+    assert rc == 0 and len(lines) == 2 + templates
     assert lines[0].split()[0] == "kernel" and lines[0].split()[-1] == runtime.source_path(ks).name
     assert lines[1].split()[0] == "tuning" and lines[1].split()[-1] == stored.name
     assert f"{stored.stat().st_size} B" in lines[1]
+    assert all(line.split()[0] == "template" for line in lines[2:])
 
     rc, out, _ = cli(capsys, "cache", "clear")
-    assert rc == 0 and out == f"removed 2 entries from {cache}\n"
+    assert rc == 0 and out == f"removed {2 + templates} entries from {cache}\n"
     assert not list(cache.rglob("*.py")) and not list(cache.rglob("*.json"))
     assert cli(capsys, "cache", "ls")[1] == f"(empty: {cache})\n"
 
@@ -136,7 +139,7 @@ def test_show_causal(cache, capsys):
     assert "@triton.jit" in out and "def attn_fwd(" in out and "attn_bwd_dkdv" not in out
     assert ir_lines(out) == ["logits = score", "mask = (kv_idx <= q_idx)"]
     assert out == fg.compile(mask_mod=fg.mods.causal).source("fwd")
-    assert not cache.exists()  # show only renders
+    assert {p.parent.name for p in cache.rglob("*") if p.is_file()} <= {"templates"}  # show only renders
 
 
 def test_show_backward(cache, capsys):

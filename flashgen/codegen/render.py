@@ -238,6 +238,17 @@ def _ordered(roots: list[Node]) -> list[Node]:
     return [graph.nodes[k]["node"] for k in order]
 
 
+_template_cache: list[str] = []  # where compiled templates are kept, once set (use_template_cache)
+
+
+def use_template_cache(path: str) -> None:
+    """Keep the templates compiled (Jinja's bytecode cache, checked against their text) in
+    ``path``, so that a fresh process skips compiling them: ~0.1 s of its first call."""
+    if _template_cache != [path]:
+        _template_cache[:] = [path]
+        _environment.cache_clear()
+
+
 @cache
 def _environment():
     import jinja2
@@ -245,8 +256,9 @@ def _environment():
     def load(name: str) -> str:
         return resources.files("flashgen.codegen").joinpath("templates", name).read_text()
 
+    bytecode = jinja2.FileSystemBytecodeCache(_template_cache[0]) if _template_cache else None
     return jinja2.Environment(loader=jinja2.FunctionLoader(load), undefined=jinja2.StrictUndefined,
-                              keep_trailing_newline=True)
+                              keep_trailing_newline=True, bytecode_cache=bytecode)
 
 
 def _template(name: str):
