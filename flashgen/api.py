@@ -215,8 +215,10 @@ class Attention:
                tuple((t.data_ptr(), t._version) for t in self._mask_reads))
         bm = self._block_maps.get(key)
         if bm is None:
+            coarse = next((m for k, m in reversed(self._block_maps.items()) if k[:4] == key[:4] and k[5:] == key[5:]
+                           and all(c % f == 0 for c, f in zip(k[4], key[4]))), None)  # to refine, not redo
             bm = BlockMask(self.program.mask, self.captured, (B, H, Sq, Skv), tuple(block_size),
-                           closed_form=not self.analysis.block_runs, device=device)
+                           closed_form=not self.analysis.block_runs, device=device, coarse=coarse)
             self._block_maps[key] = bm
             if len(self._block_maps) > _BLOCK_MAPS_MAX:
                 self._block_maps.popitem(last=False)

@@ -310,20 +310,33 @@ def classify(mask: Node, summaries: _Summaries, b, h, q0, q1, k0, k1) -> torch.T
 
 
 def decide(mask: Node, tensors: list[torch.Tensor], dims: tuple[int, int], lengths: tuple[int, int],
-           block: tuple[int, int], device: torch.device | str = "cpu", summaries: _Summaries | None = None) -> Boxes:
+           block: tuple[int, int], device: torch.device | str = "cpu", summaries: _Summaries | None = None,
+           coarse: tuple[Boxes, tuple[int, int]] | None = None) -> Boxes:
     """Classify every tile of the ``dims`` (batches, heads the mask depends on) x ``lengths``
-    (Sq, Skv) map with ``block`` (query, KV) tiles, by splitting undecided boxes in four."""
+    (Sq, Skv) map with ``block`` (query, KV) tiles, by splitting undecided boxes in four.
+    ``coarse``: the decided boxes of the same mask at tiles that are whole multiples of these
+    (``(boxes, their block)``): their empty and full boxes hold for the tiles inside them, so
+    only the partial ones are split further (a document mask's small backward tiles: a few
+    hundred tiles classified instead of every one)."""
     (nb, nh), (sq, skv), (bq, bk) = dims, lengths, block
     nq, nk = -(-sq // bq), -(-skv // bk)
     summaries = summaries or _Summaries(tensors)
-    if nb * nh * nq * nk <= _ONE_PASS:  # small maps: every tile in one pass beats the splitting's overheads
+    done: list[list[torch.Tensor]] = []
+    if coarse is not None:
+        boxes, (cq, ck) = coarse
+        rq, rk = cq // bq, ck // bk
+        fine = [boxes.b, boxes.h, boxes.q0 * rq, torch.clamp(boxes.q1 * rq, max=nq),
+                boxes.k0 * rk, torch.clamp(boxes.k1 * rk, max=nk)]
+        decided = boxes.state != PARTIAL
+        done.append([x[decided] for x in fine] + [boxes.state[decided]])
+        cur = [x[~decided] for x in fine]
+    elif nb * nh * nq * nk <= _ONE_PASS:  # small maps: every tile in one pass beats the splitting's overheads
         bb, hh, qq, kk = (x.flatten() for x in torch.meshgrid(
             *(torch.arange(n, device=device) for n in (nb, nh, nq, nk)), indexing="ij"))
         cur = [bb, hh, qq, qq + 1, kk, kk + 1]
     else:
         bb, hh = torch.meshgrid(torch.arange(nb, device=device), torch.arange(nh, device=device), indexing="ij")
         cur = [bb.flatten(), hh.flatten()] + [torch.full((nb * nh,), v, device=device) for v in (0, nq, 0, nk)]
-    done: list[list[torch.Tensor]] = []
     while cur[0].numel():
         b, h, q0, q1, k0, k1 = cur
         f = torch.float64
@@ -456,11 +469,13 @@ class BlockMask:
 
     Built by :func:`flashgen.block_mask` (and by every attention call, cached). ``state`` is the
     dense map ``[B or 1, H or 1, ceil(Sq/bq), ceil(Skv/bk)]`` (computed on first access); the
-    kernels read only ``runs`` (or nothing, for closed-form band masks)."""
+    kernels read only ``runs`` (or nothing, for closed-form band masks). ``coarse``: a map of the
+    same mask, shape and captured values at tiles that are multiples of these, whose empty and full
+    boxes are taken over (only its partial ones are classified again)."""
 
     def __init__(self, mask: Node, tensors: list[torch.Tensor], shape: tuple[int, int, int, int],
                  block_size: tuple[int, int], *, closed_form: bool, device: torch.device | str | None = None,
-                 exact: bool | None = None):
+                 exact: bool | None = None, coarse: BlockMask | None = None):
         B, H, sq, skv = shape
         self.shape = shape
         self.block_size = block_size
@@ -472,7 +487,10 @@ class BlockMask:
         cpu = [t.detach().to("cpu", copy=True) if i in read else t for i, t in enumerate(tensors)]
         self.method = "runtime" if read else "static"
         self.closed_form = closed_form  # the kernels use the band's closed form and read no metadata
-        self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size)
+        nested = coarse is not None and coarse.shape == shape and all(
+            c % f == 0 for c, f in zip(coarse.block_size, block_size))  # (its decided boxes seed this map)
+        self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size,
+                            coarse=(coarse.boxes, coarse.block_size) if nested else None)
         self._counts: dict[str, int] | None = None
         c = self.counts()
         if exact is None:  # masks reading tensors, with most tiles undecided: unsorted ids, say

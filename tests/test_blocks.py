@@ -471,6 +471,57 @@ def test_random_runtime_masks_never_wrong(src, shape, seed, ndocs, sort, p):
     assert_runs_match(bm)
 
 
+@settings(FUZZ, max_examples=examples(60))
+@given(src=st.one_of(runtime_masks(), combined(STATIC_ATOMS)), seed=st.integers(0, 2**16),
+       ratio=st.sampled_from([(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 4)]))
+def test_maps_refined_from_coarser_tiles_are_never_wrong_and_as_precise(src, seed, ratio):
+    # the backward's small tiles seeded by the forward's map: its empty and full boxes taken over
+    from flashgen.blocks import BlockMask
+
+    g = torch.Generator().manual_seed(seed)
+    S, B, H, block = 160, 2, 3, (8, 16)
+    doc = (torch.rand(S, generator=g) < 0.1).long().cumsum(0)
+    namespace = dict(doc=doc, doc2=doc.expand(B, S).clone(), keep=torch.rand(S, generator=g) < 0.6,
+                     sc=torch.rand(S, generator=g), hs=torch.randn(H, generator=g),
+                     rel=torch.randint(-2, 3, (2 * S - 1,), generator=g), lim=torch.randint(0, S, (B,), generator=g))
+    mask_mod = mask_from(src, namespace)
+    attn = fg.compile(mask_mod=mask_mod)
+    coarse = BlockMask(attn.program.mask, attn.captured, (B, H, S, S - 7), (block[0] * ratio[0], block[1] * ratio[1]),
+                       closed_form=False)
+    direct = BlockMask(attn.program.mask, attn.captured, (B, H, S, S - 7), block, closed_form=False)
+    refined = BlockMask(attn.program.mask, attn.captured, (B, H, S, S - 7), block, closed_form=False, coarse=coarse)
+    truth = oracle(mask_mod, B, H, S, S - 7, block)
+    assert_never_wrong(refined.state.expand_as(truth), truth, src)
+    decided = direct.state.expand_as(truth) != PARTIAL
+    assert ((refined.state.expand_as(truth) == direct.state.expand_as(truth)) | ~decided).all(), src
+    assert refined.counts() == counts_of(refined.state)
+    assert_runs_match(refined)
+
+
+def test_the_backward_maps_are_refined_from_the_forward_map():
+    doc = (torch.arange(512) // 64)
+    attn = fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal)
+    coarse = attn.block_mask(1, 1, 512, 512, (128, 64))
+    seen = []
+    real = fg.blocks.decide
+
+    def spy(*args, coarse=None, **kwargs):
+        seen.append(coarse)
+        return real(*args, coarse=coarse, **kwargs)
+
+    import flashgen.blocks as blocks
+
+    blocks.decide, saved = spy, blocks.decide
+    try:
+        fine = attn.block_mask(1, 1, 512, 512, (32, 64))
+        attn.block_mask(1, 1, 512, 512, (64, 128))  # not nested in (128, 64): built from scratch
+    finally:
+        blocks.decide = saved
+    assert seen[0] is not None and seen[0][0] is coarse.boxes and seen[1] is None
+    assert torch.equal(fine.state, fg.block_mask(fg.mods.document(doc) & fg.mods.causal, 1, 1, 512, 512,
+                                                 block_size=(32, 64)).state)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. scale: the analysis follows the mask's boundary, not the number of tiles
 
