@@ -225,16 +225,9 @@ def _lowered(root: Node) -> Node:
 
 
 def _ordered(roots: list[Node]) -> list[Node]:
-    """Nodes in a deterministic dependency order, from the networkx view of the DAG: what does not
-    read the score first (index arithmetic, captured-tensor reads), so that a tile's loads are
-    issued before its code waits for the q·kᵀ product."""
+    """Nodes in a deterministic dependency order, from the networkx view of the DAG."""
     graph = to_networkx(roots)
-    scored: set[int] = set()
-    for n in ir.toposort(roots):
-        if n.op is Op.SCORE or any(id(c) in scored for c in n.src):
-            scored.add(id(n))
-    order = nx.lexicographical_topological_sort(
-        graph, key=lambda k: (id(graph.nodes[k]["node"]) in scored, graph.nodes[k]["label"], k))
+    order = nx.lexicographical_topological_sort(graph, key=lambda k: (graph.nodes[k]["label"], k))
     return [graph.nodes[k]["node"] for k in order]
 
 
