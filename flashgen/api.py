@@ -123,8 +123,8 @@ class Attention:
                              "score_mod would see score + bias. Pass the bias as a tensor or a traced bias instead")
         self.name = identifier(self.program.name)
         self._mods = (score_mod, mask_mod, None if isinstance(bias, (LowRankBias, torch.Tensor)) else bias)
-        self._factored: OrderedDict[tuple, Attention | None] = OrderedDict()  # factor lowering, per shape
-        self._factored_refusal: dict[tuple, str] = {}  # why a shape's factors were refused
+        # factor lowering per shape: the Attention that runs it, or why the factors were refused
+        self._factored: OrderedDict[tuple, Attention | str] = OrderedDict()
         self.last_lowering: str | None = None  # the cost model's decision at the last call
         self._lowering_memo: dict[tuple[int, str], tuple[str, str]] = {}
         if bias_lowering == "factors" and (self.low_rank_bias is not None or isinstance(bias, torch.Tensor)
@@ -320,37 +320,35 @@ class Attention:
 
     def _factored_attention(self, B: int, H: int, Sq: int, Skv: int, device, dtype: torch.dtype) -> Attention | None:
         """An Attention for the mask with the bias as factors at this shape (cached per shape, dtype
-        and captured-tensor versions), or None where the factors rounded to ``dtype`` would move a
-        logit by more than FACTOR_ROUNDING_TOL and the cost model chose them (a forced choice
-        warns instead)."""
+        and captured-tensor versions), or None where the cost model chose factors whose rounding to
+        ``dtype`` would move a logit by more than FACTOR_ROUNDING_TOL (a forced choice warns instead)."""
         key = (B, H, Sq, Skv, str(device), dtype, tuple((t.data_ptr(), t._version) for t in self.captured))
-        if key in self._factored:
-            inner = self._factored[key]
-            if inner is None:
-                self.last_lowering = self._factored_refusal[key]
-            return inner
-        score_mod, mask_mod, bias = self._mods
-        zero = torch.zeros((), dtype=torch.float64, device=device)
+        inner = self._factored.get(key)
+        if inner is None:
+            score_mod, mask_mod, bias = self._mods
+            zero = torch.zeros((), dtype=torch.float64, device=device)
 
-        def additive(b, h, q_idx, kv_idx):
-            total = score_mod(zero, b, h, q_idx, kv_idx) if score_mod is not None else 0.0
-            return total + (bias(b, h, q_idx, kv_idx) if bias is not None else 0.0)
+            def additive(b, h, q_idx, kv_idx):
+                total = score_mod(zero, b, h, q_idx, kv_idx) if score_mod is not None else 0.0
+                return total + (bias(b, h, q_idx, kv_idx) if bias is not None else 0.0)
 
-        factors = factor_bias(additive, self.analysis.bias.rank, B, H, Sq, Skv, device)
-        moved = factors.rounding_bound(dtype)
-        inner = Attention(mask_mod=mask_mod, bias=factors, deterministic=self.deterministic, autotune=self.autotune,
-                          fast_math=self.fast_math)
-        if moved > FACTOR_ROUNDING_TOL:
+            factors = factor_bias(additive, self.analysis.bias.rank, B, H, Sq, Skv, device)
+            moved = factors.rounding_bound(dtype)
             why = (f"the factors in {str(dtype).removeprefix('torch.')} would move logits by up to {moved:.3g} "
                    f"(the bias's terms cancel), more than {FACTOR_ROUNDING_TOL:.3g}")
-            if self.bias_lowering == "factors":
-                warnings.warn(f"flashgen: bias_lowering='factors': {why}", stacklevel=4)
+            if moved > FACTOR_ROUNDING_TOL and self.bias_lowering == "auto":
+                inner = f"loop: {why}"  # refused: the reason, for last_lowering and explain()
             else:
-                inner = None
-                self.last_lowering = self._factored_refusal[key] = f"loop: {why}"
-        self._factored[key] = inner
-        if len(self._factored) > 4:
-            self._factored.popitem(last=False)
+                if moved > FACTOR_ROUNDING_TOL:
+                    warnings.warn(f"flashgen: bias_lowering='factors': {why}", stacklevel=4)
+                inner = Attention(mask_mod=mask_mod, bias=factors, deterministic=self.deterministic,
+                                  autotune=self.autotune, fast_math=self.fast_math)
+            self._factored[key] = inner
+            if len(self._factored) > 4:
+                self._factored.popitem(last=False)
+        if isinstance(inner, str):
+            self.last_lowering = inner
+            return None
         return inner
 
     @_compiling_into_the_cache
