@@ -163,3 +163,25 @@ def test_row_level_code_is_hoisted_out_of_the_kv_loop():
     doc = torch.zeros(32, dtype=torch.long)
     attn = fg.compile(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.document(doc))
     assert "captured0[h]" in attn.explain() and "captured1[q_idx]" in attn.explain()
+
+
+def test_backward_loops_compute_their_invariants_once():
+    slopes = torch.rand(4)
+    doc = torch.zeros(32, dtype=torch.long)
+    src = fg.compile(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.document(doc)).source("bwd")
+    dkdv, dq = src[src.index("def attn_bwd_dkdv("):src.index("def attn_bwd_dq(")], src[src.index("def attn_bwd_dq("):]
+
+    def before_loop(kernel: str, loop: str, read: str) -> bool:
+        """Whether a line reading ``read`` comes before the kernel's first tile loop, and none inside it."""
+        head, _, body = kernel.partition(loop)
+        return read in head and read not in body
+
+    # dK/dV loops over query blocks: the slope and doc[kv_idx] are read once per KV block
+    assert before_loop(dkdv, "for start_m in range", "cap0 + (h)")
+    assert before_loop(dkdv, "for start_m in range", "cap1 + (kv_idx)")
+    assert "cap1 + (q_idx)" in dkdv.partition("for start_m in range")[2]
+    # dQ loops over KV blocks: the slope and doc[q_idx] once per query block
+    assert before_loop(dq, "for start_n in range", "cap0 + (h)")
+    assert before_loop(dq, "for start_n in range", "cap1 + (q_idx)")
+    # the mask's lines only in partial tiles: its comparison appears once per kernel loop pair
+    assert dq.count("cap1 + (kv_idx)") == 1 and dkdv.count("cap1 + (q_idx)") == 1

@@ -61,3 +61,27 @@ def test_merge_keeps_the_newest_record(tmp_path):
     merged = bench.merge(runs[::-1])  # the order of the runs does not matter, their timestamps do
     assert {key[0]: record["ms"] for key, (record, _) in merged.items()} == {"causal": 1.0, "full": 4.0}
     assert merged[("causal", "1x2x128x32", "fwd", "flashgen")][1]["timestamp"].startswith("2026-11-02")
+
+
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    import argparse
+
+    import pytest
+
+    bench = load_suite()
+    done = []
+
+    def run_shape(shape, variants, *rest):
+        if done:
+            raise KeyboardInterrupt  # the device call's time limit, say, during the second variant
+        done.append(variants)
+        return [bench.Record(**{**{f: None for f in bench.Record.__dataclass_fields__},
+                                "variant": variants[0], "impl": "flashgen", "ms": 1.0})]
+
+    monkeypatch.setattr(bench, "run_shape", run_shape)
+    args = argparse.Namespace(smoke=True, shapes="", variants="causal,document", passes="fwd", out=str(tmp_path),
+                              bias_dtype="bf16")
+    with pytest.raises(KeyboardInterrupt):
+        bench.cmd_run(args)
+    (path,) = tmp_path.glob("suite-*.json")
+    assert [r["variant"] for r in json.loads(path.read_text())["records"]] == ["causal"]
