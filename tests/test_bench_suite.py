@@ -85,3 +85,21 @@ def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
         bench.cmd_run(args)
     (path,) = tmp_path.glob("suite-*.json")
     assert [r["variant"] for r in json.loads(path.read_text())["records"]] == ["causal"]
+
+
+def test_sass_tool_compiles_for_hopper_without_a_gpu():
+    import pytest
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton build ships no ptxas")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass.py"), "alibi_causal", "--bwd",
+                           "--shape", "1,1,128,64"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
+    assert set(rows) == {"attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq"}
+    for name, cols in rows.items():
+        regs, spill, mma, total = int(cols[-12]), int(cols[-11]), int(cols[-10]), int(cols[-1])
+        assert 0 < regs <= 255 and spill == 0 and total > 0, (name, cols)
+        assert mma > 0 or name == "attn_bwd_delta"  # the attention kernels run on the tensor cores
