@@ -18,7 +18,11 @@ diagonal band need none of this: their kernels use closed forms (see ``analysis.
 
 from __future__ import annotations
 
+import base64
+import html
 import math
+import struct
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -462,6 +466,7 @@ def reads(mask: Node) -> list[int]:
 
 
 _PICTURE = {EMPTY: "·", PARTIAL: "░", FULL: "█"}
+_PNG_COLOURS = [(255, 255, 255), (150, 150, 150), (20, 20, 20)]  # by state: empty, partial, full
 
 
 class BlockMask:
@@ -533,14 +538,13 @@ class BlockMask:
                             ((EMPTY, "empty"), (PARTIAL, "partial"), (FULL, "full"))}
         return dict(self._counts)
 
-    def picture(self, size: int = 32, b: int = 0, h: int = 0) -> str:
-        """A text picture of batch ``b``, head ``h``: ``·`` empty, ``░`` partial, ``█`` full; one
-        character per tile, or per group of tiles on large maps (a group shows its own class)."""
+    def _grouped(self, rows: int, cols: int, b: int, h: int) -> torch.Tensor:
+        """States [rows, cols] of batch ``b``, head ``h``: the map itself when it has that size, else
+        of groups of tiles (each group classified as one box: its own class)."""
         nq, nk = self.grid
-        rows, cols = min(nq, size), min(nk, 2 * size)
-        if (rows, cols) == (nq, nk):  # one character per tile: the map itself
-            tiles = self.state[min(b, self.dims[0] - 1), min(h, self.dims[1] - 1)].tolist()
-            return "\n".join("".join(_PICTURE[t] for t in row) for row in tiles)
+        b, h = min(b, self.dims[0] - 1), min(h, self.dims[1] - 1)
+        if (rows, cols) == (nq, nk):
+            return self.state[b, h]
         qe = [i * nq // rows for i in range(rows + 1)]
         ke = [j * nk // cols for j in range(cols + 1)]
         f = torch.float64
@@ -548,13 +552,35 @@ class BlockMask:
         q1, k1 = torch.tensor(qe[1:])[:, None].expand_as(qq), torch.tensor(ke[1:])[None, :].expand_as(kk)
         bq, bk = self.block_size
         _, _, sq, skv = self.shape
-        bb = torch.full(qq.shape, min(b, self.dims[0] - 1), dtype=f)
-        hh = torch.full(qq.shape, min(h, self.dims[1] - 1), dtype=f)
+        bb, hh = torch.full(qq.shape, b, dtype=f), torch.full(qq.shape, h, dtype=f)
         state = classify(self._mask, _Summaries(self._tensors), bb.flatten(), hh.flatten(),
                          (qq * bq).to(f).flatten(), (torch.clamp(q1 * bq, max=sq) - 1).to(f).flatten(),
                          (kk * bk).to(f).flatten(), (torch.clamp(k1 * bk, max=skv) - 1).to(f).flatten())
-        state = state.view(rows, cols).tolist()
-        return "\n".join("".join(_PICTURE[s] for s in row) for row in state)
+        return state.view(rows, cols)
+
+    def picture(self, size: int = 32, b: int = 0, h: int = 0) -> str:
+        """A text picture of batch ``b``, head ``h``: ``·`` empty, ``░`` partial, ``█`` full; one
+        character per tile, or per group of tiles on large maps (a group shows its own class)."""
+        nq, nk = self.grid
+        states = self._grouped(min(nq, size), min(nk, 2 * size), b, h).tolist()
+        return "\n".join("".join(_PICTURE[t] for t in row) for row in states)
+
+    def png(self, size: int = 512, b: int = 0, h: int = 0) -> bytes:
+        """A PNG picture of batch ``b``, head ``h``: one pixel per tile (per group of tiles on maps
+        wider than ``size``), white empty, grey partial, black full. Query blocks go down, KV
+        blocks across."""
+        nq, nk = self.grid
+        states = self._grouped(min(nq, size), min(nk, size), b, h).long()
+        rgb = torch.tensor(_PNG_COLOURS, dtype=torch.uint8)[states]  # [rows, cols, 3]
+        rows, cols = states.shape
+        scanlines = b"".join(b"\0" + bytes(row) for row in rgb.reshape(rows, 3 * cols).tolist())
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        header = struct.pack(">IIBBBBB", cols, rows, 8, 2, 0, 0, 0)  # 8-bit RGB
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines))
+                + chunk(b"IEND", b""))
 
     def __str__(self) -> str:
         B, H, sq, skv = self.shape
@@ -572,6 +598,16 @@ class BlockMask:
     def _repr_markdown_(self) -> str:
         """Jupyter's view: the summary and the picture."""
         return "**flashgen.BlockMask**\n\n```\n" + str(self) + "\n```"
+
+    def _repr_html_(self) -> str:
+        """Jupyter's richer view: the summary and the PNG picture (:meth:`png`), scaled up sharply."""
+        image = base64.b64encode(self.png(256)).decode()
+        nq, nk = self.grid
+        width = max(128, min(512, 4 * min(nk, 256)))
+        summary = html.escape("\n".join(str(self).split("\n")[:2]))  # the text picture's header
+        return (f"<div><b>flashgen.BlockMask</b><pre>{summary}</pre><img src='data:image/png;base64,{image}' "
+                f"style='width:{width}px;image-rendering:pixelated;border:1px solid #888' "
+                f"alt='block map: query blocks down, KV blocks across'/></div>")
 
     def __repr__(self) -> str:
         return (f"BlockMask(shape={self.shape}, block_size={self.block_size}, method={self.method!r}, "

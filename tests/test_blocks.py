@@ -738,6 +738,47 @@ def test_picture_shows_the_requested_batch_and_head():
     assert bm.picture(h=1) == "····\n░···\n█░··\n██░·"
 
 
+def _decode_png(data: bytes) -> torch.Tensor:
+    """[rows, cols, 3] pixels of an 8-bit RGB PNG without filters (what BlockMask.png writes),
+    checking its signature and every chunk's CRC."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + length
+    cols, rows, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 2) and b"IEND" in chunks
+    raw = zlib.decompress(chunks[b"IDAT"])
+    lines = [raw[i * (1 + 3 * cols):(i + 1) * (1 + 3 * cols)] for i in range(rows)]
+    assert all(line[0] == 0 for line in lines)
+    return torch.tensor([list(line[1:]) for line in lines], dtype=torch.uint8).view(rows, cols, 3)
+
+
+def test_png_picture():
+    from flashgen.blocks import _PNG_COLOURS
+
+    doc = torch.tensor([0] * 24 + [1] * 40)
+    bm = fg.block_mask(fg.mods.document(doc) & fg.mods.causal, 1, 1, 64, 64, block_size=(8, 8))
+    pixels = _decode_png(bm.png())
+    assert torch.equal(pixels, torch.tensor(_PNG_COLOURS, dtype=torch.uint8)[bm.state[0, 0].long()])
+    # a large map is drawn in groups of tiles, each of its own class (as the text picture)
+    big = fg.block_mask(fg.mods.causal, 1, 1, 1 << 16, 1 << 16, block_size=(64, 64))
+    small = _decode_png(big.png(size=8))
+    assert small.shape == (8, 8, 3)
+    glyph = {"·": _PNG_COLOURS[0], "░": _PNG_COLOURS[1], "█": _PNG_COLOURS[2]}
+    text = big.picture(size=8).split("\n")  # 8 rows of 16 groups: compare the matching halves
+    assert text[0][0] == "░" and tuple(small[0, 0].tolist()) == glyph["░"]
+    assert tuple(small[7, 0].tolist()) == glyph["█"] and tuple(small[0, 7].tolist()) == glyph["·"]
+    view = bm._repr_html_()
+    assert "data:image/png;base64," in view and "flashgen.BlockMask" in view and "pixelated" in view
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. bad input
 
