@@ -175,7 +175,9 @@ class Attention:
             lr = self.low_rank_bias
             err = f", factorisation error {lr.error:.2e}" if lr.error is not None else ""
             lines.append(f"  low-rank bias:  fg.LowRankBias of rank {lr.rank}{err}: runs as plain attention with "
-                         f"head dim D + {lr.rank} (q' = [scale q, phi_q], k' = [k, phi_k], scale 1)")
+                         f"head dim D + {lr.rank} (q' = [scale q, phi_q], k' = [k, phi_k], scale 1); the factors, "
+                         f"rounded to bf16 beside q and k, move a logit by at most "
+                         f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})")
         if self._last_block_map is not None and self.analysis.has_mask:
             lines.append("block map of the last call:")
             lines.append("  " + str(self._last_block_map).replace("\n", "\n  "))

@@ -316,6 +316,8 @@ def test_low_rank_bias_with_additive_score_mods():
                           rand(B, H, S, R, scale=0.7), lambda s, b, h, q, kv: s + 0.1 * slopes[h] * (q - kv) ** 2,
                           captured=(slopes,))
     assert "low-rank bias:  fg.LowRankBias of rank 3" in attn.explain()
+    bound = attn.low_rank_bias.rounding_bound(torch.bfloat16)
+    assert f"rounded to bf16 beside q and k, move a logit by at most {bound:.3g}" in attn.explain()
 
 
 @pytest.mark.parametrize("score_mod", [fg.mods.softcap(30.0), lambda s, b, h, q, kv: 2.0 * s],
