@@ -488,13 +488,17 @@ class BlockMask:
         self.grid = (-(-sq // block_size[0]), -(-skv // block_size[1]))
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         read = set(reads(mask))
-        # the analysis runs on the host: a few thousand small tensor operations at most
-        cpu = [t.detach().to("cpu", copy=True) if i in read else t for i, t in enumerate(tensors)]
-        self.method = "runtime" if read else "static"
-        self.closed_form = closed_form  # the kernels use the band's closed form and read no metadata
         nested = coarse is not None and coarse.shape == shape and all(
             c % f == 0 for c, f in zip(coarse.block_size, block_size))  # (its decided boxes seed this map)
-        self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size,
+        if nested:  # the same values: its host copies and range summaries serve this map too
+            cpu, self._summaries = coarse._tensors, coarse._summaries
+        else:
+            # the analysis runs on the host: a few thousand small tensor operations at most
+            cpu = [t.detach().to("cpu", copy=True) if i in read else t for i, t in enumerate(tensors)]
+            self._summaries = _Summaries(cpu)
+        self.method = "runtime" if read else "static"
+        self.closed_form = closed_form  # the kernels use the band's closed form and read no metadata
+        self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size, summaries=self._summaries,
                             coarse=(coarse.boxes, coarse.block_size) if nested else None)
         self._counts: dict[str, int] | None = None
         c = self.counts()
@@ -553,7 +557,7 @@ class BlockMask:
         bq, bk = self.block_size
         _, _, sq, skv = self.shape
         bb, hh = torch.full(qq.shape, b, dtype=f), torch.full(qq.shape, h, dtype=f)
-        state = classify(self._mask, _Summaries(self._tensors), bb.flatten(), hh.flatten(),
+        state = classify(self._mask, self._summaries, bb.flatten(), hh.flatten(),
                          (qq * bq).to(f).flatten(), (torch.clamp(q1 * bq, max=sq) - 1).to(f).flatten(),
                          (kk * bk).to(f).flatten(), (torch.clamp(k1 * bk, max=skv) - 1).to(f).flatten())
         return state.view(rows, cols)
