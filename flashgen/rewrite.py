@@ -220,12 +220,21 @@ def float_index_arithmetic(node: Node) -> Node | None:
     return src[0] if node.op is Op.CAST else binary(node.op, *src)
 
 
+_FP32_NORMAL = (1.1754943508222875e-38, 3.4028234663852886e38)  # the kernels compute in float32
+
+
+def _normal32(x: float) -> bool:
+    """Whether ``x`` is a normal float32 magnitude (folding a constant into one that is not, a
+    subnormal or an overflow, could change results beyond a rounding)."""
+    return _FP32_NORMAL[0] <= abs(x) <= _FP32_NORMAL[1]
+
+
 def reciprocal_constants(node: Node) -> Node | None:
     """Lowering: ``x / c`` -> ``x * (1 / c)`` for a float constant ``c`` (a multiply instead of an
     IEEE division sequence per entry; at most one rounding apart)."""
     if node.op is Op.TRUEDIV and _is_const(node.src[1]) and not isinstance(node.src[1].arg, bool):
         c = float(node.src[1].arg)
-        if c != 0.0 and math.isfinite(c) and math.isfinite(1.0 / c):
+        if _normal32(c) and _normal32(1.0 / c):
             return binary(Op.MUL, node.src[0], const(1.0 / c))
     return None
 
@@ -240,7 +249,7 @@ def constant_products(node: Node) -> Node | None:
             for b, x in (inner.src, inner.src[::-1]):
                 if _is_const(b) and not isinstance(a.arg, bool) and not isinstance(b.arg, bool):
                     product = float(a.arg) * float(b.arg)
-                    if math.isfinite(product) and product != 0.0:
+                    if _normal32(product):
                         return binary(Op.MUL, const(product), x)
     return None
 

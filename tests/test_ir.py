@@ -184,3 +184,13 @@ def test_a_factor_is_pushed_only_where_it_costs_no_per_entry_multiply():
     assert times(rel, 2.0) is ir.binary(Op.MUL, rel, ir.const(2.0))
     capped = ir.binary(Op.MUL, ir.const(30.0), ir.unary(Op.TANH, s))
     assert times(capped, 2.0) is ir.binary(Op.MUL, ir.const(60.0), ir.unary(Op.TANH, s))
+
+
+def test_constant_folds_stay_inside_float32():
+    s = ir.score()
+    assert _lowered(ir.binary(Op.TRUEDIV, s, ir.const(4.0))) is ir.binary(Op.MUL, s, ir.const(0.25))
+    for c in (1e39, 1e-39, 0.0, float("inf")):  # 1/c or c itself outside float32's normal range: kept
+        expr = ir.binary(Op.TRUEDIV, s, ir.const(c))
+        assert _lowered(expr).op is Op.TRUEDIV, c
+    big = ir.binary(Op.MUL, ir.const(1e30), ir.binary(Op.MUL, ir.const(1e30), s))
+    assert _lowered(big) is big  # 1e60 would overflow float32
