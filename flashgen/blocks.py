@@ -606,8 +606,7 @@ class BlockMask:
     def _repr_html_(self) -> str:
         """Jupyter's richer view: the summary and the PNG picture (:meth:`png`), scaled up sharply."""
         image = base64.b64encode(self.png(256)).decode()
-        nq, nk = self.grid
-        width = max(128, min(512, 4 * min(nk, 256)))
+        width = max(128, min(512, 4 * min(self.grid[1], 256)))  # KV blocks across, a few pixels each
         summary = html.escape("\n".join(str(self).split("\n")[:2]))  # the text picture's header
         return (f"<div><b>flashgen.BlockMask</b><pre>{summary}</pre><img src='data:image/png;base64,{image}' "
                 f"style='width:{width}px;image-rendering:pixelated;border:1px solid #888' "
