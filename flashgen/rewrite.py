@@ -262,47 +262,35 @@ def _per_entry(node: Node) -> bool:
     return depends_on(node, "score") or _mixed(node)
 
 
-def _push_cost(node: Node) -> int:
-    """Per-entry multiplies that pushing a constant factor into ``node`` costs (see :func:`times`):
-    none at the score (it joins the q·kᵀ scaling) or at operands computed per row, column or head;
-    one at any other per-entry value."""
+def _pushed(node: Node, c: float) -> Node | None:
+    """``c * node`` with the factor pushed to where it costs no per-entry multiply (the score, whose
+    scaling it joins, or operands computed per row, column or head), or None where it would have
+    to multiply a per-entry value."""
     if node.dtype is not DType.FLOAT or not _per_entry(node) or node.op is Op.SCORE:
-        return 0
+        return simplify(binary(Op.MUL, node, const(c)))
     op, src = node.op, node.src
-    if op in (Op.ADD, Op.SUB):
-        return _push_cost(src[0]) + _push_cost(src[1])
-    if op is Op.NEG:
-        return _push_cost(src[0])
-    if op is Op.WHERE:
-        return _push_cost(src[1]) + _push_cost(src[2])
-    if (op is Op.MUL and not (_per_entry(src[0]) and _per_entry(src[1]))) \
-            or (op is Op.TRUEDIV and not _per_entry(src[1])):
-        return 0
-    return 1
+    if op is Op.MUL and not (_per_entry(src[0]) and _per_entry(src[1])):
+        a, b = src if not _per_entry(src[0]) else src[::-1]  # a: the factor computed per row/column
+        return binary(Op.MUL, simplify(binary(Op.MUL, a, const(c))), b)
+    if op not in (Op.ADD, Op.SUB, Op.NEG, Op.WHERE) and not (op is Op.TRUEDIV and not _per_entry(src[1])):
+        return None
+    first = 1 if op is Op.WHERE else 0  # (a select's condition is not scaled)
+    last = 1 if op is Op.TRUEDIV else len(src)  # (nor a divisor)
+    scaled = [_pushed(x, c) for x in src[first:last]]
+    if any(x is None for x in scaled):
+        return None
+    return _rebuild(node, src[:first] + tuple(scaled) + src[last:])
 
 
 def times(node: Node, c: float) -> Node:
     """``c * node`` with the factor pushed through sums, negations, selects and products down to
     the score or to operands computed per row, column or head, where it costs nothing per tile
     entry: ``c * (score + slope * d)`` becomes ``c·score + (c·slope) * d``. Where pushing would
-    multiply more than one per-entry value (``score + table[q - kv]``: the table's read), the
-    product is taken once, of the whole. The kernels scale logits by log2(e) for ``exp2`` this
-    way. Equal up to float rounding (one rounding per pushed product instead of one for the whole)."""
-    if node.dtype is not DType.FLOAT or _push_cost(node) >= 1 or not _per_entry(node):
-        return simplify(binary(Op.MUL, node, const(c)))
-    op, src = node.op, node.src
-    if op in (Op.ADD, Op.SUB):
-        return binary(op, times(src[0], c), times(src[1], c))
-    if op is Op.NEG:
-        return unary(Op.NEG, times(src[0], c))
-    if op is Op.WHERE:
-        return Node(Op.WHERE, DType.FLOAT, None, (src[0], times(src[1], c), times(src[2], c)))
-    if op is Op.MUL:
-        a, b = src if not _per_entry(src[0]) else src[::-1]  # a: the factor computed per row/column
-        return binary(Op.MUL, times(a, c), b)
-    if op is Op.TRUEDIV:
-        return binary(Op.TRUEDIV, times(src[0], c), src[1])
-    return simplify(binary(Op.MUL, node, const(c)))  # the score
+    multiply a per-entry value (``score + table[q - kv]``: the table's read), the product is taken
+    once, of the whole. The kernels scale logits by log2(e) for ``exp2`` this way. Equal up to
+    float rounding (one rounding per pushed product instead of one for the whole)."""
+    pushed = _pushed(node, c)
+    return pushed if pushed is not None else simplify(binary(Op.MUL, node, const(c)))
 
 
 def _cast_name(dtype: DType) -> str:
