@@ -262,7 +262,7 @@ class Attention:
         default tiles (built, and cached, by the forward call before the backward asks)."""
         if not self.analysis.has_mask:
             return 1.0
-        cfg = first_fitting("fwd", default_config(q.device, D, Dv, q.dtype), q.device, D, Dv, q.dtype)
+        cfg = _default_forward_config(q, D, Dv)
         counts = self.block_mask(*shape, (cfg.block_m, cfg.block_n), q.device).counts()
         return (counts["partial"] + counts["full"]) / max(1, sum(counts.values()))
 
@@ -381,7 +381,7 @@ class Attention:
 
         if config is None and self.autotune:
             config = self._tuned("fwd", ks.key, shape, D, Dv, q, lambda c: run_config(kernel, c, grid, *args, **kwargs))
-        cfg = config or first_fitting("fwd", default_config(q.device, D, Dv, q.dtype), q.device, D, Dv, q.dtype)
+        cfg = config or _default_forward_config(q, D, Dv)
         launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)
         return out, lse
 
@@ -591,6 +591,11 @@ class _EvenN:
         def run(*args, BLOCK_N, **kwargs):
             return self.kernel[grid](*args, BLOCK_N=BLOCK_N, EVEN_N=self.skv % BLOCK_N == 0, **kwargs)
         return run
+
+
+def _default_forward_config(q: torch.Tensor, D: int, Dv: int) -> Config:
+    """The forward's configuration without tuning or a config= (what its block map is built at)."""
+    return first_fitting("fwd", default_config(q.device, D, Dv, q.dtype), q.device, D, Dv, q.dtype)
 
 
 def _precision(dtype: torch.dtype) -> dict:
