@@ -20,6 +20,7 @@ from .blocks import BlockMask, reads
 from .codegen.render import KernelSource, render_backward, render_forward
 from .factors import LowRankBias, factor_bias
 from .lowrank import lowering_cost
+from .parallel import compile_concurrently
 from .runtime import (
     Config,
     binaries_here,
@@ -71,7 +72,8 @@ def _as_bias_fn(bias) -> Callable | None:
 
 def _compiling_into_the_cache(method):
     """Launch with Triton's cache in flashgen's (``binaries_here``) on a call signature's first
-    use only: later calls find their kernels compiled in memory, and the switch costs ~15 µs."""
+    use only: later calls find their kernels compiled in memory, and the switch costs ~15 µs.
+    On that first use, the kernels ``Attention._ahead`` names compile side by side first."""
 
     @functools.wraps(method)
     def wrapper(self, *args):
@@ -80,6 +82,9 @@ def _compiling_into_the_cache(method):
         if signature in self._launched:
             return method(self, *args)
         with binaries_here():
+            ahead = self._ahead(method.__name__, args)
+            if ahead is not None:
+                compile_concurrently(ahead)
             result = method(self, *args)
         self._launched = self._launched if len(self._launched) < 256 else set()  # (many sequence lengths)
         self._launched.add(signature)
@@ -353,8 +358,29 @@ class Attention:
             return None
         return inner
 
+    def _ahead(self, name: str, args: tuple) -> Callable[[], object] | None:
+        """The launches whose kernels a call signature's first use compiles side by side
+        (``compile_concurrently``): a backward's three; for a forward that autograd saves for a
+        backward (``grad_slots`` given), the forward's and the backward's, ``out`` standing in for
+        the gradient of its shape. None where there is nothing to gain: a lone forward, tuning."""
+        if self.autotune or interpreting():
+            return None
+        if name == "_backward":
+            return lambda: Attention._backward.__wrapped__(self, *args)
+        (q, k, v, scale, _, _), grad_slots = args[:6], (args[6] if len(args) > 6 else None)
+        if grad_slots is None:
+            return None
+
+        def forward_and_backward():
+            out, lse = Attention._forward.__wrapped__(self, *args)
+            Attention._backward.__wrapped__(self, q, k, v, out, lse, out, None, scale, grad_slots)
+        return forward_and_backward
+
     @_compiling_into_the_cache
-    def _forward(self, q, k, v, scale: float, want_lse: bool, config: Config | None):
+    def _forward(self, q, k, v, scale: float, want_lse: bool, config: Config | None,
+                 grad_slots: tuple[int, ...] | None = None):
+        """``grad_slots``: the captured tensors a backward will pass gradients to, when one will
+        follow (its kernels then compile with the forward's on a first call)."""
         B, Hq, Sq, D = q.shape
         _, Hkv, Skv, Dv = v.shape
         out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
@@ -531,7 +557,7 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, attn: Attention, scale: float, config, q, k, v, *captured):
-        out, lse = attn._forward(q, k, v, scale, True, config)
+        out, lse = attn._forward(q, k, v, scale, True, config, _grad_slots(attn, ctx.needs_input_grad))
         ctx.attn, ctx.scale = attn, scale
         # saving the captured tensors makes autograd refuse a backward after they were modified in place
         ctx.save_for_backward(q, k, v, out, lse, *captured)
@@ -541,14 +567,20 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         attn: Attention = ctx.attn
         q, k, v, out, lse = ctx.saved_tensors[:5]
-        read_in_logits = {r.arg for r in float_reads(attn.program.logits)}  # a mask's reads get no gradient
-        grad_slots = tuple(i for i, t in enumerate(attn.captured)
-                           if ctx.needs_input_grad[6 + i] and t.is_floating_point() and i in read_in_logits)
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, grads = attn._backward(q, k, v, out, lse, dout, dlse, ctx.scale, grad_slots)
+        dq, dk, dv, grads = attn._backward(q, k, v, out, lse, dout, dlse, ctx.scale,
+                                           _grad_slots(attn, ctx.needs_input_grad))
         captured_grads = [grads[i].to(t.dtype) if i in grads else None for i, t in enumerate(attn.captured)]
         return (None, None, None, dq, dk, dv, *captured_grads)
+
+
+def _grad_slots(attn: Attention, needs_input_grad: tuple[bool, ...]) -> tuple[int, ...]:
+    """The captured tensors that get gradients: floating point, read in the logits (a mask's
+    reads get none) and wanted by autograd (``_AttentionFunction``'s inputs 6 onwards)."""
+    read_in_logits = {r.arg for r in float_reads(attn.program.logits)}
+    return tuple(i for i, t in enumerate(attn.captured)
+                 if needs_input_grad[6 + i] and t.is_floating_point() and i in read_in_logits)
 
 
 def _with_factors(lr: LowRankBias, q, k, v, scale: float):

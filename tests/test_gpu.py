@@ -448,3 +448,33 @@ def test_compiled_binaries_persist_in_flashgen_cache(cache, monkeypatch):
     out.sum().backward()
     labels = {e.label for e in runtime.cache_entries() if e.kind == "binary"}
     assert {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"} <= labels, labels
+
+
+def test_first_call_compiles_its_kernels_side_by_side(cache, monkeypatch):
+    """A new variant's first forward+backward compiles its four kernels (forward, delta, dK/dV,
+    dQ) in child processes at once; the call itself then only loads binaries from the cache, and
+    its results are the reference's."""
+    from triton import knobs
+
+    from flashgen import api
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    in_children: list[int] = []
+    real = api.compile_concurrently
+    monkeypatch.setattr(api, "compile_concurrently", lambda work: in_children.append(real(work)) or in_children[-1])
+    cache_hits: list[bool] = []
+    monkeypatch.setattr(knobs.compilation, "listener", lambda **kw: cache_hits.append(kw["cache_hit"]))
+    width = 1000 + int(torch.randint(0, 10**6, ()))  # a variant no process has compiled
+    mods = dict(mask_mod=fg.mods.sliding_window(width) & fg.mods.prefix_lm(16), score_mod=fg.mods.softcap(20.0))
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 256, 64, seed=11))
+    out = fg.attention(q, k, v, **mods)
+    dout = randn(*out.shape, seed=17)
+    out.backward(dout)
+    assert in_children == [4, 0], in_children  # the backward's own first use found its three built
+    assert cache_hits and all(cache_hits), cache_hits
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = fg.attention_reference(qd, kd, vd, **mods)
+    ref.backward(dout.double())
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    for got, want in zip((q.grad, k.grad, v.grad), (qd.grad, kd.grad, vd.grad)):
+        assert rel_err(got, want) < 3e-2

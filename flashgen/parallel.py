@@ -1,0 +1,140 @@
+"""Compiling a call's kernels side by side, in forked processes.
+
+Triton compiles one kernel at a time and holds the GIL for much of it, so threads gain little. A
+forward+backward call of a new variant needs four kernels (forward, delta, dK/dV, dQ), ~1 s each
+on a GPU host. :func:`compile_concurrently` runs the call once with its launches captured instead
+of run, works out the binaries they need exactly as Triton's launcher would (argument
+specialisation, options, target), and compiles each one that is in neither memory nor Triton's
+disk cache in a child process of its own (``fork``: the child inherits the loaded kernels and
+Triton's key of itself, and never touches the GPU). The children write into Triton's cache; the
+call then runs normally and loads them from there. Anything unexpected (a Triton release whose
+internals differ, a child that fails or hangs) leaves the work to the ordinary serial compile, so
+the result never depends on this module: only the time to the first result does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+CHILD_TIMEOUT_S = 300.0  # a child still compiling after this is killed (its kernel compiles serially)
+
+
+@contextmanager
+def _captured(into: list) -> Any:
+    """Within this context, Triton kernel launches made by this thread are recorded as
+    ``(kernel, args, kwargs)`` instead of run (other threads' launches run as usual)."""
+    from triton.runtime.jit import JITFunction
+
+    real, me = JITFunction.run, threading.get_ident()
+
+    def run(kernel, *args, grid, warmup, **kwargs):
+        if threading.get_ident() != me:
+            return real(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+        into.append((kernel, args, kwargs))
+        return None
+
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = real
+
+
+def _job(kernel, args: tuple, kwargs: dict, target) -> tuple | None:
+    """What ``triton.compile`` will be asked for this launch, ``(src, options, cache hash)``, or
+    None if its binary is already in Triton's disk cache."""
+    from triton import knobs
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler.compiler import get_cache_invalidating_env_vars, get_cache_key, get_cache_manager
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    kw = dict(kwargs)  # what JITFunction.run adds before binding
+    kw["debug"] = kw.get("debug", kernel.debug) or knobs.runtime.debug
+    kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kw)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    parsed = backend.parse_options(dict(options.__dict__, **src.parse_options()))
+    key = get_cache_key(src, backend, parsed, env_vars=get_cache_invalidating_env_vars())
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    name = f"{src.name[:150]}.json"
+    if (get_cache_manager(digest).get_group(name) or {}).get(name) is not None:
+        return None
+    return src, options, digest
+
+
+def _fork_compile(src, options, target) -> int:
+    """Start a child that compiles one kernel into Triton's disk cache; its pid."""
+    from triton import compile as triton_compile
+
+    with warnings.catch_warnings():  # Python 3.12 warns on fork in a threaded process; the child runs no Python threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: compile, then leave without running the parent's exit handlers
+        code = 1
+        try:
+            triton_compile(src, target=target, options=options.__dict__)
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _wait(pids: list[int], timeout_s: float) -> int:
+    """Wait for the children; kill those still running after ``timeout_s``. How many succeeded."""
+    deadline, done, pending = time.monotonic() + timeout_s, 0, set(pids)
+    while pending:
+        for pid in list(pending):
+            finished, status = os.waitpid(pid, os.WNOHANG)
+            if finished:
+                pending.discard(pid)
+                done += os.waitstatus_to_exitcode(status) == 0
+        if pending and time.monotonic() > deadline:
+            for pid in pending:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            break
+        time.sleep(0.005)
+    return done
+
+
+def compile_concurrently(work: Callable[[], Any], target=None) -> int:
+    """Run ``work`` with its kernel launches captured (nothing runs on the GPU; its return value
+    is discarded) and compile the binaries they need, two or more at once, in child processes.
+    ``target`` is Triton's ``GPUTarget`` (default: the current device's). Returns how many
+    kernels the children compiled: 0 when fewer than two needed compiling (one compiles as fast
+    in this process), on a platform without ``fork``, or where Triton's internals differ from
+    the 3.x ones this relies on."""
+    if not hasattr(os, "fork"):
+        return 0
+    launches: list = []
+    try:
+        with _captured(launches):
+            work()
+    except Exception:  # noqa: BLE001 -- the real run raises it again, where the caller expects it
+        return 0
+    try:
+        if target is None:
+            from triton.runtime import driver
+
+            target = driver.active.get_current_target()
+        jobs = {}
+        for kernel, args, kwargs in launches:
+            job = _job(kernel, args, kwargs, target)
+            if job is not None:
+                jobs[job[2]] = job  # one child per distinct binary
+    except Exception:  # noqa: BLE001 -- a Triton whose internals differ: compile serially, as before
+        return 0
+    if len(jobs) < 2:
+        return 0
+    pids = [_fork_compile(src, options, target) for src, options, _ in jobs.values()]
+    return _wait(pids, CHILD_TIMEOUT_S)
