@@ -559,6 +559,7 @@ class _AttentionFunction(torch.autograd.Function):
     def forward(ctx, attn: Attention, scale: float, config, q, k, v, *captured):
         out, lse = attn._forward(q, k, v, scale, True, config, _grad_slots(attn, ctx.needs_input_grad))
         ctx.attn, ctx.scale = attn, scale
+        ctx.set_materialize_grads(False)  # an lse nobody used has no gradient (not a tensor of zeros to read)
         # saving the captured tensors makes autograd refuse a backward after they were modified in place
         ctx.save_for_backward(q, k, v, out, lse, *captured)
         return out, lse

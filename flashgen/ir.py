@@ -77,6 +77,11 @@ class Op(Enum):
 
 
 INDEX_NAMES = ("b", "h", "q_idx", "kv_idx")
+# A lowering-only index leaf, which mods cannot name: an index a kernel fixes for the whole of its
+# inner loop, near the q and kv indices of every tile the loop visits (the first index of the query
+# block in the forward and dQ kernels, of the key block in dK/dV). Lowerings measure indices from
+# it to keep float sums small (rewrite.recentred_differences).
+TILE_ORIGIN = "tile_origin"
 
 UNARY_MATH = {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SIN, Op.COS}
 UNARY = UNARY_MATH | {Op.NEG, Op.NOT, Op.ABS, Op.SIGN, Op.FLOOR, Op.CEIL, Op.CAST}
@@ -162,7 +167,7 @@ def const(value: bool | int | float) -> Node:
 
 
 def index(name: str) -> Node:
-    if name not in INDEX_NAMES:
+    if name not in INDEX_NAMES and name != TILE_ORIGIN:
         raise IRError(f"unknown index variable {name!r}; expected one of {INDEX_NAMES}")
     return Node(Op.INDEX, DType.INT, name)
 

@@ -13,7 +13,7 @@ import math
 import struct
 from collections.abc import Callable
 
-from .ir import CONST_EVAL, DType, Node, Op, binary, const, depends_on, unary
+from .ir import CONST_EVAL, TILE_ORIGIN, DType, Node, Op, binary, const, depends_on, index, unary
 
 Rule = Callable[[Node], Node | None]
 
@@ -254,7 +254,44 @@ def constant_products(node: Node) -> Node | None:
     return None
 
 
-LOWERING_RULES: list[Rule] = [float_index_arithmetic, reciprocal_constants, constant_products]
+def _split_difference(node: Node) -> tuple[Node, Node] | None:
+    """``(plus, minus)``, a column and a row vector (or a row and a column) with ``node == plus -
+    minus``, for ``node`` an index difference ``float(kv_idx) - float(q_idx)`` (either way round)
+    times factors computed per row, column or head; each index is measured from the KV tile's
+    first index (``TILE_ORIGIN``), so that both stay small near the diagonal."""
+    if node.op is Op.SUB and all(x.op is Op.CAST and x.src[0].op is Op.INDEX for x in node.src):
+        i, j = (x.src[0] for x in node.src)
+        if {i.arg, j.arg} == {"q_idx", "kv_idx"}:
+            origin = index(TILE_ORIGIN)
+            return tuple(unary(Op.CAST, binary(Op.SUB, x, origin), "float32") for x in (i, j))
+    if node.op is Op.NEG and (split := _split_difference(node.src[0])) is not None:
+        return split[1], split[0]
+    if node.op is Op.MUL and node.dtype is DType.FLOAT:
+        for f, d in (node.src, node.src[::-1]):
+            if not _per_entry(f) and (split := _split_difference(d)) is not None:
+                return binary(Op.MUL, f, split[0]), binary(Op.MUL, f, split[1])
+    return None
+
+
+def recentred_differences(node: Node) -> Node | None:
+    """Lowering: ``x + f * (kv_idx - q_idx)`` with ``x`` computed per entry (it reads the score) ->
+    ``(x + f * (kv_idx - o)) - f * (q_idx - o)``, ``o`` the kernel's tile origin. The products are
+    a column and a row vector; the row term then leaves the per-entry logits for the log-sum-exp
+    (codegen's ``_row_terms``), so each entry costs one fused multiply-add instead of a
+    subtraction, a multiply and an add (ALiBi). Measuring both indices from ``o`` keeps the terms
+    as small as the difference near the diagonal, where the weights are: adding ``f * kv`` and
+    subtracting ``f * q`` would cancel and lose ~ulp(f * S) there. A few roundings apart."""
+    if node.op not in (Op.ADD, Op.SUB) or node.dtype is not DType.FLOAT:
+        return None
+    pairs = [(node.src[0], node.src[1])] + ([(node.src[1], node.src[0])] if node.op is Op.ADD else [])
+    for x, y in pairs:
+        if depends_on(x, "score") and (split := _split_difference(y)) is not None:
+            plus, minus = split if node.op is Op.ADD else split[::-1]
+            return binary(Op.SUB, binary(Op.ADD, x, plus), minus)
+    return None
+
+
+LOWERING_RULES: list[Rule] = [float_index_arithmetic, reciprocal_constants, constant_products, recentred_differences]
 
 
 def _per_entry(node: Node) -> bool:
@@ -262,13 +299,21 @@ def _per_entry(node: Node) -> bool:
     return depends_on(node, "score") or _mixed(node)
 
 
+def _per_head(node: Node) -> bool:
+    """Whether ``node`` is the same for every entry of a tile (it reads no index but b and h)."""
+    return not any(depends_on(node, name) for name in ("score", "q_idx", "kv_idx", TILE_ORIGIN))
+
+
 def _pushed(node: Node, c: float) -> Node | None:
     """``c * node`` with the factor pushed to where it costs no per-entry multiply (the score, whose
     scaling it joins, or operands computed per row, column or head), or None where it would have
     to multiply a per-entry value."""
-    if node.dtype is not DType.FLOAT or not _per_entry(node) or node.op is Op.SCORE:
-        return simplify(binary(Op.MUL, node, const(c)))
     op, src = node.op, node.src
+    if node.dtype is not DType.FLOAT or not _per_entry(node) or op is Op.SCORE:
+        if op is Op.MUL and node.dtype is DType.FLOAT and any(_per_head(x) for x in src):
+            a, b = src if _per_head(src[0]) else src[::-1]  # into a row's or column's per-head factor
+            return binary(Op.MUL, simplify(binary(Op.MUL, a, const(c))), b)
+        return simplify(binary(Op.MUL, node, const(c)))
     if op is Op.MUL and not (_per_entry(src[0]) and _per_entry(src[1])):
         a, b = src if not _per_entry(src[0]) else src[::-1]  # a: the factor computed per row/column
         return binary(Op.MUL, simplify(binary(Op.MUL, a, const(c))), b)

@@ -319,3 +319,23 @@ def test_explain_names_the_gradients():
     report = fg.compile(score_mod=fg.mods.relative_bias(table)).explain()
     assert "gradients: q, k, v (deterministic); captured0 (fp32 atomic adds)" in report
     assert fg.compile(mask_mod=fg.mods.causal).explain().endswith("gradients: q, k, v (deterministic)")
+
+
+def test_row_terms_left_out_of_the_logits_give_the_reference_gradients():
+    """The backward subtracts the row terms from the loaded lse instead of computing them per
+    entry (ALiBi measured from the tile origin); gradients, learnable slopes' too, match."""
+    slopes = torch.tensor([0.7, 0.05], requires_grad=True)
+    row_bias = torch.randn(70)
+    mod = fg.score_mod(lambda s, b, h, q_idx, kv_idx: s + slopes[h] * (kv_idx - q_idx) + row_bias[q_idx])
+    q, k, v = (rand(1, 2, 70, 16).requires_grad_() for _ in range(3))
+    out, lse = fg.attention(q, k, v, score_mod=mod, mask_mod=fg.mods.causal, return_lse=True)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    ((out * dout).sum() + (lse * dlse).sum()).backward()
+    got = [t.grad.clone() for t in (q, k, v, slopes)]
+    for t in (q, k, v, slopes):
+        t.grad = None
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = fg.attention_reference(qd, kd, vd, score_mod=mod, mask_mod=fg.mods.causal, return_lse=True)
+    ((ref * dout.double()).sum() + (ref_lse * dlse.double()).sum()).backward()
+    for name, g, w in zip("q k v slopes".split(), got, [qd.grad, kd.grad, vd.grad, slopes.grad]):
+        assert rel_err(g, w) < 1e-4, (name, rel_err(g, w))

@@ -222,3 +222,29 @@ def test_mods_reading_user_module_attributes_are_retraced():
     cfg.W = 11
     out = fg.attention(q, k, v, mask_mod=mask)
     assert rel_err(out, fg.attention_reference(q, k, v, mask_mod=mask)) < 1e-4
+
+
+def test_row_terms_leave_the_per_entry_logits_for_the_log_sum_exp():
+    """Terms constant along a row (ALiBi's -slope * q_idx once measured from the tile origin, a
+    per-query bias) are left out of the KV loop and added to the stored lse: outputs and lse still
+    match the reference, including rows that the mask empties and multiple query blocks."""
+    H, S = 2, 150
+    slopes, row_bias = torch.tensor([0.7, 0.05]), torch.randn(S)
+    alibi_plus_rows = fg.score_mod(lambda s, b, h, q_idx, kv_idx: s + slopes[h] * (kv_idx - q_idx)
+                                   + row_bias[q_idx] - 0.02 * q_idx)
+    q, k, v = (rand(1, H, S, 16) for _ in range(3))
+    for mask in (None, fg.mods.causal, fg.mask_mod(lambda b, h, q_idx, kv_idx: (q_idx >= 70) & (kv_idx <= q_idx))):
+        check_against_reference(q, k, v, alibi_plus_rows, mask)
+    src = fg.compile(score_mod=alibi_plus_rows).source()
+    loop = src[src.index("# ---- hook: score_mod"):src.index("if APPLY_MASK")]
+    assert "q_idx" not in loop and "row_bias" not in loop  # no row term inside the KV loop
+    assert "row_term" in src
+
+
+def test_a_row_of_minus_inf_from_a_score_mod_stays_masked():
+    # -inf row terms are not moved to the lse (the softmax would otherwise see finite logits)
+    q, k, v = (rand(1, 1, 40, 16) for _ in range(3))
+    rows = fg.score_mod(lambda s, b, h, q_idx, kv_idx: s + torch.where(q_idx < 7, float("-inf"), 0.0)
+                        + 0.1 * (kv_idx - q_idx))
+    out = check_against_reference(q, k, v, rows)
+    assert (out[:, :, :7] == 0).all()

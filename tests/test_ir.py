@@ -120,6 +120,8 @@ def _eval32(node, env):
         return np.float32(node.arg) if node.dtype is DType.FLOAT else np.int64(node.arg)
     if node.op in (Op.INDEX, Op.SCORE):
         return env["score" if node.op is Op.SCORE else node.arg]
+    if node.op is Op.LOAD:  # (a per-head value: its indices are not evaluated)
+        return env[f"cap{node.arg}"]
     x = [_eval32(c, env) for c in node.src]
     if node.dtype is DType.FLOAT:
         x = [np.asarray(v).astype(np.float32) for v in x]
@@ -131,9 +133,8 @@ def _eval32(node, env):
 def test_index_differences_are_converted_to_float_at_their_operands():
     import numpy as np
 
-    s = ir.score()
     d = ir.binary(Op.SUB, kv, q)
-    alibi = ir.binary(Op.ADD, s, ir.binary(Op.MUL, ir.const(0.375), d))
+    alibi = ir.binary(Op.MUL, ir.const(0.375), d)  # (next to the score, see the tile-origin test)
     gauss = ir.binary(Op.MUL, ir.const(-0.01), ir.binary(Op.POW, ir.binary(Op.SUB, q, kv), ir.const(2)))
     for expr in (alibi, gauss):
         low = _lowered(expr)
@@ -150,6 +151,29 @@ def test_index_differences_are_converted_to_float_at_their_operands():
     # a conversion that cannot move to vectors is left to the kernel's promotion
     table_like = ir.binary(Op.MUL, ir.const(0.5), ir.binary(Op.MUL, q, kv))
     assert _lowered(table_like) is table_like
+
+
+def test_index_differences_next_to_the_score_are_measured_from_the_tile_origin():
+    import numpy as np
+
+    from flashgen.ir import TILE_ORIGIN
+
+    s, slope = ir.score(), ir.load(0, DType.FLOAT, [h])
+    for alibi in (ir.binary(Op.ADD, s, ir.binary(Op.MUL, slope, ir.binary(Op.SUB, kv, q))),
+                  ir.binary(Op.SUB, s, ir.binary(Op.MUL, ir.binary(Op.SUB, q, kv), slope))):
+        low = _lowered(alibi)
+        # (score + slope * float(kv - o)) - slope * float(q - o): a column and a row term
+        assert low.op is Op.SUB and ir.depends_on(low.src[0], "score")
+        assert not ir.depends_on(low.src[1], "kv_idx") and not ir.depends_on(low.src[1], "score")
+        casts = [n.src[0] for n in low.toposort() if n.op is Op.CAST]
+        assert all(c.op is Op.SUB and c.src[1] is ir.index(TILE_ORIGIN) for c in casts) and len(casts) == 2
+        rng = np.random.default_rng(1)
+        origin = np.int64(3_000_000)  # long sequences: q and kv near the origin, the diagonal's weights
+        env = {"q_idx": origin + rng.integers(0, 128, (128, 1)), "kv_idx": origin + rng.integers(0, 64, (1, 64)),
+               "score": rng.standard_normal((128, 64)).astype(np.float32), TILE_ORIGIN: origin}
+        exact = env["score"].astype(np.float64) + 0.7 * (env["kv_idx"] - env["q_idx"]).astype(np.float64)
+        err = np.abs(_eval32(low, {**env, "cap0": np.float32(0.7)}) - exact).max()
+        assert err < 1e-5 * np.abs(exact).max(), err  # not ulp(0.7 * 3e6) ~ 0.25: no cancellation
 
 
 def test_constants_fold_into_the_score_and_out_of_gradients():

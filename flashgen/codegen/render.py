@@ -9,6 +9,7 @@ once and the generated kernel reads top to bottom.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -23,7 +24,7 @@ from ..ir import DType, Node, Op, const, format_expr, format_program, to_network
 from ..rewrite import LOWERING_RULES, RULES, simplify, times
 
 LOG2E = 1.4426950408889634  # the kernels' exp2 takes logits scaled by log2(e) (see rewrite.times)
-_LEAF_NAMES = {"b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
+_LEAF_NAMES = {"b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", ir.TILE_ORIGIN: "tile_origin"}
 
 _FUNCS = {
     Op.EXP: "tl.exp", Op.EXP2: "tl.exp2", Op.LOG: "tl.log", Op.LOG2: "tl.log2", Op.SQRT: "tl.sqrt",
@@ -224,6 +225,52 @@ def _lowered(root: Node) -> Node:
     return simplify(root, RULES + LOWERING_RULES)
 
 
+_POLYNOMIAL = {Op.CONST, Op.INDEX, Op.LOAD, Op.CAST, Op.NEG, Op.ADD, Op.SUB, Op.MUL}
+
+
+def _summands(node: Node, sign: int = 1) -> list[tuple[int, Node]]:
+    """The terms of a float sum, with their signs."""
+    if node.dtype is DType.FLOAT and node.op in (Op.ADD, Op.SUB):
+        return _summands(node.src[0], sign) + _summands(node.src[1], sign if node.op is Op.ADD else -sign)
+    if node.dtype is DType.FLOAT and node.op is Op.NEG:
+        return _summands(node.src[0], -sign)
+    return [(sign, node)]
+
+
+def _total(terms: list[tuple[int, Node]]) -> Node:
+    first_sign, total = terms[0]
+    total = total if first_sign > 0 else ir.unary(Op.NEG, total)
+    for sign, term in terms[1:]:
+        total = ir.binary(Op.ADD if sign > 0 else Op.SUB, total, term)
+    return total
+
+
+def _row_terms(logits: Node) -> tuple[Node, Node | None]:
+    """``logits`` as ``(E, R)`` with ``logits == E + R``, where ``R`` collects the summands that
+    read neither the score nor ``kv_idx``: constant along each row of scores, they cancel in the
+    softmax, so kernels leave them out of the per-entry logits, add them to the log-sum-exp the
+    forward stores and subtract them from the one the backward loads. Only finite-valued terms
+    move (sums and products of indices, constants and reads: a row's ``-inf`` from a select must
+    still mask it); ``R`` is None when there is nothing to move or ``E`` would not read the score."""
+    terms = _summands(logits)
+
+    def movable(t: Node) -> bool:
+        return not (ir.depends_on(t, "score") or ir.depends_on(t, "kv_idx")) and all(
+            n.dtype is not DType.FLOAT or (n.op in _POLYNOMIAL and (n.op is not Op.CONST or math.isfinite(n.arg)))
+            for n in t.toposort())
+
+    row = [(s, t) for s, t in terms if movable(t)]
+    rest = [(s, t) for s, t in terms if not movable(t)]
+    if not row or not any(ir.depends_on(t, "score") for _, t in rest):
+        return logits, None
+    return _total(rest), _total(row)
+
+
+def _reads_tile_origin(roots: list[Node]) -> bool:
+    """Whether lowered code reads ``tile_origin`` (see :func:`~flashgen.rewrite.recentred_differences`)."""
+    return any(ir.uses(r, lambda n: n.op is Op.INDEX and n.arg == ir.TILE_ORIGIN) for r in roots)
+
+
 def _ordered(roots: list[Node]) -> list[Node]:
     """Nodes in a deterministic dependency order, from the networkx view of the DAG."""
     graph = to_networkx(roots)
@@ -263,8 +310,8 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     """The forward kernel module for one attention program (``name`` must be an identifier)."""
     listing = format_program({"logits": logits, "mask": mask}).splitlines()
     logits, mask = _lowered(logits), _lowered(mask)
-    logits = times(logits, LOG2E)
-    roots = [logits, mask]
+    logits, row_term = _row_terms(times(logits, LOG2E))
+    roots = [logits, mask] + ([row_term] if row_term is not None else [])
     level = row_levels(roots)
     row = _Emitter("r")
     tile = _Emitter("t")
@@ -279,6 +326,8 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     logit_lines = _emit_tile(tile, logits, level)
     mask_lines = _emit_tile(tile, mask, level)
     row_params = [row.names[id(n)] for n in _ordered(roots) if id(n) in row.names and row.names[id(n)].startswith("r")]
+    if _reads_tile_origin([logits, mask]):
+        row_params.append(_LEAF_NAMES[ir.TILE_ORIGIN])  # (the KV loop's tiles measure from it too)
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
     capture_params = [p for c in captures for p in c.params]
     context = dict(
@@ -292,6 +341,8 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         block_runs=analysis.block_runs,
         plain_logits=analysis.plain_logits,
         logits_broadcast=not ir.depends_on(logits, "score"),  # row-level or constant logits
+        tile_origin=_reads_tile_origin(roots),
+        row_term=row.ref(row_term) if row_term is not None else "",
         row_lines=row.lines,
         row_params=row_params,
         tile_logit_lines=logit_lines,
@@ -350,10 +401,11 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         mask_lines = _emit_tile(emitter, mask, level) if mask_roots else []
         return emitter, outer, tile, mask_lines
 
-    scaled = times(logits, LOG2E)  # what exp2 takes
-    dq, dq_outer, dq_tile, dq_mask = loop_code([scaled, dscore], "kv_idx")
+    scaled, row_term = _row_terms(times(logits, LOG2E))  # what exp2 takes, less the row terms
+    rows = [row_term] if row_term is not None else []
+    dq, dq_outer, dq_tile, dq_mask = loop_code([scaled, dscore, *rows], "kv_idx")
     dkdv, dkdv_outer, dkdv_tile, dkdv_mask = loop_code(
-        [scaled, dscore] + [grads[id(r)] for r in reads] + [i for r in reads for i in r.src], "q_idx")
+        [scaled, dscore, *rows] + [grads[id(r)] for r in reads] + [i for r in reads for i in r.src], "q_idx")
     grad_reads = []
     for r in reads:
         idx = [dkdv.ref(i) for i in r.src]
@@ -375,6 +427,10 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         block_runs=analysis.has_mask,
         plain_logits=analysis.plain_logits,
         logits_broadcast=not ir.depends_on(logits, "score"),
+        tile_origin=_reads_tile_origin([scaled, dscore, *rows, *grads.values(), mask]),
+        # the loaded log-sum-exp, less the row terms left out of the logits (see _row_terms)
+        lse_expr=f"(lse[None, :] - {dkdv.ref(row_term)})" if rows else "lse[None, :]",
+        dq_lse_expr=f"(lse[:, None] - {dq.ref(row_term)})" if rows else "lse[:, None]",
         capture_params=[p for c in captures for p in c.params],
         grad_params=grad_params,
         # code before each loop, its tiles', and the mask's (partial tiles only)
