@@ -469,6 +469,8 @@ def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(monke
     monkeypatch.setattr(runtime, "interpreting", lambda: False)
     monkeypatch.setattr(triton.runtime.cache, "triton_key", slow_key)
     monkeypatch.setattr(runtime, "_prewarm", None)
+    monkeypatch.setattr(runtime, "_FIRST_CALL_IMPORTS", ("json.tool", "no_such_module_here"))
+    monkeypatch.delitem(sys.modules, "json.tool", raising=False)
     runtime.prewarm_compiler()
     assert started.wait(5) and not done
     thread = runtime._prewarm
@@ -478,6 +480,7 @@ def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(monke
     monkeypatch.setenv("TRITON_CACHE_DIR", "/unused")  # binaries_here leaves the user's directory alone
     with runtime.binaries_here():
         assert done == [1]  # the launch waited for the hash instead of computing it again
+    assert "json.tool" in sys.modules  # and for the first call's imports (a missing one is skipped)
 
 
 def test_compiled_templates_are_kept_in_the_cache(cache, monkeypatch):

@@ -425,7 +425,8 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         program_listing=format_program({**listed, "dL/dscore": dscore}).splitlines(),
         # every masked backward reads a block map (for bands too: full tiles then skip the mask code)
         block_runs=analysis.has_mask,
-        plain_logits=analysis.plain_logits,
+        # dL/dscore is 1 (plain logits, or the score plus terms that do not read it): ds = dl
+        unit_dscore=dscore.op is Op.CONST and dscore.arg == 1.0,
         logits_broadcast=not ir.depends_on(logits, "score"),
         tile_origin=_reads_tile_origin([scaled, dscore, *rows, *grads.values(), mask]),
         # the loaded log-sum-exp, less the row terms left out of the logits (see _row_terms)
