@@ -9,6 +9,7 @@ Python control flow on a traced value raises :class:`TraceError` pointing at the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -460,7 +461,7 @@ class Program:
     name: str
     captures: tuple[CaptureInfo, ...]
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """Structural key: equal for equivalent mods, stable across processes."""
         import hashlib

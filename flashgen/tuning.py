@@ -83,6 +83,7 @@ def shared_memory_limit(device: torch.device) -> int:
 
 
 @functools.cache  # on every call's path: computed once per (family, config, device, head dims, dtype)
+@functools.lru_cache(maxsize=256)  # (the launch path asks on every call)
 def first_fitting(family: str, cfg: Config, device: torch.device, head_dim: int, head_dim_v: int,
                   dtype: torch.dtype) -> Config:
     """``cfg``, or the first of :func:`~flashgen.runtime.smaller_configs` whose shared-memory
