@@ -248,3 +248,17 @@ def test_a_row_of_minus_inf_from_a_score_mod_stays_masked():
                         + 0.1 * (kv_idx - q_idx))
     out = check_against_reference(q, k, v, rows)
     assert (out[:, :, :7] == 0).all()
+
+
+def test_a_bias_shared_by_the_batch_runs_its_batch_entries_side_by_side():
+    """A dense bias without a batch dimension makes the forward launch the batch entries of each
+    (head, query block) next to each other (so that the bias tiles come from L2); every program
+    still covers its own (b, h, query block): outputs and lse match for several of each."""
+    B, H, S = 3, 2, 70  # three query blocks in the interpreter's 32-row tiles
+    bias = torch.randn(H, S, S)
+    assert "launched % nb" in fg.compile(bias=bias).source()
+    q, k, v = (rand(B, H, S, 16) for _ in range(3))
+    for mask in (None, fg.mods.causal):
+        check_against_reference(q, k, v, bias=bias, mask_mod=mask)
+    kv = (rand(B, 1, S, 16), rand(B, 1, S, 16))
+    check_against_reference(q, *kv, bias=bias, mask_mod=fg.mods.causal, enable_gqa=True)

@@ -266,6 +266,15 @@ def _row_terms(logits: Node) -> tuple[Node, Node | None]:
     return _total(rest), _total(row)
 
 
+def _reads_batch_shared_tiles(roots: list[Node]) -> bool:
+    """Whether a captured tensor is read in 2-D tiles (one index by ``q_idx``, another by
+    ``kv_idx``: a dense bias) that every batch entry shares (no index reads ``b``)."""
+    def shared_tile(n: Node) -> bool:
+        by = [(ir.depends_on(i, "q_idx"), ir.depends_on(i, "kv_idx")) for i in n.src]
+        return (True, False) in by and (False, True) in by and not any(ir.depends_on(i, "b") for i in n.src)
+    return any(n.op is Op.LOAD and shared_tile(n) for n in ir.toposort(roots))
+
+
 def _reads_tile_origin(roots: list[Node]) -> bool:
     """Whether lowered code reads ``tile_origin`` (see :func:`~flashgen.rewrite.recentred_differences`)."""
     return any(ir.uses(r, lambda n: n.op is Op.INDEX and n.arg == ir.TILE_ORIGIN) for r in roots)
@@ -342,6 +351,7 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         plain_logits=analysis.plain_logits,
         logits_broadcast=not ir.depends_on(logits, "score"),  # row-level or constant logits
         tile_origin=_reads_tile_origin(roots),
+        batch_inner=_reads_batch_shared_tiles(roots),
         row_term=row.ref(row_term) if row_term is not None else "",
         row_lines=row.lines,
         row_params=row_params,
