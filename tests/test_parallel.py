@@ -24,6 +24,12 @@ def add_one(x_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def broken(x_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.dot(tl.load(x_ptr + offs), tl.load(x_ptr + offs)))  # 1-D dot: a compile error
+
+
+@triton.jit
 def scale(x_ptr, n, c, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * c, mask=offs < n)
@@ -38,6 +44,8 @@ from triton.runtime import driver
 from flashgen.parallel import compile_concurrently
 import kernels
 
+from triton.runtime.jit import JITFunction
+run_before = JITFunction.run
 x = torch.randn(1000)
 target = GPUTarget("cuda", 90, 32)
 
@@ -52,7 +60,21 @@ again = compile_concurrently(work, target)
 one_new = compile_concurrently(lambda: work((64, 128)), target)
 two_new = compile_concurrently(lambda: work((32, 32)), target)
 assert torch.equal(x, before), "a captured launch ran"
-print(first, again, one_new, two_new)
+
+def with_a_broken_kernel():
+    kernels.add_one[(8,)](x, 1000, BLOCK=256)
+    kernels.broken[(1,)](x, BLOCK=16)
+
+one_of_two = compile_concurrently(with_a_broken_kernel, target)  # the broken child fails, alone
+
+def raising():
+    kernels.add_one[(8,)](x, 1000, BLOCK=512)
+    raise ValueError("the caller's own error")
+
+nothing = compile_concurrently(raising, target)  # the real call will raise it where it is expected
+from triton.runtime.jit import JITFunction
+assert JITFunction.run is run_before, "the capture was not undone"
+print(first, again, one_new, two_new, one_of_two, nothing)
 '''
 
 
@@ -64,6 +86,29 @@ def test_kernels_compile_in_child_processes_into_the_cache(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     # two new binaries: two children; both built: none; one new binary compiles in the caller
-    # (a child would gain nothing); (32, 32) needs two new ones again
-    assert done.stdout.split() == ["2", "0", "0", "2"], done.stdout
-    assert len(list(tmp_path.glob("triton/*/*.cubin"))) == 4  # the children's binaries are in the cache
+    # (a child would gain nothing); (32, 32) needs two new ones again; of a valid and a broken
+    # kernel only the valid one compiles (the broken one is left to the caller, which reports
+    # the error); a call that raises compiles nothing
+    assert done.stdout.split() == ["2", "0", "0", "2", "1", "0"], done.stdout
+    assert len(list(tmp_path.glob("triton/*/*.cubin"))) == 5  # the children's binaries are in the cache
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_past_its_time_is_killed_and_counted_as_failed():
+    import time
+
+    from flashgen.parallel import _wait
+
+    pids = []
+    for seconds in (0.0, 30.0):
+        pid = os.fork()
+        if pid == 0:  # a child that finishes at once, and one that would hang
+            time.sleep(seconds)
+            os._exit(0)
+        pids.append(pid)
+    started = time.monotonic()
+    assert _wait(pids, timeout_s=0.5) == 1
+    assert time.monotonic() - started < 10
+    for pid in pids:  # both reaped: nothing left to wait for
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
