@@ -16,7 +16,7 @@ from . import ir
 from .analysis import Analysis, analyze, reads_in_range
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
-from .codegen.render import KernelSource, render_backward, render_forward
+from .codegen.render import KernelSource, lowering_notes, render_backward, render_forward
 from .factors import LowRankBias, factor_bias
 from .lowrank import lowering_cost
 from .parallel import compile_concurrently
@@ -182,6 +182,10 @@ class Attention:
                          f"head dim D + {lr.rank} (q' = [scale q, phi_q], k' = [k, phi_k], scale 1); the factors, "
                          f"rounded to bf16 beside q and k, move a logit by at most "
                          f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})")
+        notes = lowering_notes(self.program.logits, self.program.mask)
+        if notes and self.low_rank_bias is None:
+            lines.append("kernels:")
+            lines += [f"  {note}" for note in notes]
         if self._last_block_map is not None and self.analysis.has_mask:
             lines.append("block map of the last call:")
             lines.append("  " + str(self._last_block_map).replace("\n", "\n  "))

@@ -239,6 +239,8 @@ def test_row_terms_leave_the_per_entry_logits_for_the_log_sum_exp():
     loop = src[src.index("# ---- hook: score_mod"):src.index("if APPLY_MASK")]
     assert "q_idx" not in loop and "row_bias" not in loop  # no row term inside the KV loop
     assert "row_term" in src
+    report = fg.compile(score_mod=alibi_plus_rows).explain()
+    assert "per row:" in report and "row_bias" not in report.split("per entry:")[1].split("\n")[0]
 
 
 def test_a_row_of_minus_inf_from_a_score_mod_stays_masked():
@@ -257,6 +259,7 @@ def test_a_bias_shared_by_the_batch_runs_its_batch_entries_side_by_side():
     B, H, S = 3, 2, 70  # three query blocks in the interpreter's 32-row tiles
     bias = torch.randn(H, S, S)
     assert "launched % nb" in fg.compile(bias=bias).source()
+    assert "launch order: the batch entries" in fg.compile(bias=bias).explain()
     q, k, v = (rand(B, H, S, 16) for _ in range(3))
     for mask in (None, fg.mods.causal):
         check_against_reference(q, k, v, bias=bias, mask_mod=mask)

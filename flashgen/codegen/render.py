@@ -266,6 +266,22 @@ def _row_terms(logits: Node) -> tuple[Node, Node | None]:
     return _total(rest), _total(row)
 
 
+def lowering_notes(logits: Node, mask: Node) -> list[str]:
+    """What the kernels compute differently from the IR, for ``explain()``: the per-entry logits
+    where row terms leave them for the log-sum-exp (before the log2(e) scaling, which they share),
+    and the launch order for a tensor the batch shares."""
+    low, row = _row_terms(_lowered(logits))
+    notes = []
+    if row is not None:
+        notes += [f"per entry:  {format_expr(low)}",
+                  f"per row:    {format_expr(row)}  (added to the lse the forward stores, not computed per entry;"
+                  " tile_origin: the first index of the kernel's query or key block)"]
+    if _reads_batch_shared_tiles([low, mask]):
+        notes.append("launch order: the batch entries of each (head, query block) side by side (their shared "
+                     "tiles of a captured tensor come from L2 after the first)")
+    return notes
+
+
 def _reads_batch_shared_tiles(roots: list[Node]) -> bool:
     """Whether a captured tensor is read in 2-D tiles (one index by ``q_idx``, another by
     ``kv_idx``: a dense bias) that every batch entry shares (no index reads ``b``)."""
