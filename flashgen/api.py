@@ -137,6 +137,7 @@ class Attention:
                              f"bias: {self.analysis.bias.report()}); tensors and LowRankBias already have a path")
         self._block_maps: OrderedDict[tuple, BlockMask] = OrderedDict()
         self._mask_reads = [self.captured[i] for i in reads(self.program.mask)]  # what a block map depends on
+        self._logit_reads = frozenset(r.arg for r in float_reads(self.program.logits))  # (a mask's get no gradient)
         self._last_block_map: BlockMask | None = None
         self._constants: dict[tuple, dict] = {}  # launch constexprs per call layout (_launch_constants)
         self._launched: set[tuple] = set()  # call signatures launched before (see _compiling_into_the_cache)
@@ -193,7 +194,7 @@ class Attention:
             lines.append("tanh, sigmoid: " + {None: "the GPU's approximate tanh for bf16/fp16 inputs, exact for fp32 "
                                               "(fast_math=None)", True: "the GPU's approximate tanh (fast_math=True)",
                                               False: "exact formulas (fast_math=False)"}[self.fast_math])
-        read = {r.arg for r in float_reads(self.program.logits)}
+        read = self._logit_reads
         learnable = [f"captured{i}" for i, t in enumerate(self.captured) if i in read and t.requires_grad]
         lines.append("gradients: q, k, v (deterministic)" + (
             f"; {', '.join(learnable)} ("
@@ -582,9 +583,8 @@ class _AttentionFunction(torch.autograd.Function):
 def _grad_slots(attn: Attention, needs_input_grad: tuple[bool, ...]) -> tuple[int, ...]:
     """The captured tensors that get gradients: floating point, read in the logits (a mask's
     reads get none) and wanted by autograd (``_AttentionFunction``'s inputs 6 onwards)."""
-    read_in_logits = {r.arg for r in float_reads(attn.program.logits)}
     return tuple(i for i, t in enumerate(attn.captured)
-                 if needs_input_grad[6 + i] and t.is_floating_point() and i in read_in_logits)
+                 if needs_input_grad[6 + i] and t.is_floating_point() and i in attn._logit_reads)
 
 
 def _with_factors(lr: LowRankBias, q, k, v, scale: float):

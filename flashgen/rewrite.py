@@ -257,8 +257,8 @@ def constant_products(node: Node) -> Node | None:
 def _split_difference(node: Node) -> tuple[Node, Node] | None:
     """``(plus, minus)``, a column and a row vector (or a row and a column) with ``node == plus -
     minus``, for ``node`` an index difference ``float(kv_idx) - float(q_idx)`` (either way round)
-    times factors computed per row, column or head; each index is measured from the KV tile's
-    first index (``TILE_ORIGIN``), so that both stay small near the diagonal."""
+    times factors computed per row, column or head; each index is measured from the kernel's
+    tile origin (``TILE_ORIGIN``), so that both stay small near the diagonal."""
     if node.op is Op.SUB and all(x.op is Op.CAST and x.src[0].op is Op.INDEX for x in node.src):
         i, j = (x.src[0] for x in node.src)
         if {i.arg, j.arg} == {"q_idx", "kv_idx"}:
