@@ -4,7 +4,10 @@
 
 B=1, H=1, S=128, D=64, bf16, no grad: causal (closed-form band) and a causal document mask
 (block-map runs). Median wall time of ``attn(q, k, v)`` over 2000 calls, without waiting for the
-GPU; ``--profile`` prints the top of a cProfile of the document variant's calls by own time.
+GPU; then the same for a training step of each (``attn(q, k, v).backward(dout)``, q, k, v
+requiring grad), to compare with the GPU time of a step at the suite's shapes (a step whose host
+time exceeds its GPU time measures the host). ``--profile`` prints the top of a cProfile of the
+document variant's calls by own time.
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ def main() -> int:
     with torch.no_grad():
         for name, attn in variants.items():
             print(f"{name:<10} {median_us(lambda attn=attn: attn(q, k, v)):7.1f} µs per call (median)")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dout = torch.randn_like(q)
+    for name, attn in variants.items():
+        def step(attn=attn):
+            attn(*leaves).backward(dout)
+            for t in leaves:
+                t.grad = None
+        print(f"{name:<10} {median_us(step, calls=500):7.1f} µs per forward+backward step (median)")
+    with torch.no_grad():
         if "--profile" in sys.argv[1:]:
             attn = variants["document"]
             prof = cProfile.Profile()

@@ -1,6 +1,6 @@
 """First-call latency of a new variant (forward + backward), cold and with a warm disk cache.
 
-    PYTHONPATH=. python3 benchmarks/startup.py [--profile]
+    PYTHONPATH=. python3 benchmarks/startup.py [--profile] [--repeat N]
 
 Runs the same new variant (a sliding window of a width not used before, so that no cache holds
 it) in two fresh processes one after the other: the first compiles everything (trace, analysis,
@@ -8,13 +8,16 @@ code generation, Triton compile), the second finds the generated sources and the
 binaries in flashgen's cache. ``--profile`` prints each first call's cProfile (top 30 by
 cumulative time). Prints the seconds of each, measured around the first
 forward+backward call only; the imports and torch's own first backward (which imports torch.fx
-and sympy, whatever the attention) are done before and reported separately.
+and sympy, whatever the attention) are done before and reported separately. ``--repeat N`` runs
+N new variants (each cold, then warm) and prints every run and the medians: the lent GPU hosts'
+load moves single runs by a factor of two.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import statistics
 import subprocess
 import sys
 
@@ -64,17 +67,22 @@ def main() -> int:
         print("startup: no CUDA device")
         return 0
     profile = "--profile" in sys.argv[1:]
-    width = random.randint(1000, 100000)
-    rows = []
-    for label in ("cold (new variant)", "warm cache, fresh process"):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(width), "1" if profile else "0"], capture_output=True,
-                             text=True, check=True)
-        if profile:
-            print(f"--- {label}: the first call's profile (cumulative)\n" + "\n".join(out.stdout.splitlines()[:-1]))
-        rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
-    for label, r in rows:
-        print(f"{label:<28} first fwd+bwd call {r['first_call_s']:.3f} s   (import torch + flashgen "
-              f"{r['import_s']:.2f} s, torch's first backward {r['torch_first_backward_s']:.2f} s)")
+    repeat = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 1
+    labels = ("cold (new variant)", "warm cache, fresh process")
+    runs: dict[str, list[float]] = {label: [] for label in labels}
+    for width in random.sample(range(1000, 100000), repeat):
+        for label in labels:
+            out = subprocess.run([sys.executable, "-c", CHILD, str(width), "1" if profile else "0"],
+                                 capture_output=True, text=True, check=True)
+            if profile:
+                print(f"--- {label}: the first call's profile (cumulative)\n" + "\n".join(out.stdout.splitlines()[:-1]))
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[label].append(r["first_call_s"])
+            print(f"{label:<28} first fwd+bwd call {r['first_call_s']:.3f} s   (import torch + flashgen "
+                  f"{r['import_s']:.2f} s, torch's first backward {r['torch_first_backward_s']:.2f} s)", flush=True)
+    if repeat > 1:
+        for label in labels:
+            print(f"{label:<28} median of {repeat}: {statistics.median(runs[label]):.3f} s")
     return 0
 
 
