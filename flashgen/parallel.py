@@ -107,6 +107,17 @@ def _wait(pids: list[int], timeout_s: float) -> int:
     return done
 
 
+def _compiles_anyway() -> bool:
+    """Whether the caller would compile even with a binary in the cache (Triton's
+    ``TRITON_ALWAYS_COMPILE``, IR overrides or dumps): the children's work would be wasted."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.compilation.always_compile or knobs.compilation.override or knobs.compilation.dump_ir)
+    except (ImportError, AttributeError):
+        return False
+
+
 def compile_concurrently(work: Callable[[], Any], target=None) -> int:
     """Run ``work`` with its kernel launches captured (nothing runs on the GPU; its return value
     is discarded) and compile the binaries they need, two or more at once, in child processes.
@@ -114,7 +125,7 @@ def compile_concurrently(work: Callable[[], Any], target=None) -> int:
     kernels the children compiled: 0 when fewer than two needed compiling (one compiles as fast
     in this process), on a platform without ``fork``, or where Triton's internals differ from
     the 3.x ones this relies on."""
-    if not hasattr(os, "fork"):
+    if not hasattr(os, "fork") or _compiles_anyway():
         return 0
     launches: list = []
     try:
