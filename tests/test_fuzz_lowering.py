@@ -81,3 +81,33 @@ def test_a_row_term_alone_does_not_change_the_output(mask):
     expected = plain_lse + (shift + 0.5 * torch.arange(40)).expand_as(plain_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert (lse[finite] - expected[finite]).abs().max() < 1e-4
+
+
+def test_a_row_term_of_minus_inf_masks_its_row():
+    """A per-row read that is -inf (an additive padding mask on queries) is a row term like any
+    other; the kernels still give that row out = 0, lse = -inf and zero gradients, never NaN."""
+    q, k, v = (torch.randn(2, 2, 50, 16).requires_grad_() for _ in range(3))
+    pad = torch.zeros(50)
+    pad[[0, 7, 33, 49]] = float("-inf")
+    slopes = torch.tensor([0.3, 0.1])
+    mod = fg.score_mod(lambda s, b, h, q_idx, kv_idx: s + pad[q_idx] + slopes[h] * (kv_idx - q_idx))
+    assert "per row:" in fg.compile(score_mod=mod).explain()  # (the case this test is about)
+    out, lse = fg.attention(q, k, v, score_mod=mod, return_lse=True)
+    with torch.no_grad():
+        plain = fg.attention(q, k, v, score_mod=mod)  # no lse stored: the same rows masked
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = fg.attention_reference(*leaves, score_mod=mod, return_lse=True)
+    rows = pad == float("-inf")
+    assert (out[:, :, rows] == 0).all() and (plain[:, :, rows] == 0).all() and torch.isneginf(lse[:, :, rows]).all()
+    assert not torch.isnan(out).any() and rel_err(out[:, :, ~rows], ref[:, :, ~rows]) < 1e-4
+    dout = torch.randn(out.shape)
+    (out * dout).sum().backward()
+    # the reference's backward gives NaN through a softmax of all -inf: it gets the masked rows
+    # as rows that pass no gradient instead (pad 0 there, dout 0), which is what they should do
+    live = torch.where(rows, 0.0, pad)
+    unmasked = fg.score_mod(lambda s, b, h, q_idx, kv_idx: s + live[q_idx] + slopes[h] * (kv_idx - q_idx))
+    ref = fg.attention_reference(*leaves, score_mod=unmasked)
+    (ref * dout.double().masked_fill(rows[:, None], 0.0)).sum().backward()
+    for mine, want in zip((q.grad, k.grad, v.grad), (t.grad for t in leaves)):
+        assert torch.isfinite(mine).all() and rel_err(mine, want) < 1e-4
+    assert (q.grad[:, :, rows] == 0).all()
