@@ -261,7 +261,8 @@ def test_a_bias_shared_by_the_batch_runs_its_batch_entries_side_by_side():
     assert "launched % nb" in fg.compile(bias=bias).source()
     assert "launch order: the batch entries" in fg.compile(bias=bias).explain()
     q, k, v = (rand(B, H, S, 16) for _ in range(3))
-    for mask in (None, fg.mods.causal):
+    docs = torch.sort(torch.randint(0, 4, (B, S)), dim=1).values  # per batch entry: the block-map path
+    for mask in (None, fg.mods.causal, fg.mods.document(docs) & fg.mods.causal):
         check_against_reference(q, k, v, bias=bias, mask_mod=mask)
     kv = (rand(B, 1, S, 16), rand(B, 1, S, 16))
     check_against_reference(q, *kv, bias=bias, mask_mod=fg.mods.causal, enable_gqa=True)
