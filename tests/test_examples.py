@@ -31,3 +31,22 @@ def test_example_runs(path: Path):
                           timeout=600)
     assert proc.returncode == 0, (f"{path.name} exited with {proc.returncode}\n--- stdout\n{proc.stdout}"
                                   f"\n--- stderr\n{proc.stderr}")
+
+
+def test_the_explain_example_in_writing_mods_prints_what_the_doc_shows(capsys):
+    """docs/writing-mods.md shows a mod, ``explain()``'s output for it, and the ``kernels:`` lines
+    for ALiBi: run the first and compare, so that the page cannot drift from the code."""
+    import torch
+
+    import flashgen as fg
+
+    page = (ROOT / "docs" / "writing-mods.md").read_text()
+    section = page[page.index("## Seeing what flashgen made of a mod"):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = section.split("```text\n", 1)[1].split("```", 1)[0]
+    exec(code, {"torch": torch, "fg": fg, "H": 2, "device": "cpu"})  # noqa: S102 - the page's own example
+    assert capsys.readouterr().out == shown
+    kernels = section.split("```text\n", 2)[2].split("```", 1)[0].splitlines()
+    report = fg.compile(score_mod=fg.mods.alibi(torch.ones(2)), mask_mod=fg.mods.causal).explain().splitlines()
+    start = report.index("kernels:")
+    assert report[start:start + 2] == kernels[:2] and report[start + 2].startswith(kernels[2].removesuffix("...)"))
