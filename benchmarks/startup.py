@@ -56,7 +56,9 @@ if profile:
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
     print(text.getvalue())
-print(json.dumps({"import_s": t_import, "torch_first_backward_s": t_torch, "first_call_s": elapsed}))
+from flashgen import runtime
+print(json.dumps({"import_s": t_import, "torch_first_backward_s": t_torch, "first_call_s": elapsed,
+                  "prewarm_wait_s": runtime.prewarm_wait_s}))
 """
 
 
@@ -78,8 +80,9 @@ def main() -> int:
                 print(f"--- {label}: the first call's profile (cumulative)\n" + "\n".join(out.stdout.splitlines()[:-1]))
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs[label].append(r["first_call_s"])
-            print(f"{label:<28} first fwd+bwd call {r['first_call_s']:.3f} s   (import torch + flashgen "
-                  f"{r['import_s']:.2f} s, torch's first backward {r['torch_first_backward_s']:.2f} s)", flush=True)
+            print(f"{label:<28} first fwd+bwd call {r['first_call_s']:.3f} s, of which waiting for the prewarm "
+                  f"thread {r['prewarm_wait_s']:.3f} s   (import torch + flashgen {r['import_s']:.2f} s, torch's "
+                  f"first backward {r['torch_first_backward_s']:.2f} s)", flush=True)
     if repeat > 1:
         for label in labels:
             print(f"{label:<28} median of {repeat}: {statistics.median(runs[label]):.3f} s")

@@ -71,6 +71,7 @@ def cache_dir() -> Path:
 
 
 _prewarm: threading.Thread | None = None
+prewarm_wait_s = 0.0  # how long first launches waited for the prewarm thread (benchmarks/startup.py)
 
 
 # what a first call imports that ``import flashgen`` does not: Jinja (code generation) and the
@@ -108,8 +109,11 @@ def prewarm_compiler() -> None:
 def binaries_here() -> Iterator[None]:
     """Within this context Triton compiles into and loads from ``<cache>/triton``, so a warm cache
     serves a fresh process without compiling. A ``TRITON_CACHE_DIR`` the user set is left alone."""
-    if _prewarm is not None:
+    global prewarm_wait_s
+    if _prewarm is not None and _prewarm.is_alive():
+        started = time.perf_counter()
         _prewarm.join()  # Triton's key of itself (functools-cached once the thread is done)
+        prewarm_wait_s += time.perf_counter() - started
     knobs = getattr(triton, "knobs", None)
     if knobs is None or "TRITON_CACHE_DIR" in os.environ or interpreting():
         yield

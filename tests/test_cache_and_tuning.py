@@ -469,6 +469,7 @@ def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(monke
     monkeypatch.setattr(runtime, "interpreting", lambda: False)
     monkeypatch.setattr(triton.runtime.cache, "triton_key", slow_key)
     monkeypatch.setattr(runtime, "_prewarm", None)
+    monkeypatch.setattr(runtime, "prewarm_wait_s", 0.0)
     monkeypatch.setattr(runtime, "_FIRST_CALL_IMPORTS", ("json.tool", "no_such_module_here"))
     monkeypatch.delitem(sys.modules, "json.tool", raising=False)
     runtime.prewarm_compiler()
@@ -481,6 +482,7 @@ def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(monke
     with runtime.binaries_here():
         assert done == [1]  # the launch waited for the hash instead of computing it again
     assert "json.tool" in sys.modules  # and for the first call's imports (a missing one is skipped)
+    assert runtime.prewarm_wait_s >= 0.03  # the wait is counted (the Timer released the key after 50 ms)
 
 
 def test_compiled_templates_are_kept_in_the_cache(cache, monkeypatch):
