@@ -469,7 +469,6 @@ def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(monke
     monkeypatch.setattr(runtime, "interpreting", lambda: False)
     monkeypatch.setattr(triton.runtime.cache, "triton_key", slow_key)
     monkeypatch.setattr(runtime, "_prewarm", None)
-    monkeypatch.setattr(runtime, "prewarm_wait_s", 0.0)
     monkeypatch.setattr(runtime, "_FIRST_CALL_IMPORTS", ("json.tool", "no_such_module_here"))
     monkeypatch.delitem(sys.modules, "json.tool", raising=False)
     runtime.prewarm_compiler()
@@ -482,7 +481,24 @@ def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(monke
     with runtime.binaries_here():
         assert done == [1]  # the launch waited for the hash instead of computing it again
     assert "json.tool" in sys.modules  # and for the first call's imports (a missing one is skipped)
-    assert runtime.prewarm_wait_s >= 0.03  # the wait is counted (the Timer released the key after 50 ms)
+
+
+def test_the_wait_for_the_prewarm_thread_is_counted(monkeypatch):
+    import time
+
+    class Busy:  # a prewarm thread with 50 ms of work left
+        def is_alive(self):
+            return True
+
+        def join(self):
+            time.sleep(0.05)
+
+    monkeypatch.setattr(runtime, "_prewarm", Busy())
+    monkeypatch.setattr(runtime, "prewarm_wait_s", 0.0)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/unused")
+    with runtime.binaries_here():
+        pass
+    assert runtime.prewarm_wait_s >= 0.05
 
 
 def test_compiled_templates_are_kept_in_the_cache(cache, monkeypatch):
