@@ -498,7 +498,7 @@ def test_the_wait_for_the_prewarm_thread_is_counted(monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", "/unused")
     with runtime.binaries_here():
         pass
-    assert runtime.prewarm_wait_s >= 0.05
+    assert runtime.prewarm_wait_s >= 0.045  # (the clocks of sleep and perf_counter may differ by a tick)
 
 
 def test_compiled_templates_are_kept_in_the_cache(cache, monkeypatch):
