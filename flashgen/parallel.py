@@ -23,6 +23,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
+from .settings import settings
+
 CHILD_TIMEOUT_S = 300.0  # a child still compiling after this is killed (its kernel compiles serially)
 
 
@@ -89,8 +91,9 @@ def _fork_compile(src, options, target) -> int:
     return pid
 
 
-def _wait(pids: list[int], timeout_s: float) -> int:
-    """Wait for the children; kill those still running after ``timeout_s``. How many succeeded."""
+def _wait(pids: list[int], timeout_s: float, start: Callable[[], int | None] = lambda: None) -> int:
+    """Wait for the children, starting another (``start()``: a pid, or None when there is none
+    left) as each one ends; kill those still running after ``timeout_s``. How many succeeded."""
     deadline, done, pending = time.monotonic() + timeout_s, 0, set(pids)
     while pending:
         for pid in list(pending):
@@ -98,6 +101,8 @@ def _wait(pids: list[int], timeout_s: float) -> int:
             if finished:
                 pending.discard(pid)
                 done += os.waitstatus_to_exitcode(status) == 0
+                if (more := start()) is not None:
+                    pending.add(more)
         if pending and time.monotonic() > deadline:
             for pid in pending:
                 os.kill(pid, 9)
@@ -123,9 +128,11 @@ def compile_concurrently(work: Callable[[], Any], target=None) -> int:
     is discarded) and compile the binaries they need, two or more at once, in child processes.
     ``target`` is Triton's ``GPUTarget`` (default: the current device's). Returns how many
     kernels the children compiled: 0 when fewer than two needed compiling (one compiles as fast
-    in this process), on a platform without ``fork``, or where Triton's internals differ from
-    the 3.x ones this relies on."""
-    if not hasattr(os, "fork") or _compiles_anyway():
+    in this process), on a platform without ``fork``, with ``FLASHGEN_COMPILE_JOBS`` below 2 (at
+    most that many children run at once), or where Triton's internals differ from the 3.x ones
+    this relies on."""
+    limit = settings().compile_jobs
+    if not hasattr(os, "fork") or limit < 2 or _compiles_anyway():
         return 0
     launches: list = []
     try:
@@ -147,5 +154,9 @@ def compile_concurrently(work: Callable[[], Any], target=None) -> int:
         return 0
     if len(jobs) < 2:
         return 0
-    pids = [_fork_compile(src, options, target) for src, options, _ in jobs.values()]
-    return _wait(pids, CHILD_TIMEOUT_S)
+    queue = list(jobs.values())
+
+    def start() -> int | None:
+        return _fork_compile(*queue.pop(0)[:2], target) if queue else None
+
+    return _wait([start() for _ in range(min(limit, len(queue)))], CHILD_TIMEOUT_S, start)

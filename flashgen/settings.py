@@ -35,6 +35,13 @@ def _number(name: str, raw: str | None, default: float, lo: float) -> float:
     return value
 
 
+def _count(name: str, raw: str | None, default: int) -> int:
+    value = float(_number(name, raw, default, 0))
+    if not value.is_integer():
+        raise ValueError(f"{name}={raw!r}: expected a whole number")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     """flashgen's configuration from the environment."""
@@ -44,6 +51,7 @@ class Settings:
     autotune: bool  # FLASHGEN_AUTOTUNE=1: every compiled variant tunes on first use, as with autotune=True
     tune_ms: float  # FLASHGEN_TUNE_MS: measuring time per configuration while tuning (default 50 ms)
     progress: bool  # FLASHGEN_PROGRESS=0 hides the tuning progress bar (default: shown on a terminal)
+    compile_jobs: int  # FLASHGEN_COMPILE_JOBS: kernels a first call compiles at once, each in a child (default: CPUs)
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, effective value, meaning) rows."""
@@ -53,6 +61,7 @@ class Settings:
             "autotune": ("FLASHGEN_AUTOTUNE", "1: every variant tunes on first use"),
             "tune_ms": ("FLASHGEN_TUNE_MS", "measuring time per configuration while tuning"),
             "progress": ("FLASHGEN_PROGRESS", "tuning progress bar"),
+            "compile_jobs": ("FLASHGEN_COMPILE_JOBS", "kernels a first call compiles at once (0, 1: one by one)"),
         }
         rows = []
         for f in fields(self):
@@ -64,7 +73,7 @@ class Settings:
 
 
 VARIABLES = ("FLASHGEN_CACHE_DIR", "FLASHGEN_DISABLE_CACHE", "FLASHGEN_AUTOTUNE", "FLASHGEN_TUNE_MS",
-             "FLASHGEN_PROGRESS")
+             "FLASHGEN_PROGRESS", "FLASHGEN_COMPILE_JOBS")
 
 
 def settings() -> Settings:
@@ -78,11 +87,12 @@ def settings() -> Settings:
 
 @functools.lru_cache(maxsize=16)
 def _parse(values: tuple[str | None, ...], home: str | None, tty: bool) -> Settings:
-    cache, disable, autotune, tune_ms, progress = values
+    cache, disable, autotune, tune_ms, progress, jobs = values
     return Settings(
         cache_dir=Path(cache or Path.home() / ".cache" / "flashgen").expanduser(),
         disable_cache=_flag("FLASHGEN_DISABLE_CACHE", disable),
         autotune=_flag("FLASHGEN_AUTOTUNE", autotune),
         tune_ms=_number("FLASHGEN_TUNE_MS", tune_ms, 50.0, 1.0),
         progress=_flag("FLASHGEN_PROGRESS", progress) if (progress or "").strip() else tty,
+        compile_jobs=_count("FLASHGEN_COMPILE_JOBS", jobs, os.cpu_count() or 1),
     )

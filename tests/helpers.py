@@ -43,4 +43,4 @@ def check_against_reference(q, k, v, score_mod=None, mask_mod=None, bias=None, *
 
 # every FLASHGEN_* variable (flashgen.settings reads exactly these)
 FLASHGEN_VARS = ("FLASHGEN_CACHE_DIR", "FLASHGEN_DISABLE_CACHE", "FLASHGEN_AUTOTUNE", "FLASHGEN_TUNE_MS",
-                 "FLASHGEN_PROGRESS")
+                 "FLASHGEN_PROGRESS", "FLASHGEN_COMPILE_JOBS")

@@ -60,7 +60,7 @@ def test_settings_defaults(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert settings() == Settings(cache_dir=tmp_path / ".cache" / "flashgen", disable_cache=False, autotune=False,
-                                  tune_ms=50.0, progress=sys.stderr.isatty())
+                                  tune_ms=50.0, progress=sys.stderr.isatty(), compile_jobs=os.cpu_count() or 1)
     assert runtime.cache_dir() == tmp_path / ".cache" / "flashgen"
     assert fg.compile().autotune is False
 
@@ -72,9 +72,10 @@ def test_settings_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FLASHGEN_AUTOTUNE", "yes")
     monkeypatch.setenv("FLASHGEN_TUNE_MS", " 12.5 ")
     monkeypatch.setenv("FLASHGEN_PROGRESS", "0")
+    monkeypatch.setenv("FLASHGEN_COMPILE_JOBS", "3")
     s = settings()
-    assert (s.cache_dir, s.disable_cache, s.autotune, s.tune_ms, s.progress) == (
-        tmp_path / "elsewhere", False, True, 12.5, False)
+    assert (s.cache_dir, s.disable_cache, s.autotune, s.tune_ms, s.progress, s.compile_jobs) == (
+        tmp_path / "elsewhere", False, True, 12.5, False, 3)
     assert runtime.cache_dir() == tmp_path / "elsewhere"
     assert fg.compile().autotune is True and fg.compile(autotune=False).autotune is False
     monkeypatch.setenv("FLASHGEN_CACHE_DIR", "~/tilde")  # read again at every call; ~ is expanded
@@ -84,7 +85,8 @@ def test_settings_from_the_environment(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("var, value", [("FLASHGEN_DISABLE_CACHE", "maybe"), ("FLASHGEN_AUTOTUNE", "2"),
                                         ("FLASHGEN_PROGRESS", "sometimes"), ("FLASHGEN_TUNE_MS", "abc"),
-                                        ("FLASHGEN_TUNE_MS", "0"), ("FLASHGEN_TUNE_MS", "-5")])
+                                        ("FLASHGEN_TUNE_MS", "0"), ("FLASHGEN_TUNE_MS", "-5"),
+                                        ("FLASHGEN_COMPILE_JOBS", "2.5"), ("FLASHGEN_COMPILE_JOBS", "-1")])
 def test_invalid_setting_names_the_variable(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=var):

@@ -76,9 +76,19 @@ from triton import knobs
 knobs.compilation.always_compile = True  # the caller compiles anyway: no children
 always = compile_concurrently(lambda: work((16, 16)), target)
 knobs.compilation.always_compile = False
+os.environ["FLASHGEN_COMPILE_JOBS"] = "1"  # one after another, in the caller
+serial = compile_concurrently(lambda: work((8, 8)), target)
+os.environ["FLASHGEN_COMPILE_JOBS"] = "2"
+
+def three():
+    kernels.add_one[(1,)](x, 1000, BLOCK=1024)
+    kernels.scale[(1,)](x, 1000, 2.0, BLOCK=1024)
+    kernels.add_one[(1,)](x, 1000, BLOCK=2048)
+
+queued = compile_concurrently(three, target)  # two children at a time, a third when one ends
 from triton.runtime.jit import JITFunction
 assert JITFunction.run is run_before, "the capture was not undone"
-print(first, again, one_new, two_new, one_of_two, nothing, always)
+print(first, again, one_new, two_new, one_of_two, nothing, always, serial, queued)
 '''
 
 
@@ -92,9 +102,10 @@ def test_kernels_compile_in_child_processes_into_the_cache(tmp_path):
     # two new binaries: two children; both built: none; one new binary compiles in the caller
     # (a child would gain nothing); (32, 32) needs two new ones again; of a valid and a broken
     # kernel only the valid one compiles (the broken one is left to the caller, which reports
-    # the error); a call that raises compiles nothing, nor one that Triton would compile anyway
-    assert done.stdout.split() == ["2", "0", "0", "2", "1", "0", "0"], done.stdout
-    assert len(list(tmp_path.glob("triton/*/*.cubin"))) == 5  # the children's binaries are in the cache
+    # the error); a call that raises compiles nothing, nor one that Triton would compile anyway,
+    # nor with FLASHGEN_COMPILE_JOBS=1; with 2, three binaries compile two at a time
+    assert done.stdout.split() == ["2", "0", "0", "2", "1", "0", "0", "0", "3"], done.stdout
+    assert len(list(tmp_path.glob("triton/*/*.cubin"))) == 8  # the children's binaries are in the cache
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
