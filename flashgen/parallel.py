@@ -4,12 +4,13 @@ Triton compiles one kernel at a time and holds the GIL for much of it, so thread
 forward+backward call of a new variant needs four kernels (forward, delta, dK/dV, dQ), ~1 s each
 on a GPU host. :func:`compile_concurrently` runs the call once with its launches captured instead
 of run, works out the binaries they need exactly as Triton's launcher would (argument
-specialisation, options, target), and compiles each one that is in neither memory nor Triton's
-disk cache in a child process of its own (``fork``: the child inherits the loaded kernels and
-Triton's key of itself, and never touches the GPU). The children write into Triton's cache; the
-call then runs normally and loads them from there. Anything unexpected (a Triton release whose
-internals differ, a child that fails or hangs) leaves the work to the ordinary serial compile, so
-the result never depends on this module: only the time to the first result does.
+specialisation, options, target), and compiles each one missing from Triton's disk cache in a
+child process of its own, at most ``FLASHGEN_COMPILE_JOBS`` at a time (``fork``: the child
+inherits the loaded kernels and Triton's key of itself, and never touches the GPU). The children
+write into Triton's cache; the call then runs normally and loads them from there. Anything
+unexpected (a Triton release whose internals differ, a child that fails or hangs) leaves the work
+to the ordinary serial compile, so the result never depends on this module: only the time to the
+first result does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,7 +30,7 @@ CHILD_TIMEOUT_S = 300.0  # a child still compiling after this is killed (its ker
 
 
 @contextmanager
-def _captured(into: list) -> Any:
+def _captured(into: list) -> Iterator[None]:
     """Within this context, Triton kernel launches made by this thread are recorded as
     ``(kernel, args, kwargs)`` instead of run (other threads' launches run as usual)."""
     from triton.runtime.jit import JITFunction
