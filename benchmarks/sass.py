@@ -31,7 +31,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flashgen as fg  # noqa: E402
-from flashgen import api, runtime  # noqa: E402
+from flashgen import api, parallel, runtime  # noqa: E402
 
 GROUPS = [  # (label, SASS opcode prefixes)
     ("mma", ("HGMMA", "HMMA", "WARPGROUP")),
@@ -51,15 +51,8 @@ def captured_launches(variant: str, shape: tuple[int, int, int, int], backward: 
 
     B, H, S, D = shape
     case = suite.build_cases(H, S, "cpu", torch.bfloat16, [variant])[variant]
-    from triton.runtime.jit import JITFunction
-
-    launches = []
-
-    def capture(kernel, *args, grid, warmup, **kwargs):
-        launches.append((kernel, args, kwargs))
-
+    launches: list = []
     cuda = torch.device("cuda")
-    JITFunction.run = capture
     for module in (api, runtime):  # the GPU's default configurations, not the interpreter's
         for name in ("default_config", "default_backward_configs"):
             if hasattr(module, name):
@@ -76,24 +69,20 @@ def captured_launches(variant: str, shape: tuple[int, int, int, int], backward: 
 
     api._check_inputs = check_on_cpu
     q, k, v = (torch.randn(B, H, S, D, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
-    out = fg.compile(**case.variant.fg_kwargs)(q, k, v)
-    if backward:
-        out.backward(torch.randn_like(out))
+    with parallel.captured(launches):
+        out = fg.compile(**case.variant.fg_kwargs)(q, k, v)
+        if backward:
+            out.backward(torch.randn_like(out))
     return launches
 
 
 def compile_sm90(kernel, args, kwargs):
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import compile
 
     target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kw = dict(kwargs)
-    bound, specialization, options = binder(*args, **kw)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
-    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    src, options = parallel.launch_source(kernel, args, kwargs, target)
+    return compile(src, target=target, options=options.__dict__)
 
 
 def cuobjdump(compiled, *flags: str) -> str:

@@ -30,7 +30,7 @@ CHILD_TIMEOUT_S = 300.0  # a child still compiling after this is killed (its ker
 
 
 @contextmanager
-def _captured(into: list) -> Iterator[None]:
+def captured(into: list) -> Iterator[None]:
     """Within this context, Triton kernel launches made by this thread are recorded as
     ``(kernel, args, kwargs)`` instead of run (other threads' launches run as usual)."""
     from triton.runtime.jit import JITFunction
@@ -50,12 +50,12 @@ def _captured(into: list) -> Iterator[None]:
         JITFunction.run = real
 
 
-def _job(kernel, args: tuple, kwargs: dict, target) -> tuple | None:
-    """What ``triton.compile`` will be asked for this launch, ``(src, options, cache hash)``, or
-    None if its binary is already in Triton's disk cache."""
+def launch_source(kernel, args: tuple, kwargs: dict, target) -> tuple:
+    """``(src, options)``: what ``triton.compile`` is asked for a launch of ``kernel`` with these
+    arguments on ``target``, worked out as Triton's launcher does (argument specialisation,
+    options); ``triton.compile(src, target=target, options=options.__dict__)`` builds it."""
     from triton import knobs
     from triton.compiler import ASTSource, make_backend
-    from triton.compiler.compiler import get_cache_invalidating_env_vars, get_cache_key, get_cache_manager
     from triton.runtime.jit import create_function_from_signature
 
     backend = make_backend(target)
@@ -65,7 +65,17 @@ def _job(kernel, args: tuple, kwargs: dict, target) -> tuple | None:
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kw)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
-    src = ASTSource(kernel, signature, constexprs, attrs)
+    return ASTSource(kernel, signature, constexprs, attrs), options
+
+
+def _job(kernel, args: tuple, kwargs: dict, target) -> tuple | None:
+    """``(src, options, cache hash)`` of a launch (:func:`launch_source`), or None if its binary
+    is already in Triton's disk cache."""
+    from triton.compiler import make_backend
+    from triton.compiler.compiler import get_cache_invalidating_env_vars, get_cache_key, get_cache_manager
+
+    src, options = launch_source(kernel, args, kwargs, target)
+    backend = make_backend(target)
     parsed = backend.parse_options(dict(options.__dict__, **src.parse_options()))
     key = get_cache_key(src, backend, parsed, env_vars=get_cache_invalidating_env_vars())
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -137,7 +147,7 @@ def compile_concurrently(work: Callable[[], Any], target=None) -> int:
         return 0
     launches: list = []
     try:
-        with _captured(launches):
+        with captured(launches):
             work()
     except Exception:  # noqa: BLE001 -- the real run raises it again, where the caller expects it
         return 0
