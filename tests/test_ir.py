@@ -218,3 +218,16 @@ def test_constant_folds_stay_inside_float32():
         assert _lowered(expr).op is Op.TRUEDIV, c
     big = ir.binary(Op.MUL, ir.const(1e30), ir.binary(Op.MUL, ir.const(1e30), s))
     assert _lowered(big) is big  # 1e60 would overflow float32
+
+
+def test_a_factor_meets_a_row_term_at_its_per_head_factor():
+    from flashgen.ir import TILE_ORIGIN
+    from flashgen.rewrite import times
+
+    slope = ir.load(0, DType.FLOAT, [h])
+    row = ir.unary(Op.CAST, ir.binary(Op.SUB, q, ir.index(TILE_ORIGIN)), "float32")
+    # c * (slope * row): the factor joins slopes[h] (once per head), not the row vector
+    assert times(ir.binary(Op.MUL, slope, row), 2.0) is ir.binary(Op.MUL, ir.binary(Op.MUL, slope, ir.const(2.0)), row)
+    # a product of two row vectors has no per-head factor: multiplied whole
+    both = ir.binary(Op.MUL, row, row)
+    assert times(both, 2.0) is ir.binary(Op.MUL, both, ir.const(2.0))
