@@ -45,8 +45,7 @@ GROUPS = [  # (label, SASS opcode prefixes)
 ]
 
 
-def captured_launches(variant: str, shape: tuple[int, int, int, int], backward: bool,
-                      fused_dq: bool | None = None) -> list[tuple]:
+def captured_launches(variant: str, shape: tuple[int, int, int, int], backward: bool) -> list[tuple]:
     """Run the variant through flashgen with launches captured (kernel, config, args, kwargs)."""
     import suite
 
@@ -71,10 +70,7 @@ def captured_launches(variant: str, shape: tuple[int, int, int, int], backward: 
     api._check_inputs = check_on_cpu
     q, k, v = (torch.randn(B, H, S, D, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
     with parallel.captured(launches):
-        attn = fg.compile(**case.variant.fg_kwargs)
-        attn.fused_dq = fused_dq
-        attn.dq_tma = os.environ.get("DQ_TMA") == "1"
-        out = attn(q, k, v)
+        out = fg.compile(**case.variant.fg_kwargs)(q, k, v)
         if backward:
             out.backward(torch.randn_like(out))
     return launches
@@ -123,13 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("variant")
     p.add_argument("--bwd", action="store_true", help="also the backward kernels")
     p.add_argument("--shape", default="4,16,8192,128", help="B,H,S,D (default 4,16,8192,128)")
-    p.add_argument("--fused-dq", action="store_true", help="the backward adds dQ in the dK/dV pass (atomics)")
     p.add_argument("--dump", default="", help="write each kernel's SASS and PTX into this folder")
     args = p.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
     print(f"{'kernel':<16} {'config':<18} {'regs':>5} {'spill':>6} " + " ".join(f"{g:>7}" for g, _ in GROUPS)
           + f" {'other':>6} {'total':>6}")
-    for kernel, kargs, kwargs in captured_launches(args.variant, shape, args.bwd, args.fused_dq or None):
+    for kernel, kargs, kwargs in captured_launches(args.variant, shape, args.bwd):
         compiled = compile_sm90(kernel, kargs, kwargs)
         cfg = tuple(kwargs.get(k, "-") for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
         sass = cuobjdump(compiled, "-sass")

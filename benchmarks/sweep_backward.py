@@ -6,10 +6,6 @@ For each variant of the suite (``benchmarks/suite.py``), times forward + backwar
 forward configuration and each candidate dK/dV configuration (dQ at its default), then each dQ
 candidate with the best dK/dV one; prints a table and the winner next to the default pair. The
 candidates are forced through ``runtime.default_backward_configs`` (what an untuned call uses).
-
-With ``--fused-dq`` it compares instead the two ways of computing dQ: the default pair (a dQ pass of
-its own) against dK/dV passes that add dS K into a float32 buffer with atomics (``FUSED_DQ``), for
-each candidate dK/dV configuration, and prints how far the fused dq is from the separate pass's.
 """
 
 from __future__ import annotations
@@ -34,12 +30,8 @@ DKDV = [Config(64, 128, 8, 3), Config(64, 64, 4, 3), Config(64, 64, 8, 3), Confi
 DQ = [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 8, 3), Config(128, 64, 4, 2), Config(64, 32, 4, 4)]
 
 
-FUSED = [Config(64, 128, 8, 3), Config(64, 128, 8, 2), Config(128, 128, 8, 2)]
-
-
-def time_pair(attn, q, k, v, dout, dkdv: Config, dq: Config, fused: bool = False, tma: bool = False) -> float:
+def time_pair(attn, q, k, v, dout, dkdv: Config, dq: Config) -> float:
     api.default_backward_configs = lambda *a, **kw: (dkdv, dq)
-    attn.fused_dq, attn.dq_tma = fused, tma
 
     def step():
         out = attn(q, k, v)
@@ -56,45 +48,10 @@ def _t(c: Config) -> tuple:
     return (c.block_m, c.block_n, c.num_warps, c.num_stages)
 
 
-def dq_of(attn, q, k, v, dout, fused: bool, tma: bool = False) -> torch.Tensor:
-    attn.fused_dq, attn.dq_tma = fused, tma
-    q.grad = None
-    attn(q, k, v).backward(dout)
-    return q.grad.clone()
-
-
-def compare_fused(variants: list[str], shape: tuple, q, k, v, dout) -> None:
-    B, H, S, D = shape
-    rows = []
-    for name in variants:
-        case = suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name]
-        attn = fg.compile(**case.variant.fg_kwargs)
-        flop = 4.0 * B * H * suite.count_kept(case.variant.fg_kwargs.get("mask_mod"), S, S, "cuda") * D * 3.5
-        base = time_pair(attn, q, k, v, dout, DKDV[0], DQ[0], False)
-        api.default_backward_configs = lambda *a, **kw: (DKDV[0], DQ[0])
-        separate = dq_of(attn, q, k, v, dout, False)
-        err = suite.rel_err(dq_of(attn, q, k, v, dout, True), separate)
-        err_tma = suite.rel_err(dq_of(attn, q, k, v, dout, True, True), separate)
-        print(f"{name}: separate dQ pass {base:.3f} ms ({flop / base / 1e9:.1f} TF/s); fused dq vs separate {err:.2e}"
-              f" (atomics), {err_tma:.2e} (TMA reductions)", flush=True)
-        for c in FUSED:
-            for tma in (False, True):
-                t = time_pair(attn, q, k, v, dout, c, DQ[0], True, tma)
-                print(f"{name}: fused dkdv {_t(c)} {'tma' if tma else 'atomics'}: {t:.3f} ms "
-                      f"({flop / t / 1e9:.1f} TF/s)", flush=True)
-                rows.append((name, base, c, tma, t, flop))
-    print(f"\nfwd+bwd, bf16 {'x'.join(map(str, shape))}: separate dQ pass against dQ fused into the dK/dV pass")
-    for name, base, c, tma, t, flop in rows:
-        way = "tma " if tma else "atom"
-        print(f"{name:<14} separate {base:.3f} ms {flop / base / 1e9:6.1f} TF/s | fused {_t(c)} {way} {t:.3f} ms "
-              f"{flop / t / 1e9:6.1f} TF/s ({base / t:.2f}x)")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="rel_table,document", help=f"of: {', '.join(suite.VARIANTS)}")
     p.add_argument("--shape", default="4x16x8192x128")
-    p.add_argument("--fused-dq", action="store_true", help="separate dQ pass against dQ in the dK/dV pass")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_backward: no CUDA device")
@@ -104,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
-    if args.fused_dq:
-        compare_fused(variants, (B, H, S, D), q, k, v, dout)
-        return 0
     rows = []
     for name in variants:
         case = suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name]

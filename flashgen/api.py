@@ -25,7 +25,6 @@ from .runtime import (
     binaries_here,
     default_backward_configs,
     default_config,
-    fused_dq_default,
     identifier,
     interpreting,
     launch,
@@ -109,8 +108,6 @@ class Attention:
             raise ValueError(f"fast_math={fast_math!r}: choose None (approximate tanh for bf16/fp16), True or False")
         self.bias_lowering = bias_lowering
         self.deterministic = deterministic
-        self.fused_dq: bool | None = None  # None: the backward chooses (runtime.fused_dq_default)
-        self.dq_tma = False
         self.fast_math = fast_math
         self.autotune = settings().autotune if autotune is None else autotune
         self.last_tuning: dict[str, list[dict]] = {}  # family -> trials of the last tuning run
@@ -484,7 +481,7 @@ class Attention:
                  for slot in grad_slots}
         if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grads
-        dk, dv = torch.empty_like(k), torch.empty_like(v)  # every element is stored
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # every element is stored
         ks = self._backward_source(grad_slots)
         module = load_module(ks)
         # delta = rowsum(dO * O) - dlse: the softmax's correction term per row, one small kernel
@@ -499,9 +496,6 @@ class Attention:
         defaults = default_backward_configs(q.device, D, Dv, q.dtype, self._occupancy(shape, D, Dv, q))
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
                             for family, c in zip(("dkdv", "dq"), defaults))
-        fused = self._fuses_dq(q, D, Dv)
-        # fused: the dK/dV pass adds dS K into a float32 buffer (atomics) and the dQ pass is skipped
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else torch.empty_like(q)
         masked = self.analysis.has_mask
         dkdv_kernel, dq_kernel = _EvenN(module.attn_bwd_dkdv, Skv), _EvenN(module.attn_bwd_dq, Skv)
 
@@ -512,22 +506,12 @@ class Attention:
             grad_args = [x for slot in grad_slots for x in [gbufs[slot], *gbufs[slot].stride()]]
             if grad_slots:
                 grad_args += [fixed[0:], fixed[1:]]
-            return (q, k, v, dout, dk, dv, dq, lse, delta,
+            return (q, k, v, dout, dk, dv, lse, delta,
                     *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-                    *dq.stride(), *capture_args, *grad_args, scale, Hq, Hkv, Sq, Skv, Hq // Hkv)
+                    *capture_args, *grad_args, scale, Hq, Hkv, Sq, Skv, Hq // Hkv)
 
-        tma = fused and self.dq_tma and D == padded(D) and not interpreting()
-
-        def dq_desc(c):
-            if not tma:
-                return (None,)
-            from triton.tools.tensor_descriptor import TensorDescriptor
-            view = dq.view(B * Hq, Sq, D)
-            return (TensorDescriptor(view, list(view.shape), list(view.stride()), [1, c.block_m, D]),)
-
-        dkdv_kw = dict(common, FUSED_DQ=fused, DQ_TMA=tma,
-                       extra=(lambda c: (*self._runs_args(shape, c, q.device, transpose=True), *dq_desc(c)))
-                       if masked else dq_desc)
+        dkdv_kw = dict(common, extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True))
+                       if masked else None)
         dq_args = (q, k, v, dout, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
                    *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
         dq_kw = dict(common, extra=(lambda c: self._runs_args(shape, c, q.device)) if masked else None)
@@ -540,32 +524,18 @@ class Attention:
 
         if self.autotune:
             scratch = {slot: torch.zeros_like(g) for slot, g in grads.items()}  # tuning runs add into these
-            dkdv_cfg = self._tuned("dkdv", ks.key + ("+dq" if fused else ""), shape, D, Dv, q, lambda c: run_config(
+            dkdv_cfg = self._tuned("dkdv", ks.key, shape, D, Dv, q, lambda c: run_config(
                 dkdv_kernel, c, dkdv_grid, *dkdv_args(scratch), GRAD_PASS=0, **dkdv_kw))
-            if not fused:
-                dq_cfg = self._tuned("dq", ks.key, shape, D, Dv, q,
-                                     lambda c: run_config(dq_kernel, c, dq_grid, *dq_args, **dq_kw))
-            dq.zero_()  # the tuning runs added into it
+            dq_cfg = self._tuned("dq", ks.key, shape, D, Dv, q,
+                                 lambda c: run_config(dq_kernel, c, dq_grid, *dq_args, **dq_kw))
         if self.deterministic and grad_slots:
             grads = self._deterministic_dkdv(dkdv_kernel, ks.key, dkdv_cfg, dkdv_grid, dkdv_args, dkdv_kw, grads, fixed,
                                              shape, D, Dv, q.dtype, grad_slots)
         else:
-            launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype, fused), dkdv_cfg, dkdv_grid,
-                   *dkdv_args(grads), GRAD_PASS=0, **dkdv_kw)
-        if fused:
-            dq = dq.mul_(scale).to(q.dtype)
-        else:
-            launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
+            launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg, dkdv_grid, *dkdv_args(grads),
+                   GRAD_PASS=0, **dkdv_kw)
+        launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
         return dq, dk, dv, grads
-
-    def _fuses_dq(self, q: torch.Tensor, D: int, Dv: int) -> bool:
-        """Whether this backward adds dQ with atomics in the dK/dV pass (see ``fused_dq``) rather
-        than in a pass of its own; ``deterministic=True`` always takes the separate pass."""
-        if self.deterministic:
-            return False
-        if self.fused_dq is not None:
-            return self.fused_dq
-        return fused_dq_default(q.device, D, Dv, q.dtype)
 
 
     def _deterministic_dkdv(self, kernel, key, cfg, grid, args, kw, grads, fixed, shape, D, Dv, dtype, grad_slots):

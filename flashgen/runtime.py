@@ -284,12 +284,6 @@ def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: in
     return Config(64, 128, 8, 3), Config(128, 64, 8, 3)
 
 
-def fused_dq_default(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype) -> bool:
-    """Whether the backward adds dQ with float32 atomics in the dK/dV pass (one matrix product per
-    tile fewer than a separate dQ pass that recomputes P and dP) by default."""
-    return False
-
-
 def smaller_configs(cfg: Config) -> list[Config]:
     """Configurations to try, in order, when ``cfg`` needs more shared memory than the GPU has:
     fewer pipeline stages first, then halved tiles (never below 16)."""

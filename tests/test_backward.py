@@ -23,13 +23,12 @@ def grads_of(fn, q, k, v, captured, dout, dlse=None):
 
 
 def check_backward(q, k, v, score_mod=None, mask_mod=None, bias=None, *, captured=(), enable_gqa=False,
-                   with_lse=False, tol=1e-4, fused_dq=None):
+                   with_lse=False, tol=1e-4):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     B, Hq, Sq, _ = q.shape
     dout = torch.randn(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
     dlse = torch.randn(B, Hq, Sq, dtype=torch.float64) if with_lse else None
     attn = fg.compile(score_mod, mask_mod, bias)
-    attn.fused_dq = fused_dq
     got = grads_of(lambda a, b, c: attn(a, b, c, enable_gqa=enable_gqa, return_lse=True), q, k, v, captured, dout,
                    dlse)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -78,28 +77,6 @@ def test_head_dims_in_two_blocks(d, dv, mods):
 
     assert head_blocks(d)[1] > 0  # q·kᵀ runs as two dots, and dq, dk come out in two blocks
     check_backward(rand(1, 4, 45, d), rand(1, 2, 45, d), rand(1, 2, 45, dv), enable_gqa=True, **mods)
-
-
-@pytest.mark.parametrize("case", ["causal_odd", "not_causal", "document_gqa_two_blocks", "lse_alibi", "table"])
-def test_dq_added_in_the_dkdv_pass(case):
-    """The fused backward (dQ added with atomics by the dK/dV pass, no dQ pass) against the reference."""
-    S = 45
-    table = torch.randn(2 * S - 1, requires_grad=True)
-    if case == "causal_odd":  # padding queries and keys, Dv != D
-        check_backward(rand(1, 2, 37, 48), rand(1, 2, 53, 48), rand(1, 2, 53, 24), mask_mod=fg.mods.causal,
-                       fused_dq=True)
-    elif case == "not_causal":  # the last row sees nothing: its dq stays 0
-        check_backward(rand(2, 2, S, 32), rand(2, 2, S, 32), rand(2, 2, S, 32), mask_mod=~fg.mods.causal,
-                       fused_dq=True)
-    elif case == "document_gqa_two_blocks":  # dq in two head blocks, four query heads per KV head
-        check_backward(rand(1, 4, S, 80), rand(1, 1, S, 80), rand(1, 1, S, 64), enable_gqa=True, fused_dq=True,
-                       mask_mod=fg.mods.document(torch.arange(S) // 12), score_mod=fg.mods.softcap(4.0))
-    elif case == "lse_alibi":
-        check_backward(rand(2, 3, S, 32), rand(2, 3, S, 32), rand(2, 3, S, 32), mask_mod=fg.mods.causal,
-                       score_mod=fg.mods.alibi(fg.mods.alibi_slopes(3)), with_lse=True, fused_dq=True)
-    else:
-        check_backward(rand(1, 2, S, 32), rand(1, 2, S, 32), rand(1, 2, S, 32), captured=(table,), fused_dq=True,
-                       score_mod=lambda s, b, h, q, kv: s + table[q - kv + S - 1])
 
 
 def test_gqa_accumulates_over_the_group():
