@@ -47,6 +47,23 @@ def test_library_mods(name):
     check_against_reference(q, k, v, **mods)
 
 
+@pytest.mark.parametrize("Sq, Skv, below, above", [
+    (150, 150, 70, 0),   # a sliding window: edge tiles below, the diagonal's above, full tiles between
+    (150, 203, 40, 25),  # both edges partial, ragged lengths, queries fewer than keys
+    (203, 150, 90, 37),  # more queries than keys: late rows' bands end past Skv
+    (97, 97, 5, 3),      # a band narrower than a tile: nothing full
+    (130, 130, 200, 0),  # wider than the sequence: the lower edge never starts
+])
+def test_both_edges_of_a_band_in_one_loop(Sq, Skv, below, above):
+    """A band bounded on both sides visits its two edges' partial tiles in one KV loop."""
+    def band(b, h, q, kv):
+        return (kv <= q + above) & (kv >= q - below)
+
+    assert "DOT_F32, True)" in fg.compile(mask_mod=band).source()  # the loop with a gap
+    q, k, v = rand(1, 2, Sq, 32), rand(1, 2, Skv, 32), rand(1, 2, Skv, 32)
+    check_against_reference(q, k, v, mask_mod=band)
+
+
 @pytest.mark.parametrize("D", [16, 48, 64, 80, 128])
 def test_head_dims(D):
     q, k, v = rand(1, 2, 37, D), rand(1, 2, 45, D), rand(1, 2, 45, D)
