@@ -21,6 +21,7 @@ from .factors import LowRankBias, factor_bias
 from .lowrank import lowering_cost
 from .parallel import compile_concurrently
 from .runtime import (
+    SPARSE_OCCUPANCY,
     Config,
     binaries_here,
     default_backward_configs,
@@ -207,14 +208,9 @@ class Attention:
         return f"flashgen.Attention({self.program.name!r}, key={self.program.key[:12]})"
 
     def _repr_markdown_(self) -> str:
-        """Jupyter's view: the variant, its analysis and the block map of the last call."""
-        parts = [f"**flashgen.Attention** `{self.program.name}` (program key `{self.program.key[:12]}`)",
-                 "```\n" + ir.format_program({"logits": self.program.logits, "mask": self.program.mask}) + "\n```",
-                 "**analysis**", "```\n" + self.analysis.report() + "\n```"]
-        if self._last_block_map is not None and self.analysis.has_mask:
-            parts += ["**block map of the last call**", "```\n" + str(self._last_block_map) + "\n```"]
-        parts.append("`attn.source('fwd')` / `attn.source('bwd')` show the generated kernels.")
-        return "\n\n".join(parts)
+        """Jupyter's view: :meth:`explain` (IR, analysis, kernels, the block map of the last call)."""
+        return (f"**flashgen.Attention** `{self.program.name}`\n\n```\n{self.explain()}\n```\n\n"
+                "`attn.source('fwd')` / `attn.source('bwd')` show the generated kernels.")
 
     # -- block sparsity -------------------------------------------------------------------------
     def block_mask(self, B: int, H: int, Sq: int, Skv: int, block_size: tuple[int, int] = (128, 128),
@@ -266,14 +262,27 @@ class Attention:
         return not reads_in_range([self.program.logits, self.program.mask],
                                   [tuple(t.shape) for t in self.captured], *shape)
 
-    def _occupancy(self, shape: tuple[int, int, int, int], D: int, Dv: int, q: torch.Tensor) -> float:
-        """The fraction of the mask's tiles that are not empty, from the block map at the forward's
-        default tiles (built, and cached, by the forward call before the backward asks)."""
-        if not self.analysis.has_mask:
-            return 1.0
-        cfg = _default_forward_config(q, D, Dv)
-        counts = self.block_mask(*shape, (cfg.block_m, cfg.block_n), q.device).counts()
-        return (counts["partial"] + counts["full"]) / max(1, sum(counts.values()))
+    def _sparsity(self, shape: tuple[int, int, int, int], D: int, Dv: int, dtype: torch.dtype, device) -> str:
+        """How the default tiles see the mask (``runtime.default_config``): "window" for a band
+        bounded on both sides with nothing else; "sparse" for a block map, at the dense forward
+        tiles, with fewer than ``SPARSE_OCCUPANCY`` of its tiles non-empty; else "dense"."""
+        a, device = self.analysis, torch.device(device)
+        if a.has_mask and not a.block_runs and a.band.lo is not None and a.band.hi is not None:
+            return "window"
+        if a.block_runs:
+            cfg = first_fitting("fwd", default_config(device, D, Dv, dtype), device, D, Dv, dtype)
+            counts = self.block_mask(*shape, (cfg.block_m, cfg.block_n), device).counts()
+            if counts["partial"] + counts["full"] < SPARSE_OCCUPANCY * sum(counts.values()):
+                return "sparse"
+        return "dense"
+
+    def forward_config(self, shape: tuple[int, int, int, int], D: int, Dv: int, dtype: torch.dtype,
+                       device) -> Config:
+        """The forward's tiles for ``shape`` = (B, H, Sq, Skv) without tuning or ``config=``: the
+        measured default for the GPU and head dims, smaller for windows and sparse block maps."""
+        device = torch.device(device)
+        default = default_config(device, D, Dv, dtype, self._sparsity(shape, D, Dv, dtype, device))
+        return first_fitting("fwd", default, device, D, Dv, dtype)
 
     def _runs_args(self, shape: tuple[int, int, int, int], cfg: Config, device, *, transpose: bool = False,
                    ragged_last: bool = False) -> tuple:
@@ -411,7 +420,7 @@ class Attention:
 
         if config is None and self.autotune:
             config = self._tuned("fwd", ks.key, shape, D, Dv, q, lambda c: run_config(kernel, c, grid, *args, **kwargs))
-        cfg = config or _default_forward_config(q, D, Dv)
+        cfg = config or self.forward_config(shape, D, Dv, q.dtype, q.device)
         launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)
         return out, lse
 
@@ -493,7 +502,7 @@ class Attention:
         lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
         capture_args, common = self._launch_constants(q.dtype, D, Dv, shape)
-        defaults = default_backward_configs(q.device, D, Dv, q.dtype, self._occupancy(shape, D, Dv, q))
+        defaults = default_backward_configs(q.device, D, Dv, q.dtype, self._sparsity(shape, D, Dv, q.dtype, q.device))
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
                             for family, c in zip(("dkdv", "dq"), defaults))
         masked = self.analysis.has_mask
@@ -632,11 +641,6 @@ class _EvenN:
 def _cdiv(a: int, b: int) -> int:
     """Ceiling division (Triton 3.6's ``triton.cdiv`` is a constexpr function: ~5 µs a call)."""
     return -(-a // b)
-
-
-def _default_forward_config(q: torch.Tensor, D: int, Dv: int) -> Config:
-    """The forward's configuration without tuning or a config= (what its block map is built at)."""
-    return first_fitting("fwd", default_config(q.device, D, Dv, q.dtype), q.device, D, Dv, q.dtype)
 
 
 def _precision(dtype: torch.dtype) -> dict:

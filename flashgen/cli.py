@@ -247,13 +247,11 @@ def _show(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     import torch
 
-    from flashgen.runtime import default_config
-
     B, H, S, D = shape = parse_shape(args.shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _, attn = _attention(args.spec, shape, device)
     if attn.analysis.has_mask:
-        cfg = default_config(torch.device(device), D, D, _dtype(args.dtype))
+        cfg = attn.forward_config((B, H, S, S), D, D, _dtype(args.dtype), device)
         attn.block_mask(B, H, S, S, (cfg.block_m, cfg.block_n), device)
     print(attn.explain())
     return 0

@@ -248,13 +248,27 @@ class Config:
     num_stages: int = 2
 
 
-def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype) -> Config:
-    """A good configuration without tuning (measured on an H200; see benchmarks/PERFLOG.md)."""
+SPARSE_OCCUPANCY = 0.1  # block maps with fewer non-empty tiles than this take the sparse tiles
+
+
+def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+                   sparsity: str = "dense") -> Config:
+    """A good forward configuration without tuning (measured on an H200; see benchmarks/PERFLOG.md).
+    ``sparsity``: "window" for a diagonal band bounded on both sides (a sliding window), "sparse"
+    for a block map with fewer than ``SPARSE_OCCUPANCY`` of its tiles non-empty, else "dense"."""
     if device.type != "cuda":
         return Config(32, 32, 4, 1)  # the interpreter: big enough to keep the program count small
     width = max(head_dim, head_dim_v)
     if dtype == torch.float32:
         return Config(64, 32, 4, 2) if width <= 128 else Config(32, 32, 4, 1)
+    # H200 tuning 2026-11-29 (bf16): short query blocks waste less on partial tiles at a window's two
+    # edges or at documents' boundaries. Sliding window 1024: 0.666 ms against 0.770 for the dense
+    # default at 4x16x8192x128, 0.372 against 0.517 at 8x16x4096x64 (windows 256 and 4096 alike);
+    # causal document mask of 16 documents: 0.276 against 0.374 ms, and 0.129 against 0.206.
+    if sparsity == "window" and width <= 128:
+        return Config(64, 64, 4, 3)
+    if sparsity == "sparse" and width <= 128:
+        return Config(64, 32, 4, 3)
     if width <= 64:
         return Config(128, 64, 8, 3)  # H200 sweep 2026-11-28: full 416 vs 387 TF/s for (128, 64, 4, 3)
     if width <= 128:
@@ -262,20 +276,20 @@ def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
     return Config(64, 32, 4, 2)
 
 
-SPARSE_OCCUPANCY = 0.1  # block maps with fewer non-empty tiles than this take the sparse backward tiles
-
-
-def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: int,
-                             dtype: torch.dtype, occupancy: float = 1.0) -> tuple[Config, Config]:
+def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+                             sparsity: str = "dense") -> tuple[Config, Config]:
     """(dK/dV pass, dQ pass) configurations. The dK/dV pass keeps a tall KV block and streams short
-    query blocks; the dQ pass the reverse. ``occupancy``: the fraction of the mask's tiles that are
-    not empty; sparse maps (a document mask's few diagonal blocks) run faster on small tiles."""
+    query blocks; the dQ pass the reverse. ``sparsity`` as in :func:`default_config`."""
     if device.type != "cuda":
         return Config(32, 32, 4, 1), Config(32, 32, 4, 1)
     width = max(head_dim, head_dim_v)
     if dtype == torch.float32 or width > 128:
         return Config(32, 64, 4, 2), Config(64, 32, 4, 2)
-    if occupancy < SPARSE_OCCUPANCY:
+    if sparsity == "window" and width <= 64:
+        # H200 sweep 2026-11-29 (bf16, 8x16x4096x64, sliding window 1024): 1.807 ms fwd+bwd against
+        # 2.127 for the dense pair below; at D = 128 the dense pair stays (3.290 against 3.234 ms)
+        return Config(64, 64, 4, 3), Config(64, 64, 4, 3)
+    if sparsity == "sparse":
         # H200 sweep 2026-11-29 (bf16, B=4, H=16, S=8192, D=128, causal document mask of 16 documents,
         # 4% of the tiles): 2.288 ms fwd+bwd against 2.580 ms for the dense pair below
         return Config(32, 64, 4, 3), Config(64, 32, 4, 4)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from test_fuzz import FUZZ, examples
 
 import flashgen as fg
-from flashgen.runtime import default_backward_configs, default_config
+from flashgen.runtime import default_backward_configs
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -651,7 +651,7 @@ def check_forward_backward(mask_mod, q, k, v, *, enable_gqa=False, tol=1e-4):
     # the (cached) maps the forward, dK/dV and dQ kernels read, at the tile sizes they launched with
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
-    configs = (default_config(q.device, D, v.shape[-1], q.dtype),
+    configs = (attn.forward_config((B, Hq, Sq, Skv), D, v.shape[-1], q.dtype, q.device),
                *default_backward_configs(q.device, D, v.shape[-1], q.dtype))
     maps = []
     for cfg in configs:

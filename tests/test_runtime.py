@@ -69,21 +69,46 @@ def test_defaults_that_cannot_fit_are_shrunk_before_compiling():
 
 
 def test_sparse_block_maps_take_the_small_backward_tiles():
-    from flashgen.runtime import SPARSE_OCCUPANCY, Config, default_backward_configs
-
-    cuda = torch.device("cuda")
-    dense = default_backward_configs(cuda, 128, 128, torch.bfloat16)
-    assert default_backward_configs(cuda, 128, 128, torch.bfloat16, occupancy=0.5) == dense
-    assert default_backward_configs(cuda, 128, 128, torch.bfloat16, occupancy=0.05) == (Config(32, 64, 4, 3),
-                                                                                         Config(64, 32, 4, 4))
-    assert default_backward_configs(cuda, 256, 256, torch.bfloat16, occupancy=0.05)[0].block_n == 64  # wide: as before
     import flashgen as fg
+    from flashgen.runtime import Config, default_backward_configs
 
-    q = torch.randn(1, 1, 512, 16)
-    shape = (1, 1, 512, 512)
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    dense = default_backward_configs(cuda, 128, 128, bf16)
+    assert default_backward_configs(cuda, 128, 128, bf16, "sparse") == (Config(32, 64, 4, 3), Config(64, 32, 4, 4))
+    assert default_backward_configs(cuda, 256, 256, bf16, "sparse")[0].block_n == 64  # wide: as before
+    assert dense == (Config(64, 128, 8, 3), Config(128, 64, 8, 3))
+    shape = (1, 1, 512, 512)  # tiles of 32 here: 8 documents of 64 tokens leave 24 of 256 tiles non-empty
     doc = torch.arange(512) // 64
-    sparse = fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal)
-    occupancy = sparse._occupancy(shape, 16, 16, q)
-    assert 0 < occupancy < SPARSE_OCCUPANCY  # 8 documents of 64 tokens on tiles of 32: 36 of 256
-    assert abs(fg.compile(mask_mod=fg.mods.causal)._occupancy(shape, 16, 16, q) - 136 / 256) < 1e-9
-    assert fg.compile()._occupancy(shape, 16, 16, q) == 1.0
+    assert fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal)._sparsity(shape, 16, 16, bf16, "cpu") == "sparse"
+    assert fg.compile(mask_mod=fg.mods.document(doc // 2) & fg.mods.causal)._sparsity(shape, 16, 16, bf16,
+                                                                                     "cpu") == "dense"  # 40 of 256
+
+
+def test_windows_and_sparse_maps_take_short_query_blocks():
+    """The forward's default tiles follow the mask: a band bounded on both sides (a sliding
+    window) and a sparse block map take shorter query blocks than dense or causal masks."""
+    import flashgen as fg
+    from flashgen.runtime import Config, default_backward_configs, default_config
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    shape = (4, 16, 8192, 8192)
+    dense = default_config(cuda, 128, 128, bf16)
+    window = fg.compile(mask_mod=fg.mods.sliding_window(1024))
+    assert window._sparsity(shape, 128, 128, bf16, "cpu") == "window"
+    assert default_config(cuda, 128, 128, bf16, "window") == Config(64, 64, 4, 3) != dense
+    assert fg.compile(mask_mod=fg.mods.causal)._sparsity(shape, 128, 128, bf16, "cpu") == "dense"  # one edge only
+    assert fg.compile()._sparsity(shape, 128, 128, bf16, "cpu") == "dense"
+    assert default_config(cuda, 128, 128, torch.float32, "window") == default_config(cuda, 128, 128, torch.float32)
+    assert default_config(cuda, 256, 256, bf16, "window") == default_config(cuda, 256, 256, bf16)  # wide: as before
+    assert default_config(cuda, 64, 64, bf16, "sparse") == Config(64, 32, 4, 3)
+    # the backward: short tiles for windows at D <= 64 only
+    assert default_backward_configs(cuda, 64, 64, bf16, sparsity="window") == (Config(64, 64, 4, 3),) * 2
+    assert default_backward_configs(cuda, 128, 128, bf16, sparsity="window") == default_backward_configs(cuda, 128, 128,
+                                                                                                        bf16)
+    small = (1, 1, 512, 512)  # block maps are measured on this machine's device
+    doc = torch.arange(512) // 64
+    assert fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal)._sparsity(small, 16, 16, bf16, "cpu") == "sparse"
+    assert fg.compile(mask_mod=fg.mods.causal)._sparsity(small, 16, 16, bf16, "cpu") == "dense"
+    # a window with more to it than the band (here a document mask) is a block map, not a window
+    windowed_docs = fg.compile(mask_mod=fg.mods.sliding_window(100) & fg.mods.document(torch.arange(512) // 256))
+    assert windowed_docs._sparsity(small, 16, 16, bf16, "cpu") == "dense"
