@@ -493,12 +493,10 @@ class Attention:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # every element is stored
         ks = self._backward_source(grad_slots)
         module = load_module(ks)
-        # delta = rowsum(dO * O) - dlse: the softmax's correction term per row, one small kernel
+        # delta = rowsum(dO * O) - dlse, the softmax's correction term per row: the dQ pass, which
+        # runs first, computes it for its rows and stores it for the dK/dV pass
         delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
         dlse = dlse.float().contiguous() if dlse is not None else None
-        module.attn_bwd_delta[(_cdiv(Sq, _DELTA_ROWS), B * Hq)](
-            out, dout, dlse if dlse is not None else delta, delta, *out.stride(), *dout.stride(), Hq, Sq,
-            HEAD_DV=Dv, BLOCK_DV=padded(Dv), BLOCK_M=_DELTA_ROWS, HAS_DLSE=dlse is not None)
         lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
         capture_args, common = self._launch_constants(q.dtype, D, Dv, shape)
@@ -521,9 +519,11 @@ class Attention:
 
         dkdv_kw = dict(common, extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True))
                        if masked else None)
-        dq_args = (q, k, v, dout, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        dq_args = (q, k, v, dout, dq, lse, delta, out, dlse if dlse is not None else delta,
+                   *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
                    *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        dq_kw = dict(common, extra=(lambda c: self._runs_args(shape, c, q.device)) if masked else None)
+        dq_kw = dict(common, HAS_DLSE=dlse is not None,
+                     extra=(lambda c: self._runs_args(shape, c, q.device)) if masked else None)
 
         def dkdv_grid(c):
             return (_cdiv(Skv, c.block_n), B * Hkv)
@@ -531,19 +531,20 @@ class Attention:
         def dq_grid(c):
             return (_cdiv(Sq, c.block_m), B * Hq)
 
+        if self.autotune:  # the dQ pass first: its runs store delta
+            dq_cfg = self._tuned("dq", ks.key, shape, D, Dv, q,
+                                 lambda c: run_config(dq_kernel, c, dq_grid, *dq_args, **dq_kw))
+        launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
         if self.autotune:
             scratch = {slot: torch.zeros_like(g) for slot, g in grads.items()}  # tuning runs add into these
             dkdv_cfg = self._tuned("dkdv", ks.key, shape, D, Dv, q, lambda c: run_config(
                 dkdv_kernel, c, dkdv_grid, *dkdv_args(scratch), GRAD_PASS=0, **dkdv_kw))
-            dq_cfg = self._tuned("dq", ks.key, shape, D, Dv, q,
-                                 lambda c: run_config(dq_kernel, c, dq_grid, *dq_args, **dq_kw))
         if self.deterministic and grad_slots:
             grads = self._deterministic_dkdv(dkdv_kernel, ks.key, dkdv_cfg, dkdv_grid, dkdv_args, dkdv_kw, grads, fixed,
                                              shape, D, Dv, q.dtype, grad_slots)
         else:
             launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg, dkdv_grid, *dkdv_args(grads),
                    GRAD_PASS=0, **dkdv_kw)
-        launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
         return dq, dk, dv, grads
 
 
@@ -764,7 +765,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Call
 # reuse the traced Attention. Anything the fingerprint cannot see through is traced every time.
 _recent: OrderedDict[tuple, Attention] = OrderedDict()
 _RECENT_MAX = 128
-_DELTA_ROWS = 32  # rows per program of the delta kernel
 _BLOCK_MAPS_MAX = 16  # block maps kept per Attention (shapes x tile sizes x captured-tensor versions)
 _UNSEEN = object()
 _STABLE_MODULES = {"torch", "math", "flashgen", "operator", "builtins"}

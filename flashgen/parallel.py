@@ -1,7 +1,7 @@
 """Compiling a call's kernels side by side, in forked processes.
 
 Triton compiles one kernel at a time and holds the GIL for much of it, so threads gain little. A
-forward+backward call of a new variant needs four kernels (forward, delta, dK/dV, dQ), ~1 s each
+forward+backward call of a new variant needs three kernels (forward, dQ, dK/dV), ~1 s each
 on a GPU host. :func:`compile_concurrently` runs the call once with its launches captured instead
 of run, works out the binaries they need exactly as Triton's launcher would (argument
 specialisation, options, target), and compiles each one missing from Triton's disk cache in a
