@@ -8,8 +8,9 @@ From the repository root, on a CUDA machine::
     PYTHONPATH=. python3 benchmarks/suite.py run --smoke --out /tmp/suite     # CPU-only machine: the plumbing
 
 Variants (--variants keys): full, causal, sliding (window 1024), document (causal, 16 documents), prefix_lm
-(1024), alibi_causal, softcap_causal (cap 30), rel_table (relative-position table [H, 2S-1], frozen),
-rel_table_learnable (the table requiring grad; fwd+bwd only), dense_bias ([H, S, S], frozen, --bias-dtype).
+(1024), dilated (causal window 2048, every 2nd key), alibi_causal, softcap_causal (cap 30), rel_table
+(relative-position table [H, 2S-1], frozen), rel_table_learnable (the table requiring grad; fwd+bwd only),
+dense_bias ([H, S, S], frozen, --bias-dtype).
 bf16 q, k, v. Masks, mods, document ids and the density count are bench_forward.py's.
 
 Implementations, side by side in one process: flashgen (``fg.compile`` with the ``fg.mods`` library mods),
@@ -70,8 +71,8 @@ DEFAULT_SHAPES = "4x16x8192x128,8x16x4096x64"
 SMOKE_SHAPES = "1x2x128x32"
 PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("flashgen", "flex", "cudnn", "flash")
-VARIANTS = ("full", "causal", "sliding", "document", "prefix_lm", "alibi_causal", "softcap_causal", "rel_table",
-            "rel_table_learnable", "dense_bias")
+VARIANTS = ("full", "causal", "sliding", "document", "prefix_lm", "dilated", "alibi_causal", "softcap_causal",
+            "rel_table", "rel_table_learnable", "dense_bias")
 BIAS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECK_LEN = 256  # queries and keys of the float64 reference slice
 CPU_REPS = 3  # timed calls without CUDA (median)

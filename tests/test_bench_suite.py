@@ -29,12 +29,12 @@ def suite(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_smoke_run_and_report(tmp_path):
-    suite("run", "--smoke", "--variants", "causal,document", "--passes", "fwd", "--out", str(tmp_path))
+    suite("run", "--smoke", "--variants", "causal,document,dilated", "--passes", "fwd", "--out", str(tmp_path))
     (path,) = tmp_path.glob("suite-*.json")
     run = json.loads(path.read_text())
     assert {"date", "gpu", "torch", "triton", "flashgen"} <= set(run["header"])
     records = {(r["variant"], r["pass_name"], r["impl"]): r for r in run["records"]}
-    assert set(records) == {("causal", "fwd", "flashgen"), ("document", "fwd", "flashgen")}
+    assert set(records) == {(v, "fwd", "flashgen") for v in ("causal", "document", "dilated")}
     for r in records.values():
         assert r["error"] is None and r["ms"] > 0 and r["tflops"] > 0 and 0 < r["density"] < 1
         (name, err), = r["checks"].items()
