@@ -79,6 +79,14 @@ def test_head_dims_in_two_blocks(d, dv, mods):
     check_backward(rand(1, 4, 45, d), rand(1, 2, 45, d), rand(1, 2, 45, dv), enable_gqa=True, **mods)
 
 
+def test_power_of_two_division_in_the_backward():
+    def stepped(score, b, h, q, kv):
+        return score * (1.0 + 0.25 * ((kv - q) // 4 % 2).float())
+
+    check_backward(rand(1, 2, 45, 32), rand(1, 2, 45, 32), rand(1, 2, 45, 32), score_mod=stepped,
+                   mask_mod=lambda b, h, q, kv: (q - kv) % 2 == 0)
+
+
 def test_gqa_accumulates_over_the_group():
     check_backward(rand(2, 6, 40, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 16), mask_mod=fg.mods.causal,
                    enable_gqa=True)
