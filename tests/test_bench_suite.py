@@ -103,3 +103,12 @@ def test_sass_tool_compiles_for_hopper_without_a_gpu():
         regs, spill, mma, total = int(cols[-12]), int(cols[-11]), int(cols[-10]), int(cols[-1])
         assert 0 < regs <= 255 and spill == 0 and total > 0, (name, cols)
         assert mma > 0  # the attention kernels run on the tensor cores
+
+
+def test_warp_specialised_forward_prototype_matches_float64_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "proto_ws_forward.py"), "--check"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("rel. err.") == 4
