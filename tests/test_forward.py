@@ -65,8 +65,8 @@ def test_both_edges_of_a_band_in_one_loop(Sq, Skv, below, above):
 
 
 def test_power_of_two_floor_division_and_remainder_of_negative_indices():
-    """``//`` and ``%`` by a power of two lower to a shift and a mask; both must floor like Python's
-    for negative dividends (q - kv below the diagonal, kv - q above it)."""
+    """``//`` and ``%`` by powers of two floor like Python's for negative dividends too (q - kv
+    below the diagonal, kv - q above it)."""
     def dilated(b, h, q, kv):  # every 4th key of a causal window, and a remainder that goes negative
         return (kv <= q) & ((q - kv) % 4 == 0) | ((kv - q - 3) % 2 == 1) & (kv - q < 9)
 
@@ -74,7 +74,6 @@ def test_power_of_two_floor_division_and_remainder_of_negative_indices():
         return score + 0.1 * ((kv - q) // 8).float() - 0.05 * ((q - kv) % 16).float()
 
     q, k, v = rand(1, 2, 70, 32), rand(1, 2, 83, 32), rand(1, 2, 83, 32)
-    assert ">> 3" in fg.compile(score_mod=stepped).source() and "& 3" in fg.compile(mask_mod=dilated).source()
     check_against_reference(q, k, v, mask_mod=dilated)
     check_against_reference(q, k, v, score_mod=stepped, mask_mod=dilated)
 

@@ -125,11 +125,6 @@ class _Emitter:
                 return floor if op is Op.FLOORDIV else f"{self._f(s[0])} - {self._f(s[1])} * {floor}"
             lo = int_bounds(s[0])[0]
             divisor = s[1].arg if s[1].op is Op.CONST else None
-            if divisor is not None and divisor > 0 and divisor & (divisor - 1) == 0:
-                # a power of two: an arithmetic shift floors and a mask is the floor's remainder, in
-                # two's complement for negative dividends too (a dilated window's (q - kv) % 2)
-                k = divisor.bit_length() - 1
-                return f"({r[0]} >> {k})" if op is Op.FLOORDIV else f"({r[0]} & {divisor - 1})"
             if lo is not None and lo >= 0 and divisor is not None and divisor > 0:
                 return f"{r[0]} {'//' if op is Op.FLOORDIV else '%'} {r[1]}"  # truncation == floor here
             return f"{'_floordiv' if op is Op.FLOORDIV else '_floormod'}({r[0]}, {r[1]})"
