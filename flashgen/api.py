@@ -140,6 +140,7 @@ class Attention:
         self._mask_reads = [self.captured[i] for i in reads(self.program.mask)]  # what a block map depends on
         self._logit_reads = frozenset(r.arg for r in float_reads(self.program.logits))  # (a mask's get no gradient)
         self._last_block_map: BlockMask | None = None
+        self.last_tiles: dict[str, Config] = {}  # kernel -> the configuration the last call launched
         self._constants: dict[tuple, dict] = {}  # launch constexprs per call layout (_launch_constants)
         self._launched: set[tuple] = set()  # call signatures launched before (see _compiling_into_the_cache)
 
@@ -188,6 +189,9 @@ class Attention:
         if notes and self.low_rank_bias is None:
             lines.append("kernels:")
             lines += [f"  {note}" for note in notes]
+        if self.last_tiles:
+            lines.append("tiles of the last call (block_m, block_n, warps, stages): " + ", ".join(
+                f"{name} {(c.block_m, c.block_n, c.num_warps, c.num_stages)}" for name, c in self.last_tiles.items()))
         if self._last_block_map is not None and self.analysis.has_mask:
             lines.append("block map of the last call:")
             lines.append("  " + str(self._last_block_map).replace("\n", "\n  "))
@@ -421,7 +425,7 @@ class Attention:
         if config is None and self.autotune:
             config = self._tuned("fwd", ks.key, shape, D, Dv, q, lambda c: run_config(kernel, c, grid, *args, **kwargs))
         cfg = config or self.forward_config(shape, D, Dv, q.dtype, q.device)
-        launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)
+        self.last_tiles = {"forward": launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)}
         return out, lse
 
     def _tuned(self, family: str, kernel_key: str, shape: tuple[int, int, int, int], D: int, Dv: int,
@@ -534,7 +538,8 @@ class Attention:
         if self.autotune:  # the dQ pass first: its runs store delta
             dq_cfg = self._tuned("dq", ks.key, shape, D, Dv, q,
                                  lambda c: run_config(dq_kernel, c, dq_grid, *dq_args, **dq_kw))
-        launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
+        self.last_tiles["dQ"] = launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args,
+                                       **dq_kw)
         if self.autotune:
             scratch = {slot: torch.zeros_like(g) for slot, g in grads.items()}  # tuning runs add into these
             dkdv_cfg = self._tuned("dkdv", ks.key, shape, D, Dv, q, lambda c: run_config(
@@ -543,8 +548,8 @@ class Attention:
             grads = self._deterministic_dkdv(dkdv_kernel, ks.key, dkdv_cfg, dkdv_grid, dkdv_args, dkdv_kw, grads, fixed,
                                              shape, D, Dv, q.dtype, grad_slots)
         else:
-            launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg, dkdv_grid, *dkdv_args(grads),
-                   GRAD_PASS=0, **dkdv_kw)
+            self.last_tiles["dK/dV"] = launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg,
+                                              dkdv_grid, *dkdv_args(grads), GRAD_PASS=0, **dkdv_kw)
         return dq, dk, dv, grads
 
 
@@ -555,7 +560,8 @@ class Attention:
         that no sum can overflow and integer addition makes the order irrelevant. Costs a second
         dK/dV pass; the resolution is m · N / 2^62 per term."""
         B, Hq, Sq, Skv = shape
-        cfg = launch(kernel, (key, "dkdv", cfg, D, Dv, dtype), cfg, grid, *args(grads), GRAD_PASS=1, **kw)
+        cfg = self.last_tiles["dK/dV"] = launch(kernel, (key, "dkdv", cfg, D, Dv, dtype), cfg, grid, *args(grads),
+                                                GRAD_PASS=1, **kw)
         terms = B * Hq * Sq * Skv * max(1, sum(1 for r in float_reads(self.program.logits) if r.arg in grad_slots))
         largest = fixed[0].clamp_min(torch.finfo(torch.float32).tiny)
         exponent = torch.floor(62.0 - torch.log2(largest) - math.log2(terms)).clamp(-120.0, 120.0)

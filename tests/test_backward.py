@@ -329,6 +329,20 @@ def test_explain_names_the_gradients():
     assert fg.compile(mask_mod=fg.mods.causal).explain().endswith("gradients: q, k, v (deterministic)")
 
 
+def test_explain_shows_the_tiles_of_the_last_call():
+    from flashgen.runtime import Config
+
+    attn = fg.compile(mask_mod=fg.mods.sliding_window(8))
+    q, k, v = (rand(1, 2, 40, 16).requires_grad_() for _ in range(3))
+    assert "tiles of the last call" not in attn.explain()
+    attn(q, k, v).sum().backward()
+    line = next(x for x in attn.explain().splitlines() if x.startswith("tiles of the last call"))
+    assert "forward (32, 32, 4, 1), dQ (32, 32, 4, 1), dK/dV (32, 32, 4, 1)" in line  # the interpreter's tiles
+    with torch.no_grad():
+        attn(q, k, v, config=Config(16, 16, 4, 1))
+    assert attn.last_tiles == {"forward": Config(16, 16, 4, 1)}  # a forward alone: its own tiles only
+
+
 def test_row_terms_left_out_of_the_logits_give_the_reference_gradients():
     """The backward subtracts the row terms from the loaded lse instead of computing them per
     entry (ALiBi measured from the tile origin); gradients, learnable slopes' too, match."""
