@@ -6,8 +6,9 @@ B=1, H=1, S=128, D=64, bf16, no grad: causal (closed-form band) and a causal doc
 (block-map runs). Median wall time of ``attn(q, k, v)`` over 2000 calls, without waiting for the
 GPU; then the same for a training step of each (``attn(q, k, v).backward(dout)``, q, k, v
 requiring grad), to compare with the GPU time of a step at the suite's shapes (a step whose host
-time exceeds its GPU time measures the host). ``--profile`` prints the top of a cProfile of the
-document variant's training steps by own time.
+time exceeds its GPU time measures the host); then the same through ``torch.compile(flex_attention)``
+for the peer's figure. ``--profile`` prints the top of a cProfile of the document variant's
+training steps by own time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,30 @@ def median_us(fn, calls: int = 2000) -> float:
     return statistics.median(times) * 1e6
 
 
+def flex_peer(q, k, v, doc, leaves, dout) -> None:
+    """The same calls and steps through ``torch.compile(flex_attention)``, block masks built
+    beforehand (as a model reuses them): the peer's host time per call."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        print("flex       flex_attention is not available")
+        return
+    flex = torch.compile(flex_attention)
+    masks = {"causal": lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+             "document": lambda b, h, q_idx, kv_idx: (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)}
+    S = q.shape[2]
+    for name, mask in masks.items():
+        block_mask = create_block_mask(mask, None, None, S, S, device="cuda")
+        with torch.no_grad():
+            print(f"flex {name:<5} {median_us(lambda bm=block_mask: flex(q, k, v, block_mask=bm)):7.1f} µs per call")
+
+        def step(bm=block_mask):
+            flex(*leaves, block_mask=bm).backward(dout)
+            for t in leaves:
+                t.grad = None
+        print(f"flex {name:<5} {median_us(step, calls=500):7.1f} µs per forward+backward step")
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("host_overhead: no CUDA device")
@@ -56,6 +81,7 @@ def main() -> int:
             for t in leaves:
                 t.grad = None
         print(f"{name:<10} {median_us(step, calls=500):7.1f} µs per forward+backward step (median)")
+    flex_peer(q, k, v, doc, leaves, dout)
     if "--profile" in sys.argv[1:]:
         attn = variants["document"]
 
