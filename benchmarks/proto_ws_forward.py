@@ -102,14 +102,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, c
     return out
 
 
-def reference(q, k, v, causal: bool) -> torch.Tensor:
-    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if causal:
-        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.softmax(s, -1) @ v.double()
-
-
 def check_on_cpu() -> int:
+    import flashgen as fg
     from flashgen import runtime
 
     runtime._patch_interpreter_index()  # NumPy >= 2.4 and Triton 3.6's interpreter: as flashgen's kernels need
@@ -119,7 +113,7 @@ def check_on_cpu() -> int:
         q, k, v = (torch.randn(1, 2, 64, 32) for _ in range(3))
         for cfg in ((32, 16, 4, 2, True), (32, 32, 4, 1, False)):
             out = attention(q, k, v, causal, cfg)
-            ref = reference(q, k, v, causal)
+            ref = fg.attention_reference(q, k, v, mask_mod=fg.mods.causal if causal else None)
             err = ((out.double() - ref).norm() / ref.norm()).item()
             worst = max(worst, err)
             print(f"causal={causal} {cfg}: rel. err. {err:.2e}")
