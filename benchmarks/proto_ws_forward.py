@@ -186,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="the interpreter against float64 (CPU)")
     p.add_argument("--compile-only", action="store_true", help="sm_90 registers and spills, no GPU needed")
+    p.add_argument("--config", type=int, default=None,
+                   help="time only CONFIGS[i] (a hang in one configuration then stops only that run)")
+    p.add_argument("--shape", default="4,16,8192,128", help="B,H,S,D for --config (default 4,16,8192,128)")
     args = p.parse_args(argv)
+    if args.config is not None:
+        CONFIGS[:] = [CONFIGS[args.config]]
     if args.check:
         return check_on_cpu()
     if args.compile_only:
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("proto_ws_forward: no CUDA device (try --check or --compile-only)")
         return 0
+    if args.config is not None:
+        return time_on_gpu([tuple(int(x) for x in args.shape.split(","))])
     return time_on_gpu([(4, 16, 8192, 128), (8, 16, 4096, 64)])
 
 

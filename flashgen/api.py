@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import types
 import warnings
@@ -19,10 +18,11 @@ from .blocks import BlockMask, reads
 from .codegen.render import KernelSource, lowering_notes, render_backward, render_forward
 from .factors import LowRankBias, factor_bias
 from .lowrank import lowering_cost
-from .parallel import compile_concurrently
+from .parallel import capturing, compile_concurrently
 from .runtime import (
     SPARSE_OCCUPANCY,
     Config,
+    Launch,
     binaries_here,
     default_backward_configs,
     default_config,
@@ -68,29 +68,6 @@ def _as_bias_fn(bias) -> Callable | None:
         return bias[index[0], index[1], index[2], index[3]]
 
     return dense_bias
-
-
-def _compiling_into_the_cache(method):
-    """Launch with Triton's cache in flashgen's (``binaries_here``) on a call signature's first
-    use only: later calls find their kernels compiled in memory, and the switch costs ~15 µs.
-    On that first use, the kernels ``Attention._ahead`` names compile side by side first."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args):
-        signature = (method, *((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
-                               for a in args))
-        if signature in self._launched:
-            return method(self, *args)
-        with binaries_here():
-            ahead = self._ahead(method.__name__, args)
-            if ahead is not None:
-                compile_concurrently(ahead)
-            result = method(self, *args)
-        self._launched = self._launched if len(self._launched) < 256 else set()  # (many sequence lengths)
-        self._launched.add(signature)
-        return result
-
-    return wrapper
 
 
 class Attention:
@@ -142,7 +119,7 @@ class Attention:
         self._last_block_map: BlockMask | None = None
         self.last_tiles: dict[str, Config] = {}  # kernel -> the configuration the last call launched
         self._constants: dict[tuple, dict] = {}  # launch constexprs per call layout (_launch_constants)
-        self._launched: set[tuple] = set()  # call signatures launched before (see _compiling_into_the_cache)
+        self._plans: dict[tuple, Launch | tuple[Launch, Launch]] = {}  # a signature's launches (_keep_plan)
 
     # -- introspection -----------------------------------------------------------------------
     def _kernel_source(self) -> KernelSource:
@@ -375,25 +352,21 @@ class Attention:
             return None
         return inner
 
-    def _ahead(self, name: str, args: tuple) -> Callable[[], object] | None:
-        """The launches whose kernels a call signature's first use compiles side by side
-        (``compile_concurrently``): a backward's three; for a forward that autograd saves for a
-        backward (``grad_slots`` given), the forward's and the backward's, ``out`` standing in for
-        the gradient of its shape. None where there is nothing to gain: a lone forward, tuning."""
-        if self.autotune or interpreting():
-            return None
-        if name == "_backward":
-            return lambda: Attention._backward.__wrapped__(self, *args)
-        (q, k, v, scale, _, _), grad_slots = args[:6], (args[6] if len(args) > 6 else None)
-        if grad_slots is None:
-            return None
+    def _first_launch(self, key: tuple, launch_now: Callable[[], object], ahead: Callable[[], object] | None):
+        """A call signature's first launch (``launch_now``), with Triton's cache in flashgen's
+        (``binaries_here``) so that a fresh process finds the binaries; the launches ``ahead``
+        makes (a backward's two kernels; a forward that autograd saves for a backward: its own
+        and the backward's) compile side by side first. The launches are kept for the
+        signature's later calls, which skip all of this (``_keep_plan``)."""
+        if capturing():  # recorded to compile ahead, within a first launch: nothing runs, nothing to keep
+            return launch_now()
+        with binaries_here():
+            if ahead is not None and not (self.autotune or interpreting()):
+                compile_concurrently(ahead)
+            plan = launch_now()
+        self._keep_plan(key, plan)
+        return plan
 
-        def forward_and_backward():
-            out, lse = Attention._forward.__wrapped__(self, *args)
-            Attention._backward.__wrapped__(self, q, k, v, out, lse, out, None, scale, grad_slots)
-        return forward_and_backward
-
-    @_compiling_into_the_cache
     def _forward(self, q, k, v, scale: float, want_lse: bool, config: Config | None,
                  grad_slots: tuple[int, ...] | None = None):
         """``grad_slots``: the captured tensors a backward will pass gradients to, when one will
@@ -409,12 +382,31 @@ class Attention:
             if lse is not None:
                 lse.fill_(float("-inf"))
             return out, lse
-        ks = self._kernel_source()
-        kernel = load_kernel(ks)
         shape = (B, Hq, Sq, Skv)
         capture_args, common = self._launch_constants(q.dtype, D, Dv, shape)
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
+        key = ("fwd", shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, want_lse, config,
+               self._reads_key())
+        plan = self._plans.get(key)
+        if plan is not None:
+            plan(*args)
+        else:
+            def forward_and_backward():  # (``out`` stands in for the gradient of its shape)
+                out, lse = self._forward(q, k, v, scale, True, config)
+                self._backward(q, k, v, out, lse, out, None, scale, grad_slots)
+            plan = self._first_launch(
+                key, lambda: self._forward_launch(shape, D, Dv, q, args, common, want_lse, config),
+                forward_and_backward if grad_slots is not None else None)
+        self.last_tiles = {"forward": plan.config}
+        return out, lse
+
+    def _forward_launch(self, shape, D: int, Dv: int, q, args: tuple, common: dict, want_lse: bool,
+                        config: Config | None) -> Launch:
+        """A forward signature's first launch: tiles tuned, given or chosen by the mask."""
+        B, Hq, Sq, Skv = shape
+        ks = self._kernel_source()
+        kernel = load_kernel(ks)
         kwargs = dict(common, STORE_LSE=want_lse,
                       extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
                       if self.analysis.block_runs else None)
@@ -425,8 +417,19 @@ class Attention:
         if config is None and self.autotune:
             config = self._tuned("fwd", ks.key, shape, D, Dv, q, lambda c: run_config(kernel, c, grid, *args, **kwargs))
         cfg = config or self.forward_config(shape, D, Dv, q.dtype, q.device)
-        self.last_tiles = {"forward": launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)}
-        return out, lse
+        return launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)
+
+    def _reads_key(self) -> tuple:
+        """What a call's plan depends on beyond its shapes: the captured tensors the mask reads
+        (data pointer and version: the block map's runs) and whether tuning is on."""
+        return self.autotune, tuple((t.data_ptr(), t._version) for t in self._mask_reads)
+
+    def _keep_plan(self, key: tuple, plan) -> None:
+        if plan is None or self._retune:  # (deterministic mode; tuning)
+            return
+        if len(self._plans) >= 256:  # (many sequence lengths)
+            self._plans.clear()
+        self._plans[key] = plan
 
     def _tuned(self, family: str, kernel_key: str, shape: tuple[int, int, int, int], D: int, Dv: int,
                q: torch.Tensor, run) -> Config:
@@ -461,6 +464,7 @@ class Attention:
         autotune, self.autotune, self._retune = self.autotune, True, True
         learnable = [t for t in self.captured if t.requires_grad]
         saved = [None if t.grad is None else t.grad.clone() for t in learnable]
+        self._plans.clear()  # the launches kept hold the configurations this replaces
         try:
             if backward:
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -485,7 +489,6 @@ class Attention:
             _sources[key] = ks
         return ks
 
-    @_compiling_into_the_cache
     def _backward(self, q, k, v, out, lse, dout, dlse, scale: float, grad_slots: tuple[int, ...]):
         """Gradients for q, k, v and the captured tensors in ``grad_slots`` (float32 buffers)."""
         B, Hq, Sq, D = q.shape
@@ -495,8 +498,6 @@ class Attention:
         if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grads
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # every element is stored
-        ks = self._backward_source(grad_slots)
-        module = load_module(ks)
         # delta = rowsum(dO * O) - dlse, the softmax's correction term per row: the dQ pass, which
         # runs first, computes it for its rows and stores it for the dK/dV pass
         delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
@@ -504,12 +505,6 @@ class Attention:
         lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
         capture_args, common = self._launch_constants(q.dtype, D, Dv, shape)
-        defaults = default_backward_configs(q.device, D, Dv, q.dtype, self._sparsity(shape, D, Dv, q.dtype, q.device))
-        dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
-                            for family, c in zip(("dkdv", "dq"), defaults))
-        masked = self.analysis.has_mask
-        dkdv_kernel, dq_kernel = _EvenN(module.attn_bwd_dkdv, Skv), _EvenN(module.attn_bwd_dq, Skv)
-
         # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)
         fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if grad_slots else None
 
@@ -521,12 +516,37 @@ class Attention:
                     *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
                     *capture_args, *grad_args, scale, Hq, Hkv, Sq, Skv, Hq // Hkv)
 
-        dkdv_kw = dict(common, extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True))
-                       if masked else None)
         dq_args = (q, k, v, dout, dq, lse, delta, out, dlse if dlse is not None else delta,
                    *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
                    *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        dq_kw = dict(common, HAS_DLSE=dlse is not None,
+        key = ("bwd", shape, q.stride(), k.stride(), v.stride(), dout.stride(), q.dtype, q.device, dlse is not None,
+               grad_slots, self._reads_key())
+        plan = self._plans.get(key)
+        if plan is None:
+            self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, common, dq_args, dkdv_args,
+                                                                  grads, fixed, dlse is not None, grad_slots),
+                               lambda: self._backward(q, k, v, out, lse, dout, dlse, scale, grad_slots))
+        else:  # the dQ pass first: it stores delta
+            plan[0](*dq_args)
+            plan[1](*dkdv_args(grads))
+            self.last_tiles.update({"dQ": plan[0].config, "dK/dV": plan[1].config})
+        return dq, dk, dv, grads
+
+    def _backward_launch(self, shape, Hkv: int, D: int, Dv: int, q, common: dict, dq_args: tuple, dkdv_args,
+                         grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...]) -> tuple | None:
+        """A backward signature's first launches, dQ pass then dK/dV pass: tiles tuned or chosen by
+        the mask. Returns them to keep, or None in deterministic mode (nothing to keep)."""
+        B, Hq, Sq, Skv = shape
+        ks = self._backward_source(grad_slots)
+        module = load_module(ks)
+        defaults = default_backward_configs(q.device, D, Dv, q.dtype, self._sparsity(shape, D, Dv, q.dtype, q.device))
+        dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
+                            for family, c in zip(("dkdv", "dq"), defaults))
+        masked = self.analysis.has_mask
+        dkdv_kernel, dq_kernel = _EvenN(module.attn_bwd_dkdv, Skv), _EvenN(module.attn_bwd_dq, Skv)
+        dkdv_kw = dict(common, extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True))
+                       if masked else None)
+        dq_kw = dict(common, HAS_DLSE=has_dlse,
                      extra=(lambda c: self._runs_args(shape, c, q.device)) if masked else None)
 
         def dkdv_grid(c):
@@ -535,40 +555,40 @@ class Attention:
         def dq_grid(c):
             return (_cdiv(Sq, c.block_m), B * Hq)
 
-        if self.autotune:  # the dQ pass first: its runs store delta
+        if self.autotune:
             dq_cfg = self._tuned("dq", ks.key, shape, D, Dv, q,
                                  lambda c: run_config(dq_kernel, c, dq_grid, *dq_args, **dq_kw))
-        self.last_tiles["dQ"] = launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args,
-                                       **dq_kw)
+        dq_launch = launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
+        self.last_tiles["dQ"] = dq_launch.config
         if self.autotune:
             scratch = {slot: torch.zeros_like(g) for slot, g in grads.items()}  # tuning runs add into these
             dkdv_cfg = self._tuned("dkdv", ks.key, shape, D, Dv, q, lambda c: run_config(
                 dkdv_kernel, c, dkdv_grid, *dkdv_args(scratch), GRAD_PASS=0, **dkdv_kw))
         if self.deterministic and grad_slots:
-            grads = self._deterministic_dkdv(dkdv_kernel, ks.key, dkdv_cfg, dkdv_grid, dkdv_args, dkdv_kw, grads, fixed,
-                                             shape, D, Dv, q.dtype, grad_slots)
-        else:
-            self.last_tiles["dK/dV"] = launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg,
-                                              dkdv_grid, *dkdv_args(grads), GRAD_PASS=0, **dkdv_kw)
-        return dq, dk, dv, grads
-
+            self._deterministic_dkdv(dkdv_kernel, ks.key, dkdv_cfg, dkdv_grid, dkdv_args, dkdv_kw, grads, fixed,
+                                     shape, D, Dv, q.dtype, grad_slots)
+            return None  # (two dK/dV passes and a scale between them, every call)
+        dkdv_launch = launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg,
+                             dkdv_grid, *dkdv_args(grads), GRAD_PASS=0, **dkdv_kw)
+        self.last_tiles["dK/dV"] = dkdv_launch.config
+        return dq_launch, dkdv_launch
 
     def _deterministic_dkdv(self, kernel, key, cfg, grid, args, kw, grads, fixed, shape, D, Dv, dtype, grad_slots):
         """Captured-tensor gradients that are bitwise reproducible: a first dK/dV pass finds the
         largest contribution m (atomic max: order-free), then the second adds every contribution
         as an int64 fixed-point number at scale 2^F, F = floor(62 - log2(m · N)) for N terms, so
         that no sum can overflow and integer addition makes the order irrelevant. Costs a second
-        dK/dV pass; the resolution is m · N / 2^62 per term."""
+        dK/dV pass; the resolution is m · N / 2^62 per term. The gradients replace ``grads``' entries."""
         B, Hq, Sq, Skv = shape
         cfg = self.last_tiles["dK/dV"] = launch(kernel, (key, "dkdv", cfg, D, Dv, dtype), cfg, grid, *args(grads),
-                                                GRAD_PASS=1, **kw)
+                                                GRAD_PASS=1, **kw).config
         terms = B * Hq * Sq * Skv * max(1, sum(1 for r in float_reads(self.program.logits) if r.arg in grad_slots))
         largest = fixed[0].clamp_min(torch.finfo(torch.float32).tiny)
         exponent = torch.floor(62.0 - torch.log2(largest) - math.log2(terms)).clamp(-120.0, 120.0)
         fixed[1] = torch.exp2(exponent)  # on the device: no synchronisation
         integers = {slot: torch.zeros(g.shape, dtype=torch.int64, device=g.device) for slot, g in grads.items()}
         run_config(kernel, cfg, grid, *args(integers), GRAD_PASS=2, **kw)
-        return {slot: (i.double() / fixed[1].double()).float() for slot, i in integers.items()}
+        grads.update({slot: (i.double() / fixed[1].double()).float() for slot, i in integers.items()})
 
 
 class _AttentionFunction(torch.autograd.Function):

@@ -29,6 +29,14 @@ from .settings import settings
 CHILD_TIMEOUT_S = 300.0  # a child still compiling after this is killed (its kernel compiles serially)
 
 
+_capturing = threading.local()
+
+
+def capturing() -> bool:
+    """Whether this thread's launches are being recorded (:func:`captured`), not run."""
+    return getattr(_capturing, "on", False)
+
+
 @contextmanager
 def captured(into: list) -> Iterator[None]:
     """Within this context, Triton kernel launches made by this thread are recorded as
@@ -43,11 +51,11 @@ def captured(into: list) -> Iterator[None]:
         into.append((kernel, args, kwargs))
         return None
 
-    JITFunction.run = run
+    JITFunction.run, _capturing.on = run, True
     try:
         yield
     finally:
-        JITFunction.run = real
+        JITFunction.run, _capturing.on = real, False
 
 
 def launch_source(kernel, args: tuple, kwargs: dict, target) -> tuple:

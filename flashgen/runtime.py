@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,37 +315,52 @@ def smaller_configs(cfg: Config) -> list[Config]:
 _working_configs: dict[tuple, Config] = {}
 
 
-def launch(kernel, key: tuple, cfg: Config, grid, *args, extra=None, **kwargs) -> Config:
+def launch(kernel, key: tuple, cfg: Config, grid, *args, extra=None, **kwargs) -> Launch:
     """Launch ``kernel`` with ``cfg`` (``grid(cfg)`` gives the grid; ``extra(cfg)``, if given, more
     positional arguments that depend on the tile sizes); if it does not fit the GPU's shared
-    memory, retry with :func:`smaller_configs` and remember what worked for ``key``."""
+    memory, retry with :func:`smaller_configs` and remember what worked for ``key``. Returns the
+    :class:`Launch` that ran, to repeat for later calls of the same signature."""
     from triton.runtime.errors import OutOfResources
 
     cfg = _working_configs.get(key, cfg)
-    try:
-        run_config(kernel, cfg, grid, *args, extra=extra, **kwargs)  # the common case: it fits
-    except OutOfResources:
-        fallbacks = smaller_configs(cfg)
-        for i, candidate in enumerate(fallbacks):
-            try:
-                run_config(kernel, candidate, grid, *args, extra=extra, **kwargs)
-            except OutOfResources:
-                if i == len(fallbacks) - 1:
-                    raise
-                continue
-            cfg = candidate
-            break
-        else:
-            raise
-    _working_configs[key] = cfg
-    return cfg
+    tries = (cfg, *smaller_configs(cfg))
+    for i, candidate in enumerate(tries):
+        done = Launch.of(kernel, candidate, grid, extra, kwargs)
+        try:
+            done(*args)
+        except OutOfResources:
+            if i == len(tries) - 1:
+                raise
+            continue
+        _working_configs[key] = candidate
+        return done
 
 
 def run_config(kernel, cfg: Config, grid, *args, extra=None, **kwargs) -> None:
     """Launch ``kernel`` with exactly ``cfg`` (see :func:`launch` for ``grid`` and ``extra``)."""
-    more = extra(cfg) if extra is not None else ()
-    kernel[grid(cfg)](*args, *more, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages, **kwargs)
+    Launch.of(kernel, cfg, grid, extra, kwargs)(*args)
+
+
+@dataclass(frozen=True, eq=False)
+class Launch:
+    """One kernel launch with everything decided but the call's own arguments: the kernel bound
+    to its grid, the arguments that follow the call's (``extra``: the block map's runs) and the
+    keywords (constexprs, tiles, warps, stages). A call signature's plan keeps these, so that
+    later calls of that signature only build their argument tuple and launch."""
+
+    config: Config
+    run: Callable
+    extra: tuple
+    kwargs: dict
+
+    @classmethod
+    def of(cls, kernel, cfg: Config, grid, extra, kwargs: dict) -> Launch:
+        return cls(cfg, kernel[grid(cfg)], extra(cfg) if extra is not None else (),
+                   dict(kwargs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages))
+
+    def __call__(self, *args) -> None:
+        self.run(*args, *self.extra, **self.kwargs)
 
 
 def padded(d: int) -> int:

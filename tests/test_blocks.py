@@ -628,6 +628,37 @@ def test_kernels_follow_in_place_changes_of_the_doc_ids():
     assert rel_err(out, fg.attention_reference(q, k, v, mask_mod=mask)) < 1e-4
 
 
+@requires_interpreter
+def test_repeated_signatures_reuse_their_launches_until_the_ids_change(monkeypatch):
+    """A call signature's launches are kept (``Attention._plans``): a repeated training step does
+    not choose tiles or look up block maps again, but an in-place change of the ids it reads
+    must still reach the kernels, forward and backward."""
+    from flashgen import api
+
+    S = 64
+    doc = torch.zeros(S, dtype=torch.long)
+    mask = fg.mods.causal & fg.mods.document(doc)
+    attn = fg.compile(mask_mod=mask)
+    q, k, v = qkv(1, 2, 2, S, S, seed=3)
+    dout = torch.randn(1, 2, S, 16, generator=torch.Generator().manual_seed(4))
+    launches = []
+    original = api.launch
+    monkeypatch.setattr(api, "launch", lambda *a, **kw: launches.append(a[2]) or original(*a, **kw))
+
+    def step_errors() -> list[float]:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        attn(*leaves).backward(dout)
+        exact = [t.double().requires_grad_() for t in (q, k, v)]
+        fg.attention_reference(*exact, mask_mod=mask).backward(dout.double())
+        return [rel_err(got.grad, want.grad) for got, want in zip(leaves, exact)]
+
+    assert max(step_errors()) < 1e-4 and len(launches) == 3  # forward, dQ, dK/dV
+    assert max(step_errors()) < 1e-4 and len(launches) == 3  # the kept launches: nothing chosen again
+    doc[20:] = 1  # a stale plan would run the old runs: tiles across the boundary without mask code
+    assert max(step_errors()) < 1e-4 and len(launches) == 6
+    assert attn.last_tiles.keys() == {"forward", "dQ", "dK/dV"}
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. kernels through the block runs, forward and backward
 

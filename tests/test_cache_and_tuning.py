@@ -157,7 +157,8 @@ def test_source_file_named_and_rebuilt_when_corrupted(cache):
     assert path.name == f"sliding_window_9-{ks.key[:12]}.py" and path.read_text() == attn.source("fwd")
 
     path.write_text(path.read_text()[:200])  # truncated, as by a crash of an older writer or a full disk
-    del runtime._modules[ks.key]  # load_module memoizes per key and process
+    del runtime._modules[ks.key]  # load_module memoizes per key and process,
+    attn._plans.clear()  # and the Attention its launches per call signature
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad():
@@ -168,6 +169,7 @@ def test_source_file_named_and_rebuilt_when_corrupted(cache):
 
     path.write_text("edited")  # a second corruption in this process is rebuilt as well (reported once)
     del runtime._modules[ks.key]
+    attn._plans.clear()
     runtime.load_module(ks)
     assert path.read_text() == attn.source("fwd")
     assert sorted(p.name for p in files(cache)) == [path.name, path.name + ".lock"]  # no temp files left
@@ -541,8 +543,11 @@ def test_the_cache_switch_happens_once_per_call_signature(cache, monkeypatch):
     attn(q, k, v, return_lse=True)
     assert len(entered) == 3
     q.requires_grad_()
-    attn(q, k, v).sum().backward()  # the forward for autograd (whose first use also compiles the backward's kernels)
-    assert len(entered) == 5        # and the backward are two more signatures
+    attn(q, k, v).sum().backward()  # the forward for autograd is the return_lse=True signature, kept;
+    assert len(entered) == 4        # the backward is one more
+    q2 = q.detach()[:, :, :12].requires_grad_()
+    attn(q2, k, v).sum().backward()  # a new shape: its forward for autograd, which also compiles the
+    assert len(entered) == 6         # backward's kernels, then its backward
 
 
 def test_cache_entries_and_clear(cache):

@@ -31,10 +31,10 @@ class FakeKernel:
 
 def test_launch_falls_back_and_remembers():
     kernel = FakeKernel(limit=64 * 128 * 2)
-    used = launch(kernel, ("k", 1), Config(64, 128, 8, 3), lambda c: (c.block_m,), 1, 2)
+    used = launch(kernel, ("k", 1), Config(64, 128, 8, 3), lambda c: (c.block_m,), 1, 2).config
     assert used == Config(64, 128, 8, 2) and kernel.launched == [((64,), 64, 128, 2)]
     # the next launch with the same key starts from the configuration that worked
-    assert launch(kernel, ("k", 1), Config(64, 128, 8, 3), lambda c: (c.block_m,)) == used
+    assert launch(kernel, ("k", 1), Config(64, 128, 8, 3), lambda c: (c.block_m,)).config == used
     assert len(kernel.launched) == 2
 
 
