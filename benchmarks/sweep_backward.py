@@ -32,6 +32,7 @@ DQ = [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 8, 3), Config
 
 def time_pair(attn, q, k, v, dout, dkdv: Config, dq: Config) -> float:
     api.default_backward_configs = lambda *a, **kw: (dkdv, dq)
+    attn._plans.clear()  # a call signature keeps the tiles of its first launch: choose them again
 
     def step():
         out = attn(q, k, v)

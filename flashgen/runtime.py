@@ -79,8 +79,51 @@ prewarm_wait_s = 0.0  # how long first launches waited for the prewarm thread (b
 _FIRST_CALL_IMPORTS = ("jinja2", "triton.experimental.gluon")
 
 
+def _triton_stamp() -> str:
+    """A fingerprint of the files ``triton_key`` hashes (Triton's compiler, backends and language
+    sources, its cache module and its library): their names, sizes and modification times.
+    Reinstalling or editing Triton changes it; stat-ing them takes milliseconds, not the
+    half-second that hashing the ~0.5 GB library does."""
+    root = Path(triton.__file__).parent
+    files = [root / "runtime" / "cache.py", *sorted((root / "_C").glob("libtriton*"))]
+    for sub in ("compiler", "backends", "language"):
+        files += sorted(p for p in (root / sub).rglob("*.py"))
+    digest = hashlib.sha256(triton.__version__.encode())
+    for path in files:
+        st = path.stat()
+        digest.update(f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _remember_triton_key(key) -> None:
+    """Triton's key of itself (``key``: ``triton.runtime.cache.triton_key``), which every compiled
+    binary's cache key includes. A fresh process computes it on its first launch by hashing
+    Triton's files. flashgen keeps it under ``<cache>/triton-key/<stamp>.txt``, named by
+    :func:`_triton_stamp`: a process whose Triton files are unchanged reads it and installs it as
+    ``triton_key``, so its first launch hashes nothing. Without a disk cache, or where anything
+    differs from what this expects, Triton's own function is left to do the work."""
+    import triton.runtime.cache as triton_cache
+
+    if settings().disable_cache:
+        key()
+        return
+    try:
+        path = cache_dir() / "triton-key" / f"{_triton_stamp()}.txt"
+        value = _read(path)
+        if value is None or not value.startswith(triton.__version__):
+            value = key()
+            if isinstance(value, str):
+                write_atomic(path, value)
+            return
+    except OSError:
+        key()
+        return
+    if triton_cache.triton_key is key:
+        triton_cache.triton_key = functools.cache(lambda: value)
+
+
 def _prewarm_work(key) -> None:
-    key()
+    _remember_triton_key(key)
     for name in _FIRST_CALL_IMPORTS:
         try:
             importlib.import_module(name)
@@ -92,7 +135,8 @@ def prewarm_compiler() -> None:
     """Start hashing Triton itself in a background thread (``flashgen/__init__`` calls this on a
     machine with a GPU). Triton keys every compiled binary, cached or not, by a sha256 of its
     own sources and its ~0.5 GB library, computed on a process's first launch: ~0.5 s that the
-    first call of a fresh process would otherwise wait for. The thread also imports what a first
+    first call of a fresh process would otherwise wait for (read from flashgen's cache instead
+    when Triton's files are unchanged: :func:`_remember_triton_key`). The thread also imports what a first
     call would (``_FIRST_CALL_IMPORTS``: 0.3 s on the H200 host, whose packages have no bytecode
     caches). It overlaps all this with what a program does before that call (CUDA's start-up,
     building the model); the first launch joins it (:func:`binaries_here`) instead of doing the

@@ -459,7 +459,7 @@ def test_compiled_binaries_go_to_the_cache(cache, monkeypatch):
     assert runtime.clear_cache() == 1 and not binary.exists()
 
 
-def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(monkeypatch):
+def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(cache, monkeypatch):
     import threading
 
     assert runtime.interpreting() and runtime._prewarm is None  # no thread under the interpreter
@@ -485,6 +485,30 @@ def test_triton_hashes_itself_in_the_background_and_the_first_launch_waits(monke
     with runtime.binaries_here():
         assert done == [1]  # the launch waited for the hash instead of computing it again
     assert "json.tool" in sys.modules  # and for the first call's imports (a missing one is skipped)
+
+
+def test_triton_key_is_remembered_while_tritons_files_are_unchanged(cache, monkeypatch):
+    import triton.runtime.cache as triton_cache
+
+    calls = []
+
+    def key():  # stands in for triton_key(): a hash of Triton's files, prefixed by its version
+        calls.append(1)
+        return f"{triton.__version__}-{'ab' * 32}"
+
+    monkeypatch.setattr(triton_cache, "triton_key", key)
+    runtime._remember_triton_key(key)  # a first process: hashes, and keeps the result
+    assert calls == [1] and triton_cache.triton_key is key
+    [path] = (cache / "triton-key").glob("*.txt")
+    assert path.read_text() == key()
+    runtime._remember_triton_key(key)  # a later process: reads it, and Triton's first launch hashes nothing
+    assert calls == [1, 1] and triton_cache.triton_key is not key and triton_cache.triton_key() == key()
+    monkeypatch.setattr(triton_cache, "triton_key", key)
+    path.write_text("2.0.0-from-an-older-triton")  # a file that does not belong to this Triton is not used
+    runtime._remember_triton_key(key)
+    assert len(calls) == 4 and triton_cache.triton_key is key and path.read_text() == key()
+    monkeypatch.setattr(triton, "__version__", triton.__version__ + "+edited")  # another Triton: another stamp
+    assert runtime._triton_stamp() != path.stem
 
 
 def test_the_wait_for_the_prewarm_thread_is_counted(monkeypatch):
