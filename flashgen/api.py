@@ -246,14 +246,17 @@ class Attention:
     def _sparsity(self, shape: tuple[int, int, int, int], D: int, Dv: int, dtype: torch.dtype, device) -> str:
         """How the default tiles see the mask (``runtime.default_config``): "window" for a band
         bounded on both sides with nothing else; "sparse" for a block map, at the dense forward
-        tiles, with fewer than ``SPARSE_OCCUPANCY`` of its tiles non-empty; else "dense"."""
+        tiles, with fewer than ``SPARSE_OCCUPANCY`` of its tiles non-empty, or with more partial
+        tiles than full ones (a dilated window: the mask is evaluated nearly everywhere); else
+        "dense"."""
         a, device = self.analysis, torch.device(device)
         if a.has_mask and not a.block_runs and a.band.lo is not None and a.band.hi is not None:
             return "window"
         if a.block_runs:
             cfg = first_fitting("fwd", default_config(device, D, Dv, dtype), device, D, Dv, dtype)
             counts = self.block_mask(*shape, (cfg.block_m, cfg.block_n), device).counts()
-            if counts["partial"] + counts["full"] < SPARSE_OCCUPANCY * sum(counts.values()):
+            if (counts["partial"] + counts["full"] < SPARSE_OCCUPANCY * sum(counts.values())
+                    or counts["partial"] > counts["full"]):
                 return "sparse"
         return "dense"
 

@@ -299,7 +299,8 @@ def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
                    sparsity: str = "dense") -> Config:
     """A good forward configuration without tuning (measured on an H200; see benchmarks/PERFLOG.md).
     ``sparsity``: "window" for a diagonal band bounded on both sides (a sliding window), "sparse"
-    for a block map with fewer than ``SPARSE_OCCUPANCY`` of its tiles non-empty, else "dense"."""
+    for a block map with fewer than ``SPARSE_OCCUPANCY`` of its tiles non-empty or with more
+    partial tiles than full ones (``Attention._sparsity``), else "dense"."""
     if device.type != "cuda":
         return Config(32, 32, 4, 1)  # the interpreter: big enough to keep the program count small
     width = max(head_dim, head_dim_v)
@@ -309,6 +310,8 @@ def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
     # edges or at documents' boundaries. Sliding window 1024: 0.666 ms against 0.770 for the dense
     # default at 4x16x8192x128, 0.372 against 0.517 at 8x16x4096x64 (windows 256 and 4096 alike);
     # causal document mask of 16 documents: 0.276 against 0.374 ms, and 0.129 against 0.206.
+    # Dilated window 2048, stride 2 (every tile in its band partial): 1.454 against 1.662 ms, and
+    # 0.890 against 1.122 (H200, 2026-11-29, benchmarks/ab_tiles.py).
     if sparsity == "window" and width <= 128:
         return Config(64, 64, 4, 3)
     if sparsity == "sparse" and width <= 128:
@@ -335,7 +338,8 @@ def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: in
         return Config(64, 64, 4, 3), Config(64, 64, 4, 3)
     if sparsity == "sparse":
         # H200 sweep 2026-11-29 (bf16, B=4, H=16, S=8192, D=128, causal document mask of 16 documents,
-        # 4% of the tiles): 2.288 ms fwd+bwd against 2.580 ms for the dense pair below
+        # 4% of the tiles): 2.288 ms fwd+bwd against 2.580 ms for the dense pair below. Dilated window
+        # 2048, stride 2, 8x16x4096x64: (64, 64, 4, 3) + (64, 32, 4, 4) 3.581 ms against 4.023
         return Config(32, 64, 4, 3), Config(64, 32, 4, 4)
     # H200 sweep 2026-11-28 (bf16, B=4, H=16, S=8192, D=128, fwd+bwd): full 398 TF/s, causal 337,
     # against 210 / 196 for (32, 128, 4, 3) + (128, 32, 4, 3); see benchmarks/PERFLOG.md

@@ -109,6 +109,12 @@ def test_windows_and_sparse_maps_take_short_query_blocks():
     doc = torch.arange(512) // 64
     assert fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal)._sparsity(small, 16, 16, bf16, "cpu") == "sparse"
     assert fg.compile(mask_mod=fg.mods.causal)._sparsity(small, 16, 16, bf16, "cpu") == "dense"
-    # a window with more to it than the band (here a document mask) is a block map, not a window
+    # a window with more to it than the band (here a document mask) is a block map, not a window;
+    # with more partial tiles than full ones (34 and 26 of 256 here) it takes the sparse tiles
     windowed_docs = fg.compile(mask_mod=fg.mods.sliding_window(100) & fg.mods.document(torch.arange(512) // 256))
-    assert windowed_docs._sparsity(small, 16, 16, bf16, "cpu") == "dense"
+    assert windowed_docs._sparsity(small, 16, 16, bf16, "cpu") == "sparse"
+    # as does a dilated window, every tile of whose band is partial (70 partial, 0 full)
+    dilated = fg.compile(mask_mod=lambda b, h, q_idx, kv_idx: ((kv_idx - q_idx) % 2 == 0) & (kv_idx <= q_idx)
+                         & (q_idx - kv_idx < 128))
+    assert dilated._sparsity(small, 16, 16, bf16, "cpu") == "sparse"
+    assert fg.compile(mask_mod=fg.mods.prefix_lm(64))._sparsity(small, 16, 16, bf16, "cpu") == "dense"  # 14 and 123
