@@ -389,8 +389,7 @@ class Attention:
         capture_args, common = self._launch_constants(q.dtype, D, Dv, shape)
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        key = ("fwd", shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, want_lse, config,
-               self._reads_key())
+        key = ("fwd", q.dtype, q.device, want_lse, config, self._layout_key(capture_args, q, k, v))
         plan = self._plans.get(key)
         if plan is not None:
             plan(*args)
@@ -422,10 +421,13 @@ class Attention:
         cfg = config or self.forward_config(shape, D, Dv, q.dtype, q.device)
         return launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)
 
-    def _reads_key(self) -> tuple:
-        """What a call's plan depends on beyond its shapes: the captured tensors the mask reads
-        (data pointer and version: the block map's runs) and whether tuning is on."""
-        return self.autotune, tuple((t.data_ptr(), t._version) for t in self._mask_reads)
+    def _layout_key(self, capture_args: list, *tensors: torch.Tensor) -> tuple:
+        """What a call's kept launches depend on besides its flags: the shapes and strides of its
+        tensors and of the captured ones (the kernels' integer arguments and constexprs), the
+        captured tensors the mask reads (data pointer and version: the block map's runs), and
+        whether tuning is on."""
+        return (*((t.shape, t.stride()) for t in tensors), tuple(a for a in capture_args if type(a) is int),
+                self.autotune, tuple((t.data_ptr(), t._version) for t in self._mask_reads))
 
     def _keep_plan(self, key: tuple, plan) -> None:
         if plan is None or self._retune:  # (deterministic mode; tuning)
@@ -522,8 +524,8 @@ class Attention:
         dq_args = (q, k, v, dout, dq, lse, delta, out, dlse if dlse is not None else delta,
                    *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
                    *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        key = ("bwd", shape, q.stride(), k.stride(), v.stride(), dout.stride(), q.dtype, q.device, dlse is not None,
-               grad_slots, self._reads_key())
+        key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots,
+               self._layout_key(capture_args, q, k, v, out, dout))
         plan = self._plans.get(key)
         if plan is None:
             self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, common, dq_args, dkdv_args,

@@ -361,3 +361,21 @@ def test_row_terms_left_out_of_the_logits_give_the_reference_gradients():
     ((ref * dout.double()).sum() + (ref_lse * dlse.double()).sum()).backward()
     for name, g, w in zip("q k v slopes".split(), got, [qd.grad, kd.grad, vd.grad, slopes.grad]):
         assert rel_err(g, w) < 1e-4, (name, rel_err(g, w))
+
+
+def test_kept_launches_follow_head_dims_that_strides_do_not_show():
+    """A call signature's kept launches (``Attention._plans``) must not be found again for a call
+    whose strides match but whose head dims differ: heads sliced from a wider tensor."""
+    torch.manual_seed(5)
+    attn = fg.compile(mask_mod=fg.mods.causal)
+    wide = [torch.randn(1, 2, 40, 32, dtype=torch.float64).float() for _ in range(3)]
+    for d in (32, 16, 32, 24):  # the sliced heads have the strides of the wide ones
+        q, k, v = (t[..., :d].detach().requires_grad_() for t in wide)
+        dout = torch.randn(1, 2, 40, d, dtype=torch.float64)
+        got = grads_of(lambda a, b, c: attn(a, b, c, return_lse=True), q, k, v, (), dout)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        want = grads_of(lambda a, b, c: fg.attention_reference(a, b, c, mask_mod=fg.mods.causal, return_lse=True),
+                        qd, kd, vd, (), dout)
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert rel_err(g, w) < 1e-4, f"D={d} {name}: relative error {rel_err(g, w):.2e}"
+    assert len(attn._plans) == 6  # three layouts, forward and backward each
