@@ -548,10 +548,14 @@ class Attention:
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
                             for family, c in zip(("dkdv", "dq"), defaults))
         masked = self.analysis.has_mask
-        dkdv_kernel, dq_kernel = _EvenN(module.attn_bwd_dkdv, Skv), _EvenN(module.attn_bwd_dq, Skv)
-        dkdv_kw = dict(common, extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True))
-                       if masked else None)
-        dq_kw = dict(common, HAS_DLSE=has_dlse,
+        dkdv_kernel, dq_kernel = module.attn_bwd_dkdv, module.attn_bwd_dq
+
+        def even_n(c):  # Skv is a multiple of BLOCK_N (of the tiles launched: a fallback's, maybe)
+            return {"EVEN_N": Skv % c.block_n == 0}
+
+        dkdv_kw = dict(common, constexprs=even_n,
+                       extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True)) if masked else None)
+        dq_kw = dict(common, HAS_DLSE=has_dlse, constexprs=even_n,
                      extra=(lambda c: self._runs_args(shape, c, q.device)) if masked else None)
 
         def dkdv_grid(c):
@@ -655,19 +659,6 @@ def _with_factors(lr: LowRankBias, q, k, v, scale: float):
     q2 = torch.cat([q * scale, fq.to(q.dtype).expand(B, Hq, Sq, r)], dim=-1)
     k2 = torch.cat([k, fk.to(k.dtype).expand(B, Hkv, Skv, r)], dim=-1)
     return q2, k2, v
-
-
-class _EvenN:
-    """A backward kernel whose EVEN_N constexpr (Skv is a multiple of BLOCK_N) follows the BLOCK_N
-    actually launched, which may be a fallback's."""
-
-    def __init__(self, kernel, skv: int):
-        self.kernel, self.skv = kernel, skv
-
-    def __getitem__(self, grid):
-        def run(*args, BLOCK_N, **kwargs):
-            return self.kernel[grid](*args, BLOCK_N=BLOCK_N, EVEN_N=self.skv % BLOCK_N == 0, **kwargs)
-        return run
 
 
 def _cdiv(a: int, b: int) -> int:

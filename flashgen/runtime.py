@@ -363,17 +363,18 @@ def smaller_configs(cfg: Config) -> list[Config]:
 _working_configs: dict[tuple, Config] = {}
 
 
-def launch(kernel, key: tuple, cfg: Config, grid, *args, extra=None, **kwargs) -> Launch:
+def launch(kernel, key: tuple, cfg: Config, grid, *args, extra=None, constexprs=None, **kwargs) -> Launch:
     """Launch ``kernel`` with ``cfg`` (``grid(cfg)`` gives the grid; ``extra(cfg)``, if given, more
-    positional arguments that depend on the tile sizes); if it does not fit the GPU's shared
-    memory, retry with :func:`smaller_configs` and remember what worked for ``key``. Returns the
-    :class:`Launch` that ran, to repeat for later calls of the same signature."""
+    positional arguments that depend on the tile sizes, and ``constexprs(cfg)`` more keywords);
+    if it does not fit the GPU's shared memory, retry with :func:`smaller_configs` and remember
+    what worked for ``key``. Returns the :class:`Launch` that ran, to repeat for later calls of
+    the same signature."""
     from triton.runtime.errors import OutOfResources
 
     cfg = _working_configs.get(key, cfg)
     tries = (cfg, *smaller_configs(cfg))
     for i, candidate in enumerate(tries):
-        done = Launch.of(kernel, candidate, grid, extra, kwargs)
+        done = Launch.of(kernel, candidate, grid, extra, constexprs, kwargs)
         try:
             done(*args)
         except OutOfResources:
@@ -384,31 +385,79 @@ def launch(kernel, key: tuple, cfg: Config, grid, *args, extra=None, **kwargs) -
         return done
 
 
-def run_config(kernel, cfg: Config, grid, *args, extra=None, **kwargs) -> None:
-    """Launch ``kernel`` with exactly ``cfg`` (see :func:`launch` for ``grid`` and ``extra``)."""
-    Launch.of(kernel, cfg, grid, extra, kwargs)(*args)
+def run_config(kernel, cfg: Config, grid, *args, extra=None, constexprs=None, **kwargs) -> None:
+    """Launch ``kernel`` with exactly ``cfg`` (see :func:`launch` for ``grid``, ``extra`` and
+    ``constexprs``)."""
+    Launch.of(kernel, cfg, grid, extra, constexprs, kwargs)(*args)
 
 
-@dataclass(frozen=True, eq=False)
+# Triton releases whose compiled kernels flashgen launches directly (``Launch``): checked on the
+# GPU with those releases (tests/test_gpu.py); others go through Triton's launcher every time
+DIRECT_LAUNCH_TRITON = ("3.6",)
+
+
 class Launch:
-    """One kernel launch with everything decided but the call's own arguments: the kernel bound
-    to its grid, the arguments that follow the call's (``extra``: the block map's runs) and the
-    keywords (constexprs, tiles, warps, stages). A call signature's plan keeps these, so that
-    later calls of that signature only build their argument tuple and launch."""
+    """One kernel launch with everything decided but the call's own arguments: the kernel, its
+    grid, the arguments that follow the call's (``extra``: the block map's runs) and the keywords
+    (constexprs, tiles, warps, stages). A call signature's plan keeps these, so that later calls
+    of that signature only build their argument tuple and launch.
 
-    config: Config
-    run: Callable
-    extra: tuple
-    kwargs: dict
+    After its first launch, a Launch calls the compiled kernel directly (``CompiledKernel[grid]``)
+    where Triton allows (``DIRECT_LAUNCH_TRITON``), skipping Triton's per-launch argument binding
+    and specialisation (~40 µs of host time per launch on the H200 host). That is exact only for
+    arguments that Triton would specialise the same way: the plan's key fixes every integer
+    argument and dtype, and each call's tensors must keep the first call's 16-byte alignment;
+    a call that differs goes through Triton's launcher."""
+
+    __slots__ = ("config", "kernel", "grid", "extra", "kwargs", "_direct")
+
+    def __init__(self, config: Config, kernel, grid: tuple, extra: tuple, kwargs: dict):
+        self.config, self.kernel, self.grid, self.extra, self.kwargs = config, kernel, grid, extra, kwargs
+        self._direct: Callable | None | bool = None  # None: not tried yet; False: not possible
 
     @classmethod
-    def of(cls, kernel, cfg: Config, grid, extra, kwargs: dict) -> Launch:
-        return cls(cfg, kernel[grid(cfg)], extra(cfg) if extra is not None else (),
-                   dict(kwargs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages))
+    def of(cls, kernel, cfg: Config, grid, extra, constexprs, kwargs: dict) -> Launch:
+        return cls(cfg, kernel, grid(cfg), extra(cfg) if extra is not None else (),
+                   dict(kwargs, **(constexprs(cfg) if constexprs is not None else {}), BLOCK_M=cfg.block_m,
+                        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
     def __call__(self, *args) -> None:
-        self.run(*args, *self.extra, **self.kwargs)
+        direct = self._direct
+        if direct and direct(args):
+            return
+        compiled = self.kernel[self.grid](*args, *self.extra, **self.kwargs)
+        if direct is None:
+            self._direct = self._direct_launch(compiled, args) or False
+
+    def _direct_launch(self, compiled, args: tuple) -> Callable | None:
+        """``go(args) -> bool``: launch ``compiled`` with the arguments Triton's launcher would bind
+        (the call's, ``extra``, then the constexprs in the kernel's order), or return False for a
+        call whose tensors are aligned differently, on another device, or recorded (``captured``)."""
+        from .parallel import capturing
+
+        if (compiled is None or capturing() or interpreting()
+                or ".".join(triton.__version__.split(".")[:2]) not in DIRECT_LAUNCH_TRITON):
+            return None
+        try:
+            params = self.kernel.params[len(args) + len(self.extra):]
+            tail = tuple(self.kwargs[p.name] if p.name in self.kwargs else p.default for p in params)
+            if any(p.name not in self.kwargs and not p.has_default for p in params):
+                return None
+            run = compiled[(*self.grid, 1, 1)[:3]]  # (the compiled kernel's launcher reads three grid dims)
+        except (AttributeError, TypeError):  # a Triton whose internals differ: its launcher, every time
+            return None
+        tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        aligned = tuple(args[i].data_ptr() % 16 == 0 for i in tensors)
+        device, extra = torch.cuda.current_device(), self.extra
+
+        def go(call: tuple) -> bool:
+            if (tuple(call[i].data_ptr() % 16 == 0 for i in tensors) != aligned
+                    or torch.cuda.current_device() != device or capturing()):
+                return False
+            run(*call, *extra, *tail)
+            return True
+
+        return go
 
 
 def padded(d: int) -> int:

@@ -478,3 +478,35 @@ def test_first_call_compiles_its_kernels_side_by_side(cache, monkeypatch):
     assert rel_err(out, ref) < TOL[torch.bfloat16]
     for got, want in zip((q.grad, k.grad, v.grad), (qd.grad, kd.grad, vd.grad)):
         assert rel_err(got, want) < 3e-2
+
+
+def test_kept_launches_go_direct_and_follow_alignment_and_streams():
+    """After a call signature's first call, its kept launches call the compiled kernels directly
+    (``runtime.Launch``, on the Triton releases of ``DIRECT_LAUNCH_TRITON``), skipping Triton's
+    argument binding. Triton specialises pointers on 16-byte alignment: calls whose tensors are
+    aligned differently (same shapes and strides, hence the same plan) must go through Triton's
+    launcher, and results must stay the reference's, forward and backward, on any stream."""
+    import triton
+
+    doc = torch.repeat_interleave(torch.arange(2, device=DEV), torch.tensor([100, 156], device=DEV))
+    mask = fg.mods.document(doc) & fg.mods.causal
+    attn = fg.compile(mask_mod=mask)
+    n = 2 * 4 * 256 * 64
+    flat = [randn(n + 8, seed=40 + i) for i in range(3)]
+    dout = randn(2, 4, 256, 64, seed=50)
+    side = torch.cuda.Stream()
+    for offset, stream in ((0, None), (0, None), (1, None), (1, None), (0, side), (3, side), (0, None)):
+        q, k, v = (t[offset:offset + n].view(2, 4, 256, 64).detach().requires_grad_() for t in flat)
+        with torch.cuda.stream(stream or torch.cuda.current_stream()):
+            out = attn(q, k, v)
+            out.backward(dout)
+        torch.cuda.synchronize()
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = fg.attention_reference(qd, kd, vd, mask_mod=mask)
+        ref.backward(dout.double())
+        assert rel_err(out, ref) < TOL[torch.bfloat16], f"offset {offset}, stream {stream}"
+        for name, got, want in (("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad), ("dv", v.grad, vd.grad)):
+            assert rel_err(got, want) < 3e-2, f"{name}: offset {offset}, stream {stream}"
+    [forward, (dq, dkdv)] = attn._plans.values()  # one signature: every offset shares its plan
+    if ".".join(triton.__version__.split(".")[:2]) in runtime.DIRECT_LAUNCH_TRITON:
+        assert all(callable(launch._direct) for launch in (forward, dq, dkdv))

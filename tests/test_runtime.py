@@ -118,3 +118,52 @@ def test_windows_and_sparse_maps_take_short_query_blocks():
                          & (q_idx - kv_idx < 128))
     assert dilated._sparsity(small, 16, 16, bf16, "cpu") == "sparse"
     assert fg.compile(mask_mod=fg.mods.prefix_lm(64))._sparsity(small, 16, 16, bf16, "cpu") == "dense"  # 14 and 123
+
+
+def test_kept_launches_call_the_compiled_kernel_with_what_triton_would_bind(monkeypatch):
+    """``Launch``'s direct path (GPU only, so faked here): after a first launch through Triton's
+    launcher it calls the compiled kernel with a three-dimensional grid and every parameter's
+    value in the kernel's order (the call's arguments, ``extra``, the constexprs, defaults);
+    a call whose tensors are aligned differently goes through Triton's launcher again."""
+    import inspect
+    import types
+
+    import triton
+
+    from flashgen import parallel
+
+    class Param:
+        def __init__(self, name, default=inspect.Parameter.empty):
+            self.name, self.default, self.has_default = name, default, default is not inspect.Parameter.empty
+
+    direct, through_triton = [], []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            assert len(grid) == 3
+            return lambda *values: direct.append((grid, values))
+
+    class Jit:
+        params = [Param(n) for n in ("X", "n", "RUNS", "BLOCK_M", "BLOCK_N")] + [Param("FLAG", True)]
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                through_triton.append((grid, args, kwargs))
+                return Compiled()
+            return run
+
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(runtime, "DIRECT_LAUNCH_TRITON", (".".join(triton.__version__.split(".")[:2]),))
+    monkeypatch.setattr(torch, "cuda", types.SimpleNamespace(current_device=lambda: 0))
+    x = torch.zeros(64)
+    plan = runtime.Launch.of(Jit(), Config(16, 32, 4, 2), lambda c: (c.block_m,), lambda c: ("runs",), None, {})
+    plan(x, 7)
+    plan(x[4:], 7)  # 16 bytes further: the same alignment
+    [(grid, values)] = direct
+    assert len(through_triton) == 1 and grid == (16, 1, 1) and values[1:] == (7, "runs", 16, 32, True)
+    assert values[0].data_ptr() == x[4:].data_ptr()
+    plan(x[1:], 7)  # 4 bytes further: Triton specialises it otherwise
+    assert len(through_triton) == 2 and len(direct) == 1
+    with parallel.captured([]):  # recorded launches are never run directly
+        plan(x, 7)
+    assert len(through_triton) == 3 and len(direct) == 1
