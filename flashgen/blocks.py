@@ -325,39 +325,40 @@ def decide(mask: Node, tensors: list[torch.Tensor], dims: tuple[int, int], lengt
     (nb, nh), (sq, skv), (bq, bk) = dims, lengths, block
     nq, nk = -(-sq // bq), -(-skv // bk)
     summaries = summaries or _Summaries(tensors)
-    done: list[list[torch.Tensor]] = []
+    # boxes as rows (b, h, q0, q1, k0, k1) of one int64 matrix: one boolean selection per step
+    # picks whole boxes (a selection per column cost ~7x as much on the host)
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []
     if coarse is not None:
         boxes, (cq, ck) = coarse
         rq, rk = cq // bq, ck // bk
-        fine = [boxes.b, boxes.h, boxes.q0 * rq, torch.clamp(boxes.q1 * rq, max=nq),
-                boxes.k0 * rk, torch.clamp(boxes.k1 * rk, max=nk)]
+        fine = torch.stack([boxes.b, boxes.h, boxes.q0 * rq, torch.clamp(boxes.q1 * rq, max=nq),
+                            boxes.k0 * rk, torch.clamp(boxes.k1 * rk, max=nk)], 1)
         decided = boxes.state != PARTIAL
-        done.append([x[decided] for x in fine] + [boxes.state[decided]])
-        cur = [x[~decided] for x in fine]
+        done.append((fine[decided], boxes.state[decided]))
+        cur = fine[~decided]
     elif nb * nh * nq * nk <= _ONE_PASS:  # small maps: every tile in one pass beats the splitting's overheads
         bb, hh, qq, kk = (x.flatten() for x in torch.meshgrid(
             *(torch.arange(n, device=device) for n in (nb, nh, nq, nk)), indexing="ij"))
-        cur = [bb, hh, qq, qq + 1, kk, kk + 1]
+        cur = torch.stack([bb, hh, qq, qq + 1, kk, kk + 1], 1)
     else:
         bb, hh = torch.meshgrid(torch.arange(nb, device=device), torch.arange(nh, device=device), indexing="ij")
-        cur = [bb.flatten(), hh.flatten()] + [torch.full((nb * nh,), v, device=device) for v in (0, nq, 0, nk)]
-    while cur[0].numel():
-        b, h, q0, q1, k0, k1 = cur
-        f = torch.float64
+        cur = torch.stack([bb.flatten(), hh.flatten()] + [torch.full((nb * nh,), v, device=device)
+                                                           for v in (0, nq, 0, nk)], 1)
+    f = torch.float64
+    while cur.shape[0]:
+        b, h, q0, q1, k0, k1 = cur.unbind(1)
         state = classify(mask, summaries, b.to(f), h.to(f), (q0 * bq).to(f), (torch.clamp(q1 * bq, max=sq) - 1).to(f),
                          (k0 * bk).to(f), (torch.clamp(k1 * bk, max=skv) - 1).to(f))
         final = (state != PARTIAL) | ((q1 - q0 == 1) & (k1 - k0 == 1))
-        done.append([x[final] for x in cur] + [state[final]])
-        split = ~final
-        b, h, q0, q1, k0, k1 = (x[split] for x in cur)
+        done.append((cur[final], state[final]))
+        b, h, q0, q1, k0, k1 = cur[~final].unbind(1)
         qm = torch.where(q1 - q0 > 1, (q0 + q1) // 2, q1)
         km = torch.where(k1 - k0 > 1, (k0 + k1) // 2, k1)
-        children = [(q0, qm, k0, km), (q0, qm, km, k1), (qm, q1, k0, km), (qm, q1, km, k1)]
-        cur = [torch.cat(parts) for parts in zip(*[(b, h, *c) for c in children])]
-        keep = (cur[3] > cur[2]) & (cur[5] > cur[4])  # drop empty halves of one-block-wide boxes
-        cur = [x[keep] for x in cur]
-    cols = [torch.cat(c) for c in zip(*done)]
-    return Boxes(*cols)
+        cur = torch.cat([torch.stack([b, h, *c], 1) for c in
+                         ((q0, qm, k0, km), (q0, qm, km, k1), (qm, q1, k0, km), (qm, q1, km, k1))])
+        cur = cur[(cur[:, 3] > cur[:, 2]) & (cur[:, 5] > cur[:, 4])]  # drop empty halves of one-block-wide boxes
+    rows = torch.cat([r for r, _ in done])
+    return Boxes(*rows.unbind(1), torch.cat([st for _, st in done]))
 
 
 def refine(mask: Node, tensors: list[torch.Tensor], boxes: Boxes, lengths: tuple[int, int],
@@ -409,10 +410,9 @@ def runs(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpos
     nb, nh = dims
     nrows, ncols = grid if not transpose else grid[::-1]
     keep = boxes.state != EMPTY
-    b, h, s = boxes.b[keep], boxes.h[keep], boxes.state[keep].long()
     r0, r1, c0, c1 = (boxes.q0, boxes.q1, boxes.k0, boxes.k1) if not transpose else \
         (boxes.k0, boxes.k1, boxes.q0, boxes.q1)
-    r0, r1, c0, c1 = r0[keep], r1[keep], c0[keep], c1[keep]
+    b, h, r0, r1, c0, c1, s = torch.stack([boxes.b, boxes.h, r0, r1, c0, c1, boxes.state.long()], 1)[keep].unbind(1)
     if ragged_last:  # split full boxes that reach the last column: [c0, ncols - 1) full, the rest partial
         edge = (s == FULL) & (c1 == ncols)
         b, h, r0, r1 = (torch.cat([x, x[edge]]) for x in (b, h, r0, r1))
@@ -423,9 +423,10 @@ def runs(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpos
         b, h, r0, r1, c0, c1, s = (x[ok] for x in (b, h, r0, r1, c0, c1, s))
     # one entry per (row, box): boxes span several rows
     height = r1 - r0
-    idx = torch.repeat_interleave(torch.arange(height.numel(), device=height.device), height)
-    first_entry = torch.repeat_interleave(torch.cumsum(height, 0) - height, height)
-    offset = torch.arange(idx.numel(), device=idx.device) - first_entry
+    ends = torch.cumsum(height, 0)  # (entry i belongs to the first box whose end exceeds i)
+    entries = torch.arange(int(ends[-1]) if ends.numel() else 0, device=height.device)
+    idx = torch.searchsorted(ends, entries, right=True)
+    offset = entries - (ends - height)[idx]
     row = r0[idx] + offset
     key = ((b[idx] * nh + h[idx]) * nrows + row) * 2 + (s[idx] == FULL).long()
     start, end = c0[idx], c1[idx]
@@ -538,8 +539,9 @@ class BlockMask:
         """Number of tiles in each state (over all batches and heads the map has)."""
         if self._counts is None:
             area = (self.boxes.q1 - self.boxes.q0) * (self.boxes.k1 - self.boxes.k0)
-            self._counts = {name: int(area[self.boxes.state == s].sum()) for s, name in
-                            ((EMPTY, "empty"), (PARTIAL, "partial"), (FULL, "full"))}
+            totals = torch.zeros(3, dtype=area.dtype, device=area.device).index_add_(
+                0, self.boxes.state.long(), area).tolist()
+            self._counts = {name: totals[s] for s, name in ((EMPTY, "empty"), (PARTIAL, "partial"), (FULL, "full"))}
         return dict(self._counts)
 
     def _grouped(self, rows: int, cols: int, b: int, h: int) -> torch.Tensor:
