@@ -215,11 +215,14 @@ class Attention:
         self._last_block_map = bm
         return bm
 
-    def _launch_constants(self, dtype: torch.dtype, D: int, Dv: int, shape: tuple) -> tuple[list, dict]:
-        """The captured tensors' kernel arguments (pointer, sizes, strides) and the constexprs
-        every kernel of a call shares (memoised per shapes and layouts: this is the launch path)."""
-        args = [x for t in self.captured for x in (t, *t.shape, *t.stride())]
-        key = (dtype, D, Dv, shape, tuple(a for a in args if isinstance(a, int)))  # (the sizes and strides)
+    def _capture_args(self) -> list:
+        """The captured tensors' kernel arguments: each one's pointer, sizes and strides."""
+        return [x for t in self.captured for x in (t, *t.shape, *t.stride())]
+
+    def _launch_constants(self, dtype: torch.dtype, D: int, Dv: int, shape: tuple) -> dict:
+        """The constexprs every kernel of a call shares, for a signature's first launch (memoised
+        per shapes and layouts: a block map's new version launches anew, with the same ones)."""
+        key = (dtype, D, Dv, shape, tuple((t.shape, t.stride()) for t in self.captured))
         constants = self._constants.get(key)
         if constants is None:
             if len(self._constants) >= 256:  # (many sequence lengths)
@@ -229,7 +232,7 @@ class Attention:
             constants = self._constants[key] = dict(
                 HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv), IDX_T=tl.int64 if large else tl.int32,
                 CHECK_READS=self._check_reads(shape), FAST_MATH=self._fast_math(dtype), **_precision(dtype))
-        return args, constants
+        return constants
 
     def _fast_math(self, dtype: torch.dtype) -> bool:
         """FAST_MATH for a launch: the approximate tanh for bf16/fp16 unless told; never in the
@@ -386,7 +389,7 @@ class Attention:
                 lse.fill_(float("-inf"))
             return out, lse
         shape = (B, Hq, Sq, Skv)
-        capture_args, common = self._launch_constants(q.dtype, D, Dv, shape)
+        capture_args = self._capture_args()
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
         key = ("fwd", q.dtype, q.device, want_lse, config, self._layout_key(capture_args, q, k, v))
@@ -398,18 +401,18 @@ class Attention:
                 out, lse = self._forward(q, k, v, scale, True, config)
                 self._backward(q, k, v, out, lse, out, None, scale, grad_slots)
             plan = self._first_launch(
-                key, lambda: self._forward_launch(shape, D, Dv, q, args, common, want_lse, config),
+                key, lambda: self._forward_launch(shape, D, Dv, q, args, want_lse, config),
                 forward_and_backward if grad_slots is not None else None)
         self.last_tiles = {"forward": plan.config}
         return out, lse
 
-    def _forward_launch(self, shape, D: int, Dv: int, q, args: tuple, common: dict, want_lse: bool,
+    def _forward_launch(self, shape, D: int, Dv: int, q, args: tuple, want_lse: bool,
                         config: Config | None) -> Launch:
         """A forward signature's first launch: tiles tuned, given or chosen by the mask."""
         B, Hq, Sq, Skv = shape
         ks = self._kernel_source()
         kernel = load_kernel(ks)
-        kwargs = dict(common, STORE_LSE=want_lse,
+        kwargs = dict(self._launch_constants(q.dtype, D, Dv, shape), STORE_LSE=want_lse,
                       extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
                       if self.analysis.block_runs else None)
 
@@ -509,7 +512,7 @@ class Attention:
         dlse = dlse.float().contiguous() if dlse is not None else None
         lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
-        capture_args, common = self._launch_constants(q.dtype, D, Dv, shape)
+        capture_args = self._capture_args()
         # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)
         fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if grad_slots else None
 
@@ -528,7 +531,7 @@ class Attention:
                self._layout_key(capture_args, q, k, v, out, dout))
         plan = self._plans.get(key)
         if plan is None:
-            self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, common, dq_args, dkdv_args,
+            self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, dq_args, dkdv_args,
                                                                   grads, fixed, dlse is not None, grad_slots),
                                lambda: self._backward(q, k, v, out, lse, dout, dlse, scale, grad_slots))
         else:  # the dQ pass first: it stores delta
@@ -537,11 +540,12 @@ class Attention:
             self.last_tiles.update({"dQ": plan[0].config, "dK/dV": plan[1].config})
         return dq, dk, dv, grads
 
-    def _backward_launch(self, shape, Hkv: int, D: int, Dv: int, q, common: dict, dq_args: tuple, dkdv_args,
+    def _backward_launch(self, shape, Hkv: int, D: int, Dv: int, q, dq_args: tuple, dkdv_args,
                          grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...]) -> tuple | None:
         """A backward signature's first launches, dQ pass then dK/dV pass: tiles tuned or chosen by
         the mask. Returns them to keep, or None in deterministic mode (nothing to keep)."""
         B, Hq, Sq, Skv = shape
+        common = self._launch_constants(q.dtype, D, Dv, shape)
         ks = self._backward_source(grad_slots)
         module = load_module(ks)
         defaults = default_backward_configs(q.device, D, Dv, q.dtype, self._sparsity(shape, D, Dv, q.dtype, q.device))
