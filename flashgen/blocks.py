@@ -33,6 +33,10 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 _INF = math.inf
 _SUMMARY = 16  # positions per range summary entry: bounds are exact for ranges aligned to it
 _ONE_PASS = 1 << 15  # maps with at most this many tiles are classified tile by tile, in one pass
+# Where block maps of masks that read tensors are analysed: on host copies of those tensors (True,
+# the default: one copy, then a few thousand small CPU tensor operations), or where the tensors
+# live (False: CUDA operations, no copy). benchmarks/doc_rebuild.py times both when ids change.
+ANALYSIS_ON_HOST = True
 _FLOAT_MARGIN = 1e-5  # relative widening of every float bound: closer calls stay undecided
 
 
@@ -491,15 +495,17 @@ class BlockMask:
         read = set(reads(mask))
         nested = coarse is not None and coarse.shape == shape and all(
             c % f == 0 for c, f in zip(coarse.block_size, block_size))  # (its decided boxes seed this map)
-        if nested:  # the same values: its host copies and range summaries serve this map too
+        if nested:  # the same values: its copies and range summaries serve this map too
             cpu, self._summaries = coarse._tensors, coarse._summaries
         else:
-            # the analysis runs on the host: a few thousand small tensor operations at most
-            cpu = [t.detach().to("cpu", copy=True) if i in read else t for i, t in enumerate(tensors)]
+            # the analysis runs on the host by default: a few thousand small tensor operations at most
+            cpu = [(t.detach().to("cpu", copy=True) if ANALYSIS_ON_HOST else t.detach().clone()) if i in read else t
+                   for i, t in enumerate(tensors)]
             self._summaries = _Summaries(cpu)
+        where = next((cpu[i].device for i in sorted(read)), torch.device("cpu"))  # (where the analysis runs)
         self.method = "runtime" if read else "static"
         self.closed_form = closed_form  # the kernels use the band's closed form and read no metadata
-        self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size, summaries=self._summaries,
+        self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size, where, summaries=self._summaries,
                             coarse=(coarse.boxes, coarse.block_size) if nested else None)
         self._counts: dict[str, int] | None = None
         c = self.counts()
@@ -510,7 +516,7 @@ class BlockMask:
             originals = [t if i in read else cpu[i] for i, t in enumerate(tensors)]
             self.boxes = refine(mask, originals, self.boxes, (sq, skv), block_size, device=self.device)
             self._counts = None
-        self._mask, self._tensors = mask, cpu
+        self._mask, self._tensors, self._where = mask, cpu, where
         self._state: torch.Tensor | None = None
         self._runs: dict[tuple[bool, bool], torch.Tensor] = {}
 
@@ -553,12 +559,13 @@ class BlockMask:
             return self.state[b, h]
         qe = [i * nq // rows for i in range(rows + 1)]
         ke = [j * nk // cols for j in range(cols + 1)]
-        f = torch.float64
-        qq, kk = torch.meshgrid(torch.tensor(qe[:-1]), torch.tensor(ke[:-1]), indexing="ij")
-        q1, k1 = torch.tensor(qe[1:])[:, None].expand_as(qq), torch.tensor(ke[1:])[None, :].expand_as(kk)
+        f, at = torch.float64, self._where
+        qq, kk = torch.meshgrid(torch.tensor(qe[:-1], device=at), torch.tensor(ke[:-1], device=at), indexing="ij")
+        q1 = torch.tensor(qe[1:], device=at)[:, None].expand_as(qq)
+        k1 = torch.tensor(ke[1:], device=at)[None, :].expand_as(kk)
         bq, bk = self.block_size
         _, _, sq, skv = self.shape
-        bb, hh = torch.full(qq.shape, b, dtype=f), torch.full(qq.shape, h, dtype=f)
+        bb, hh = torch.full(qq.shape, b, dtype=f, device=at), torch.full(qq.shape, h, dtype=f, device=at)
         state = classify(self._mask, self._summaries, bb.flatten(), hh.flatten(),
                          (qq * bq).to(f).flatten(), (torch.clamp(q1 * bq, max=sq) - 1).to(f).flatten(),
                          (kk * bk).to(f).flatten(), (torch.clamp(k1 * bk, max=skv) - 1).to(f).flatten())
@@ -576,7 +583,7 @@ class BlockMask:
         wider than ``size``), white empty, grey partial, black full. Query blocks go down, KV
         blocks across."""
         nq, nk = self.grid
-        states = self._grouped(min(nq, size), min(nk, size), b, h).long()
+        states = self._grouped(min(nq, size), min(nk, size), b, h).long().cpu()
         rgb = torch.tensor(_PNG_COLOURS, dtype=torch.uint8)[states]  # [rows, cols, 3]
         rows, cols = states.shape
         scanlines = b"".join(b"\0" + bytes(row) for row in rgb.reshape(rows, 3 * cols).tolist())

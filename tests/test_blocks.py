@@ -628,6 +628,28 @@ def test_kernels_follow_in_place_changes_of_the_doc_ids():
     assert rel_err(out, fg.attention_reference(q, k, v, mask_mod=mask)) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["per-batch documents", "dilated documents"])
+def test_maps_analysed_where_the_tensors_live_match_the_host_analysis(monkeypatch, name):
+    """``blocks.ANALYSIS_ON_HOST = False`` analyses block maps on the captured tensors' device (an
+    experiment for ids that change every step): the maps, runs and pictures must be the host's."""
+    from flashgen import blocks
+
+    ids = torch.repeat_interleave(torch.arange(4), torch.tensor([10, 30, 26, 30]))
+    mask = {"per-batch documents": fg.mods.causal & fg.mods.document(DOC_PER_BATCH),
+            "dilated documents": lambda b, h, q_idx, kv_idx: (ids[q_idx] == ids[kv_idx])
+            & ((kv_idx - q_idx) % 2 == 0)}[name]
+    maps = {}
+    for on_host in (True, False):
+        monkeypatch.setattr(blocks, "ANALYSIS_ON_HOST", on_host)
+        attn = fg.compile(mask_mod=mask)
+        coarse = attn.block_mask(2, 2, 96, 96, (32, 32))
+        fine = attn.block_mask(2, 2, 96, 96, (16, 16))  # refined from the coarse map
+        maps[on_host] = [(bm.state, bm.runs(), bm.runs(transpose=True), bm.picture(), bm.png())
+                         for bm in (coarse, fine)]
+    for host, there in zip(maps[True], maps[False]):
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(host, there))
+
+
 @requires_interpreter
 def test_repeated_signatures_reuse_their_launches_until_the_ids_change(monkeypatch):
     """A call signature's launches are kept (``Attention._plans``): a repeated training step does
