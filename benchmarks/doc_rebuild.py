@@ -1,6 +1,6 @@
 """A training step whose document ids change every step, next to one whose ids stay put.
 
-    PYTHONPATH=. python3 benchmarks/doc_rebuild.py [--shape 4x16x8192x128] [--docs 16]
+    PYTHONPATH=. python3 benchmarks/doc_rebuild.py [--shape 4x16x8192x128] [--docs 16] [--profile]
 
 Causal document mask, bf16, forward+backward. flashgen: the same ``Attention`` each step; with
 "ids change" an in-place update (``doc.add_(0)``) bumps the id tensor's version before the step,
@@ -16,6 +16,9 @@ difference between the two rows of an implementation is what changing ids costs 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 from pathlib import Path
 
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="4x16x8192x128")
     p.add_argument("--docs", type=int, default=16)
+    p.add_argument("--profile", action="store_true", help="also a cProfile of flashgen's steps whose ids change")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("doc_rebuild: no CUDA device")
@@ -55,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [("flashgen, ids stay put", bench(lambda: fg_step(False))),
             ("flashgen, ids change every step", bench(lambda: fg_step(True)))]
+    if args.profile:  # where a rebuilding step's host time goes (by own time)
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [fg_step(True) for _ in range(10)])
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        print(text.getvalue())
     blocks.ANALYSIS_ON_HOST = False  # the experiment: block maps analysed on the GPU, no host copy
     attn = fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal)
     try:

@@ -30,7 +30,7 @@ step bench-backward 200 python3 benchmarks/bench_backward.py --out "$out/bwd"
 step bench-lowrank 90 python3 benchmarks/bench_lowrank.py
 step startup "${STARTUP_LIMIT:-120}" python3 benchmarks/startup.py
 step host 120 python3 benchmarks/host_overhead.py
-step doc-rebuild 150 python3 benchmarks/doc_rebuild.py
+step doc-rebuild 150 python3 benchmarks/doc_rebuild.py --profile
 step proto-ws 150 python3 benchmarks/proto_ws_forward.py
 # SUITE_ARGS picks the suite's shapes/variants/passes (default: the first shape, both passes)
 step suite "${SUITE_LIMIT:-300}" python3 benchmarks/suite.py run --out "$out/suite" ${SUITE_ARGS:---shapes 4x16x8192x128}
