@@ -339,7 +339,14 @@ def decide(mask: Node, tensors: list[torch.Tensor], dims: tuple[int, int], lengt
                             boxes.k0 * rk, torch.clamp(boxes.k1 * rk, max=nk)], 1)
         decided = boxes.state != PARTIAL
         done.append((fine[decided], boxes.state[decided]))
-        cur = fine[~decided]
+        # every fine tile of the partial boxes, in one pass: classifying a partial box whole again
+        # would only repeat the coarse map's verdict, level after level of splitting
+        part = fine[~decided]
+        sub = torch.cartesian_prod(torch.arange(rq, device=part.device), torch.arange(rk, device=part.device))
+        q0, k0 = part[:, 2:3] + sub[:, 0], part[:, 4:5] + sub[:, 1]  # [boxes, rq * rk]
+        inside = (q0 < part[:, 3:4]) & (k0 < part[:, 5:6])  # (boxes at the grid's edge are clamped)
+        cur = torch.stack([part[:, 0:1].expand_as(q0), part[:, 1:2].expand_as(q0), q0, q0 + 1, k0, k0 + 1],
+                          -1)[inside]
     elif nb * nh * nq * nk <= _ONE_PASS:  # small maps: every tile in one pass beats the splitting's overheads
         bb, hh, qq, kk = (x.flatten() for x in torch.meshgrid(
             *(torch.arange(n, device=device) for n in (nb, nh, nq, nk)), indexing="ij"))
