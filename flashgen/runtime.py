@@ -86,8 +86,8 @@ def _triton_stamp() -> str:
     half-second that hashing the ~0.5 GB library does."""
     root = Path(triton.__file__).parent
     files = [root / "runtime" / "cache.py", *sorted((root / "_C").glob("libtriton*"))]
-    for sub in ("compiler", "backends", "language"):
-        files += sorted(p for p in (root / sub).rglob("*.py"))
+    for sub in ("compiler", "backends", "language"):  # (their modules: sources and extension modules)
+        files += sorted(p for p in (root / sub).rglob("*") if p.suffix in (".py", ".so", ".pyd"))
     digest = hashlib.sha256(triton.__version__.encode())
     for path in files:
         st = path.stat()
@@ -100,30 +100,28 @@ def _remember_triton_key(key) -> None:
     binary's cache key includes. A fresh process computes it on its first launch by hashing
     Triton's files. flashgen keeps it under ``<cache>/triton-key/<stamp>.txt``, named by
     :func:`_triton_stamp`: a process whose Triton files are unchanged reads it and installs it as
-    ``triton_key``, so its first launch hashes nothing. Without a disk cache, or where anything
-    differs from what this expects, Triton's own function is left to do the work."""
+    ``triton_key``, so its first launch hashes nothing. Without a disk cache Triton's own function
+    does the work, as it does where this raises (an unwritable cache: ``_prewarm_work``)."""
     import triton.runtime.cache as triton_cache
 
     if settings().disable_cache:
         key()
         return
-    try:
-        path = cache_dir() / "triton-key" / f"{_triton_stamp()}.txt"
-        value = _read(path)
-        if value is None or not value.startswith(triton.__version__):
-            value = key()
-            if isinstance(value, str):
-                write_atomic(path, value)
-            return
-    except OSError:
-        key()
-        return
-    if triton_cache.triton_key is key:
+    path = cache_dir() / "triton-key" / f"{_triton_stamp()}.txt"
+    value = _read(path)
+    if value is None or not value.startswith(triton.__version__):
+        value = key()
+        if isinstance(value, str):
+            write_atomic(path, value)
+    elif triton_cache.triton_key is key:
         triton_cache.triton_key = functools.cache(lambda: value)
 
 
 def _prewarm_work(key) -> None:
-    _remember_triton_key(key)
+    try:
+        _remember_triton_key(key)
+    except Exception:  # noqa: BLE001 -- a Triton laid out otherwise: its own hash, as without flashgen
+        key()
     for name in _FIRST_CALL_IMPORTS:
         try:
             importlib.import_module(name)

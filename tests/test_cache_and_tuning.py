@@ -511,6 +511,22 @@ def test_triton_key_is_remembered_while_tritons_files_are_unchanged(cache, monke
     assert runtime._triton_stamp() != path.stem
 
 
+def test_an_unwritable_cache_leaves_triton_to_hash_itself(cache, monkeypatch):
+    calls = []
+
+    def key():
+        calls.append(1)
+        return f"{triton.__version__}-{'cd' * 32}"
+
+    def refuse(path, text):
+        raise PermissionError(f"read-only: {path}")
+
+    monkeypatch.setattr(runtime, "write_atomic", refuse)
+    monkeypatch.setattr(runtime, "_FIRST_CALL_IMPORTS", ())
+    runtime._prewarm_work(key)  # in the prewarm thread: no traceback, Triton's own hash instead
+    assert calls and not (cache / "triton-key").exists()
+
+
 def test_the_wait_for_the_prewarm_thread_is_counted(monkeypatch):
     import time
 
