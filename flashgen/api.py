@@ -169,6 +169,11 @@ class Attention:
         if self.last_tiles:
             lines.append("tiles of the last call (block_m, block_n, warps, stages): " + ", ".join(
                 f"{name} {(c.block_m, c.block_n, c.num_warps, c.num_stages)}" for name, c in self.last_tiles.items()))
+        if self._plans:
+            kept = [x for plan in self._plans.values() for x in (plan if isinstance(plan, tuple) else (plan,))]
+            direct = sum(1 for x in kept if x._direct)
+            lines.append(f"launches kept for {len(self._plans)} call signature(s): {direct} of {len(kept)} call the "
+                         f"compiled kernel directly (runtime.DIRECT_LAUNCH_TRITON), the others Triton's launcher")
         if self._last_block_map is not None and self.analysis.has_mask:
             lines.append("block map of the last call:")
             lines.append("  " + str(self._last_block_map).replace("\n", "\n  "))

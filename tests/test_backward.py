@@ -341,6 +341,10 @@ def test_explain_shows_the_tiles_of_the_last_call():
     with torch.no_grad():
         attn(q, k, v, config=Config(16, 16, 4, 1))
     assert attn.last_tiles == {"forward": Config(16, 16, 4, 1)}  # a forward alone: its own tiles only
+    # three signatures kept (the training forward, its backward, the forward with config=); the
+    # interpreter has no compiled kernels to call directly
+    assert ("launches kept for 3 call signature(s): 0 of 4 call the compiled kernel directly"
+            in attn.explain())
 
 
 def test_row_terms_left_out_of_the_logits_give_the_reference_gradients():
