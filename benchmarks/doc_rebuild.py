@@ -16,9 +16,6 @@ difference between the two rows of an implementation is what changing ids costs 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import sys
 from pathlib import Path
 
@@ -60,12 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("flashgen, ids stay put", bench(lambda: fg_step(False))),
             ("flashgen, ids change every step", bench(lambda: fg_step(True)))]
     if args.profile:  # where a rebuilding step's host time goes (by own time)
-        prof = cProfile.Profile()
-        prof.runcall(lambda: [fg_step(True) for _ in range(10)])
-        torch.cuda.synchronize()
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-        print(text.getvalue())
+        print(suite.own_time_profile(lambda: ([fg_step(True) for _ in range(10)], torch.cuda.synchronize())))
     blocks.ANALYSIS_ON_HOST = False  # the experiment: block maps analysed on the GPU, no host copy
     attn = fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal)
     try:

@@ -13,14 +13,16 @@ training steps by own time.
 
 from __future__ import annotations
 
-import cProfile
-import io
-import pstats
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import suite  # noqa: E402
 
 
 def median_us(fn, calls: int = 2000) -> float:
@@ -91,11 +93,7 @@ def main() -> int:
                 for t in leaves:
                     t.grad = None
 
-        prof = cProfile.Profile()
-        prof.runcall(steps)
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
-        print(text.getvalue())
+        print(suite.own_time_profile(steps, 30))
     return 0
 
 

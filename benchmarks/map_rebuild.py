@@ -13,16 +13,18 @@ reads them); ``--profile`` adds the top of a cProfile by own time.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-import flashgen as fg
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import suite  # noqa: E402
+
+import flashgen as fg  # noqa: E402
 
 TILES = (((128, 64), False), ((64, 32), False), ((32, 64), True))  # (tiles, transposed runs)
 
@@ -54,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"causal document mask, {args.docs} documents, S={S}: {statistics.median(times) * 1e3:.2f} ms "
           f"to rebuild the three maps of a training step (median of 20)")
     if args.profile:
-        prof = cProfile.Profile()
-        prof.runcall(lambda: [step() for _ in range(10)])
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(20)
-        print(text.getvalue())
+        print(suite.own_time_profile(lambda: [step() for _ in range(10)], 20))
     return 0
 
 

@@ -282,6 +282,19 @@ def measure(case: Case, q, k, v, dout, pass_name: str, device: str, peers: bool,
 # --- run: every (shape, variant, pass) asked for, into DIR/suite-<UTC timestamp>.json
 
 
+def own_time_profile(fn: Callable[[], object], rows: int = 25) -> str:
+    """The top ``rows`` functions of a cProfile of ``fn()``, by own time (the benchmarks' ``--profile``)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(rows)
+    return text.getvalue()
+
+
 def parse_shape(text: str) -> tuple[int, int, int, int]:
     parts = text.lower().split("x")
     if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
