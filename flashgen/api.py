@@ -15,9 +15,10 @@ from . import ir
 from .analysis import Analysis, analyze, reads_in_range
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
-from .codegen.render import KernelSource, lowering_notes, render_backward, render_forward
+from .codegen.render import KernelSource, lowering_notes, render_backward, render_block_map, render_forward
 from .factors import LowRankBias, factor_bias
 from .lowrank import lowering_cost
+from .maps import LiveRuns
 from .parallel import capturing, compile_concurrently
 from .runtime import (
     SPARSE_OCCUPANCY,
@@ -119,7 +120,10 @@ class Attention:
         self._last_block_map: BlockMask | None = None
         self.last_tiles: dict[str, Config] = {}  # kernel -> the configuration the last call launched
         self._constants: dict[tuple, dict] = {}  # launch constexprs per call layout (_launch_constants)
-        self._plans: dict[tuple, Launch | tuple[Launch, Launch]] = {}  # a signature's launches (_keep_plan)
+        # a signature's launches, with the runs they refill or the versions of the tensors the mask
+        # reads that they were planned for (_keep_plan)
+        self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], LiveRuns | None, tuple]] = {}
+        self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # (shape, device) -> runs refilled in place
 
     # -- introspection -----------------------------------------------------------------------
     def _kernel_source(self) -> KernelSource:
@@ -170,13 +174,19 @@ class Attention:
             lines.append("tiles of the last call (block_m, block_n, warps, stages): " + ", ".join(
                 f"{name} {(c.block_m, c.block_n, c.num_warps, c.num_stages)}" for name, c in self.last_tiles.items()))
         if self._plans:
-            kept = [x for plan in self._plans.values() for x in (plan if isinstance(plan, tuple) else (plan,))]
+            kept = [x for plan, _, _ in self._plans.values() for x in (plan if isinstance(plan, tuple) else (plan,))]
             direct = sum(1 for x in kept if x._direct)
             lines.append(f"launches kept for {len(self._plans)} call signature(s): {direct} of {len(kept)} call the "
                          f"compiled kernel directly (runtime.DIRECT_LAUNCH_TRITON), the others Triton's launcher")
+            live = sum(1 for _, refills, _ in self._plans.values() if refills is not None)
+            if live:
+                lines.append(f"  {live} of them refill their block maps' runs on the device when the tensors the mask "
+                             "reads change (maps.LiveRuns): the tiles and launches of the first call stay")
         if self._last_block_map is not None and self.analysis.has_mask:
+            bm = self.block_mask(*self._last_block_map.shape, self._last_block_map.block_size,
+                                 self._last_block_map.device)  # (of the values the mask reads now)
             lines.append("block map of the last call:")
-            lines.append("  " + str(self._last_block_map).replace("\n", "\n  "))
+            lines.append("  " + str(bm).replace("\n", "\n  "))
         if any(n.op in (ir.Op.TANH, ir.Op.SIGMOID) for n in ir.toposort([self.program.logits, self.program.mask])):
             lines.append("tanh, sigmoid: " + {None: "the GPU's approximate tanh for bf16/fp16 inputs, exact for fp32 "
                                               "(fast_math=None)", True: "the GPU's approximate tanh (fast_math=True)",
@@ -208,10 +218,8 @@ class Attention:
                tuple((t.data_ptr(), t._version) for t in self._mask_reads))
         bm = self._block_maps.get(key)
         if bm is None:
-            coarse = next((m for k, m in reversed(self._block_maps.items()) if k[:4] == key[:4] and k[5:] == key[5:]
-                           and all(c % f == 0 for c, f in zip(k[4], key[4]))), None)  # to refine, not redo
             bm = BlockMask(self.program.mask, self.captured, (B, H, Sq, Skv), tuple(block_size),
-                           closed_form=not self.analysis.block_runs, device=device, coarse=coarse)
+                           closed_form=not self.analysis.block_runs, device=device)
             self._block_maps[key] = bm
             if len(self._block_maps) > _BLOCK_MAPS_MAX:
                 self._block_maps.popitem(last=False)
@@ -279,11 +287,31 @@ class Attention:
     def _runs_args(self, shape: tuple[int, int, int, int], cfg: Config, device, *, transpose: bool = False,
                    ragged_last: bool = False) -> tuple:
         """Kernel arguments for the block map's runs: tensor, then strides (0 along b, h when the
-        mask ignores them)."""
-        runs = self.block_mask(*shape, (cfg.block_m, cfg.block_n), device).runs(transpose=transpose,
-                                                                              ragged_last=ragged_last)
+        mask ignores them). For a mask that reads tensors, a buffer that later calls refill on the
+        GPU when those tensors change (``maps.LiveRuns``), unless the map is too large for it."""
+        block = (cfg.block_m, cfg.block_n)
+        live = self._live_runs(shape, device) if self._mask_reads else None
+        if live is not None and live.fits(block):
+            runs = live.runs(block, transpose=transpose, ragged_last=ragged_last)
+        else:
+            runs = self.block_mask(*shape, block, device).runs(transpose=transpose, ragged_last=ragged_last)
         return (runs, runs.stride(0) if runs.shape[0] > 1 else 0, runs.stride(1) if runs.shape[1] > 1 else 0,
                 runs.stride(2), runs.stride(3))
+
+    def _live_runs(self, shape: tuple[int, int, int, int], device) -> LiveRuns:
+        key = (shape, str(device))
+        live = self._live.get(key)
+        if live is None:
+            ks = _sources.get(("map", self.program.key))
+            if ks is None:
+                templates_here()
+                ks = _sources["map", self.program.key] = render_block_map(
+                    self.name, self.program.key, self.program.mask, tuple(c.ndim for c in self.program.captures))
+            live = self._live[key] = LiveRuns(ks, self.program.mask, self.captured, shape, torch.device(device),
+                                              self._check_reads(shape))
+            if len(self._live) > _BLOCK_MAPS_MAX:  # (kept plans keep theirs)
+                self._live.popitem(last=False)
+        return live
 
     # -- running ------------------------------------------------------------------------------
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -398,7 +426,7 @@ class Attention:
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
         key = ("fwd", q.dtype, q.device, want_lse, config, self._layout_key(capture_args, q, k, v))
-        plan = self._plans.get(key)
+        plan = self._kept(key)
         if plan is not None:
             plan(*args)
         else:
@@ -430,19 +458,39 @@ class Attention:
         return launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)
 
     def _layout_key(self, capture_args: list, *tensors: torch.Tensor) -> tuple:
-        """What a call's kept launches depend on besides its flags: the shapes and strides of its
-        tensors and of the captured ones (the kernels' integer arguments and constexprs), the
-        captured tensors the mask reads (data pointer and version: the block map's runs), and
-        whether tuning is on."""
+        """What a call's kept launches depend on besides its flags and the block map's runs
+        (``_kept``): the shapes and strides of its tensors and of the captured ones (the kernels'
+        integer arguments and constexprs), and whether tuning is on."""
         return (*((t.shape, t.stride()) for t in tensors), tuple(a for a in capture_args if type(a) is int),
-                self.autotune, tuple((t.data_ptr(), t._version) for t in self._mask_reads))
+                self.autotune)
+
+    def _read_versions(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in self._mask_reads)
 
     def _keep_plan(self, key: tuple, plan) -> None:
+        """Keep a signature's launches, with the ``LiveRuns`` whose buffers hold all their runs
+        (refilled when the tensors the mask reads change), or else for the versions of those
+        tensors only."""
         if plan is None or self._retune:  # (deterministic mode; tuning)
             return
         if len(self._plans) >= 256:  # (many sequence lengths)
             self._plans.clear()
-        self._plans[key] = plan
+        runs = [x.extra[0] for x in (plan if isinstance(plan, tuple) else (plan,)) if x.extra]  # (then strides)
+        live = next((m for m in self._live.values() if runs and all(m.owns(r) for r in runs)), None)
+        self._plans[key] = (plan, live, self._read_versions())
+
+    def _kept(self, key: tuple):
+        """The launches kept for ``key``, with their runs brought up to date; None if there are none
+        or if they were planned for other values of the tensors the mask reads."""
+        kept = self._plans.get(key)
+        if kept is None:
+            return None
+        plan, live, versions = kept
+        if live is not None:
+            live.refresh()
+        elif versions != self._read_versions():
+            return None
+        return plan
 
     def _tuned(self, family: str, kernel_key: str, shape: tuple[int, int, int, int], D: int, Dv: int,
                q: torch.Tensor, run) -> Config:
@@ -534,7 +582,7 @@ class Attention:
                    *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
         key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots,
                self._layout_key(capture_args, q, k, v, out, dout))
-        plan = self._plans.get(key)
+        plan = self._kept(key)
         if plan is None:
             self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, dq_args, dkdv_args,
                                                                   grads, fixed, dlse is not None, grad_slots),

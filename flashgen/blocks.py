@@ -33,10 +33,6 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 _INF = math.inf
 _SUMMARY = 16  # positions per range summary entry: bounds are exact for ranges aligned to it
 _ONE_PASS = 1 << 15  # maps with at most this many tiles are classified tile by tile, in one pass
-# Where block maps of masks that read tensors are analysed: on host copies of those tensors (True,
-# the default: one copy, then a few thousand small CPU tensor operations), or where the tensors
-# live (False: CUDA operations, no copy). benchmarks/doc_rebuild.py times both when ids change.
-ANALYSIS_ON_HOST = True
 _FLOAT_MARGIN = 1e-5  # relative widening of every float bound: closer calls stay undecided
 
 
@@ -318,36 +314,16 @@ def classify(mask: Node, summaries: _Summaries, b, h, q0, q1, k0, k1) -> torch.T
 
 
 def decide(mask: Node, tensors: list[torch.Tensor], dims: tuple[int, int], lengths: tuple[int, int],
-           block: tuple[int, int], device: torch.device | str = "cpu", summaries: _Summaries | None = None,
-           coarse: tuple[Boxes, tuple[int, int]] | None = None) -> Boxes:
+           block: tuple[int, int], device: torch.device | str = "cpu", summaries: _Summaries | None = None) -> Boxes:
     """Classify every tile of the ``dims`` (batches, heads the mask depends on) x ``lengths``
-    (Sq, Skv) map with ``block`` (query, KV) tiles, by splitting undecided boxes in four.
-    ``coarse``: the decided boxes of the same mask at tiles that are whole multiples of these
-    (``(boxes, their block)``): their empty and full boxes hold for the tiles inside them, so
-    only the partial ones are split further (a document mask's small backward tiles: a few
-    hundred tiles classified instead of every one)."""
+    (Sq, Skv) map with ``block`` (query, KV) tiles, by splitting undecided boxes in four."""
     (nb, nh), (sq, skv), (bq, bk) = dims, lengths, block
     nq, nk = -(-sq // bq), -(-skv // bk)
     summaries = summaries or _Summaries(tensors)
     # boxes as rows (b, h, q0, q1, k0, k1) of one int64 matrix: one boolean selection per step
     # picks whole boxes (a selection per column cost ~7x as much on the host)
     done: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if coarse is not None:
-        boxes, (cq, ck) = coarse
-        rq, rk = cq // bq, ck // bk
-        fine = torch.stack([boxes.b, boxes.h, boxes.q0 * rq, torch.clamp(boxes.q1 * rq, max=nq),
-                            boxes.k0 * rk, torch.clamp(boxes.k1 * rk, max=nk)], 1)
-        decided = boxes.state != PARTIAL
-        done.append((fine[decided], boxes.state[decided]))
-        # every fine tile of the partial boxes, in one pass: classifying a partial box whole again
-        # would only repeat the coarse map's verdict, level after level of splitting
-        part = fine[~decided]
-        sub = torch.cartesian_prod(torch.arange(rq, device=part.device), torch.arange(rk, device=part.device))
-        q0, k0 = part[:, 2:3] + sub[:, 0], part[:, 4:5] + sub[:, 1]  # [boxes, rq * rk]
-        inside = (q0 < part[:, 3:4]) & (k0 < part[:, 5:6])  # (boxes at the grid's edge are clamped)
-        cur = torch.stack([part[:, 0:1].expand_as(q0), part[:, 1:2].expand_as(q0), q0, q0 + 1, k0, k0 + 1],
-                          -1)[inside]
-    elif nb * nh * nq * nk <= _ONE_PASS:  # small maps: every tile in one pass beats the splitting's overheads
+    if nb * nh * nq * nk <= _ONE_PASS:  # small maps: every tile in one pass beats the splitting's overheads
         bb, hh, qq, kk = (x.flatten() for x in torch.meshgrid(
             *(torch.arange(n, device=device) for n in (nb, nh, nq, nk)), indexing="ij"))
         cur = torch.stack([bb, hh, qq, qq + 1, kk, kk + 1], 1)
@@ -486,13 +462,11 @@ class BlockMask:
 
     Built by :func:`flashgen.block_mask` (and by every attention call, cached). ``state`` is the
     dense map ``[B or 1, H or 1, ceil(Sq/bq), ceil(Skv/bk)]`` (computed on first access); the
-    kernels read only ``runs`` (or nothing, for closed-form band masks). ``coarse``: a map of the
-    same mask, shape and captured values at tiles that are multiples of these, whose empty and full
-    boxes are taken over (only its partial ones are classified again)."""
+    kernels read only ``runs`` (or nothing, for closed-form band masks)."""
 
     def __init__(self, mask: Node, tensors: list[torch.Tensor], shape: tuple[int, int, int, int],
                  block_size: tuple[int, int], *, closed_form: bool, device: torch.device | str | None = None,
-                 exact: bool | None = None, coarse: BlockMask | None = None):
+                 exact: bool | None = None):
         B, H, sq, skv = shape
         self.shape = shape
         self.block_size = block_size
@@ -500,20 +474,14 @@ class BlockMask:
         self.grid = (-(-sq // block_size[0]), -(-skv // block_size[1]))
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         read = set(reads(mask))
-        nested = coarse is not None and coarse.shape == shape and all(
-            c % f == 0 for c, f in zip(coarse.block_size, block_size))  # (its decided boxes seed this map)
-        if nested:  # the same values: its copies and range summaries serve this map too
-            cpu, self._summaries = coarse._tensors, coarse._summaries
-        else:
-            # the analysis runs on the host by default: a few thousand small tensor operations at most
-            cpu = [(t.detach().to("cpu", copy=True) if ANALYSIS_ON_HOST else t.detach().clone()) if i in read else t
-                   for i, t in enumerate(tensors)]
-            self._summaries = _Summaries(cpu)
+        # the analysis runs on the host: a few thousand small tensor operations at most (kernels
+        # launched again and again while the tensors change refill their runs on the GPU: maps.LiveRuns)
+        cpu = [t.detach().to("cpu", copy=True) if i in read else t for i, t in enumerate(tensors)]
+        self._summaries = _Summaries(cpu)
         where = next((cpu[i].device for i in sorted(read)), torch.device("cpu"))  # (where the analysis runs)
         self.method = "runtime" if read else "static"
         self.closed_form = closed_form  # the kernels use the band's closed form and read no metadata
-        self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size, where, summaries=self._summaries,
-                            coarse=(coarse.boxes, coarse.block_size) if nested else None)
+        self.boxes = decide(mask, cpu, self.dims, (sq, skv), block_size, where, summaries=self._summaries)
         self._counts: dict[str, int] | None = None
         c = self.counts()
         if exact is None:  # masks reading tensors, with most tiles undecided: unsorted ids, say

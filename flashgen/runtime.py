@@ -424,7 +424,7 @@ class Launch:
         if direct and direct(args):
             return
         compiled = self.kernel[self.grid](*args, *self.extra, **self.kwargs)
-        if direct is None:
+        if direct is None and compiled is not None:  # (None: recorded to compile ahead, not run)
             self._direct = self._direct_launch(compiled, args) or False
 
     def _direct_launch(self, compiled, args: tuple) -> Callable | None:

@@ -112,11 +112,3 @@ def test_warp_specialised_forward_prototype_matches_float64_in_the_interpreter()
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("rel. err.") == 4
-
-
-def test_map_rebuild_tool_runs_without_a_gpu():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "map_rebuild.py"), "--seq-len", "1024"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "to rebuild the three maps of a training step" in done.stdout

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from test_fuzz import FUZZ, examples
 
 import flashgen as fg
+from flashgen import blocks
 from flashgen.runtime import default_backward_configs
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -471,57 +472,6 @@ def test_random_runtime_masks_never_wrong(src, shape, seed, ndocs, sort, p):
     assert_runs_match(bm)
 
 
-@settings(FUZZ, max_examples=examples(60))
-@given(src=st.one_of(runtime_masks(), combined(STATIC_ATOMS)), seed=st.integers(0, 2**16),
-       ratio=st.sampled_from([(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 4)]))
-def test_maps_refined_from_coarser_tiles_are_never_wrong_and_as_precise(src, seed, ratio):
-    # the backward's small tiles seeded by the forward's map: its empty and full boxes taken over
-    from flashgen.blocks import BlockMask
-
-    g = torch.Generator().manual_seed(seed)
-    S, B, H, block = 160, 2, 3, (8, 16)
-    doc = (torch.rand(S, generator=g) < 0.1).long().cumsum(0)
-    namespace = dict(doc=doc, doc2=doc.expand(B, S).clone(), keep=torch.rand(S, generator=g) < 0.6,
-                     sc=torch.rand(S, generator=g), hs=torch.randn(H, generator=g),
-                     rel=torch.randint(-2, 3, (2 * S - 1,), generator=g), lim=torch.randint(0, S, (B,), generator=g))
-    mask_mod = mask_from(src, namespace)
-    attn = fg.compile(mask_mod=mask_mod)
-    coarse = BlockMask(attn.program.mask, attn.captured, (B, H, S, S - 7), (block[0] * ratio[0], block[1] * ratio[1]),
-                       closed_form=False)
-    direct = BlockMask(attn.program.mask, attn.captured, (B, H, S, S - 7), block, closed_form=False)
-    refined = BlockMask(attn.program.mask, attn.captured, (B, H, S, S - 7), block, closed_form=False, coarse=coarse)
-    truth = oracle(mask_mod, B, H, S, S - 7, block)
-    assert_never_wrong(refined.state.expand_as(truth), truth, src)
-    decided = direct.state.expand_as(truth) != PARTIAL
-    assert ((refined.state.expand_as(truth) == direct.state.expand_as(truth)) | ~decided).all(), src
-    assert refined.counts() == counts_of(refined.state)
-    assert_runs_match(refined)
-
-
-def test_the_backward_maps_are_refined_from_the_forward_map():
-    doc = (torch.arange(512) // 64)
-    attn = fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal)
-    coarse = attn.block_mask(1, 1, 512, 512, (128, 64))
-    seen = []
-    real = fg.blocks.decide
-
-    def spy(*args, coarse=None, **kwargs):
-        seen.append(coarse)
-        return real(*args, coarse=coarse, **kwargs)
-
-    import flashgen.blocks as blocks
-
-    blocks.decide, saved = spy, blocks.decide
-    try:
-        fine = attn.block_mask(1, 1, 512, 512, (32, 64))
-        attn.block_mask(1, 1, 512, 512, (64, 128))  # not nested in (128, 64): built from scratch
-    finally:
-        blocks.decide = saved
-    assert seen[0] is not None and seen[0][0] is coarse.boxes and seen[1] is None
-    assert torch.equal(fine.state, fg.block_mask(fg.mods.document(doc) & fg.mods.causal, 1, 1, 512, 512,
-                                                 block_size=(32, 64)).state)
-
-
 # ---------------------------------------------------------------------------------------------
 # 4. scale: the analysis follows the mask's boundary, not the number of tiles
 
@@ -628,33 +578,11 @@ def test_kernels_follow_in_place_changes_of_the_doc_ids():
     assert rel_err(out, fg.attention_reference(q, k, v, mask_mod=mask)) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["per-batch documents", "dilated documents"])
-def test_maps_analysed_where_the_tensors_live_match_the_host_analysis(monkeypatch, name):
-    """``blocks.ANALYSIS_ON_HOST = False`` analyses block maps on the captured tensors' device (an
-    experiment for ids that change every step): the maps, runs and pictures must be the host's."""
-    from flashgen import blocks
-
-    ids = torch.repeat_interleave(torch.arange(4), torch.tensor([10, 30, 26, 30]))
-    mask = {"per-batch documents": fg.mods.causal & fg.mods.document(DOC_PER_BATCH),
-            "dilated documents": lambda b, h, q_idx, kv_idx: (ids[q_idx] == ids[kv_idx])
-            & ((kv_idx - q_idx) % 2 == 0)}[name]
-    maps = {}
-    for on_host in (True, False):
-        monkeypatch.setattr(blocks, "ANALYSIS_ON_HOST", on_host)
-        attn = fg.compile(mask_mod=mask)
-        coarse = attn.block_mask(2, 2, 96, 96, (32, 32))
-        fine = attn.block_mask(2, 2, 96, 96, (16, 16))  # refined from the coarse map
-        maps[on_host] = [(bm.state, bm.runs(), bm.runs(transpose=True), bm.picture(), bm.png())
-                         for bm in (coarse, fine)]
-    for host, there in zip(maps[True], maps[False]):
-        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(host, there))
-
-
 @requires_interpreter
-def test_repeated_signatures_reuse_their_launches_until_the_ids_change(monkeypatch):
+def test_repeated_signatures_reuse_their_launches_as_the_ids_change(monkeypatch):
     """A call signature's launches are kept (``Attention._plans``): a repeated training step does
-    not choose tiles or look up block maps again, but an in-place change of the ids it reads
-    must still reach the kernels, forward and backward."""
+    not choose tiles or look up block maps again, and an in-place change of the ids it reads
+    reaches the kernels, forward and backward, through the kept launches' runs."""
     from flashgen import api
 
     S = 64
@@ -676,9 +604,107 @@ def test_repeated_signatures_reuse_their_launches_until_the_ids_change(monkeypat
 
     assert max(step_errors()) < 1e-4 and len(launches) == 3  # forward, dQ, dK/dV
     assert max(step_errors()) < 1e-4 and len(launches) == 3  # the kept launches: nothing chosen again
-    doc[20:] = 1  # a stale plan would run the old runs: tiles across the boundary without mask code
-    assert max(step_errors()) < 1e-4 and len(launches) == 6
+    # new ids refill the kept launches' runs in place (LiveRuns): stale runs would cover the new
+    # boundary's tiles without mask code
+    doc[20:] = 1
+    assert max(step_errors()) < 1e-4 and len(launches) == 3
+    doc.copy_(torch.arange(S) // 7)  # many documents: more runs per row than the first ids had
+    assert max(step_errors()) < 1e-4 and len(launches) == 3
     assert attn.last_tiles.keys() == {"forward", "dQ", "dK/dV"}
+    assert "refill their block maps' runs on the device" in attn.explain()
+
+
+@requires_interpreter
+def test_unsorted_ids_refill_exact_runs(monkeypatch):
+    """Unsorted ids, where intervals see nothing (every tile partial on the host), also keep their
+    launches: the refilled runs come from the mask evaluated on every entry (``maps.LiveRuns``),
+    so the map is exact and empty tiles are skipped."""
+    from flashgen import api
+
+    S = 64
+    gen = torch.Generator().manual_seed(5)
+    doc = torch.randint(0, 3, (S,), generator=gen)
+    mask = fg.mods.document(doc)
+    attn = fg.compile(mask_mod=mask)
+    q, k, v = qkv(1, 2, 2, S, S, seed=6)
+    launches = []
+    original = api.launch
+    monkeypatch.setattr(api, "launch", lambda *a, **kw: launches.append(a[2]) or original(*a, **kw))
+    for _ in range(3):
+        doc.copy_(torch.randint(0, 3, (S,), generator=gen))
+        check_against_reference(q, k, v, mask_mod=mask, attn=attn)
+    assert len(launches) == 1
+    doc.copy_(torch.arange(S) // 32)  # two documents: the tiles between them are empty
+    check_against_reference(q, k, v, mask_mod=mask, attn=attn)
+    cfg = attn.last_tiles["forward"]
+    live = attn._live_runs((1, 2, S, S), "cpu").runs((cfg.block_m, cfg.block_n))
+    host = blocks.BlockMask(attn.program.mask, attn.captured, (1, 2, S, S), (cfg.block_m, cfg.block_n),
+                            closed_form=False, exact=True)
+    assert host.counts()["empty"] > 0
+    assert_same_runs(live, host.runs())
+
+
+def assert_same_runs(live: torch.Tensor, host: torch.Tensor) -> None:
+    """The runs each row lists are the same (the live buffer is wider: R = ceil(columns / 2))."""
+    width = host.shape[-1]
+    assert torch.equal(live[..., 0], host[..., 0])
+    listed = torch.arange(width - 1) < 2 * host[..., :1]
+    assert torch.equal(torch.where(listed, live[..., 1:width], 0), torch.where(listed, host[..., 1:], 0))
+
+
+@requires_interpreter
+def test_live_runs_recorded_to_compile_ahead_are_filled_when_run(monkeypatch):
+    """A first call records its launches to compile them side by side (``parallel.captured``):
+    nothing runs then, so runs asked for while recording must be filled again when run."""
+    from flashgen import maps
+
+    doc = torch.arange(96) // 40
+    attn = fg.compile(mask_mod=fg.mods.document(doc))
+    live = attn._live_runs((1, 1, 96, 96), "cpu")
+    launched = []
+    original = maps.Launch.__call__
+    monkeypatch.setattr(maps.Launch, "__call__", lambda self, *a: launched.append(self) or original(self, *a))
+    monkeypatch.setattr(maps, "capturing", lambda: True)
+    live.runs((32, 32))
+    monkeypatch.setattr(maps, "capturing", lambda: False)
+    runs = live.runs((32, 32))
+    live.runs((32, 32))
+    assert len(launched) == 4  # states and runs while recording, then once more when run, then kept
+    host = blocks.BlockMask(attn.program.mask, attn.captured, (1, 1, 96, 96), (32, 32), closed_form=False, exact=True)
+    assert_same_runs(runs, host.runs())
+
+
+LIVE_MASKS = {
+    "document, causal": lambda doc: fg.mods.document(doc[0]) & fg.mods.causal,
+    "per-batch documents": lambda doc: lambda b, h, q_idx, kv_idx: doc[b, q_idx] == doc[b, kv_idx],
+    "document, window": lambda doc: fg.mods.document(doc[1]) & fg.mods.sliding_window(40),
+    "unsorted, per head": lambda doc: lambda b, h, q_idx, kv_idx: (doc[1, q_idx] + h) % 3 == doc[0, kv_idx] % 3,
+}
+
+
+@requires_interpreter
+@pytest.mark.parametrize("name", LIVE_MASKS)
+def test_live_runs_match_the_exact_host_maps_as_the_ids_change(name):
+    """``maps.LiveRuns`` lists the runs of the exact host map (partial tiles checked element by
+    element) at every tile size, transposed and with a ragged last block, through several versions
+    of the ids, in the same buffers."""
+    S, B, H = 176, 2, 3  # (not a multiple of 32: ragged last blocks)
+    gen = torch.Generator().manual_seed(11)
+    doc = torch.zeros(B, S, dtype=torch.long)
+    attn = fg.compile(mask_mod=LIVE_MASKS[name](doc))
+    live = attn._live_runs((B, H, S, S), "cpu")
+    keys = [((64, 32), False, True), ((32, 64), True, False), ((64, 64), False, False), ((16, 32), False, False)]
+    first = None
+    for docs in (5, 17):
+        ids = torch.randint(0, docs, (B, S), generator=gen)
+        doc.copy_(ids if name.startswith("unsorted") else torch.sort(ids, -1).values)
+        got = [live.runs(block, transpose=t, ragged_last=r) for block, t, r in keys]
+        first = first or got
+        assert all(a is b for a, b in zip(got, first))
+        for (block, t, r), runs in zip(keys, got):
+            host = blocks.BlockMask(attn.program.mask, attn.captured, (B, H, S, S), block, closed_form=False,
+                                    exact=True)
+            assert_same_runs(runs, host.runs(transpose=t, ragged_last=r))
 
 
 # ---------------------------------------------------------------------------------------------

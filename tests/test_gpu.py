@@ -432,6 +432,41 @@ def test_document_ids_changed_in_place_rebuild_the_block_map():
     check(second, q, k, v, mask_mod=mask)
 
 
+def test_ids_that_change_every_step_refill_the_kept_runs_without_synchronising():
+    """Packed training batches: new ids copied into the captured tensor before every step. The
+    kept launches refill their runs on the device (``blocks.LiveRuns``): results stay the
+    reference's, forward and backward, nothing recompiles, and no step synchronises with the host
+    (``torch.cuda.set_sync_debug_mode("error")`` raises on any operation that would)."""
+    B_, H_, S_, D_ = 2, 4, 1024, 64
+    doc = torch.zeros(B_, S_, dtype=torch.long, device=DEV)
+    mask = fg.mods.document(doc) & fg.mods.causal  # per-batch ids
+    attn = fg.compile(mask_mod=mask)
+    q, k, v = make_qkv(B_, H_, S_, D_, seed=43)
+    dout = randn(B_, H_, S_, D_, seed=44)
+    gen = torch.Generator(device=DEV).manual_seed(45)
+    for step, docs in enumerate((3, 16, 1, 40, 7)):
+        ids = torch.sort(torch.randint(0, docs, (B_, S_), device=DEV, generator=gen), -1).values
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        doc.copy_(ids)
+        if step >= 2:  # after the first steps of the signature (forward, backward) chose the tiles
+            before = compile_counts(attn)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = attn(*leaves)
+            out.backward(dout)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        if step >= 2:
+            assert compile_counts(attn) == before, "new ids recompiled"
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = fg.attention_reference(qd, kd, vd, mask_mod=mask)
+        ref.backward(dout.double())
+        assert rel_err(out, ref) < TOL[torch.bfloat16], f"step {step} ({docs} documents)"
+        for name, got, want in zip(("dq", "dk", "dv"), (t.grad for t in leaves), (qd.grad, kd.grad, vd.grad)):
+            assert rel_err(got, want) < 3e-2, f"{name}: step {step} ({docs} documents)"
+    assert sum(1 for _, live, _ in attn._plans.values() if live is not None) == 2  # forward, backward
+
+
 def test_host_overhead_with_a_block_map():
     doc = torch.repeat_interleave(torch.arange(2, device=DEV), torch.tensor([50, 78], device=DEV))
     q, k, v = make_qkv(1, 1, 128, 64, seed=32)
@@ -507,6 +542,6 @@ def test_kept_launches_go_direct_and_follow_alignment_and_streams():
         assert rel_err(out, ref) < TOL[torch.bfloat16], f"offset {offset}, stream {stream}"
         for name, got, want in (("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad), ("dv", v.grad, vd.grad)):
             assert rel_err(got, want) < 3e-2, f"{name}: offset {offset}, stream {stream}"
-    [forward, (dq, dkdv)] = attn._plans.values()  # one signature: every offset shares its plan
+    [(forward, _, _), ((dq, dkdv), _, _)] = attn._plans.values()  # one signature: every offset shares its plan
     if ".".join(triton.__version__.split(".")[:2]) in runtime.DIRECT_LAUNCH_TRITON:
         assert all(callable(launch._direct) for launch in (forward, dq, dkdv))

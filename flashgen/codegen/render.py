@@ -381,6 +381,22 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     return KernelSource(name, source, "attn_fwd", captures, hashlib.sha256(source.encode()).hexdigest())
 
 
+def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tuple[int, ...]) -> KernelSource:
+    """The block-map module of a mask (``block_states``, ``block_runs``): its tiles classified on the
+    GPU by evaluating the mask as the attention kernels do on partial tiles, and their runs."""
+    listing = format_program({"mask": mask}).splitlines()
+    mask = _lowered(mask)
+    tile = _Emitter("t")
+    for node in _ordered([mask]):
+        tile.emit(node)
+    captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
+    source = _template("block_map.py.jinja").render(
+        version=__version__, name=name, ir_key=program_key[:16], program_listing=listing,
+        tile_origin=_reads_tile_origin([mask]), mask_lines=tile.lines, mask_expr=tile.ref(mask),
+        capture_params=[p for c in captures for p in c.params])
+    return KernelSource(name, source, "block_states", captures, hashlib.sha256(source.encode()).hexdigest())
+
+
 def _emit_tile(tile: _Emitter, root: Node, level: dict[int, bool]) -> list[str]:
     start = len(tile.lines)
     for node in _ordered([root]):

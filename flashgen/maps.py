@@ -1,0 +1,102 @@
+"""Block maps built on the GPU, for masks that read tensors whose values change between calls.
+
+A packed training batch brings new document ids every step. The host analysis (``blocks``)
+would copy them to the host, which waits for the GPU's queue, and then classify tiles in Python:
+milliseconds per step. :class:`LiveRuns` instead keeps each map's runs in a buffer of fixed
+shape that the kept launches point at, and refills it with two generated kernels
+(``block_map.py.jinja``) when the tensors' versions change: nothing is read on the host, and
+the tiles and launches chosen on the first call stay.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+from .blocks import mask_dims, reads
+from .codegen.render import KernelSource
+from .ir import Node
+from .parallel import capturing
+from .runtime import Launch, load_module
+
+_MAX_BYTES = 1 << 26  # of one map's runs buffer: larger maps are left to the host analysis
+_INT32_MAX = 2**31 - 1
+
+
+class LiveRuns:
+    """The runs of one mask at one shape and device, refilled in place on the GPU.
+
+    :meth:`runs` gives the buffer of one map (tile size, transposed for the dK/dV pass or not,
+    ragged last block or not): int32 ``[batches, heads, rows, 2, 1 + 2R]`` as ``blocks.runs``
+    describes, with R = ceil(columns / 2), the most runs of one kind a row can have, so that no
+    value of the tensors can outgrow it. :meth:`refresh` refills the buffers when the tensors'
+    versions change: ``block_states`` evaluates the mask on every entry of every tile, as the
+    attention kernels do on partial tiles, so the map is exact (O(Sq·Skv) work on the GPU);
+    ``block_runs`` lists each row's runs."""
+
+    def __init__(self, source: KernelSource, mask: Node, captured: list[torch.Tensor],
+                 shape: tuple[int, int, int, int], device: torch.device, check_reads: bool):
+        self.shape, self.device, self.captured = shape, device, captured
+        self.dims = mask_dims(mask, shape[0], shape[1])
+        self._module = load_module(source)
+        self._read = [captured[i] for i in reads(mask)]
+        large = any(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX for t in captured)
+        self._constants = dict(IDX_T=tl.int64 if large else tl.int32, CHECK_READS=check_reads, FAST_MATH=False,
+                               SUB_M=32, SUB_N=32, num_warps=4)  # (the states' launches)
+        self._states: dict[tuple[int, int], list] = {}  # tile size -> [states, their launch]
+        self._runs: dict[tuple, tuple] = {}  # (tile size, transpose, ragged_last) -> runs, their launch, arguments
+        self._fresh: set = set()  # tile sizes and keys filled for ``_versions``
+        self._versions: tuple | None = None
+        self._layout: tuple | None = None  # the captured tensors' integer arguments the launches specialise on
+
+    def fits(self, block: tuple[int, int]) -> bool:
+        """Whether the map at ``block`` tiles is small enough to keep here (~9 bytes per tile)."""
+        return self.dims[0] * self.dims[1] * -(-self.shape[2] // block[0]) * -(-self.shape[3] // block[1]) * 9 \
+            <= _MAX_BYTES
+
+    def runs(self, block: tuple[int, int], *, transpose: bool = False, ragged_last: bool = False) -> torch.Tensor:
+        """The runs buffer of one map, filled for the current values of the tensors the mask reads."""
+        block = tuple(block)
+        key = (block, transpose, ragged_last)
+        if key not in self._runs:
+            grid = (-(-self.shape[2] // block[0]), -(-self.shape[3] // block[1]))
+            if block not in self._states:
+                self._states[block] = [torch.empty(*self.dims, *grid, dtype=torch.int8, device=self.device), None]
+            states = self._states[block][0]
+            rows, cols = grid[::-1] if transpose else grid
+            runs = torch.empty(*self.dims, rows, 2, 1 + 2 * -(-cols // 2), dtype=torch.int32, device=self.device)
+            sb, sh, sr, sc = states.stride()
+            launch = Launch(None, self._module.block_runs, (rows, *self.dims), (), dict(CHUNK=256, num_warps=4))
+            self._runs[key] = (runs, launch, (states, sb, sh, *((sc, sr) if transpose else (sr, sc)), runs,
+                                              *runs.stride()[:4], cols, int(ragged_last)))
+        self.refresh()
+        return self._runs[key][0]
+
+    def owns(self, runs: torch.Tensor) -> bool:
+        return any(buf is runs for buf, _, _ in self._runs.values())
+
+    def refresh(self) -> None:
+        """Refill the buffers if the tensors the mask reads changed since they were filled (all of
+        them: a training step's forward refills its backward's maps too)."""
+        versions = tuple((t.data_ptr(), t._version) for t in self._read)
+        if versions != self._versions:
+            self._versions = versions
+            self._fresh.clear()
+        if len(self._fresh) == len(self._states) + len(self._runs):
+            return
+        captures = [x for t in self.captured for x in (t, *t.shape, *t.stride())]
+        layout = tuple(a for a in captures if type(a) is int)
+        recorded = capturing()  # (launches recorded to compile ahead, not run: nothing is filled)
+        _, _, sq, skv = self.shape
+        for block, entry in self._states.items():
+            if block not in self._fresh:
+                if entry[1] is None or layout != self._layout:  # (launches specialise on the layouts)
+                    grid = (*entry[0].shape[2:], self.dims[0] * self.dims[1])
+                    entry[1] = Launch(None, self._module.block_states, grid, (), self._constants)
+                entry[1](entry[0], *entry[0].stride()[:3], *captures, sq, skv, self.dims[1], *block)
+        self._layout = layout
+        for key, (_, launch, args) in self._runs.items():
+            if key not in self._fresh:
+                launch(*args)
+        if not recorded:
+            self._fresh.update(self._states, self._runs)
