@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("flashgen, ids stay put", bench(lambda: fg_step(False))),
             ("flashgen, ids change every step", bench(lambda: fg_step(True)))]
     # the refill alone: host time to issue it (no synchronisation) and its GPU time
-    kept = {live for _, live, _ in attn._plans.values() if live is not None}
+    kept = [live for _, live, _ in attn._plans.values() if live is not None]
     if kept:
         def refill():
             doc.add_(0)
-            for live in kept:
-                live.refresh()
+            for live, keys in kept:
+                live.refresh(keys)
 
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             refill()
         issued = (time.perf_counter() - t0) / 50
         torch.cuda.synchronize()
-        maps = sum(len(live._runs) for live in kept)
+        maps = len({key for _, keys in kept for key in keys})
         print(f"refill of the kept runs ({maps} maps): host {issued * 1e3:.3f} ms to issue, "
               f"GPU {bench(refill):.3f} ms (median)")
     if args.profile:  # where a step's host time goes (by own time)

@@ -122,7 +122,7 @@ class Attention:
         self._constants: dict[tuple, dict] = {}  # launch constexprs per call layout (_launch_constants)
         # a signature's launches, with the runs they refill or the versions of the tensors the mask
         # reads that they were planned for (_keep_plan)
-        self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], LiveRuns | None, tuple]] = {}
+        self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], tuple | None, tuple]] = {}
         self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # (shape, device) -> runs refilled in place
 
     # -- introspection -----------------------------------------------------------------------
@@ -476,7 +476,7 @@ class Attention:
         if len(self._plans) >= 256:  # (many sequence lengths)
             self._plans.clear()
         runs = [x.extra[0] for x in (plan if isinstance(plan, tuple) else (plan,)) if x.extra]  # (then strides)
-        live = next((m for m in self._live.values() if runs and all(m.owns(r) for r in runs)), None)
+        live = next(((m, keys) for m in self._live.values() if (keys := m.keys_of(runs)) is not None), None)
         self._plans[key] = (plan, live, self._read_versions())
 
     def _kept(self, key: tuple):
@@ -487,7 +487,7 @@ class Attention:
             return None
         plan, live, versions = kept
         if live is not None:
-            live.refresh()
+            live[0].refresh(live[1])
         elif versions != self._read_versions():
             return None
         return plan

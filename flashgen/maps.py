@@ -19,7 +19,7 @@ from .ir import Node
 from .parallel import capturing
 from .runtime import Launch, load_module
 
-_MAX_BYTES = 1 << 26  # of one map's runs buffer: larger maps are left to the host analysis
+_MAX_BYTES = 1 << 28  # of one map's runs buffer (as large as flex's block mask); larger maps: the host analysis
 _INT32_MAX = 2**31 - 1
 
 
@@ -69,34 +69,39 @@ class LiveRuns:
             launch = Launch(None, self._module.block_runs, (rows, *self.dims), (), dict(CHUNK=256, num_warps=4))
             self._runs[key] = (runs, launch, (states, sb, sh, *((sc, sr) if transpose else (sr, sc)), runs,
                                               *runs.stride()[:4], cols, int(ragged_last)))
-        self.refresh()
+        self.refresh((key,))
         return self._runs[key][0]
 
-    def owns(self, runs: torch.Tensor) -> bool:
-        return any(buf is runs for buf, _, _ in self._runs.values())
+    def keys_of(self, runs: list[torch.Tensor]) -> tuple | None:
+        """The keys of these buffers, or None if one of them is not this object's."""
+        keys = tuple(next((k for k, (buf, _, _) in self._runs.items() if buf is r), None) for r in runs)
+        return keys if runs and None not in keys else None
 
-    def refresh(self) -> None:
-        """Refill the buffers if the tensors the mask reads changed since they were filled (all of
-        them: a training step's forward refills its backward's maps too)."""
+    def refresh(self, keys: tuple) -> None:
+        """Refill the buffers of ``keys`` if the tensors the mask reads changed since they were filled."""
         versions = tuple((t.data_ptr(), t._version) for t in self._read)
         if versions != self._versions:
             self._versions = versions
             self._fresh.clear()
-        if len(self._fresh) == len(self._states) + len(self._runs):
+        stale = [k for k in keys if k not in self._fresh]
+        if not stale:
             return
         captures = [x for t in self.captured for x in (t, *t.shape, *t.stride())]
         layout = tuple(a for a in captures if type(a) is int)
+        if layout != self._layout:  # the states' launches specialise on the captured tensors' layouts
+            for entry in self._states.values():
+                entry[1] = None
+            self._layout = layout
         recorded = capturing()  # (launches recorded to compile ahead, not run: nothing is filled)
         _, _, sq, skv = self.shape
-        for block, entry in self._states.items():
-            if block not in self._fresh:
-                if entry[1] is None or layout != self._layout:  # (launches specialise on the layouts)
-                    grid = (*entry[0].shape[2:], self.dims[0] * self.dims[1])
-                    entry[1] = Launch(None, self._module.block_states, grid, (), self._constants)
-                entry[1](entry[0], *entry[0].stride()[:3], *captures, sq, skv, self.dims[1], *block)
-        self._layout = layout
-        for key, (_, launch, args) in self._runs.items():
-            if key not in self._fresh:
-                launch(*args)
-        if not recorded:
-            self._fresh.update(self._states, self._runs)
+        for key in stale:
+            entry = self._states[key[0]]
+            if entry[1] is None:
+                entry[1] = Launch(None, self._module.block_states, (*entry[0].shape[2:], self.dims[0] * self.dims[1]),
+                                  (), self._constants)
+            if key[0] not in self._fresh:
+                entry[1](entry[0], *entry[0].stride()[:3], *captures, sq, skv, self.dims[1], *key[0])
+            _, launch, args = self._runs[key]
+            launch(*args)
+            if not recorded:
+                self._fresh.update((key[0], key))

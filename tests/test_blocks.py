@@ -674,6 +674,30 @@ def test_live_runs_recorded_to_compile_ahead_are_filled_when_run(monkeypatch):
     assert_same_runs(runs, host.runs())
 
 
+@requires_interpreter
+def test_live_runs_refill_only_the_maps_asked_for(monkeypatch):
+    """A kept plan refills its own maps when the ids change, not every map the object holds (the
+    tuner's candidates leave many): each map costs two launches."""
+    from flashgen import maps
+
+    doc = torch.arange(96) // 40
+    attn = fg.compile(mask_mod=fg.mods.document(doc))
+    live = attn._live_runs((1, 1, 96, 96), "cpu")
+    for block in ((32, 32), (16, 32), (32, 16)):
+        live.runs(block)
+    launched = []
+    original = maps.Launch.__call__
+    monkeypatch.setattr(maps.Launch, "__call__", lambda self, *a: launched.append(self) or original(self, *a))
+    wanted = live.keys_of([live.runs((32, 32))])
+    assert not launched and wanted == (((32, 32), False, False),)
+    doc.copy_(torch.arange(96) // 20)
+    live.refresh(wanted)
+    assert len(launched) == 2
+    host = blocks.BlockMask(attn.program.mask, attn.captured, (1, 1, 96, 96), (32, 32), closed_form=False, exact=True)
+    assert_same_runs(live.runs((32, 32)), host.runs())
+    assert len(launched) == 2 and live.keys_of([torch.zeros(1)]) is None
+
+
 LIVE_MASKS = {
     "document, causal": lambda doc: fg.mods.document(doc[0]) & fg.mods.causal,
     "per-batch documents": lambda doc: lambda b, h, q_idx, kv_idx: doc[b, q_idx] == doc[b, kv_idx],
