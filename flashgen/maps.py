@@ -42,7 +42,7 @@ class LiveRuns:
         self._read = [captured[i] for i in reads(mask)]
         large = any(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX for t in captured)
         self._constants = dict(IDX_T=tl.int64 if large else tl.int32, CHECK_READS=check_reads, FAST_MATH=False,
-                               SUB_M=32, SUB_N=32, num_warps=4)  # (the states' launches)
+                               SUB_M=32, SUB_N=32, num_warps=2)  # (the states' launches)
         self._states: dict[tuple[int, int], list] = {}  # tile size -> [states, their launch]
         self._runs: dict[tuple, tuple] = {}  # (tile size, transpose, ragged_last) -> runs, their launch, arguments
         self._fresh: set = set()  # tile sizes and keys filled for ``_versions``
