@@ -472,6 +472,41 @@ def test_random_runtime_masks_never_wrong(src, shape, seed, ndocs, sort, p):
     assert_runs_match(bm)
 
 
+@requires_interpreter
+@settings(FUZZ, max_examples=examples(40))
+@given(src=runtime_masks(), shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 160),
+                                            st.integers(1, 160), st.sampled_from([16, 32, 48, 64]),
+                                            st.sampled_from([16, 32, 48, 64])),
+       seed=st.integers(0, 2**16), ndocs=st.integers(1, 5), p=st.sampled_from([0.05, 0.2, 1.0]))
+def test_random_runtime_masks_live_runs_are_exact(src, shape, seed, ndocs, p):
+    """The kernels' maps of masks that read tensors (``maps.LiveRuns``: the mask evaluated on every
+    entry on the device) are the oracle's exact states, forward (ragged last block as partial)
+    and transposed, through a change of the values."""
+    B, H, Sq, Skv, bq, bk = shape
+    g = torch.Generator().manual_seed(seed)
+    S = 160
+    namespace = dict(doc=piecewise((S,), torch.randint(0, ndocs, (97,), generator=g), p, g),
+                     doc2=piecewise((B, S), torch.randint(0, ndocs, (97,), generator=g), p, g),
+                     keep=piecewise((S,), torch.rand(97, generator=g) < 0.6, p, g),
+                     sc=piecewise((S,), torch.rand(97, generator=g), p, g), hs=torch.randn(H, generator=g),
+                     rel=torch.randint(-2, 3, (2 * S - 1,), generator=g), lim=torch.randint(0, S, (B,), generator=g))
+    mask = mask_from(src, namespace)
+    live = fg.compile(mask_mod=mask)._live_runs((B, H, Sq, Skv), "cpu")
+    nq, nk = -(-Sq // bq), -(-Skv // bk)
+    for _ in range(2):
+        truth = oracle(mask, B, H, Sq, Skv, (bq, bk))
+        dims = (B, H, nq, nk)
+        forward = decode_runs(live.runs((bq, bk), ragged_last=Skv % bk != 0).cpu(), nq, nk).expand(dims)
+        want = truth.clone()
+        if Skv % bk:
+            want[..., -1][want[..., -1] == FULL] = PARTIAL
+        assert torch.equal(forward, want), src
+        transposed = decode_runs(live.runs((bq, bk), transpose=True).cpu(), nk, nq)
+        assert torch.equal(transposed.expand(B, H, nk, nq), truth.transpose(2, 3)), src
+        namespace["doc"].copy_(namespace["doc"].flip(0))  # new values, in place
+        namespace["sc"].mul_(0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. scale: the analysis follows the mask's boundary, not the number of tiles
 

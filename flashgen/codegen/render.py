@@ -390,9 +390,12 @@ def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tup
     for node in _ordered([mask]):
         tile.emit(node)
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
+    expr = tile.ref(mask)
+    if mask.op in _COMPARE and DType.FLOAT in (mask.src[0].dtype, mask.src[1].dtype):
+        expr = f"({expr} != 0)"  # (Triton 3.6's interpreter types comparisons of floats as fp32, which & refuses)
     source = _template("block_map.py.jinja").render(
         version=__version__, name=name, ir_key=program_key[:16], program_listing=listing,
-        tile_origin=_reads_tile_origin([mask]), mask_lines=tile.lines, mask_expr=tile.ref(mask),
+        tile_origin=_reads_tile_origin([mask]), mask_lines=tile.lines, mask_expr=expr,
         capture_params=[p for c in captures for p in c.params])
     return KernelSource(name, source, "block_states", captures, hashlib.sha256(source.encode()).hexdigest())
 
