@@ -10,6 +10,8 @@ the tiles and launches chosen on the first call stay.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton.language as tl
 
@@ -46,13 +48,13 @@ class LiveRuns:
         self._states: dict[tuple[int, int], list] = {}  # tile size -> [states, their launch]
         self._runs: dict[tuple, tuple] = {}  # (tile size, transpose, ragged_last) -> runs, their launch, arguments
         self._fresh: set = set()  # tile sizes and keys filled for ``_versions``
-        self._versions: tuple | None = None
-        self._layout: tuple | None = None  # the captured tensors' integer arguments the launches specialise on
+        # the versions of the tensors the mask reads, and the captured tensors' integer arguments the
+        # states' launches specialise on, when last filled
+        self._versions = self._layout = None
 
     def fits(self, block: tuple[int, int]) -> bool:
         """Whether the map at ``block`` tiles is small enough to keep here (~9 bytes per tile)."""
-        return self.dims[0] * self.dims[1] * -(-self.shape[2] // block[0]) * -(-self.shape[3] // block[1]) * 9 \
-            <= _MAX_BYTES
+        return math.prod(self.dims) * -(-self.shape[2] // block[0]) * -(-self.shape[3] // block[1]) * 9 <= _MAX_BYTES
 
     def runs(self, block: tuple[int, int], *, transpose: bool = False, ragged_last: bool = False) -> torch.Tensor:
         """The runs buffer of one map, filled for the current values of the tensors the mask reads."""
