@@ -9,7 +9,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
-import triton.language as tl
 
 from . import ir
 from .analysis import Analysis, analyze, reads_in_range
@@ -28,6 +27,7 @@ from .runtime import (
     default_backward_configs,
     default_config,
     identifier,
+    index_type,
     interpreting,
     launch,
     load_kernel,
@@ -47,7 +47,6 @@ from .tuning import candidates, first_fitting, tune, tuning_key
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 FACTOR_ROUNDING_TOL = 1 / 128  # logits: a bias lowered to factors may move none by more (1% of a weight)
-_INT32_MAX = 2**31 - 1
 
 # one rendered kernel per program key, shared by every Attention with an equivalent program
 _sources: dict[object, KernelSource] = {}
@@ -240,10 +239,8 @@ class Attention:
         if constants is None:
             if len(self._constants) >= 256:  # (many sequence lengths)
                 self._constants.clear()
-            large = any(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX
-                        for t in self.captured)
             constants = self._constants[key] = dict(
-                HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv), IDX_T=tl.int64 if large else tl.int32,
+                HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv), IDX_T=index_type(self.captured),
                 CHECK_READS=self._check_reads(shape), FAST_MATH=self._fast_math(dtype), **_precision(dtype))
         return constants
 

@@ -13,16 +13,14 @@ from __future__ import annotations
 import math
 
 import torch
-import triton.language as tl
 
 from .blocks import mask_dims, reads
 from .codegen.render import KernelSource
 from .ir import Node
 from .parallel import capturing
-from .runtime import Launch, load_module
+from .runtime import Launch, index_type, load_module
 
 _MAX_BYTES = 1 << 28  # of one map's runs buffer (as large as flex's block mask); larger maps: the host analysis
-_INT32_MAX = 2**31 - 1
 
 
 class LiveRuns:
@@ -42,8 +40,7 @@ class LiveRuns:
         self.dims = mask_dims(mask, shape[0], shape[1])
         self._module = load_module(source)
         self._read = [captured[i] for i in reads(mask)]
-        large = any(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > _INT32_MAX for t in captured)
-        self._constants = dict(IDX_T=tl.int64 if large else tl.int32, CHECK_READS=check_reads, FAST_MATH=False,
+        self._constants = dict(IDX_T=index_type(captured), CHECK_READS=check_reads, FAST_MATH=False,
                                SUB_M=32, SUB_N=32, num_warps=2)  # (the states' launches)
         self._states: dict[tuple[int, int], list] = {}  # tile size -> [states, their launch]
         self._runs: dict[tuple, tuple] = {}  # (tile size, transpose, ragged_last) -> runs, their launch, arguments

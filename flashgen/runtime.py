@@ -458,6 +458,12 @@ class Launch:
         return go
 
 
+def index_type(tensors: list[torch.Tensor]):
+    """IDX_T for kernels that read ``tensors``: int64 where an offset into one may pass 2**31 - 1."""
+    large = any(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > 2**31 - 1 for t in tensors)
+    return triton.language.int64 if large else triton.language.int32
+
+
 def padded(d: int) -> int:
     """The width of a head dim in the kernels' tiles: a power of two for v (``BLOCK_DV``), the sum
     of the q·kᵀ head blocks for q and k (``head_blocks``)."""
