@@ -122,7 +122,7 @@ class Attention:
         # a signature's launches, with the runs they refill or the versions of the tensors the mask
         # reads that they were planned for (_keep_plan)
         self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], tuple | None, tuple]] = {}
-        self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # (shape, device) -> runs refilled in place
+        self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # per shape and device: runs refilled in place
 
     # -- introspection -----------------------------------------------------------------------
     def _kernel_source(self) -> KernelSource:
@@ -296,7 +296,7 @@ class Attention:
                 runs.stride(2), runs.stride(3))
 
     def _live_runs(self, shape: tuple[int, int, int, int], device) -> LiveRuns:
-        key = (shape, str(device))
+        key = (shape, str(device), tuple(t.shape for t in self.captured))  # (its CHECK_READS proof holds for these)
         live = self._live.get(key)
         if live is None:
             ks = _sources.get(("map", self.program.key))
