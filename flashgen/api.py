@@ -24,6 +24,7 @@ from .runtime import (
     Config,
     Launch,
     binaries_here,
+    captured_args,
     default_backward_configs,
     default_config,
     identifier,
@@ -227,10 +228,6 @@ class Attention:
         self._last_block_map = bm
         return bm
 
-    def _capture_args(self) -> list:
-        """The captured tensors' kernel arguments: each one's pointer, sizes and strides."""
-        return [x for t in self.captured for x in (t, *t.shape, *t.stride())]
-
     def _launch_constants(self, dtype: torch.dtype, D: int, Dv: int, shape: tuple) -> dict:
         """The constexprs every kernel of a call shares, for a signature's first launch (memoised
         per shapes and layouts: a block map's new version launches anew, with the same ones)."""
@@ -419,7 +416,7 @@ class Attention:
                 lse.fill_(float("-inf"))
             return out, lse
         shape = (B, Hq, Sq, Skv)
-        capture_args = self._capture_args()
+        capture_args = captured_args(self.captured)
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
         key = ("fwd", q.dtype, q.device, want_lse, config, self._layout_key(capture_args, q, k, v))
@@ -562,7 +559,7 @@ class Attention:
         dlse = dlse.float().contiguous() if dlse is not None else None
         lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
-        capture_args = self._capture_args()
+        capture_args = captured_args(self.captured)
         # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)
         fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if grad_slots else None
 

@@ -18,7 +18,7 @@ from .blocks import mask_dims, reads
 from .codegen.render import KernelSource
 from .ir import Node
 from .parallel import capturing
-from .runtime import Launch, index_type, load_module
+from .runtime import Launch, captured_args, index_type, load_module
 
 _MAX_BYTES = 1 << 28  # of one map's runs buffer (as large as flex's block mask); larger maps: the host analysis
 
@@ -85,7 +85,7 @@ class LiveRuns:
         stale = [k for k in keys if k not in self._fresh]
         if not stale:
             return
-        captures = [x for t in self.captured for x in (t, *t.shape, *t.stride())]
+        captures = captured_args(self.captured)
         layout = tuple(a for a in captures if type(a) is int)
         if layout != self._layout:  # the states' launches specialise on the captured tensors' layouts
             for entry in self._states.values():

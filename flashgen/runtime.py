@@ -458,6 +458,11 @@ class Launch:
         return go
 
 
+def captured_args(tensors: list[torch.Tensor]) -> list:
+    """The captured tensors' kernel arguments: each one's pointer, sizes and strides."""
+    return [x for t in tensors for x in (t, *t.shape, *t.stride())]
+
+
 def index_type(tensors: list[torch.Tensor]):
     """IDX_T for kernels that read ``tensors``: int64 where an offset into one may pass 2**31 - 1."""
     large = any(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > 2**31 - 1 for t in tensors)
