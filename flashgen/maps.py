@@ -41,7 +41,7 @@ class LiveRuns:
         self._module = load_module(source)
         self._read = [captured[i] for i in reads(mask)]
         self._constants = dict(IDX_T=index_type(captured), CHECK_READS=check_reads, FAST_MATH=False,
-                               SUB_M=32, SUB_N=32, num_warps=2)  # (the states' launches)
+                               SUB_M=32, SUB_N=32, RANGE_W=256, num_warps=2)  # (the states' launches)
         self._states: dict[tuple[int, int], list] = {}  # tile size -> [states, their launch]
         self._runs: dict[tuple, tuple] = {}  # (tile size, transpose, ragged_last) -> runs, their launch, arguments
         self._fresh: set = set()  # tile sizes and keys filled for ``_versions``

@@ -381,6 +381,154 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     return KernelSource(name, source, "attn_fwd", captures, hashlib.sha256(source.encode()).hexdigest())
 
 
+_RANGE_W = 256  # entries of a captured tensor a tile's interval bounds may read along one dimension
+
+
+class _IntervalEmitter:
+    """Interval bounds of a mask over one tile, as scalar float64 Triton code (the rules of
+    ``blocks._Evaluator``, which states them; float64 holds every index and id exactly): node ``n``
+    gets ``lo{i}``/``hi{i}``, booleans as 0/1. A captured tensor read along one ranged dimension
+    loads up to ``RANGE_W`` entries and takes their min/max. What has no rule here is unknown, so
+    the bounds are conservative and the tile is then evaluated entry by entry."""
+
+    def __init__(self):
+        self.names: dict[int, tuple[str, str]] = {}
+        self.lines: list[str] = []
+
+    def emit(self, n: Node) -> tuple[str, str]:
+        if id(n) in self.names:
+            return self.names[id(n)]
+        src = [self.emit(c) for c in n.src]
+        i = len(self.names)
+        lo, hi = self._rule(n, src, i)
+        if n.dtype is DType.FLOAT and n.op is not Op.CONST:  # the kernel computes in fp32: widen
+            lo, hi = f"({lo}) - 1e-5 * tl.abs({lo})", f"({hi}) + 1e-5 * tl.abs({hi})"
+        self.lines += [f"lo{i} = zero64 + ({lo})", f"hi{i} = zero64 + ({hi})"]  # (ints, constants: float64)
+        if n.dtype is not DType.BOOL and n.op not in (Op.CONST, Op.INDEX, Op.LOAD):  # inf - inf: unknown
+            self.lines += [f"lo{i} = tl.where(lo{i} != lo{i}, -_INF64, lo{i})",
+                           f"hi{i} = tl.where(hi{i} != hi{i}, _INF64, hi{i})"]
+        self.names[id(n)] = (f"lo{i}", f"hi{i}")
+        return self.names[id(n)]
+
+    @staticmethod
+    def _unknown(n: Node) -> tuple[str, str]:
+        return ("0.0", "1.0") if n.dtype is DType.BOOL else ("-_INF64", "_INF64")
+
+    def _rule(self, n: Node, s: list[tuple[str, str]], i: int) -> tuple[str, str]:
+        op = n.op
+        if op is Op.CONST:
+            v = _literal(float(n.arg))
+            return v, v
+        if op is Op.INDEX:
+            return {"q_idx": ("q_lo", "q_hi - 1"), "kv_idx": ("kv_lo", "kv_hi - 1"), "b": ("b", "b"), "h": ("h", "h"),
+                    ir.TILE_ORIGIN: ("q_lo", "q_lo")}[n.arg]
+        if op is Op.LOAD:
+            return self._load(n, s, i)
+        if op is Op.ADD:
+            return f"{s[0][0]} + {s[1][0]}", f"{s[0][1]} + {s[1][1]}"
+        if op is Op.SUB:
+            return f"{s[0][0]} - {s[1][1]}", f"{s[0][1]} - {s[1][0]}"
+        if op is Op.NEG:
+            return f"-{s[0][1]}", f"-{s[0][0]}"
+        if op is Op.MUL and n.dtype is not DType.BOOL:
+            (a, b), (c, d) = s
+            self.lines += [f"p{i}_{j} = tl.where({x} * {y} != {x} * {y}, 0.0, {x} * {y})"  # 0 * inf: 0
+                           for j, (x, y) in enumerate(((a, c), (a, d), (b, c), (b, d)))]
+            return (f"tl.minimum(tl.minimum(p{i}_0, p{i}_1), tl.minimum(p{i}_2, p{i}_3))",
+                    f"tl.maximum(tl.maximum(p{i}_0, p{i}_1), tl.maximum(p{i}_2, p{i}_3))")
+        if op in (Op.FLOORDIV, Op.MOD) and n.src[1].op is Op.CONST and n.src[1].arg > 0:
+            c = _literal(float(n.src[1].arg))
+            (lo, hi), q0, q1 = s[0], f"tl.floor({s[0][0]} / {c})", f"tl.floor({s[0][1]} / {c})"
+            if op is Op.FLOORDIV:
+                return q0, q1
+            top = f"{c} - 1.0" if n.dtype is DType.INT else c
+            return (f"tl.where({q0} == {q1}, {lo} - {c} * {q0}, 0.0)",
+                    f"tl.where({q0} == {q1}, {hi} - {c} * {q1}, {top})")
+        if op in (Op.MIN, Op.MAX):
+            f = "tl.minimum" if op is Op.MIN else "tl.maximum"
+            return f"{f}({s[0][0]}, {s[1][0]})", f"{f}({s[0][1]}, {s[1][1]})"
+        if op is Op.ABS:
+            (lo, hi), = s
+            return (f"tl.where({lo} >= 0, {lo}, tl.where({hi} <= 0, -{hi}, 0.0))",
+                    f"tl.maximum(tl.abs({lo}), tl.abs({hi}))")
+        if op in _COMPARE:
+            return self._compare(n, s)
+        if n.dtype is DType.BOOL and op in (Op.AND, Op.OR, Op.NOT):
+            if op is Op.NOT:
+                return f"1.0 - {s[0][1]}", f"1.0 - {s[0][0]}"
+            f = "tl.minimum" if op is Op.AND else "tl.maximum"
+            return f"{f}({s[0][0]}, {s[1][0]})", f"{f}({s[0][1]}, {s[1][1]})"
+        if op is Op.WHERE:
+            (clo, chi), (alo, ahi), (blo, bhi) = s
+            return (f"tl.where({clo} > 0, {alo}, tl.where({chi} < 1, {blo}, tl.minimum({alo}, {blo})))",
+                    f"tl.where({clo} > 0, {ahi}, tl.where({chi} < 1, {bhi}, tl.maximum({ahi}, {bhi})))")
+        if op is Op.CAST and n.dtype is DType.BOOL:
+            (lo, hi), = s
+            return (f"tl.where(({lo} > 0) | ({hi} < 0), 1.0, 0.0)",
+                    f"tl.where(({lo} == 0) & ({hi} == 0), 0.0, 1.0)")
+        if op is Op.CAST and n.dtype is DType.INT and n.src[0].dtype is DType.FLOAT:
+            return f"tl.where({s[0][0]} < 0, tl.ceil({s[0][0]}), tl.floor({s[0][0]}))", \
+                f"tl.where({s[0][1]} < 0, tl.ceil({s[0][1]}), tl.floor({s[0][1]}))"  # (truncation)
+        if op is Op.CAST:
+            return s[0]
+        if op in (Op.FLOOR, Op.CEIL):
+            f = "tl.floor" if op is Op.FLOOR else "tl.ceil"
+            return f"{f}({s[0][0]})", f"{f}({s[0][1]})"
+        return self._unknown(n)
+
+    def _compare(self, n: Node, s: list[tuple[str, str]]) -> tuple[str, str]:
+        (alo, ahi), (blo, bhi) = s
+        if DType.FLOAT in (n.src[0].dtype, n.src[1].dtype):  # the kernel compares fp32 values: a margin
+            alo, ahi, blo, bhi = (f"({x}) {sign} 1e-5 * tl.abs({x})" for x, sign in
+                                  ((alo, "-"), (ahi, "+"), (blo, "-"), (bhi, "+")))
+        op = n.op
+        if op in (Op.GT, Op.GE):
+            op = Op.LT if op is Op.GT else Op.LE
+            (alo, ahi), (blo, bhi) = (blo, bhi), (alo, ahi)
+        if op is Op.LT:
+            true, false = f"{ahi} < {blo}", f"{alo} >= {bhi}"
+        elif op is Op.LE:
+            true, false = f"{ahi} <= {blo}", f"{alo} > {bhi}"
+        else:
+            true = f"({alo} == {ahi}) & ({blo} == {bhi}) & ({alo} == {blo}) & ({alo} > -_INF64) & ({alo} < _INF64)"
+            false = f"({ahi} < {blo}) | ({bhi} < {alo})"
+            if op is Op.NE:
+                true, false = false, true
+        return f"tl.where({true}, 1.0, 0.0)", f"tl.where({false}, 0.0, 1.0)"
+
+    def _load(self, n: Node, s: list[tuple[str, str]], i: int) -> tuple[str, str]:
+        base = f"cap{n.arg}"
+        if not s:
+            return f"tl.load({base}).to(tl.float64)", f"tl.load({base}).to(tl.float64)"
+        ranged = [d for d, c in enumerate(n.src) if any(ir.depends_on(c, x) for x in ("q_idx", "kv_idx"))]
+        if len(ranged) > 1:
+            return self._unknown(n)
+        points = [d for d in range(len(s)) if d not in ranged]  # (one value: the low bound)
+        fixed = " + ".join(f"{s[d][0]}.to(tl.int64) * {base}_stride{d}" for d in points)
+        inside = " & ".join(f"({s[d][0]} >= 0) & ({s[d][0]} < {base}_size{d})" for d in points)
+        offset = f"tl.where({inside}, {fixed}, 0)" if inside else (fixed or "0")  # (never outside the tensor)
+        inside = inside or "True"
+        if not ranged:  # one entry
+            self.lines.append(f"v{i} = tl.load({base} + {offset}).to(tl.float64)")
+            return f"tl.where({inside}, v{i}, 0.0)", f"tl.where({inside}, v{i}, 0.0)"
+        d = ranged[0]
+        lo, hi = s[d]
+        self.lines += [
+            f"span{i} = ({hi} - {lo} < RANGE_W) & ({lo} > -_INF64) & ({hi} < _INF64) & ({inside})",
+            f"first{i} = tl.where(span{i}, tl.maximum({lo}, 0.0), 0.0).to(tl.int64)",
+            f"last{i} = tl.where(span{i}, tl.minimum({hi}, {base}_size{d} - 1.0), -1.0).to(tl.int64)",
+            f"at{i} = first{i} + tl.arange(0, RANGE_W)",
+            f"vals{i} = tl.load({base} + {offset} + at{i} * {base}_stride{d}, mask=at{i} <= last{i}, "
+            "other=0).to(tl.float64)",
+            f"outside{i} = ({lo} < 0) | ({hi} > {base}_size{d} - 1.0)",  # the kernel reads 0 there
+            f"vlo{i} = tl.min(tl.where(at{i} <= last{i}, vals{i}, _INF64), 0)",
+            f"vhi{i} = tl.max(tl.where(at{i} <= last{i}, vals{i}, -_INF64), 0)",
+            f"vlo{i} = tl.where(outside{i}, tl.minimum(vlo{i}, 0.0), vlo{i})",
+            f"vhi{i} = tl.where(outside{i}, tl.maximum(vhi{i}, 0.0), vhi{i})",
+        ]
+        return f"tl.where(span{i}, vlo{i}, -_INF64)", f"tl.where(span{i}, vhi{i}, _INF64)"
+
+
 def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tuple[int, ...]) -> KernelSource:
     """The block-map module of a mask (``block_states``, ``block_runs``): its tiles classified on the
     GPU by evaluating the mask as the attention kernels do on partial tiles, and their runs."""
@@ -390,12 +538,15 @@ def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tup
     for node in _ordered([mask]):
         tile.emit(node)
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
+    bounds = _IntervalEmitter()
+    bounds_lo, bounds_hi = bounds.emit(mask)
     expr = tile.ref(mask)
     if mask.op in _COMPARE and DType.FLOAT in (mask.src[0].dtype, mask.src[1].dtype):
         expr = f"({expr} != 0)"  # (Triton 3.6's interpreter types comparisons of floats as fp32, which & refuses)
     source = _template("block_map.py.jinja").render(
         version=__version__, name=name, ir_key=program_key[:16], program_listing=listing,
         tile_origin=_reads_tile_origin([mask]), mask_lines=tile.lines, mask_expr=expr,
+        bound_lines=bounds.lines, bounds=(bounds_lo, bounds_hi),
         capture_params=[p for c in captures for p in c.params])
     return KernelSource(name, source, "block_states", captures, hashlib.sha256(source.encode()).hexdigest())
 
