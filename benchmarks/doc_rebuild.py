@@ -29,11 +29,40 @@ import suite  # noqa: E402
 import flashgen as fg  # noqa: E402
 
 
+def breakdown(kept, bench) -> None:
+    """GPU time of each map's two refill kernels, and of ``block_states`` with the bounds alone
+    (``exact=False``: no entry evaluated), which shows what the open tiles' entries cost."""
+    from flashgen import maps
+    from flashgen.runtime import captured_args
+
+    for live, keys in kept:
+        variants = {}
+        for exact, chunk in ((True, 16), (False, 16), (True, 4), (True, 64)):
+            maps._CHUNK = chunk
+            variants[exact, chunk] = maps.LiveRuns(live.source, live.mask, live.captured, live.shape, live.device,
+                                                   live._constants["CHECK_READS"], exact=exact)
+        maps._CHUNK = 16
+        _, _, sq, skv = live.shape
+        for key in keys:
+            times = {}
+            for name, other in variants.items():
+                other.runs(key[0], transpose=key[1], ragged_last=key[2])
+                states, launch = other._states[key[0]]
+                args = (states, *states.stride()[:3], *captured_args(other.captured), sq, skv, other.dims[1], *key[0])
+                times[name] = bench(lambda launch=launch, args=args: launch(*args)) * 1e3
+            _, runs_launch, runs_args = live._runs[key]
+            tiles = live._states[key[0]][0].numel()
+            states = ", ".join(f"{'exact' if e else 'bounds alone'} chunk {c}: {t:.1f}" for (e, c), t in times.items())
+            print(f"  map {key}: {tiles} tiles; block_states us ({states}); "
+                  f"block_runs {bench(lambda f=runs_launch, a=runs_args: f(*a)) * 1e3:.1f} us")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="4x16x8192x128")
     p.add_argument("--docs", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="also a cProfile of flashgen's steps whose ids change")
+    p.add_argument("--breakdown", action="store_true", help="also each refill kernel's GPU time, per map")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("doc_rebuild: no CUDA device")
@@ -82,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         maps = len({key for _, keys in kept for key in keys})
         print(f"refill of the kept runs ({maps} maps): host {issued * 1e3:.3f} ms to issue, "
               f"GPU {bench(refill):.3f} ms (median)")
+    if kept and args.breakdown:
+        breakdown(kept, bench)
     if args.profile:  # where a step's host time goes (by own time)
         print(suite.own_time_profile(lambda: ([fg_step(True) for _ in range(10)], torch.cuda.synchronize())))
     try:

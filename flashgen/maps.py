@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 
 from .blocks import mask_dims, reads
 from .codegen.render import KernelSource
@@ -21,6 +22,7 @@ from .parallel import capturing
 from .runtime import Launch, captured_args, index_type, load_module
 
 _MAX_BYTES = 1 << 28  # of one map's runs buffer (as large as flex's block mask); larger maps: the host analysis
+_CHUNK = 16  # the most tiles of a row one ``block_states`` program bounds at once
 
 
 class LiveRuns:
@@ -30,18 +32,22 @@ class LiveRuns:
     ragged last block or not): int32 ``[batches, heads, rows, 2, 1 + 2R]`` as ``blocks.runs``
     describes, with R = ceil(columns / 2), the most runs of one kind a row can have, so that no
     value of the tensors can outgrow it. :meth:`refresh` refills the buffers when the tensors'
-    versions change: ``block_states`` evaluates the mask on every entry of every tile, as the
-    attention kernels do on partial tiles, so the map is exact (O(Sq·Skv) work on the GPU);
-    ``block_runs`` lists each row's runs."""
+    versions change: ``block_states`` bounds the mask over each tile by interval arithmetic (the
+    tensors' values by their min/max over the tile's index range: O(Sq + Skv) reads per row of
+    tiles) and evaluates it entry by entry, as the attention kernels do on partial tiles, only in
+    the tiles the bounds leave open, so the map is exact (with ``exact=False`` they stay partial:
+    the bounds alone, conservative); ``block_runs`` lists each row's runs."""
 
     def __init__(self, source: KernelSource, mask: Node, captured: list[torch.Tensor],
-                 shape: tuple[int, int, int, int], device: torch.device, check_reads: bool):
-        self.shape, self.device, self.captured = shape, device, captured
+                 shape: tuple[int, int, int, int], device: torch.device, check_reads: bool, *, exact: bool = True):
+        self.shape, self.device, self.captured, self.mask = shape, device, captured, mask
+        self.source = source
         self.dims = mask_dims(mask, shape[0], shape[1])
         self._module = load_module(source)
         self._read = [captured[i] for i in reads(mask)]
         self._constants = dict(IDX_T=index_type(captured), CHECK_READS=check_reads, FAST_MATH=False,
-                               SUB_M=32, SUB_N=32, RANGE_W=256, num_warps=2)  # (the states' launches)
+                               SUB_M=32, SUB_N=32, EXACT=exact,  # (the states' launches)
+                               num_warps=4)
         self._states: dict[tuple[int, int], list] = {}  # tile size -> [states, their launch]
         self._runs: dict[tuple, tuple] = {}  # (tile size, transpose, ragged_last) -> runs, their launch, arguments
         self._fresh: set = set()  # tile sizes and keys filled for ``_versions``
@@ -96,8 +102,13 @@ class LiveRuns:
         for key in stale:
             entry = self._states[key[0]]
             if entry[1] is None:
-                entry[1] = Launch(None, self._module.block_states, (*entry[0].shape[2:], self.dims[0] * self.dims[1]),
-                                  (), self._constants)
+                rows, cols = entry[0].shape[2:]
+                maps = self.dims[0] * self.dims[1]
+                # tiles per program: up to _CHUNK, keeping ~2048 programs or more for the tiles whose entries decide
+                chunk = min(_CHUNK, max(2, 1 << (rows * cols * maps // 2048).bit_length() >> 1))
+                entry[1] = Launch(None, self._module.block_states, (rows, -(-cols // chunk), maps), (),
+                                  dict(self._constants, CHUNK=chunk,  # (a tile's index range fits one window)
+                                       RANGE_W=triton.next_power_of_2(max(key[0]))))
             if key[0] not in self._fresh:
                 entry[1](entry[0], *entry[0].stride()[:3], *captures, sq, skv, self.dims[1], *key[0])
             _, launch, args = self._runs[key]

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from test_fuzz import FUZZ, examples
 
 import flashgen as fg
-from flashgen import blocks
+from flashgen import blocks, maps
+from flashgen.codegen.render import render_block_map
 from flashgen.runtime import default_backward_configs
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -505,6 +506,13 @@ def test_random_runtime_masks_live_runs_are_exact(src, shape, seed, ndocs, p):
         assert torch.equal(transposed.expand(B, H, nk, nq), truth.transpose(2, 3)), src
         namespace["doc"].copy_(namespace["doc"].flip(0))  # new values, in place
         namespace["sc"].mul_(0.5)
+    # the interval bounds alone (the tiles they leave open stay partial) are never wrong
+    attn = fg.compile(mask_mod=mask)
+    bounds = maps.LiveRuns(render_block_map("m", attn.program.key, attn.program.mask,
+                                            tuple(c.ndim for c in attn.program.captures)),
+                           attn.program.mask, attn.captured, (B, H, Sq, Skv), torch.device("cpu"), True, exact=False)
+    state = decode_runs(bounds.runs((bq, bk)).cpu(), nq, nk).expand(B, H, nq, nk)
+    assert_never_wrong(state, oracle(mask, B, H, Sq, Skv, (bq, bk)), src)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,6 +772,26 @@ def test_live_runs_match_the_exact_host_maps_as_the_ids_change(name):
             host = blocks.BlockMask(attn.program.mask, attn.captured, (B, H, S, S), block, closed_form=False,
                                     exact=True)
             assert_same_runs(runs, host.runs(transpose=t, ragged_last=r))
+
+
+@requires_interpreter
+def test_live_runs_bounds_decide_the_tiles_of_sorted_documents():
+    """``block_states`` decides tiles by interval bounds before evaluating entries: for sorted
+    document ids whose boundaries fall on tile edges, the bounds alone (the open tiles left
+    partial) give the exact map, with a ragged last block and per-batch ids too."""
+    B, S, block = 2, 200, (32, 16)
+    doc = torch.repeat_interleave(torch.arange(4), torch.tensor([64, 32, 96, 8])).expand(B, S).clone()
+    doc[1] = torch.repeat_interleave(torch.arange(3), torch.tensor([16, 160, 24]))
+    mask = fg.mods.causal & (lambda b, h, q_idx, kv_idx: doc[b, q_idx] == doc[b, kv_idx])
+    attn = fg.compile(mask_mod=mask)
+    source = render_block_map("m", attn.program.key, attn.program.mask, tuple(c.ndim for c in attn.program.captures))
+    bounds = maps.LiveRuns(source, attn.program.mask, attn.captured, (B, 1, S, S), torch.device("cpu"), True,
+                           exact=False)
+    nq, nk = -(-S // block[0]), -(-S // block[1])
+    state = decode_runs(bounds.runs(block).cpu(), nq, nk)
+    truth = oracle(mask, B, 1, S, S, block)
+    assert (truth == EMPTY).sum() > (truth == PARTIAL).sum() > 0
+    assert torch.equal(state, truth)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -381,15 +381,24 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     return KernelSource(name, source, "attn_fwd", captures, hashlib.sha256(source.encode()).hexdigest())
 
 
-_RANGE_W = 256  # entries of a captured tensor a tile's interval bounds may read along one dimension
+def _all(*conditions: str) -> str:
+    """``&`` of conditions, each as ``(... != 0)``: Triton 3.6's interpreter refuses ``&`` and ``|``
+    between a scalar comparison of floats and a vector one (the compiled kernel drops the ``!= 0``)."""
+    return " & ".join(f"(({c}) != 0)" for c in conditions) if conditions else ""
+
+
+def _any(*conditions: str) -> str:
+    return " | ".join(f"(({c}) != 0)" for c in conditions)
 
 
 class _IntervalEmitter:
-    """Interval bounds of a mask over one tile, as scalar float64 Triton code (the rules of
-    ``blocks._Evaluator``, which states them; float64 holds every index and id exactly): node ``n``
-    gets ``lo{i}``/``hi{i}``, booleans as 0/1. A captured tensor read along one ranged dimension
-    loads up to ``RANGE_W`` entries and takes their min/max. What has no rule here is unknown, so
-    the bounds are conservative and the tile is then evaluated entry by entry."""
+    """Interval bounds of a mask over the tiles of a chunk of one row of the map, as float64 Triton
+    code (the rules of ``blocks._Evaluator``, which states them; float64 holds every index and id
+    exactly): node ``n`` gets ``lo{i}``/``hi{i}``, booleans as 0/1; scalars where the node does not
+    depend on ``kv_idx``, else vectors over the chunk's tiles. A captured tensor read along one
+    ranged dimension loads up to ``RANGE_W`` entries per tile and takes their min/max. What has no
+    rule here is unknown, so the bounds are conservative and the tile is then evaluated entry by
+    entry."""
 
     def __init__(self):
         self.names: dict[int, tuple[str, str]] = {}
@@ -464,8 +473,8 @@ class _IntervalEmitter:
                     f"tl.where({clo} > 0, {ahi}, tl.where({chi} < 1, {bhi}, tl.maximum({ahi}, {bhi})))")
         if op is Op.CAST and n.dtype is DType.BOOL:
             (lo, hi), = s
-            return (f"tl.where(({lo} > 0) | ({hi} < 0), 1.0, 0.0)",
-                    f"tl.where(({lo} == 0) & ({hi} == 0), 0.0, 1.0)")
+            return (f"tl.where({_any(f'{lo} > 0', f'{hi} < 0')}, 1.0, 0.0)",
+                    f"tl.where({_all(f'{lo} == 0', f'{hi} == 0')}, 0.0, 1.0)")
         if op is Op.CAST and n.dtype is DType.INT and n.src[0].dtype is DType.FLOAT:
             return f"tl.where({s[0][0]} < 0, tl.ceil({s[0][0]}), tl.floor({s[0][0]}))", \
                 f"tl.where({s[0][1]} < 0, tl.ceil({s[0][1]}), tl.floor({s[0][1]}))"  # (truncation)
@@ -490,8 +499,8 @@ class _IntervalEmitter:
         elif op is Op.LE:
             true, false = f"{ahi} <= {blo}", f"{alo} > {bhi}"
         else:
-            true = f"({alo} == {ahi}) & ({blo} == {bhi}) & ({alo} == {blo}) & ({alo} > -_INF64) & ({alo} < _INF64)"
-            false = f"({ahi} < {blo}) | ({bhi} < {alo})"
+            true = _all(f"{alo} == {ahi}", f"{blo} == {bhi}", f"{alo} == {blo}", f"{alo} > -_INF64", f"{alo} < _INF64")
+            false = _any(f"{ahi} < {blo}", f"{bhi} < {alo}")
             if op is Op.NE:
                 true, false = false, true
         return f"tl.where({true}, 1.0, 0.0)", f"tl.where({false}, 0.0, 1.0)"
@@ -505,7 +514,7 @@ class _IntervalEmitter:
             return self._unknown(n)
         points = [d for d in range(len(s)) if d not in ranged]  # (one value: the low bound)
         fixed = " + ".join(f"{s[d][0]}.to(tl.int64) * {base}_stride{d}" for d in points)
-        inside = " & ".join(f"({s[d][0]} >= 0) & ({s[d][0]} < {base}_size{d})" for d in points)
+        inside = _all(*(c for d in points for c in (f"{s[d][0]} >= 0", f"{s[d][0]} < {base}_size{d}")))
         offset = f"tl.where({inside}, {fixed}, 0)" if inside else (fixed or "0")  # (never outside the tensor)
         inside = inside or "True"
         if not ranged:  # one entry
@@ -513,16 +522,20 @@ class _IntervalEmitter:
             return f"tl.where({inside}, v{i}, 0.0)", f"tl.where({inside}, v{i}, 0.0)"
         d = ranged[0]
         lo, hi = s[d]
+        # per tile (a row of [CHUNK, RANGE_W] where the dimension depends on kv_idx), the entries first..last
+        tiles = ir.depends_on(n.src[d], "kv_idx")
+        first, last, axis = (f"first{i}[:, None]", f"last{i}[:, None]", 1) if tiles else (f"first{i}", f"last{i}", 0)
+        window = "tl.arange(0, RANGE_W)[None, :]" if tiles else "tl.arange(0, RANGE_W)"
         self.lines += [
-            f"span{i} = ({hi} - {lo} < RANGE_W) & ({lo} > -_INF64) & ({hi} < _INF64) & ({inside})",
+            f"span{i} = {_all(f'{hi} - {lo} < RANGE_W', f'{lo} > -_INF64', f'{hi} < _INF64', inside)}",
             f"first{i} = tl.where(span{i}, tl.maximum({lo}, 0.0), 0.0).to(tl.int64)",
             f"last{i} = tl.where(span{i}, tl.minimum({hi}, {base}_size{d} - 1.0), -1.0).to(tl.int64)",
-            f"at{i} = first{i} + tl.arange(0, RANGE_W)",
-            f"vals{i} = tl.load({base} + {offset} + at{i} * {base}_stride{d}, mask=at{i} <= last{i}, "
+            f"at{i} = {first} + {window}",
+            f"vals{i} = tl.load({base} + {offset} + at{i} * {base}_stride{d}, mask=at{i} <= {last}, "
             "other=0).to(tl.float64)",
-            f"outside{i} = ({lo} < 0) | ({hi} > {base}_size{d} - 1.0)",  # the kernel reads 0 there
-            f"vlo{i} = tl.min(tl.where(at{i} <= last{i}, vals{i}, _INF64), 0)",
-            f"vhi{i} = tl.max(tl.where(at{i} <= last{i}, vals{i}, -_INF64), 0)",
+            f"outside{i} = {_any(f'{lo} < 0', f'{hi} > {base}_size{d} - 1.0')}",  # the kernel reads 0 there
+            f"vlo{i} = tl.min(tl.where(at{i} <= {last}, vals{i}, _INF64), {axis})",
+            f"vhi{i} = tl.max(tl.where(at{i} <= {last}, vals{i}, -_INF64), {axis})",
             f"vlo{i} = tl.where(outside{i}, tl.minimum(vlo{i}, 0.0), vlo{i})",
             f"vhi{i} = tl.where(outside{i}, tl.maximum(vhi{i}, 0.0), vhi{i})",
         ]
