@@ -35,26 +35,31 @@ def breakdown(kept, bench) -> None:
     from flashgen import maps
     from flashgen.runtime import captured_args
 
+    defaults = maps._PROGRAMS, maps._STRIP
     for live, keys in kept:
-        variants = {}
-        for exact, chunk in ((True, 16), (False, 16), (True, 4), (True, 64)):
-            maps._CHUNK = chunk
-            variants[exact, chunk] = maps.LiveRuns(live.source, live.mask, live.captured, live.shape, live.device,
-                                                   live._constants["CHECK_READS"], exact=exact)
-        maps._CHUNK = 16
+        variants = {}  # (exact, programs aimed at, entries per step of the entries' pass)
+        for exact, programs, strip in ((True, 8192, 4096), (False, 8192, 4096), (True, 2048, 4096),
+                                       (True, 32768, 4096), (True, 8192, 1024)):
+            maps._PROGRAMS, maps._STRIP = programs, strip
+            variants[exact, programs, strip] = maps.LiveRuns(live.source, live.mask, live.captured, live.shape,
+                                                             live.device, live._constants["CHECK_READS"], exact=exact)
+            for key in keys:  # (the launches are made here, with these settings)
+                variants[exact, programs, strip].runs(key[0], transpose=key[1], ragged_last=key[2])
+        maps._PROGRAMS, maps._STRIP = defaults
         _, _, sq, skv = live.shape
         for key in keys:
             times = {}
             for name, other in variants.items():
-                other.runs(key[0], transpose=key[1], ragged_last=key[2])
                 states, launch = other._states[key[0]]
-                args = (states, *states.stride()[:3], *captured_args(other.captured), sq, skv, other.dims[1], *key[0])
+                args = (states, *states.stride()[:3], *captured_args(other.captured), sq, skv, other.dims[1])
                 times[name] = bench(lambda launch=launch, args=args: launch(*args)) * 1e3
             _, runs_launch, runs_args = live._runs[key]
             tiles = live._states[key[0]][0].numel()
-            states = ", ".join(f"{'exact' if e else 'bounds alone'} chunk {c}: {t:.1f}" for (e, c), t in times.items())
-            print(f"  map {key}: {tiles} tiles; block_states us ({states}); "
-                  f"block_runs {bench(lambda f=runs_launch, a=runs_args: f(*a)) * 1e3:.1f} us")
+            runs_us = bench(lambda f=runs_launch, a=runs_args: f(*a)) * 1e3
+            print(f"  map {key}: {tiles} tiles; block_runs {runs_us:.1f} us")
+            for (exact, programs, strip), t in times.items():
+                print(f"    block_states {'exact' if exact else 'bounds alone'}, ~{programs} programs, "
+                      f"{strip} entries a step: {t:.1f} us")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -257,8 +257,9 @@ class Analysis:
             lines.append("  residual mask:  none (blocks inside the band skip the mask code; closed-form loop bounds)"
                          if residual == "none" else f"  residual mask:  {residual}")
             if self.block_runs:
-                how = ("the mask evaluated on every entry of every tile on the GPU, again when the tensors it reads "
-                       "change" if any(n.op is Op.LOAD for n in toposort([self.residual_mask])) else
+                reads = any(n.op is Op.LOAD for n in toposort([self.residual_mask]))
+                how = ("interval bounds per tile on the GPU, the mask evaluated on the entries of the tiles they "
+                       "leave open, again when the tensors it reads change" if reads else
                        "interval analysis of the mask per tile, cached per shape")
                 lines.append(f"  block sparsity: {how} (empty tiles skipped, full tiles without mask code)")
         lines.append(f"  logits:         {'plain (scale folded into exp2)' if self.plain_logits else 'modified'}")

@@ -22,7 +22,9 @@ from .parallel import capturing
 from .runtime import Launch, captured_args, index_type, load_module
 
 _MAX_BYTES = 1 << 28  # of one map's runs buffer (as large as flex's block mask); larger maps: the host analysis
-_CHUNK = 16  # the most tiles of a row one ``block_states`` program bounds at once
+_CHUNK = 16  # the most column blocks one ``block_states`` program bounds at once
+_PROGRAMS = 8192  # the ``block_states`` programs to aim for: fewer rows per program below that
+_STRIP = 4096  # entries per step when ``block_states`` evaluates a row's chunk entry by entry
 
 
 class LiveRuns:
@@ -33,10 +35,11 @@ class LiveRuns:
     describes, with R = ceil(columns / 2), the most runs of one kind a row can have, so that no
     value of the tensors can outgrow it. :meth:`refresh` refills the buffers when the tensors'
     versions change: ``block_states`` bounds the mask over each tile by interval arithmetic (the
-    tensors' values by their min/max over the tile's index range: O(Sq + Skv) reads per row of
-    tiles) and evaluates it entry by entry, as the attention kernels do on partial tiles, only in
-    the tiles the bounds leave open, so the map is exact (with ``exact=False`` they stay partial:
-    the bounds alone, conservative); ``block_runs`` lists each row's runs."""
+    tensors' values by their min/max over the tile's index range; what depends on the key block
+    alone computed once for many rows) and evaluates it entry by entry, as the attention kernels
+    do on partial tiles, only where the bounds leave a tile open, so the map is exact (with
+    ``exact=False`` open tiles stay partial: the bounds alone, conservative); ``block_runs`` lists
+    each row's runs."""
 
     def __init__(self, source: KernelSource, mask: Node, captured: list[torch.Tensor],
                  shape: tuple[int, int, int, int], device: torch.device, check_reads: bool, *, exact: bool = True):
@@ -46,8 +49,7 @@ class LiveRuns:
         self._module = load_module(source)
         self._read = [captured[i] for i in reads(mask)]
         self._constants = dict(IDX_T=index_type(captured), CHECK_READS=check_reads, FAST_MATH=False,
-                               SUB_M=32, SUB_N=32, EXACT=exact,  # (the states' launches)
-                               num_warps=4)
+                               EXACT=exact, num_warps=4)  # (the states' launches)
         self._states: dict[tuple[int, int], list] = {}  # tile size -> [states, their launch]
         self._runs: dict[tuple, tuple] = {}  # (tile size, transpose, ragged_last) -> runs, their launch, arguments
         self._fresh: set = set()  # tile sizes and keys filled for ``_versions``
@@ -77,6 +79,18 @@ class LiveRuns:
         self.refresh((key,))
         return self._runs[key][0]
 
+    def _states_launch(self, block: tuple[int, int], rows: int, cols: int) -> Launch:
+        """``block_states``'s launch for one tile size: ROWS x CHUNK tiles per program."""
+        bm, bn = block
+        bnp = triton.next_power_of_2(bn)
+        chunk = max(2, min(_CHUNK, 512 // bnp))  # column blocks per program: ~512 keys
+        chunks, maps = -(-cols // chunk), self.dims[0] * self.dims[1]
+        per = max(2, min(64, 1 << (rows * chunks * maps // _PROGRAMS).bit_length() >> 1))  # rows per program
+        constants = dict(self._constants, BM=bm, BN=bn, BNP=bnp, ROWS=per, CHUNK=chunk,
+                         SUB_M=max(2, min(triton.next_power_of_2(bm), _STRIP // (chunk * bnp))),
+                         RANGE_M=triton.next_power_of_2(bm), RANGE_N=bnp)  # (a tile's index range fits)
+        return Launch(None, self._module.block_states, (-(-rows // per), chunks, maps), (), constants)
+
     def keys_of(self, runs: list[torch.Tensor]) -> tuple | None:
         """The keys of these buffers, or None if one of them is not this object's."""
         keys = tuple(next((k for k, (buf, _, _) in self._runs.items() if buf is r), None) for r in runs)
@@ -102,15 +116,9 @@ class LiveRuns:
         for key in stale:
             entry = self._states[key[0]]
             if entry[1] is None:
-                rows, cols = entry[0].shape[2:]
-                maps = self.dims[0] * self.dims[1]
-                # tiles per program: up to _CHUNK, keeping ~2048 programs or more for the tiles whose entries decide
-                chunk = min(_CHUNK, max(2, 1 << (rows * cols * maps // 2048).bit_length() >> 1))
-                entry[1] = Launch(None, self._module.block_states, (rows, -(-cols // chunk), maps), (),
-                                  dict(self._constants, CHUNK=chunk,  # (a tile's index range fits one window)
-                                       RANGE_W=triton.next_power_of_2(max(key[0]))))
+                entry[1] = self._states_launch(key[0], *entry[0].shape[2:])
             if key[0] not in self._fresh:
-                entry[1](entry[0], *entry[0].stride()[:3], *captures, sq, skv, self.dims[1], *key[0])
+                entry[1](entry[0], *entry[0].stride()[:3], *captures, sq, skv, self.dims[1])
             _, launch, args = self._runs[key]
             launch(*args)
             if not recorded:

@@ -39,9 +39,10 @@ DEPENDS = {
 # until kept launches called the compiled kernels directly (``Launch._direct_launch``, ~4730); 4740
 # until explain() reported the kept launches (~4745); 4870 until block maps were refilled on the GPU
 # for ids that change every step (``maps.LiveRuns`` and its kernels; ~4860 after dropping the host
-# maps' coarse seeding it replaced); 5030 until block_states bounded the tiles of a row by intervals
-# before evaluating the entries of those left open (``render._IntervalEmitter``, ~5028).
-SIZE_BUDGET = 5030
+# maps' coarse seeding it replaced); 5050 until block_states bounded tiles by intervals before
+# evaluating the entries of those left open, for many rows at once (``render._IntervalEmitter``,
+# ``maps.LiveRuns._states_launch``; ~5044).
+SIZE_BUDGET = 5050
 
 
 def module_name(path: Path) -> str:

@@ -392,13 +392,14 @@ def _any(*conditions: str) -> str:
 
 
 class _IntervalEmitter:
-    """Interval bounds of a mask over the tiles of a chunk of one row of the map, as float64 Triton
-    code (the rules of ``blocks._Evaluator``, which states them; float64 holds every index and id
-    exactly): node ``n`` gets ``lo{i}``/``hi{i}``, booleans as 0/1; scalars where the node does not
-    depend on ``kv_idx``, else vectors over the chunk's tiles. A captured tensor read along one
-    ranged dimension loads up to ``RANGE_W`` entries per tile and takes their min/max. What has no
-    rule here is unknown, so the bounds are conservative and the tile is then evaluated entry by
-    entry."""
+    """Interval bounds of a mask over a block of tiles of the map, as float64 Triton code (the rules
+    of ``blocks._Evaluator``, which states them; float64 holds every index and id exactly): node
+    ``n`` gets ``lo{i}``/``hi{i}``, booleans as 0/1; a [ROWS, 1] column where the node depends on
+    ``q_idx``, a [1, CHUNK] row where it depends on ``kv_idx``, [ROWS, CHUNK] where on both, else
+    scalars. A captured tensor read along one ranged dimension loads up to ``RANGE_M`` entries
+    (``RANGE_N`` where the dimension depends on ``kv_idx``) per tile and takes their min/max. What
+    has no rule here is unknown, so the bounds are conservative and the tile is then evaluated
+    entry by entry."""
 
     def __init__(self):
         self.names: dict[int, tuple[str, str]] = {}
@@ -522,12 +523,12 @@ class _IntervalEmitter:
             return f"tl.where({inside}, v{i}, 0.0)", f"tl.where({inside}, v{i}, 0.0)"
         d = ranged[0]
         lo, hi = s[d]
-        # per tile (a row of [CHUNK, RANGE_W] where the dimension depends on kv_idx), the entries first..last
-        tiles = ir.depends_on(n.src[d], "kv_idx")
-        first, last, axis = (f"first{i}[:, None]", f"last{i}[:, None]", 1) if tiles else (f"first{i}", f"last{i}", 0)
-        window = "tl.arange(0, RANGE_W)[None, :]" if tiles else "tl.arange(0, RANGE_W)"
+        # per tile (along a third axis), the entries first..last
+        width = "RANGE_N" if ir.depends_on(n.src[d], "kv_idx") else "RANGE_M"
+        first, last, axis = f"first{i}[:, :, None]", f"last{i}[:, :, None]", 2
+        window = f"tl.arange(0, {width})[None, None, :]"
         self.lines += [
-            f"span{i} = {_all(f'{hi} - {lo} < RANGE_W', f'{lo} > -_INF64', f'{hi} < _INF64', inside)}",
+            f"span{i} = {_all(f'{hi} - {lo} < {width}', f'{lo} > -_INF64', f'{hi} < _INF64', inside)}",
             f"first{i} = tl.where(span{i}, tl.maximum({lo}, 0.0), 0.0).to(tl.int64)",
             f"last{i} = tl.where(span{i}, tl.minimum({hi}, {base}_size{d} - 1.0), -1.0).to(tl.int64)",
             f"at{i} = {first} + {window}",
