@@ -1,15 +1,17 @@
 """A training step whose document ids change every step, next to one whose ids stay put.
 
-    PYTHONPATH=. python3 benchmarks/doc_rebuild.py [--shape 4x16x8192x128] [--docs 16] [--profile]
+    PYTHONPATH=. python3 benchmarks/doc_rebuild.py [--shape 4x16x8192x128] [--docs 16] [--profile] [--breakdown]
 
 Causal document mask, bf16, forward+backward. flashgen: the same ``Attention`` each step; with
 "ids change" the step first copies the next of two sets of ids (16 documents each, different
 boundaries) into the captured id tensor, as a training loop would for a new packed batch; the
-kept launches then refill their runs on the device (``blocks.LiveRuns``).
+kept launches then refill their runs on the device (``maps.LiveRuns``).
 FlexAttention (``torch.compile(flex_attention)``): the block mask built once, against
 ``torch.compile(create_block_mask)`` called every step, as its documentation suggests for
 masks that change. Median milliseconds of ``triton.testing.do_bench`` per step; the
 difference between the two rows of an implementation is what changing ids costs it per step.
+Also printed: flashgen's refill alone and flex's compiled ``create_block_mask`` alone (GPU
+time), and with ``--breakdown`` each refill kernel's time under a few settings.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             flex(q, k, v, block_mask=build(mask, None, None, S, S, device="cuda")).backward(dout)
 
         rows.append(("flex, ids change, compiled create_block_mask every step", bench(flex_step)))
+        build_ms = bench(lambda: build(mask, None, None, S, S, device="cuda"))
+        print(f"flex's compiled create_block_mask alone: {build_ms:.3f} ms (median)")
         with torch.no_grad():  # the refilled runs against flex's mask of the same ids
             want = flex(q, k, v, block_mask=create_block_mask(mask, None, None, S, S, device="cuda")).float()
             err = float((attn(q, k, v).float() - want).norm() / want.norm())
