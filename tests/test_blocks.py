@@ -478,11 +478,23 @@ def test_random_runtime_masks_never_wrong(src, shape, seed, ndocs, sort, p):
 @given(src=runtime_masks(), shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 160),
                                             st.integers(1, 160), st.sampled_from([16, 32, 48, 64]),
                                             st.sampled_from([16, 32, 48, 64])),
-       seed=st.integers(0, 2**16), ndocs=st.integers(1, 5), p=st.sampled_from([0.05, 0.2, 1.0]))
-def test_random_runtime_masks_live_runs_are_exact(src, shape, seed, ndocs, p):
-    """The kernels' maps of masks that read tensors (``maps.LiveRuns``: the mask evaluated on every
-    entry on the device) are the oracle's exact states, forward (ragged last block as partial)
-    and transposed, through a change of the values."""
+       seed=st.integers(0, 2**16), ndocs=st.integers(1, 5), p=st.sampled_from([0.05, 0.2, 1.0]),
+       programs=st.sampled_from([maps._PROGRAMS, 1]), chunk=st.sampled_from([maps._CHUNK, 2]))
+def test_random_runtime_masks_live_runs_are_exact(src, shape, seed, ndocs, p, programs, chunk):
+    """The kernels' maps of masks that read tensors (``maps.LiveRuns``: interval bounds per tile,
+    then the mask evaluated on the entries of the tiles they leave open) are the oracle's exact
+    states, forward (ragged last block as partial) and transposed, through a change of the
+    values. ``programs`` 1 packs up to 64 rows into one ``block_states`` program and ``chunk`` 2
+    gives a row several programs, as long sequences do on the GPU."""
+    defaults = maps._PROGRAMS, maps._CHUNK
+    maps._PROGRAMS, maps._CHUNK = programs, chunk
+    try:
+        check_live_runs(src, shape, seed, ndocs, p)
+    finally:
+        maps._PROGRAMS, maps._CHUNK = defaults
+
+
+def check_live_runs(src, shape, seed, ndocs, p):
     B, H, Sq, Skv, bq, bk = shape
     g = torch.Generator().manual_seed(seed)
     S = 160
@@ -706,8 +718,6 @@ def assert_same_runs(live: torch.Tensor, host: torch.Tensor) -> None:
 def test_live_runs_recorded_to_compile_ahead_are_filled_when_run(monkeypatch):
     """A first call records its launches to compile them side by side (``parallel.captured``):
     nothing runs then, so runs asked for while recording must be filled again when run."""
-    from flashgen import maps
-
     doc = torch.arange(96) // 40
     attn = fg.compile(mask_mod=fg.mods.document(doc))
     live = attn._live_runs((1, 1, 96, 96), "cpu")
@@ -728,8 +738,6 @@ def test_live_runs_recorded_to_compile_ahead_are_filled_when_run(monkeypatch):
 def test_live_runs_refill_only_the_maps_asked_for(monkeypatch):
     """A kept plan refills its own maps when the ids change, not every map the object holds (the
     tuner's candidates leave many): each map costs two launches."""
-    from flashgen import maps
-
     doc = torch.arange(96) // 40
     attn = fg.compile(mask_mod=fg.mods.document(doc))
     live = attn._live_runs((1, 1, 96, 96), "cpu")
@@ -753,15 +761,23 @@ LIVE_MASKS = {
     "per-batch documents": lambda doc: lambda b, h, q_idx, kv_idx: doc[b, q_idx] == doc[b, kv_idx],
     "document, window": lambda doc: fg.mods.document(doc[1]) & fg.mods.sliding_window(40),
     "unsorted, per head": lambda doc: lambda b, h, q_idx, kv_idx: (doc[1, q_idx] + h) % 3 == doc[0, kv_idx] % 3,
+    # runs of 16 positions: a tile's ids span a few values, so its bounds overlap where no id is
+    # shared (empty tiles the entries must decide)
+    "unsorted runs": lambda doc: lambda b, h, q_idx, kv_idx: doc[0, q_idx // 16] == doc[1, kv_idx // 16],
 }
 
 
 @requires_interpreter
-@pytest.mark.parametrize("name", LIVE_MASKS)
-def test_live_runs_match_the_exact_host_maps_as_the_ids_change(name):
+@pytest.mark.parametrize("name, packed", [(name, False) for name in LIVE_MASKS]
+                         + [("document, causal", True), ("unsorted runs", True)])
+def test_live_runs_match_the_exact_host_maps_as_the_ids_change(name, packed, monkeypatch):
     """``maps.LiveRuns`` lists the runs of the exact host map (partial tiles checked element by
     element) at every tile size, transposed and with a ragged last block, through several versions
-    of the ids, in the same buffers."""
+    of the ids, in the same buffers. ``packed``: many rows per ``block_states`` program and several
+    programs per row, as long sequences get on the GPU."""
+    if packed:
+        monkeypatch.setattr(maps, "_PROGRAMS", 1)
+        monkeypatch.setattr(maps, "_CHUNK", 2)
     S, B, H = 176, 2, 3  # (not a multiple of 32: ragged last blocks)
     gen = torch.Generator().manual_seed(11)
     doc = torch.zeros(B, S, dtype=torch.long)
