@@ -463,6 +463,10 @@ class _IntervalEmitter:
                     f"tl.maximum(tl.abs({lo}), tl.abs({hi}))")
         if op in _COMPARE:
             return self._compare(n, s)
+        if n.dtype is DType.BOOL and op is Op.XOR:  # decided where both sides are
+            (alo, ahi), (blo, bhi) = s
+            known = _all(f"{alo} == {ahi}", f"{blo} == {bhi}")
+            return f"tl.where({known}, tl.abs({alo} - {blo}), 0.0)", f"tl.where({known}, tl.abs({alo} - {blo}), 1.0)"
         if n.dtype is DType.BOOL and op in (Op.AND, Op.OR, Op.NOT):
             if op is Op.NOT:
                 return f"1.0 - {s[0][1]}", f"1.0 - {s[0][0]}"
