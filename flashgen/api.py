@@ -39,6 +39,7 @@ from .runtime import (
     run_config,
     store_tuning,
     templates_here,
+    tma_ok,
 )
 from .settings import settings
 from .spec import Mod
@@ -419,7 +420,8 @@ class Attention:
         capture_args = captured_args(self.captured)
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        key = ("fwd", q.dtype, q.device, want_lse, config, self._layout_key(capture_args, q, k, v))
+        tma = tma_ok(k, v)
+        key = ("fwd", q.dtype, q.device, want_lse, config, tma, self._layout_key(capture_args, q, k, v))
         plan = self._kept(key)
         if plan is not None:
             plan(*args)
@@ -428,18 +430,18 @@ class Attention:
                 out, lse = self._forward(q, k, v, scale, True, config)
                 self._backward(q, k, v, out, lse, out, None, scale, grad_slots)
             plan = self._first_launch(
-                key, lambda: self._forward_launch(shape, D, Dv, q, args, want_lse, config),
+                key, lambda: self._forward_launch(shape, D, Dv, q, args, want_lse, config, tma),
                 forward_and_backward if grad_slots is not None else None)
         self.last_tiles = {"forward": plan.config}
         return out, lse
 
     def _forward_launch(self, shape, D: int, Dv: int, q, args: tuple, want_lse: bool,
-                        config: Config | None) -> Launch:
+                        config: Config | None, tma: bool) -> Launch:
         """A forward signature's first launch: tiles tuned, given or chosen by the mask."""
         B, Hq, Sq, Skv = shape
         ks = self._kernel_source()
         kernel = load_kernel(ks)
-        kwargs = dict(self._launch_constants(q.dtype, D, Dv, shape), STORE_LSE=want_lse,
+        kwargs = dict(self._launch_constants(q.dtype, D, Dv, shape), STORE_LSE=want_lse, TMA=tma,
                       extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
                       if self.analysis.block_runs else None)
 
@@ -574,12 +576,13 @@ class Attention:
         dq_args = (q, k, v, dout, dq, lse, delta, out, dlse if dlse is not None else delta,
                    *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
                    *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots,
+        tma = tma_ok(q, k, v, dout)
+        key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots, tma,
                self._layout_key(capture_args, q, k, v, out, dout))
         plan = self._kept(key)
         if plan is None:
             self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, dq_args, dkdv_args,
-                                                                  grads, fixed, dlse is not None, grad_slots),
+                                                                  grads, fixed, dlse is not None, grad_slots, tma),
                                lambda: self._backward(q, k, v, out, lse, dout, dlse, scale, grad_slots))
         else:  # the dQ pass first: it stores delta
             plan[0](*dq_args)
@@ -588,11 +591,12 @@ class Attention:
         return dq, dk, dv, grads
 
     def _backward_launch(self, shape, Hkv: int, D: int, Dv: int, q, dq_args: tuple, dkdv_args,
-                         grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...]) -> tuple | None:
+                         grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...],
+                         tma: bool) -> tuple | None:
         """A backward signature's first launches, dQ pass then dK/dV pass: tiles tuned or chosen by
         the mask. Returns them to keep, or None in deterministic mode (nothing to keep)."""
         B, Hq, Sq, Skv = shape
-        common = self._launch_constants(q.dtype, D, Dv, shape)
+        common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma)
         ks = self._backward_source(grad_slots)
         module = load_module(ks)
         defaults = default_backward_configs(q.device, D, Dv, q.dtype, self._sparsity(shape, D, Dv, q.dtype, q.device))

@@ -213,6 +213,56 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # pragma: no cover - Triton < 3.4
 
 
+# Streamed tiles through the tensor memory accelerator (TMA descriptors the kernels make): None
+# where the GPU has one (compute capability 9 and later) and the layout allows it; False never;
+# True also in the interpreter (its descriptors are emulated: the tests check both forms there)
+TMA: bool | None = None
+
+
+@functools.cache
+def _tma_device(index: int) -> bool:
+    return (hasattr(triton.language, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+            and torch.cuda.get_device_capability(index)[0] >= 9)
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may load tiles of these [B, H, S, D] tensors through TMA descriptors
+    made per (batch, head): the last dim contiguous, the data and the batch, head and row strides
+    16-byte aligned (as TMA requires). Checked per call: it is part of a call's plan key."""
+    if TMA is False:
+        return False
+    device = tensors[0].device
+    if TMA is None and (device.type != "cuda" or interpreting()
+                        or not _tma_device(device.index if device.index is not None else torch.cuda.current_device())):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(n > 1 and (stride * size) % 16 for n, stride in zip(t.shape[:-1], t.stride()[:-1])):
+            return False
+    _ensure_allocator()
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors the kernels make (128 bytes each, per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Kernels that make TMA descriptors need Triton's allocator for their scratch memory. Set
+    flashgen's in this thread's context unless one is set already (a user's is kept). Triton keeps
+    it per context, and autograd runs the backward on a thread of its own: checked per call."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        unset = isinstance(_allocator.get(), NullAllocator)
+    except (ImportError, AttributeError):  # pragma: no cover - a Triton whose internals differ
+        unset = True
+    if unset:
+        triton.set_allocator(_scratch)
+
+
 def _patch_interpreter_index() -> None:
     """Triton <= 3.6's interpreter turns scalar tensors (1-element arrays) into loop bounds with
     ``int(array)``, which NumPy >= 2.4 refuses; our kernels' ``range(start, end)`` needs it.
