@@ -23,6 +23,7 @@ from .runtime import (
     SPARSE_OCCUPANCY,
     Config,
     Launch,
+    backward_tma,
     binaries_here,
     captured_args,
     default_backward_configs,
@@ -420,8 +421,7 @@ class Attention:
         capture_args = captured_args(self.captured)
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        tma = tma_ok(k, v)
-        key = ("fwd", q.dtype, q.device, want_lse, config, tma, self._layout_key(capture_args, q, k, v))
+        key = ("fwd", q.dtype, q.device, want_lse, config, self._layout_key(capture_args, q, k, v))
         plan = self._kept(key)
         if plan is not None:
             plan(*args)
@@ -430,18 +430,18 @@ class Attention:
                 out, lse = self._forward(q, k, v, scale, True, config)
                 self._backward(q, k, v, out, lse, out, None, scale, grad_slots)
             plan = self._first_launch(
-                key, lambda: self._forward_launch(shape, D, Dv, q, args, want_lse, config, tma),
+                key, lambda: self._forward_launch(shape, D, Dv, q, args, want_lse, config),
                 forward_and_backward if grad_slots is not None else None)
         self.last_tiles = {"forward": plan.config}
         return out, lse
 
     def _forward_launch(self, shape, D: int, Dv: int, q, args: tuple, want_lse: bool,
-                        config: Config | None, tma: bool) -> Launch:
+                        config: Config | None) -> Launch:
         """A forward signature's first launch: tiles tuned, given or chosen by the mask."""
         B, Hq, Sq, Skv = shape
         ks = self._kernel_source()
         kernel = load_kernel(ks)
-        kwargs = dict(self._launch_constants(q.dtype, D, Dv, shape), STORE_LSE=want_lse, TMA=tma,
+        kwargs = dict(self._launch_constants(q.dtype, D, Dv, shape), STORE_LSE=want_lse,
                       extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
                       if self.analysis.block_runs else None)
 
@@ -576,7 +576,7 @@ class Attention:
         dq_args = (q, k, v, dout, dq, lse, delta, out, dlse if dlse is not None else delta,
                    *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
                    *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        tma = tma_ok(q, k, v, dout)
+        tma = tma_ok(q, k, v, dout)  # (the layout allows it; ``backward_tma`` decides by the variant)
         key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots, tma,
                self._layout_key(capture_args, q, k, v, out, dout))
         plan = self._kept(key)
@@ -596,10 +596,12 @@ class Attention:
         """A backward signature's first launches, dQ pass then dK/dV pass: tiles tuned or chosen by
         the mask. Returns them to keep, or None in deterministic mode (nothing to keep)."""
         B, Hq, Sq, Skv = shape
+        sparsity = self._sparsity(shape, D, Dv, q.dtype, q.device)
+        tma = tma and backward_tma(sparsity, D, Dv, bool(self._logit_reads))
         common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma)
         ks = self._backward_source(grad_slots)
         module = load_module(ks)
-        defaults = default_backward_configs(q.device, D, Dv, q.dtype, self._sparsity(shape, D, Dv, q.dtype, q.device))
+        defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity)
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
                             for family, c in zip(("dkdv", "dq"), defaults))
         masked = self.analysis.has_mask
@@ -608,7 +610,10 @@ class Attention:
         def even_n(c):  # Skv is a multiple of BLOCK_N (of the tiles launched: a fallback's, maybe)
             return {"EVEN_N": Skv % c.block_n == 0}
 
-        dkdv_kw = dict(common, constexprs=even_n,
+        def even_mn(c):  # (and Sq a multiple of BLOCK_M: the dK/dV pass's query tiles need no clamping)
+            return {"EVEN_N": Skv % c.block_n == 0, "EVEN_M": Sq % c.block_m == 0}
+
+        dkdv_kw = dict(common, constexprs=even_mn,
                        extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True)) if masked else None)
         dq_kw = dict(common, HAS_DLSE=has_dlse, constexprs=even_n,
                      extra=(lambda c: self._runs_args(shape, c, q.device)) if masked else None)

@@ -130,17 +130,20 @@ def test_fast_math_tanh_and_sigmoid(fast_math):
           mask_mod=fg.mods.causal)
 
 
-@pytest.mark.parametrize("tma", [None, False])
+@pytest.mark.parametrize("tma", [None, True, False])
 def test_tma_and_pointer_loads_agree_with_the_reference(tma, monkeypatch):
-    """Both forms of the streamed loads on the GPU: TMA descriptors (the default on Hopper for
-    aligned layouts) and masked pointer loads (any other layout, or with ``flashgen.runtime.TMA = False``)."""
+    """Both forms of the backward's streamed loads on the GPU: TMA descriptors (on Hopper, for
+    aligned layouts: dense masks by default, any mask with ``flashgen.runtime.TMA = True``) and
+    masked pointer loads (any other layout, heads over 128, or ``flashgen.runtime.TMA = False``)."""
     from flashgen import runtime
 
     monkeypatch.setattr(runtime, "TMA", tma)
     x = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
-    assert runtime.tma_ok(x) == (tma is None and torch.cuda.get_device_capability()[0] >= 9)
-    check(2, 4, 2, 300, 333, 96, 80, torch.bfloat16, mask_mod=fg.mods.sliding_window(70))
-    check(1, 2, 2, 257, 257, 192, 128, torch.bfloat16, mask_mod=fg.mods.causal)
+    assert runtime.tma_ok(x) == (tma is not False and torch.cuda.get_device_capability()[0] >= 9)
+    check(2, 4, 2, 300, 333, 96, 80, torch.bfloat16, mask_mod=fg.mods.sliding_window(70))  # two head blocks
+    check(2, 4, 4, 300, 300, 64, 64, torch.bfloat16, mask_mod=fg.mods.causal)
+    check(2, 4, 4, 256, 256, 128, 128, torch.float16)
+    check(1, 2, 2, 257, 257, 192, 128, torch.bfloat16, mask_mod=fg.mods.causal)  # pointer loads: ptxas
 
 
 def test_layouts_tma_cannot_read_take_the_pointer_loads():
