@@ -45,7 +45,7 @@ GROUPS = [  # (label, SASS opcode prefixes)
 ]
 
 
-def captured_launches(variant: str, shape: tuple[int, int, int, int], backward: bool) -> list[tuple]:
+def captured_launches(variant: str, shape: tuple[int, int, int, int], backward: bool, tma: bool = True) -> list[tuple]:
     """Run the variant through flashgen with launches captured (kernel, config, args, kwargs)."""
     import suite
 
@@ -68,6 +68,7 @@ def captured_launches(variant: str, shape: tuple[int, int, int, int], backward: 
             api.interpreting = real
 
     api._check_inputs = check_on_cpu
+    api.tma_ok = lambda *tensors: tma  # an sm_90 GPU's answer for these layouts (CPU tensors get False)
     q, k, v = (torch.randn(B, H, S, D, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
     with parallel.captured(launches):
         out = fg.compile(**case.variant.fg_kwargs)(q, k, v)
@@ -119,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("variant")
     p.add_argument("--bwd", action="store_true", help="also the backward kernels")
     p.add_argument("--shape", default="4,16,8192,128", help="B,H,S,D (default 4,16,8192,128)")
+    p.add_argument("--no-tma", action="store_true", help="pointer loads (the form for layouts TMA cannot read)")
     p.add_argument("--dump", default="", help="write each kernel's SASS and PTX into this folder")
     args = p.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
     print(f"{'kernel':<16} {'config':<18} {'regs':>5} {'spill':>6} " + " ".join(f"{g:>7}" for g, _ in GROUPS)
           + f" {'other':>6} {'total':>6}")
-    for kernel, kargs, kwargs in captured_launches(args.variant, shape, args.bwd):
+    for kernel, kargs, kwargs in captured_launches(args.variant, shape, args.bwd, not args.no_tma):
         compiled = compile_sm90(kernel, kargs, kwargs)
         cfg = tuple(kwargs.get(k, "-") for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
         sass = cuobjdump(compiled, "-sass")

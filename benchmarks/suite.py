@@ -70,7 +70,10 @@ from bench_forward import (  # noqa: E402 - one definition of the masks, documen
 DEFAULT_SHAPES = "4x16x8192x128,8x16x4096x64"
 SMOKE_SHAPES = "1x2x128x32"
 PASSES = ("fwd", "fwd+bwd")
-IMPLS = ("flashgen", "flex", "cudnn", "flash")
+IMPLS = ("flashgen", "flex", "cudnn", "flash", "flashgen-ptr")
+# --ab-tma: also time flashgen with its streamed tiles through pointer loads ("flashgen-ptr";
+# flashgen.runtime.TMA = False for that implementation's calls), against its TMA loads, same process
+AB_TMA = False
 VARIANTS = ("full", "causal", "sliding", "document", "prefix_lm", "dilated", "alibi_causal", "softcap_causal",
             "rel_table", "rel_table_learnable", "dense_bias")
 BIAS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -157,6 +160,8 @@ def implementations(case: Case, q, k, v, device: str, peers: bool, flex) -> tupl
         errors["flashgen"] = err
     else:
         calls["flashgen"] = lambda: attn(q, k, v)
+        if AB_TMA:
+            calls["flashgen-ptr"] = lambda: attn(q, k, v)
     if not peers:
         return calls, errors
     if flex is None:
@@ -184,6 +189,24 @@ def implementations(case: Case, q, k, v, device: str, peers: bool, flex) -> tupl
 
             calls[name] = call_sdpa
     return calls, errors
+
+
+def with_loads(name: str, fn: Callable) -> Callable:
+    """``fn``, run with flashgen's pointer loads for the "flashgen-ptr" implementation (a module
+    switch, so that the backward, which autograd runs on a thread of its own, sees it too)."""
+    if name != "flashgen-ptr":
+        return fn
+
+    def run():
+        from flashgen import runtime
+
+        saved, runtime.TMA = runtime.TMA, False
+        try:
+            return fn()
+        finally:
+            runtime.TMA = saved
+
+    return run
 
 
 def outputs(call: Callable, leaves: dict[str, torch.Tensor], dout: torch.Tensor, device: str) -> dict:
@@ -254,7 +277,7 @@ def measure(case: Case, q, k, v, dout, pass_name: str, device: str, peers: bool,
         if device == "cuda":  # the peak above what is held now (earlier results), plus the inputs
             held = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        value, err = attempt(lambda call=call: outputs(call, leaves, dout, device))
+        value, err = attempt(with_loads(name, lambda call=call: outputs(call, leaves, dout, device)))
         if err:
             errors[name] = err
             continue
@@ -272,7 +295,7 @@ def measure(case: Case, q, k, v, dout, pass_name: str, device: str, peers: bool,
         if name in errors:
             records.append(Record(**common, impl=name, checks=mine, error=errors[name]))
         elif name in calls:
-            fn = calls[name] if not leaves else (lambda call=calls[name]: call().backward(dout))
+            fn = with_loads(name, calls[name] if not leaves else (lambda call=calls[name]: call().backward(dout)))
             ms, err = attempt(lambda fn=fn: time_ms(fn, list(leaves.values()), device))
             records.append(Record(**common, impl=name, ms=ms, tflops=tflops(flop, ms), peak_gib=peaks.get(name),
                                   checks=mine, error=err))
@@ -362,6 +385,8 @@ def cmd_run(args) -> int:
     header = make_header(device, args.smoke, now)
     print(f"flashgen suite: {header['gpu']}, torch {header['torch']}, triton {header['triton']}, {header['date']}")
     flex = None if args.smoke else compiled_flex()
+    global AB_TMA
+    AB_TMA = getattr(args, "ab_tma", False)  # (a Namespace built by hand has no such field)
     records = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -521,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--passes", default=",".join(PASSES), help="fwd, fwd+bwd or both (default both)")
     r.add_argument("--bias-dtype", choices=sorted(BIAS_DTYPES), default="bf16", help="dense bias dtype")
     r.add_argument("--smoke", action="store_true", help="tiny shapes, flashgen only; runs without a GPU")
+    r.add_argument("--ab-tma", action="store_true", help="also flashgen with pointer loads (flashgen-ptr)")
     rep = sub.add_parser("report", help="merge DIR/suite-*.json into DIR/suite.md and DIR/suite.png")
     rep.add_argument("dir", nargs="?", default="docs/benchmarks")
     return p

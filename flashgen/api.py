@@ -23,6 +23,7 @@ from .runtime import (
     SPARSE_OCCUPANCY,
     Config,
     Launch,
+    backward_tma,
     binaries_here,
     captured_args,
     default_backward_configs,
@@ -39,6 +40,7 @@ from .runtime import (
     run_config,
     store_tuning,
     templates_here,
+    tma_ok,
 )
 from .settings import settings
 from .spec import Mod
@@ -574,12 +576,13 @@ class Attention:
         dq_args = (q, k, v, dout, dq, lse, delta, out, dlse if dlse is not None else delta,
                    *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
                    *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots,
+        tma = tma_ok(q, k, v, dout)  # (the layout allows it; ``backward_tma`` decides by the variant)
+        key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots, tma,
                self._layout_key(capture_args, q, k, v, out, dout))
         plan = self._kept(key)
         if plan is None:
             self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, dq_args, dkdv_args,
-                                                                  grads, fixed, dlse is not None, grad_slots),
+                                                                  grads, fixed, dlse is not None, grad_slots, tma),
                                lambda: self._backward(q, k, v, out, lse, dout, dlse, scale, grad_slots))
         else:  # the dQ pass first: it stores delta
             plan[0](*dq_args)
@@ -588,14 +591,17 @@ class Attention:
         return dq, dk, dv, grads
 
     def _backward_launch(self, shape, Hkv: int, D: int, Dv: int, q, dq_args: tuple, dkdv_args,
-                         grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...]) -> tuple | None:
+                         grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...],
+                         tma: bool) -> tuple | None:
         """A backward signature's first launches, dQ pass then dK/dV pass: tiles tuned or chosen by
         the mask. Returns them to keep, or None in deterministic mode (nothing to keep)."""
         B, Hq, Sq, Skv = shape
-        common = self._launch_constants(q.dtype, D, Dv, shape)
+        sparsity = self._sparsity(shape, D, Dv, q.dtype, q.device)
+        tma = tma and backward_tma(sparsity, D, Dv, bool(self._logit_reads))
+        common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma)
         ks = self._backward_source(grad_slots)
         module = load_module(ks)
-        defaults = default_backward_configs(q.device, D, Dv, q.dtype, self._sparsity(shape, D, Dv, q.dtype, q.device))
+        defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity)
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
                             for family, c in zip(("dkdv", "dq"), defaults))
         masked = self.analysis.has_mask
@@ -604,7 +610,10 @@ class Attention:
         def even_n(c):  # Skv is a multiple of BLOCK_N (of the tiles launched: a fallback's, maybe)
             return {"EVEN_N": Skv % c.block_n == 0}
 
-        dkdv_kw = dict(common, constexprs=even_n,
+        def even_mn(c):  # (and Sq a multiple of BLOCK_M: the dK/dV pass's query tiles need no clamping)
+            return {"EVEN_N": Skv % c.block_n == 0, "EVEN_M": Sq % c.block_m == 0}
+
+        dkdv_kw = dict(common, constexprs=even_mn,
                        extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True)) if masked else None)
         dq_kw = dict(common, HAS_DLSE=has_dlse, constexprs=even_n,
                      extra=(lambda c: self._runs_args(shape, c, q.device)) if masked else None)

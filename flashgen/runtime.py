@@ -213,6 +213,57 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # pragma: no cover - Triton < 3.4
 
 
+# The backward's streamed tiles through the tensor memory accelerator (TMA descriptors the kernels
+# make; ``backward_tma`` says for which masks): None where the GPU has one (compute capability 9
+# and later) and the layout allows it; False never; True also in the interpreter (its descriptors
+# are emulated: the tests check both forms there)
+TMA: bool | None = None
+
+
+@functools.cache
+def _tma_device(index: int) -> bool:
+    return (hasattr(triton.language, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+            and torch.cuda.get_device_capability(index)[0] >= 9)
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may load tiles of these [B, H, S, D] tensors through TMA descriptors
+    made per (batch, head): the last dim contiguous, the data and the batch, head and row strides
+    16-byte aligned (as TMA requires). Checked per call: it is part of a call's plan key."""
+    if TMA is False:
+        return False
+    device = tensors[0].device
+    if TMA is None and (device.type != "cuda" or interpreting()
+                        or not _tma_device(device.index if device.index is not None else torch.cuda.current_device())):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(n > 1 and (stride * size) % 16 for n, stride in zip(t.shape[:-1], t.stride()[:-1])):
+            return False
+    _ensure_allocator()
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors the kernels make (128 bytes each, per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Kernels that make TMA descriptors need Triton's allocator for their scratch memory. Set
+    flashgen's in this thread's context unless one is set already (a user's is kept). Triton keeps
+    it per context, and autograd runs the backward on a thread of its own: checked per call."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        unset = isinstance(_allocator.get(), NullAllocator)
+    except (ImportError, AttributeError):  # pragma: no cover - a Triton whose internals differ
+        unset = True
+    if unset:
+        triton.set_allocator(_scratch)
+
+
 def _patch_interpreter_index() -> None:
     """Triton <= 3.6's interpreter turns scalar tensors (1-element arrays) into loop bounds with
     ``int(array)``, which NumPy >= 2.4 refuses; our kernels' ``range(start, end)`` needs it.
@@ -342,6 +393,21 @@ def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: in
     # H200 sweep 2026-11-28 (bf16, B=4, H=16, S=8192, D=128, fwd+bwd): full 398 TF/s, causal 337,
     # against 210 / 196 for (32, 128, 4, 3) + (128, 32, 4, 3); see benchmarks/PERFLOG.md
     return Config(64, 128, 8, 3), Config(128, 64, 8, 3)
+
+
+# H200, bf16, 4x16x8192x128, backward ms with TMA against pointer loads, same runs (2026-11-29,
+# benchmarks/PERFLOG.md; the suite's scatter is ~3%): full attention 13.40 / 14.20, causal 7.43 /
+# 7.59 (and 2.63 / 2.73 at 8x16x4096x64), prefix LM 7.51 / 7.62; but a dense bias 20.5 / 18.7,
+# ALiBi 7.60 / 7.32, and a sliding window's and a document mask's short runs of tiles 2.32 / 2.27
+# and 1.47 / 1.44. The forward was slower with TMA (full 4.75 / 4.64) and keeps its pointer loads.
+# Heads over 128 (a second head block after 128, or v wider than 128) crash Triton 3.6's ptxas.
+def backward_tma(sparsity: str, head_dim: int, head_dim_v: int, reads_in_logits: bool) -> bool:
+    """Whether the backward passes take their streamed tiles through TMA descriptors where the
+    layout allows (``tma_ok``): dense masks whose logits read no captured tensor (a bias, a table,
+    ALiBi's slopes), heads up to 128. ``TMA = True`` takes it for any mask and logits."""
+    if head_dim > 128 or head_dim_v > 128:
+        return False
+    return TMA is True or (sparsity == "dense" and not reads_in_logits)
 
 
 def smaller_configs(cfg: Config) -> list[Config]:

@@ -383,3 +383,51 @@ def test_kept_launches_follow_head_dims_that_strides_do_not_show():
         for name, g, w in zip(("dq", "dk", "dv"), got, want):
             assert rel_err(g, w) < 1e-4, f"D={d} {name}: relative error {rel_err(g, w):.2e}"
     assert len(attn._plans) == 6  # three layouts, forward and backward each
+
+
+@pytest.mark.parametrize("case", ["ragged_window_two_blocks", "gqa_document_softcap", "dilated_window"])
+def test_tiles_through_tma_descriptors(case, monkeypatch):
+    """The TMA form of the backward's streamed loads (the GPU's default on Hopper for dense masks;
+    forced here for any), run in the interpreter's emulation of descriptors: rows past the sequence
+    and columns past the head dim must come back as zeros, as the masked pointer loads give them."""
+    from flashgen import runtime
+
+    monkeypatch.setattr(runtime, "TMA", True)
+    if case == "ragged_window_two_blocks":  # head blocks 32 + 16, a padded value dim, a window's two edges
+        q, k, v, mods = rand(1, 2, 37, 48), rand(1, 2, 53, 48), rand(1, 2, 53, 24), dict(
+            mask_mod=fg.mods.sliding_window(20))
+    elif case == "gqa_document_softcap":
+        q, k, v = rand(2, 4, 45, 80), rand(2, 2, 45, 80), rand(2, 2, 45, 64)
+        mods = dict(mask_mod=fg.mods.document(torch.arange(45) // 12), score_mod=fg.mods.softcap(4.0),
+                    enable_gqa=True)
+    else:
+        q, k, v = rand(1, 2, 70, 32), rand(1, 2, 70, 32), rand(1, 2, 70, 32)
+        mods = dict(mask_mod=fg.mods.causal & fg.mask_mod(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) % 2 == 0))
+    assert runtime.tma_ok(q, k, v, torch.randn_like(q[..., :v.shape[-1]]))
+    check_backward(q, k, v, **mods)
+
+
+def test_tma_only_for_layouts_it_can_read(monkeypatch):
+    from flashgen import runtime
+
+    x = torch.randn(2, 4, 64, 32)
+    assert not runtime.tma_ok(x)  # no GPU here: the pointer loads, unless told
+    monkeypatch.setattr(runtime, "TMA", True)
+    assert runtime.tma_ok(x, x.transpose(1, 2))  # [B, S, H, D] storage: rows 4 * 32 apart
+    assert not runtime.tma_ok(x.transpose(-1, -2))  # the head dim not contiguous
+    assert not runtime.tma_ok(torch.randn(2, 4, 64, 6, dtype=torch.float16))  # rows 12 bytes apart
+    assert not runtime.tma_ok(torch.randn(2 * 4 * 64 * 32 + 1)[1:].view(2, 4, 64, 32))  # data not 16-byte aligned
+    assert runtime.tma_ok(torch.randn(1, 1, 1, 32)[..., :8])  # strides of dims of size 1 do not count
+    monkeypatch.setattr(runtime, "TMA", False)
+    assert not runtime.tma_ok(x)
+
+
+def test_backward_tma_by_mask_and_head_dims(monkeypatch):
+    from flashgen import runtime
+
+    assert runtime.backward_tma("dense", 128, 128, False) and runtime.backward_tma("dense", 96, 64, False)
+    assert not runtime.backward_tma("dense", 128, 128, True)  # a bias, a table: slower with TMA
+    assert not runtime.backward_tma("window", 64, 64, False) and not runtime.backward_tma("sparse", 128, 128, False)
+    assert not runtime.backward_tma("dense", 192, 128, False) and not runtime.backward_tma("dense", 64, 256, False)
+    monkeypatch.setattr(runtime, "TMA", True)  # forced: any variant, still not past 128
+    assert runtime.backward_tma("window", 64, 64, True) and not runtime.backward_tma("sparse", 144, 128, False)

@@ -542,6 +542,10 @@ def test_kept_launches_go_direct_and_follow_alignment_and_streams():
         assert rel_err(out, ref) < TOL[torch.bfloat16], f"offset {offset}, stream {stream}"
         for name, got, want in (("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad), ("dv", v.grad, vd.grad)):
             assert rel_err(got, want) < 3e-2, f"{name}: offset {offset}, stream {stream}"
-    [(forward, _, _), ((dq, dkdv), _, _)] = attn._plans.values()  # one signature: every offset shares its plan
+    # one forward signature: every offset shares its plan; the backward's has two where the GPU
+    # takes TMA for aligned data (``runtime.tma_ok``: offsets 1 and 3 are not 16-byte aligned)
+    plans = [plan for plan, _, _ in attn._plans.values()]
+    launches = [x for plan in plans for x in (plan if isinstance(plan, tuple) else (plan,))]
+    assert len(plans) == (3 if runtime.tma_ok(flat[0][:n].view(2, 4, 256, 64)) else 2)
     if ".".join(triton.__version__.split(".")[:2]) in runtime.DIRECT_LAUNCH_TRITON:
-        assert all(callable(launch._direct) for launch in (forward, dq, dkdv))
+        assert all(callable(launch._direct) for launch in launches)

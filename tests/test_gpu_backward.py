@@ -128,3 +128,37 @@ def test_fast_math_tanh_and_sigmoid(fast_math):
     assert attn._fast_math(torch.float32) is (fast_math is True)
     check(2, 4, 4, 300, 300, 64, 64, torch.bfloat16, captured=(gate, temp), fast_math=fast_math, score_mod=mod,
           mask_mod=fg.mods.causal)
+
+
+@pytest.mark.parametrize("tma", [None, True, False])
+def test_tma_and_pointer_loads_agree_with_the_reference(tma, monkeypatch):
+    """Both forms of the backward's streamed loads on the GPU: TMA descriptors (on Hopper, for
+    aligned layouts: dense masks by default, any mask with ``flashgen.runtime.TMA = True``) and
+    masked pointer loads (any other layout, heads over 128, or ``flashgen.runtime.TMA = False``)."""
+    from flashgen import runtime
+
+    monkeypatch.setattr(runtime, "TMA", tma)
+    x = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    assert runtime.tma_ok(x) == (tma is not False and torch.cuda.get_device_capability()[0] >= 9)
+    check(2, 4, 2, 300, 333, 96, 80, torch.bfloat16, mask_mod=fg.mods.sliding_window(70))  # two head blocks
+    check(2, 4, 4, 300, 300, 64, 64, torch.bfloat16, mask_mod=fg.mods.causal)
+    check(2, 4, 4, 256, 256, 128, 128, torch.float16)
+    check(1, 2, 2, 257, 257, 192, 128, torch.bfloat16, mask_mod=fg.mods.causal)  # pointer loads: ptxas
+
+
+def test_layouts_tma_cannot_read_take_the_pointer_loads():
+    """[B, S, H, D] storage reads through TMA (rows H * D apart); a head dim whose rows are not
+    16 bytes apart, or data off a 16-byte boundary, falls back to pointer loads, and stays right."""
+    from flashgen import runtime
+
+    q, k, v = (torch.randn(2, 300, 4, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    out = fg.attention(q, k, v, mask_mod=fg.mods.causal)
+    ref = fg.attention_reference(q.double(), k.double(), v.double(), mask_mod=fg.mods.causal)
+    assert rel(out, ref) < TOL[torch.bfloat16]
+    flat = torch.randn(3 * 2 * 4 * 300 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (flat[1 + i * 2 * 4 * 300 * 64:][:2 * 4 * 300 * 64].view(2, 4, 300, 64) for i in range(3))
+    assert not runtime.tma_ok(q)
+    out = fg.attention(q, k, v, mask_mod=fg.mods.causal)
+    ref = fg.attention_reference(q.double(), k.double(), v.double(), mask_mod=fg.mods.causal)
+    assert rel(out, ref) < TOL[torch.bfloat16]
+    check(1, 2, 2, 200, 200, 20, 20, torch.bfloat16, mask_mod=fg.mods.causal)  # rows 40 bytes apart
