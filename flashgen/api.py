@@ -180,6 +180,9 @@ class Attention:
             direct = sum(1 for x in kept if x._direct)
             lines.append(f"launches kept for {len(self._plans)} call signature(s): {direct} of {len(kept)} call the "
                          f"compiled kernel directly (runtime.DIRECT_LAUNCH_TRITON), the others Triton's launcher")
+            tma = sum(1 for x in kept if x.kwargs.get("TMA"))
+            if tma:
+                lines.append(f"  {tma} of them load their streamed tiles through TMA descriptors (backward_tma)")
             live = sum(1 for _, refills, _ in self._plans.values() if refills is not None)
             if live:
                 lines.append(f"  {live} of them refill their block maps' runs on the device when the tensors the mask "

@@ -405,6 +405,11 @@ def test_tiles_through_tma_descriptors(case, monkeypatch):
         mods = dict(mask_mod=fg.mods.causal & fg.mask_mod(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) % 2 == 0))
     assert runtime.tma_ok(q, k, v, torch.randn_like(q[..., :v.shape[-1]]))
     check_backward(q, k, v, **mods)
+    gqa = mods.pop("enable_gqa", False)
+    attn = fg.compile(**mods)
+    out = attn(*(t.detach().requires_grad_() for t in (q, k, v)), enable_gqa=gqa)
+    out.backward(torch.randn_like(out))  # (out.sum()'s gradient is expanded: strides of 0, no TMA)
+    assert "2 of them load their streamed tiles through TMA descriptors" in attn.explain()
 
 
 def test_tma_only_for_layouts_it_can_read(monkeypatch):
