@@ -28,6 +28,7 @@ from .runtime import (
     captured_args,
     default_backward_configs,
     default_config,
+    ensure_allocator,
     identifier,
     index_type,
     interpreting,
@@ -580,6 +581,8 @@ class Attention:
                    *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
                    *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
         tma = tma_ok(q, k, v, dout)  # (the layout allows it; ``backward_tma`` decides by the variant)
+        if tma:
+            ensure_allocator()  # (in this thread: autograd runs the backward on its own)
         key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots, tma,
                self._layout_key(capture_args, q, k, v, out, dout))
         plan = self._kept(key)

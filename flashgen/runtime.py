@@ -242,16 +242,15 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
             return False
         if any(n > 1 and (stride * size) % 16 for n, stride in zip(t.shape[:-1], t.stride()[:-1])):
             return False
-    _ensure_allocator()
     return True
 
 
+# global memory for the descriptors the kernels make (128 bytes each, per program)
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the descriptors the kernels make (128 bytes each, per program)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_allocator() -> None:
+def ensure_allocator() -> None:
     """Kernels that make TMA descriptors need Triton's allocator for their scratch memory. Set
     flashgen's in this thread's context unless one is set already (a user's is kept). Triton keeps
     it per context, and autograd runs the backward on a thread of its own: checked per call."""

@@ -436,3 +436,25 @@ def test_backward_tma_by_mask_and_head_dims(monkeypatch):
     assert not runtime.backward_tma("dense", 192, 128, False) and not runtime.backward_tma("dense", 64, 256, False)
     monkeypatch.setattr(runtime, "TMA", True)  # forced: any variant, still not past 128
     assert runtime.backward_tma("window", 64, 64, True) and not runtime.backward_tma("sparse", 144, 128, False)
+
+
+def test_descriptor_scratch_allocator_keeps_a_users():
+    """TMA descriptors need Triton's allocator: flashgen sets its own only where none is set."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    from flashgen import runtime
+
+    def users(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    def check():
+        runtime.ensure_allocator()
+        assert _allocation._allocator.get() is runtime._scratch  # none was set: flashgen's
+        triton.set_allocator(users)
+        runtime.ensure_allocator()
+        assert _allocation._allocator.get() is users
+
+    contextvars.Context().run(check)  # (a fresh context: this thread's allocator stays as it was)
