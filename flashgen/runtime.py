@@ -227,9 +227,9 @@ def _tma_device(index: int) -> bool:
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels may load tiles of these [B, H, S, D] tensors through TMA descriptors
-    made per (batch, head): the last dim contiguous, the data and the batch, head and row strides
-    16-byte aligned (as TMA requires). Checked per call: it is part of a call's plan key."""
+    """Whether the kernels may read these [B, H, S, D] tensors through TMA descriptors over each
+    head's [S, D] rows: D contiguous, the data and the (positive) row stride 16-byte aligned, and
+    the batch and head strides of sizes over 1. Checked per call: it is part of the plan key."""
     if TMA is False:
         return False
     device = tensors[0].device
@@ -238,9 +238,9 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
         return False
     for t in tensors:
         size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16:
-            return False
-        if any(n > 1 and (stride * size) % 16 for n, stride in zip(t.shape[:-1], t.stride()[:-1])):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or t.stride(-2) <= 0 or (t.stride(-2) * size) % 16:
+            return False  # (the row stride is the descriptor's, whatever S is, and TMA takes no 0 there)
+        if any(n > 1 and (stride * size) % 16 for n, stride in zip(t.shape[:-2], t.stride()[:-2])):
             return False
     return True
 

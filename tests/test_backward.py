@@ -422,7 +422,9 @@ def test_tma_only_for_layouts_it_can_read(monkeypatch):
     assert not runtime.tma_ok(x.transpose(-1, -2))  # the head dim not contiguous
     assert not runtime.tma_ok(torch.randn(2, 4, 64, 6, dtype=torch.float16))  # rows 12 bytes apart
     assert not runtime.tma_ok(torch.randn(2 * 4 * 64 * 32 + 1)[1:].view(2, 4, 64, 32))  # data not 16-byte aligned
-    assert runtime.tma_ok(torch.randn(1, 1, 1, 32)[..., :8])  # strides of dims of size 1 do not count
+    assert runtime.tma_ok(torch.randn(64).as_strided((1, 1, 2, 32), (7, 5, 32, 1)))  # strides of sizes 1: unused
+    assert not runtime.tma_ok(torch.randn(1, 1, 1, 37)[..., :8])  # the row stride counts (148 bytes), even for S = 1
+    assert not runtime.tma_ok(torch.randn(2, 4, 1, 32).expand(2, 4, 64, 32))  # rows 0 apart: no descriptor
     monkeypatch.setattr(runtime, "TMA", False)
     assert not runtime.tma_ok(x)
 
