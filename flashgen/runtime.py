@@ -395,11 +395,12 @@ def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: in
 
 
 # H200, bf16, 4x16x8192x128, backward ms with TMA against pointer loads, same runs (2026-11-29,
-# benchmarks/PERFLOG.md; the suite's scatter is ~3%): full attention 13.40 / 14.20, causal 7.43 /
-# 7.59 (and 2.63 / 2.73 at 8x16x4096x64), prefix LM 7.51 / 7.62; but a dense bias 20.5 / 18.7,
-# ALiBi 7.60 / 7.32, and a sliding window's and a document mask's short runs of tiles 2.32 / 2.27
-# and 1.47 / 1.44. The forward was slower with TMA (full 4.75 / 4.64) and keeps its pointer loads.
-# Heads over 128 (a second head block after 128, or v wider than 128) crash Triton 3.6's ptxas.
+# benchmarks/PERFLOG.md; identical kernels scattered by up to 4% there): full attention 13.40 /
+# 14.20 (a prototype measured the same gain), a dense bias 20.5 / 18.7; within the scatter: causal
+# 7.43 / 7.59 (and 2.63 / 2.73 at 8x16x4096x64), prefix LM 7.51 / 7.62, ALiBi 7.60 / 7.32, a
+# sliding window 2.32 / 2.27, a document mask 1.47 / 1.44. The forward was not faster with TMA
+# (full 4.75 / 4.64 ms) and keeps its pointer loads. Heads over 128 (a second head block after
+# 128, or v wider than 128) crash Triton 3.6's ptxas.
 def backward_tma(sparsity: str, head_dim: int, head_dim_v: int, reads_in_logits: bool) -> bool:
     """Whether the backward passes take their streamed tiles through TMA descriptors where the
     layout allows (``tma_ok``): dense masks whose logits read no captured tensor (a bias, a table,
