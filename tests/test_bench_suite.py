@@ -112,3 +112,14 @@ def test_warp_specialised_forward_prototype_matches_float64_in_the_interpreter()
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("rel. err.") == 4
+
+
+def test_interleaved_load_ab_runs_every_arm():
+    """benchmarks/ab_loads.py: TMA, pointer and default arms in rounds (the plumbing, on the CPU)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_loads.py"), "--smoke", "--variants", "causal",
+                           "--passes", "fwd+bwd", "--rounds", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = done.stdout.splitlines()[-1].split()
+    assert row[:2] == ["causal", "fwd+bwd"] and all(float(x) > 0 for x in row[2:6]), done.stdout
