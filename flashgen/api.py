@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import ir
+from . import ir, runtime
 from .analysis import Analysis, analyze, reads_in_range
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
@@ -583,7 +583,7 @@ class Attention:
         tma = tma_ok(q, k, v, dout)  # (the layout allows it; ``backward_tma`` decides by the variant)
         if tma:
             ensure_allocator()  # (in this thread: autograd runs the backward on its own)
-        key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots, tma,
+        key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots, tma, runtime.TMA,  # (backward_tma reads it)
                self._layout_key(capture_args, q, k, v, out, dout))
         plan = self._kept(key)
         if plan is None:

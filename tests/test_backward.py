@@ -460,3 +460,21 @@ def test_descriptor_scratch_allocator_keeps_a_users():
         assert _allocation._allocator.get() is users
 
     contextvars.Context().run(check)  # (a fresh context: this thread's allocator stays as it was)
+
+
+def test_the_tma_switch_is_part_of_a_kept_backward(monkeypatch):
+    """A kept backward launch was planned under one value of ``runtime.TMA``: under another (an A/B
+    run's arms) the same signature plans anew, here for a window whose default is pointer loads."""
+    from flashgen import api, runtime
+
+    monkeypatch.setattr(api, "tma_ok", lambda *tensors: True)  # (the layout check a Hopper GPU passes)
+    attn = fg.compile(mask_mod=fg.mods.sliding_window(20))
+    q, k, v = (rand(1, 2, 64, 32).requires_grad_() for _ in range(3))
+    used = []
+    for switch in (True, None):
+        monkeypatch.setattr(runtime, "TMA", switch)
+        out = attn(q, k, v)
+        out.backward(torch.randn_like(out))
+        used.append({launch.kwargs["TMA"] for plan, _, _ in attn._plans.values() if isinstance(plan, tuple)
+                     for launch in plan})
+    assert used == [{True}, {True, False}]  # forced, then the window's default kept next to it
