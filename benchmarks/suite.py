@@ -31,6 +31,10 @@ or the error. A full matrix takes several GPU calls: run subsets (--variants, --
 into ``DIR/suite.md`` (a table per shape and pass, stamped with its runs) and ``DIR/suite.png``
 (flashgen/flex per variant against #7's 1.2× target; needs matplotlib, the ``bench`` extra).
 
+``--ab-tma``: also flashgen with pointer loads instead of TMA (``flashgen-ptr``, one more implementation in the
+JSON; the report's table leaves it out). Its records scatter as any other's (up to 4% for identical kernels):
+``ab_loads.py`` interleaves the two for a finer comparison.
+
 ``--smoke``: a tiny shape (1x2x128x32), flashgen only (Triton's interpreter without a GPU), timed with
 ``time.perf_counter`` where there is no CUDA; the same checks and files.
 """
