@@ -35,6 +35,10 @@ into ``DIR/suite.md`` (a table per shape and pass, stamped with its runs) and ``
 JSON; the report's table leaves it out). Its records scatter as any other's (up to 4% for identical kernels):
 ``ab_loads.py`` interleaves the two for a finer comparison.
 
+``--rounds N``: the implementations are timed in turn, N rounds; each record keeps every round's time and its ``ms``
+is their median, and the report's flashgen/flex column adds the range of the per-round ratios. A single pass
+(the default) scattered by up to 4% for identical kernels on the H200 (PERFLOG, tenth session).
+
 ``--smoke``: a tiny shape (1x2x128x32), flashgen only (Triton's interpreter without a GPU), timed with
 ``time.perf_counter`` where there is no CUDA; the same checks and files.
 """
@@ -78,6 +82,9 @@ IMPLS = ("flashgen", "flex", "cudnn", "flash", "flashgen-ptr")
 # --ab-tma: also time flashgen with its streamed tiles through pointer loads ("flashgen-ptr";
 # flashgen.runtime.TMA = False for that implementation's calls), against its TMA loads, same process
 AB_TMA = False
+# --rounds: time the implementations in turn this many times (each record keeps every round's time;
+# the report gives the range of the per-round flashgen/flex ratios next to the ratio of medians)
+ROUNDS = 1
 VARIANTS = ("full", "causal", "sliding", "document", "prefix_lm", "dilated", "alibi_causal", "softcap_causal",
             "rel_table", "rel_table_learnable", "dense_bias")
 BIAS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -116,6 +123,7 @@ class Record:
     peak_gib: float | None = None
     checks: dict[str, float | str] = field(default_factory=dict)  # flashgen's relative errors
     error: str | None = None
+    rounds_ms: list[float] | None = None  # --rounds: each round's time (``ms`` is their median)
 
 
 def build_cases(heads: int, seq_len: int, device: str, bias_dtype: torch.dtype, wanted: list[str]) -> dict[str, Case]:
@@ -293,16 +301,27 @@ def measure(case: Case, q, k, v, dout, pass_name: str, device: str, peers: bool,
     free_memory()
     common = {"variant": var.key, "label": var.label, "shape": "x".join(map(str, (B, H, S, D))),
               "pass_name": pass_name, "density": kept / (S * S)}
+    timed = [name for name in IMPLS if name in calls and name not in errors]
+    rounds: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(ROUNDS):  # the implementations in turn, round after round (ROUNDS > 1: --rounds)
+        for name in timed:
+            if name in errors:
+                continue
+            fn = with_loads(name, calls[name] if not leaves else (lambda call=calls[name]: call().backward(dout)))
+            ms, err = attempt(lambda fn=fn: time_ms(fn, list(leaves.values()), device))
+            if err:
+                errors[name] = err
+            else:
+                rounds[name].append(ms)
     records = []
     for name in IMPLS:
         mine = checks if name == "flashgen" else {}
         if name in errors:
             records.append(Record(**common, impl=name, checks=mine, error=errors[name]))
         elif name in calls:
-            fn = with_loads(name, calls[name] if not leaves else (lambda call=calls[name]: call().backward(dout)))
-            ms, err = attempt(lambda fn=fn: time_ms(fn, list(leaves.values()), device))
+            ms = statistics.median(rounds[name])
             records.append(Record(**common, impl=name, ms=ms, tflops=tflops(flop, ms), peak_gib=peaks.get(name),
-                                  checks=mine, error=err))
+                                  checks=mine, rounds_ms=rounds[name] if ROUNDS > 1 else None))
     return records
 
 
@@ -389,8 +408,9 @@ def cmd_run(args) -> int:
     header = make_header(device, args.smoke, now)
     print(f"flashgen suite: {header['gpu']}, torch {header['torch']}, triton {header['triton']}, {header['date']}")
     flex = None if args.smoke else compiled_flex()
-    global AB_TMA
+    global AB_TMA, ROUNDS
     AB_TMA = getattr(args, "ab_tma", False)  # (a Namespace built by hand has no such field)
+    ROUNDS = max(1, getattr(args, "rounds", 1))
     records = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -441,6 +461,15 @@ def ratio(impls: dict) -> float | None:
     return mine / flex if mine and flex else None
 
 
+def ratio_range(impls: dict) -> tuple[float, float] | None:
+    """(lowest, highest) flashgen/flex speed ratio over the rounds both were timed in turn (--rounds)."""
+    mine, flex = (impls.get(name, ({}, None))[0].get("rounds_ms") for name in ("flashgen", "flex"))
+    if not mine or not flex or len(mine) != len(flex) or len(runs_of({0: impls})) > 1:
+        return None
+    ratios = [f / m for m, f in zip(mine, flex)]
+    return min(ratios), max(ratios)
+
+
 def runs_of(rows: dict) -> dict[str, dict]:
     """timestamp -> header of the runs the records of ``rows`` (variant -> impl -> (record, header)) came from."""
     return {h["timestamp"]: h for impls in rows.values() for _, h in impls.values()}
@@ -468,11 +497,12 @@ def table(shape: str, pass_name: str, rows: dict) -> list[str]:
         some = next(iter(impls.values()))[0]
         checks = impls.get("flashgen", ({}, None))[0].get("checks", {})
         check_text = ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} `{v}`" for k, v in checks.items())
-        r = ratio(impls)
+        r, spread = ratio(impls), ratio_range(impls)
         mark = " †" if len(runs_of({0: impls})) > 1 else ""
         mixed = mixed or bool(mark)
         out.append(f"| {some['label']}{mark} | {some['density']:.3f} | {cell('flashgen', impls)} | "
-                   f"{cell('flex', impls)} | {'—' if r is None else f'{r:.2f}'} | {cell('cudnn', impls)} | "
+                   f"{cell('flex', impls)} | {'—' if r is None else f'{r:.2f}'}"
+                   f"{'' if spread is None else f' ({spread[0]:.2f}-{spread[1]:.2f})'} | {cell('cudnn', impls)} | "
                    f"{cell('flash', impls)} | "
                    f"{check_text or '—'} |")
         errors += [f"- {some['label']} / {impl}: `{rec['error']}`" for impl, (rec, _) in impls.items() if rec["error"]]
@@ -551,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bias-dtype", choices=sorted(BIAS_DTYPES), default="bf16", help="dense bias dtype")
     r.add_argument("--smoke", action="store_true", help="tiny shapes, flashgen only; runs without a GPU")
     r.add_argument("--ab-tma", action="store_true", help="also flashgen with pointer loads (flashgen-ptr)")
+    r.add_argument("--rounds", type=int, default=1, help="time the implementations in turn, N rounds (default 1)")
     rep = sub.add_parser("report", help="merge DIR/suite-*.json into DIR/suite.md and DIR/suite.png")
     rep.add_argument("dir", nargs="?", default="docs/benchmarks")
     return p

@@ -29,7 +29,8 @@ def suite(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_smoke_run_and_report(tmp_path):
-    suite("run", "--smoke", "--variants", "causal,document,dilated", "--passes", "fwd", "--out", str(tmp_path))
+    suite("run", "--smoke", "--variants", "causal,document,dilated", "--passes", "fwd", "--rounds", "2",
+          "--out", str(tmp_path))
     (path,) = tmp_path.glob("suite-*.json")
     run = json.loads(path.read_text())
     assert {"date", "gpu", "torch", "triton", "flashgen"} <= set(run["header"])
@@ -37,6 +38,7 @@ def test_smoke_run_and_report(tmp_path):
     assert set(records) == {(v, "fwd", "flashgen") for v in ("causal", "document", "dilated")}
     for r in records.values():
         assert r["error"] is None and r["ms"] > 0 and r["tflops"] > 0 and 0 < r["density"] < 1
+        assert len(r["rounds_ms"]) == 2 and min(r["rounds_ms"]) <= r["ms"] <= max(r["rounds_ms"])
         (name, err), = r["checks"].items()
         assert name.startswith("out_vs_reference") and err < 2e-2
 
@@ -123,3 +125,25 @@ def test_interleaved_load_ab_runs_every_arm():
     assert done.returncode == 0, done.stdout + done.stderr
     row = done.stdout.splitlines()[-1].split()
     assert row[:2] == ["causal", "fwd+bwd"] and all(float(x) > 0 for x in row[2:6]), done.stdout
+
+
+def test_report_gives_the_range_of_per_round_ratios():
+    """--rounds: flashgen and flex timed in turn; the table shows the ratio of medians and the range
+    of the rounds' ratios (within one run only)."""
+    bench = load_suite()
+    header = {"timestamp": "2026-11-29T00:00:00+00:00", "date": "d", "gpu": "g", "torch": "t", "triton": "t",
+              "flashgen": "f"}
+
+    def record(impl, rounds):
+        return {"variant": "causal", "label": "causal", "shape": "1x2x128x32", "pass_name": "fwd", "impl": impl,
+                "density": 0.5, "ms": sorted(rounds)[1], "tflops": 1.0 / sorted(rounds)[1], "error": None,
+                "checks": {}, "rounds_ms": rounds}
+
+    impls = {"flashgen": (record("flashgen", [1.0, 1.1, 0.9]), header),
+             "flex": (record("flex", [1.2, 1.1, 1.35]), header)}
+    lo, hi = bench.ratio_range(impls)
+    assert (round(lo, 3), round(hi, 3)) == (1.0, 1.5)
+    row = next(line for line in bench.table("1x2x128x32", "fwd", {"causal": impls}) if line.startswith("| causal"))
+    assert "| 1.20 (1.00-1.50) |" in row  # medians 1.2 and 1.0; rounds 1.2, 1.0, 1.5
+    impls["flex"][0]["rounds_ms"] = None  # a run without rounds: the ratio alone
+    assert bench.ratio_range(impls) is None
