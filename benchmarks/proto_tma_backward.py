@@ -31,6 +31,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _rows(ptr, offs, S, HEAD_D: tl.constexpr):
+    """The [rows, HEAD_D] tile of one head's rows at positions ``offs`` (rows past S read 0)."""
+    return tl.load(ptr + offs[:, None] * HEAD_D + tl.arange(0, HEAD_D)[None, :], mask=offs[:, None] < S, other=0.0)
+
+
+@triton.jit
 def fwd(Q, K, V, Out, LSE, sm_scale, S, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         TMA: tl.constexpr, EVEN: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -38,7 +44,7 @@ def fwd(Q, K, V, Out, LSE, sm_scale, S, HEAD_D: tl.constexpr, BLOCK_M: tl.conste
     base = bh.to(tl.int64) * S * HEAD_D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
-    q = tl.load(Q + base + offs_m[:, None] * HEAD_D + offs_d[None, :], mask=offs_m[:, None] < S, other=0.0)
+    q = _rows(Q + base, offs_m, S, HEAD_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
@@ -52,8 +58,8 @@ def fwd(Q, K, V, Out, LSE, sm_scale, S, HEAD_D: tl.constexpr, BLOCK_M: tl.conste
             k = k_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
         else:
-            k = tl.load(K + base + offs_n[:, None] * HEAD_D + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-            v = tl.load(V + base + offs_n[:, None] * HEAD_D + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
+            k = _rows(K + base, offs_n, S, HEAD_D)
+            v = _rows(V + base, offs_n, S, HEAD_D)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if not EVEN:
             s = tl.where(offs_n[None, :] < S, s, float("-inf"))
@@ -78,9 +84,9 @@ def bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, Out, sm_scale, S, HEAD_D: tl.constexpr, 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     q_in = offs_m < S
-    q = tl.load(Q + base + offs_m[:, None] * HEAD_D + offs_d[None, :], mask=q_in[:, None], other=0.0)
-    do = tl.load(DO + base + offs_m[:, None] * HEAD_D + offs_d[None, :], mask=q_in[:, None], other=0.0)
-    o = tl.load(Out + base + offs_m[:, None] * HEAD_D + offs_d[None, :], mask=q_in[:, None], other=0.0)
+    q = _rows(Q + base, offs_m, S, HEAD_D)
+    do = _rows(DO + base, offs_m, S, HEAD_D)
+    o = _rows(Out + base, offs_m, S, HEAD_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * S + offs_m, delta, mask=q_in)
     lse = tl.load(LSE + bh.to(tl.int64) * S + offs_m, mask=q_in, other=float("inf")) * LOG2E
@@ -116,8 +122,8 @@ def bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, S, HEAD_D: tl.constexpr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     kv_in = offs_n < S
-    k = tl.load(K + base + offs_n[:, None] * HEAD_D + offs_d[None, :], mask=kv_in[:, None], other=0.0)
-    v = tl.load(V + base + offs_n[:, None] * HEAD_D + offs_d[None, :], mask=kv_in[:, None], other=0.0)
+    k = _rows(K + base, offs_n, S, HEAD_D)
+    v = _rows(V + base, offs_n, S, HEAD_D)
     dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     if TMA:
@@ -130,8 +136,8 @@ def bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, S, HEAD_D: tl.constexpr,
             q = q_desc.load([start_m, 0])
             do = do_desc.load([start_m, 0])
         else:
-            q = tl.load(Q + base + offs_m[:, None] * HEAD_D + offs_d[None, :], mask=q_in[:, None], other=0.0)
-            do = tl.load(DO + base + offs_m[:, None] * HEAD_D + offs_d[None, :], mask=q_in[:, None], other=0.0)
+            q = _rows(Q + base, offs_m, S, HEAD_D)
+            do = _rows(DO + base, offs_m, S, HEAD_D)
         lse = tl.load(LSE + bh.to(tl.int64) * S + offs_m, mask=q_in, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + bh.to(tl.int64) * S + offs_m, mask=q_in, other=0.0)
         qk = tl.dot(k, tl.trans(q))  # [kv, q]

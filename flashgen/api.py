@@ -617,7 +617,7 @@ class Attention:
             return {"EVEN_N": Skv % c.block_n == 0}
 
         def even_mn(c):  # (and Sq a multiple of BLOCK_M: the dK/dV pass's query tiles need no clamping)
-            return {"EVEN_N": Skv % c.block_n == 0, "EVEN_M": Sq % c.block_m == 0}
+            return {**even_n(c), "EVEN_M": Sq % c.block_m == 0}
 
         dkdv_kw = dict(common, constexprs=even_mn,
                        extra=(lambda c: self._runs_args(shape, c, q.device, transpose=True)) if masked else None)
