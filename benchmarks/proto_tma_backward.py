@@ -191,6 +191,62 @@ def rel(a, b) -> float:
     return ((a.double() - b).norm() / b.norm()).item()
 
 
+def parse_args(doc: str, argv=None):
+    """The prototypes' common command line: --shape (repeatable), --check-only, --sass."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--shape", action="append", help="B,H,S,D (default: 4,16,8192,128 and 8,16,4096,64)")
+    p.add_argument("--check-only", action="store_true")
+    p.add_argument("--sass", action="store_true", help="offline: compile for sm_90 and print registers")
+    args = p.parse_args(argv)
+    args.shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shape or ["4,16,8192,128", "8,16,4096,64"])]
+    return args
+
+
+def inputs(shape, dev: str):
+    """Fresh q, k, v, dO of ``shape`` (bf16 on a GPU; float32 in the interpreter, whose bf16 dots are
+    wrong), their slice of B = 1, H = 2 and at most 256 positions, and the float64 reference of the
+    slice: (o, dq, dk, dv)."""
+    B, H, S, D = shape
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    full = tuple(torch.randn(B, H, S, D, dtype=dtype, device=dev) for _ in range(4))
+    small = tuple(t[:1, :2, :min(S, 256)].contiguous() for t in full)
+    return full, small, reference(*small)
+
+
+def compile_sm90(kernel, types: dict, constants: dict, cfg):
+    """``kernel`` compiled for sm_90 offline: pointer and scalar argument types by name (the rest are
+    ``constants``), pointers and ``S`` divisible by 16; returns (registers, spills, SASS mix)."""
+    import sass
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    names = kernel.arg_names
+    signature = {n: types.get(n, "constexpr") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n][0] == "*" or n == "S"}
+    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                    constexprs={(names.index(k),): v for k, v in constants.items() if k in names})
+    compiled = compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg[2], num_stages=cfg[3]))
+    return (*sass.resources(compiled), sass.mix(sass.cuobjdump(compiled, "-sass")))
+
+
+def sass_header(label: str, width: int) -> str:
+    import sass
+
+    groups = " ".join(f"{g:>7}" for g, _ in sass.GROUPS)
+    return f"{label:<{width}} {'regs':>5} {'spill':>6} {groups} {'total':>6}"
+
+
+def sass_line(label: str, width: int, regs, spills, counts) -> str:
+    import sass
+
+    return (f"{label:<{width}} {regs:>5} {spills:>6} " + " ".join(f"{counts[g]:>7}" for g, _ in sass.GROUPS)
+            + f" {counts['total']:>6}")
+
+
+TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "DQ", "DK", "DV", "Out")},
+         **{n: "*fp32" for n in ("LSE", "DELTA", "DQACC")}, "sm_scale": "fp32", "S": "i32"}
+
+
 CONFIGS = {  # (fwd, dq, dkdv): (BLOCK_M, BLOCK_N, warps, stages), flashgen's dense defaults first
     128: [((128, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3)),
           ((128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2)),
@@ -230,60 +286,27 @@ def _step(f, q, k, v, do):
 
 def sass_table() -> int:
     """Registers, spills and the SASS mix of each kernel in both forms, compiled for sm_90 offline."""
-    import sass
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
-    target = GPUTarget("cuda", 90, 32)
-    ptr = "*bf16"
-    sigs = {
-        fwd: (["Q", "K", "V", "Out"], ["LSE"]), bwd_dq: (["Q", "K", "V", "DO", "DQ"], ["LSE", "DELTA"]),
-        bwd_dkdv: (["Q", "K", "V", "DO", "DK", "DV"], ["LSE", "DELTA"]),
-    }
-    print(f"{'kernel':<10} {'D':>4} {'tma':<6} {'regs':>5} {'spill':>6} "
-          + " ".join(f"{g:>7}" for g, _ in sass.GROUPS) + f" {'total':>6}")
+    print(sass_header("kernel      D tma", 17))
     for D, cfgs in CONFIGS.items():
         for kernel, cfg in zip((fwd, bwd_dq, bwd_dkdv), cfgs[0]):
             for tma in (False, True):
-                bf16, f32 = sigs[kernel]
-                names = kernel.arg_names
-                signature = {n: (ptr if n in bf16 or n == "Out" else "*fp32" if n in f32 else
-                                 "fp32" if n == "sm_scale" else "i32" if n == "S" else "constexpr") for n in names}
-                if kernel is bwd_dq:
-                    signature["Out"] = ptr
                 constants = dict(HEAD_D=D, BLOCK_M=cfg[0], BLOCK_N=cfg[1], TMA=tma, EVEN=True)
-                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")}
-                attrs[(names.index("S"),)] = [["tt.divisibility", 16]]
-                constexprs = {(names.index(k),): v for k, v in constants.items()}
-                src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-                compiled = compile(src, target=target, options=dict(num_warps=cfg[2], num_stages=cfg[3]))
-                counts = sass.mix(sass.cuobjdump(compiled, "-sass"))
-                regs, spills = sass.resources(compiled)
-                print(f"{kernel.fn.__name__:<10} {D:>4} {str(tma):<6} {regs:>5} {spills:>6} "
-                      + " ".join(f"{counts[g]:>7}" for g, _ in sass.GROUPS) + f" {counts['total']:>6}")
+                print(sass_line(f"{kernel.fn.__name__:<10} {D:>3} {str(tma):<5}", 17,
+                                *compile_sm90(kernel, TYPES, constants, cfg)))
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", action="append", help="B,H,S,D (default: 4,16,8192,128 and 8,16,4096,64)")
-    p.add_argument("--check-only", action="store_true")
-    p.add_argument("--sass", action="store_true", help="offline: compile for sm_90 and print registers")
-    args = p.parse_args(argv)
+    args = parse_args(__doc__, argv)
     if args.sass:
         return sass_table()
-    shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shape or ["4,16,8192,128", "8,16,4096,64"])]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     triton.set_allocator(_alloc)
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # (the interpreter's bf16 dots are wrong)
     rows, peers = [], []
-    for shape in shapes:
+    for shape in args.shapes:
         B, H, S, D = shape
         torch.manual_seed(0)
-        q, k, v, do = (torch.randn(B, H, S, D, dtype=dtype, device=dev) for _ in range(4))
-        small = (1, 2, min(S, 256), D)
-        qs, ks, vs, dos = (t[:small[0], :small[1], :small[2]].contiguous() for t in (q, k, v, do))
-        ref = reference(qs, ks, vs, dos)
+        (q, k, v, do), (qs, ks, vs, dos), ref = inputs(shape, dev)
         interp = os.environ.get("TRITON_INTERPRET") == "1"
         for i, cfgs in enumerate(CONFIGS[D][:1] if interp else CONFIGS[D]):
             if interp:

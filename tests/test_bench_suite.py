@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "suite.py"
 
@@ -68,7 +70,6 @@ def test_merge_keeps_the_newest_record(tmp_path):
 def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
     import argparse
 
-    import pytest
 
     bench = load_suite()
     done = []
@@ -90,7 +91,6 @@ def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
 
 
 def test_sass_tool_compiles_for_hopper_without_a_gpu():
-    import pytest
     import triton
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
@@ -114,6 +114,18 @@ def test_warp_specialised_forward_prototype_matches_float64_in_the_interpreter()
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("rel. err.") == 4
+
+
+@pytest.mark.parametrize("script, checks", [("proto_fused_backward.py", 2), ("proto_overlap.py", 4)])
+def test_backward_and_overlap_prototypes_match_float64_in_the_interpreter(script, checks):
+    """The measured-and-not-taken prototypes (PERFLOG, eleventh session) stay runnable and right."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--check-only", "--shape", "1,2,128,64"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("check")]
+    assert len(lines) == checks and not any("FAIL" in line for line in lines), done.stdout
 
 
 def test_interleaved_load_ab_runs_every_arm():
