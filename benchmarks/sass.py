@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bwd", action="store_true", help="also the backward kernels")
     p.add_argument("--shape", default="4,16,8192,128", help="B,H,S,D (default 4,16,8192,128)")
     p.add_argument("--no-tma", action="store_true", help="pointer loads (the form for layouts TMA cannot read)")
-    p.add_argument("--dump", default="", help="write each kernel's SASS and PTX into this folder")
+    p.add_argument("--dump", default="", help="write each kernel's SASS, PTX and TTGIR into this folder")
     args = p.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
     print(f"{'kernel':<16} {'config':<18} {'regs':>5} {'spill':>6} " + " ".join(f"{g:>7}" for g, _ in GROUPS)
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(args.dump)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{args.variant}-{kernel.fn.__name__}.sass").write_text(sass)
-            (folder / f"{args.variant}-{kernel.fn.__name__}.ptx").write_text(compiled.asm["ptx"])
+            for ir in ("ptx", "ttgir"):
+                (folder / f"{args.variant}-{kernel.fn.__name__}.{ir}").write_text(compiled.asm[ir])
     return 0
 
 
