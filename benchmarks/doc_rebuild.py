@@ -32,8 +32,10 @@ import flashgen as fg  # noqa: E402
 
 
 def breakdown(kept, bench) -> None:
-    """GPU time of each map's two refill kernels, and of ``block_states`` with the bounds alone
-    (``exact=False``: no entry evaluated), which shows what the open tiles' entries cost."""
+    """GPU time of each map's refill under a few settings: the bounds (``block_summaries`` where
+    the mask reads a tensor along one side, then ``block_states``) and the whole refill (then
+    ``block_runs``); ``exact=False`` (``block_states`` leaves open tiles partial) shows what the open
+    tiles' entries cost."""
     from flashgen import maps
     from flashgen.runtime import captured_args
 
@@ -50,18 +52,24 @@ def breakdown(kept, bench) -> None:
         maps._PROGRAMS, maps._STRIP = defaults
         _, _, sq, skv = live.shape
         for key in keys:
-            times = {}
-            for name, other in variants.items():
-                states, launch = other._states[key[0]]
-                args = (states, *states.stride()[:3], *captured_args(other.captured), sq, skv, other.dims[1])
-                times[name] = bench(lambda launch=launch, args=args: launch(*args)) * 1e3
-            _, runs_launch, runs_args = live._runs[key]
-            tiles = live._states[key[0]][0].numel()
-            runs_us = bench(lambda f=runs_launch, a=runs_args: f(*a)) * 1e3
-            print(f"  map {key}: {tiles} tiles; block_runs {runs_us:.1f} us")
-            for (exact, programs, strip), t in times.items():
-                print(f"    block_states {'exact' if exact else 'bounds alone'}, ~{programs} programs, "
-                      f"{strip} entries a step: {t:.1f} us")
+            print(f"  map {key}: {live._states[key[0]][0].numel()} tiles, {live._slots} reads bounded per block")
+            for (exact, programs, strip), other in variants.items():
+                states, launch, sums, summaries = other._states[key[0]]
+                extra = (sums, sums.shape[-1]) if other._slots else ()
+                tail = (*captured_args(other.captured), sq, skv, other.dims[1])
+                head = (states, *states.stride()[:3], *extra)
+
+                def bounds(launch=launch, summaries=summaries, head=head, extra=extra, tail=tail):
+                    if extra:
+                        summaries(*extra, *tail)
+                    launch(*head, *tail)
+
+                def refill(bounds=bounds, runs=other._runs[key]):
+                    bounds()
+                    runs[1](*runs[2])
+
+                print(f"    {'exact' if exact else 'bounds alone'}, ~{programs} programs, {strip} entries a step: "
+                      f"bounds {bench(bounds) * 1e3:.1f} us, with block_runs {bench(refill) * 1e3:.1f} us")
 
 
 def main(argv: list[str] | None = None) -> int:

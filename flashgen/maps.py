@@ -35,8 +35,8 @@ class LiveRuns:
     describes, with R = ceil(columns / 2), the most runs of one kind a row can have, so that no
     value of the tensors can outgrow it. :meth:`refresh` refills the buffers when the tensors'
     versions change: ``block_states`` bounds the mask over each tile by interval arithmetic (the
-    tensors' values by their min/max over the tile's index range; what depends on the key block
-    alone computed once for many rows) and evaluates it entry by entry, as the attention kernels
+    tensors' values by their min/max over the tile's index range; reads by ``q_idx`` or ``kv_idx``
+    alone bounded once per block by ``block_summaries``) and evaluates it entry by entry, as the attention kernels
     do on partial tiles, only where the bounds leave a tile open, so the map is exact (with
     ``exact=False`` open tiles stay partial: the bounds alone, conservative); ``block_runs`` lists
     each row's runs."""
@@ -50,7 +50,8 @@ class LiveRuns:
         self._read = [captured[i] for i in reads(mask)]
         self._constants = dict(IDX_T=index_type(captured), CHECK_READS=check_reads, FAST_MATH=False,
                                EXACT=exact, num_warps=4)  # (the states' launches)
-        self._states: dict[tuple[int, int], list] = {}  # tile size -> [states, their launch]
+        self._slots = self._module.SLOTS.value  # reads bounded once per block (``block_summaries``)
+        self._states: dict[tuple[int, int], list] = {}  # tile size -> [states, launch, summaries, launch]
         self._runs: dict[tuple, tuple] = {}  # (tile size, transpose, ragged_last) -> runs, their launch, arguments
         self._fresh: set = set()  # tile sizes and keys filled for ``_versions``
         # the versions of the tensors the mask reads, and the captured tensors' integer arguments the
@@ -68,7 +69,9 @@ class LiveRuns:
         if key not in self._runs:
             grid = (-(-self.shape[2] // block[0]), -(-self.shape[3] // block[1]))
             if block not in self._states:
-                self._states[block] = [torch.empty(*self.dims, *grid, dtype=torch.int8, device=self.device), None]
+                self._states[block] = [torch.empty(*self.dims, *grid, dtype=torch.int8, device=self.device), None,
+                                       torch.empty(math.prod(self.dims), self._slots, 2, max(grid), dtype=torch.float64,
+                                                   device=self.device), None]
             states = self._states[block][0]
             rows, cols = grid[::-1] if transpose else grid
             runs = torch.empty(*self.dims, rows, 2, 1 + 2 * -(-cols // 2), dtype=torch.int32, device=self.device)
@@ -91,6 +94,13 @@ class LiveRuns:
                          RANGE_M=triton.next_power_of_2(bm), RANGE_N=bnp)  # (a tile's index range fits)
         return Launch(None, self._module.block_states, (-(-rows // per), chunks, maps), (), constants)
 
+    def _summaries_launch(self, block: tuple[int, int]) -> Launch:
+        """``block_summaries``'s launch for one tile size: the bounds of R = 16 blocks per program."""
+        constants = dict(BM=block[0], BN=block[1], R=16, num_warps=4, RANGE_M=triton.next_power_of_2(block[0]),
+                         RANGE_N=triton.next_power_of_2(block[1]))  # (a tile's index range fits)
+        grid = (-(-self._states[block][2].shape[-1] // 16), math.prod(self.dims))
+        return Launch(None, self._module.block_summaries, grid, (), constants)
+
     def keys_of(self, runs: list[torch.Tensor]) -> tuple | None:
         """The keys of these buffers, or None if one of them is not this object's."""
         keys = tuple(next((k for k, (buf, _, _) in self._runs.items() if buf is r), None) for r in runs)
@@ -109,7 +119,7 @@ class LiveRuns:
         layout = tuple(a for a in captures if type(a) is int)
         if layout != self._layout:  # the states' launches specialise on the captured tensors' layouts
             for entry in self._states.values():
-                entry[1] = None
+                entry[1] = entry[3] = None
             self._layout = layout
         recorded = capturing()  # (launches recorded to compile ahead, not run: nothing is filled)
         _, _, sq, skv = self.shape
@@ -118,7 +128,11 @@ class LiveRuns:
             if entry[1] is None:
                 entry[1] = self._states_launch(key[0], *entry[0].shape[2:])
             if key[0] not in self._fresh:
-                entry[1](entry[0], *entry[0].stride()[:3], *captures, sq, skv, self.dims[1])
+                sums = (entry[2], entry[2].shape[-1]) if self._slots else ()
+                if self._slots:  # the reads along one side, bounded per block first
+                    entry[3] = entry[3] or self._summaries_launch(key[0])
+                    entry[3](*sums, *captures, sq, skv, self.dims[1])
+                entry[1](entry[0], *entry[0].stride()[:3], *sums, *captures, sq, skv, self.dims[1])
             _, launch, args = self._runs[key]
             launch(*args)
             if not recorded:

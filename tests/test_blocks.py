@@ -728,7 +728,8 @@ def test_live_runs_recorded_to_compile_ahead_are_filled_when_run(monkeypatch):
     monkeypatch.setattr(maps, "capturing", lambda: False)
     runs = live.runs((32, 32))
     live.runs((32, 32))
-    assert len(launched) == 4  # states and runs while recording, then once more when run, then kept
+    assert live._slots == 2  # doc[q_idx] and doc[kv_idx]: bounded once per block (block_summaries)
+    assert len(launched) == 6  # summaries, states and runs while recording, then once more when run, then kept
     host = blocks.BlockMask(attn.program.mask, attn.captured, (1, 1, 96, 96), (32, 32), closed_form=False, exact=True)
     assert_same_runs(runs, host.runs())
 
@@ -736,7 +737,7 @@ def test_live_runs_recorded_to_compile_ahead_are_filled_when_run(monkeypatch):
 @requires_interpreter
 def test_live_runs_refill_only_the_maps_asked_for(monkeypatch):
     """A kept plan refills its own maps when the ids change, not every map the object holds (the
-    tuner's candidates leave many): each map costs two launches."""
+    tuner's candidates leave many): each map costs three launches (summaries, states, runs)."""
     doc = torch.arange(96) // 40
     attn = fg.compile(mask_mod=fg.mods.document(doc))
     live = attn._live_runs((1, 1, 96, 96), "cpu")
@@ -749,10 +750,10 @@ def test_live_runs_refill_only_the_maps_asked_for(monkeypatch):
     assert not launched and wanted == (((32, 32), False, False),)
     doc.copy_(torch.arange(96) // 20)
     live.refresh(wanted)
-    assert len(launched) == 2
+    assert len(launched) == 3
     host = blocks.BlockMask(attn.program.mask, attn.captured, (1, 1, 96, 96), (32, 32), closed_form=False, exact=True)
     assert_same_runs(live.runs((32, 32)), host.runs())
-    assert len(launched) == 2 and live.keys_of([torch.zeros(1)]) is None
+    assert len(launched) == 3 and live.keys_of([torch.zeros(1)]) is None
 
 
 LIVE_MASKS = {

@@ -43,7 +43,7 @@ DEPENDS = {
 # evaluating the entries of those left open, for many rows at once (``render._IntervalEmitter``,
 # ``maps.LiveRuns._states_launch``; ~5044); 5100 until the streamed tiles came through TMA
 # descriptors where the GPU and the layout allow (``runtime.tma_ok``, its allocator; ~5085).
-SIZE_BUDGET = 5100
+SIZE_BUDGET = 5140
 
 
 def module_name(path: Path) -> str:

@@ -399,14 +399,24 @@ class _IntervalEmitter:
     scalars. A captured tensor read along one ranged dimension loads up to ``RANGE_M`` entries
     (``RANGE_N`` where the dimension depends on ``kv_idx``) per tile and takes their min/max. What
     has no rule here is unknown, so the bounds are conservative and the tile is then evaluated
-    entry by entry."""
+    entry by entry. Reads in ``summaries`` (:func:`_side_reads`) load their blocks' bounds instead."""
 
-    def __init__(self):
+    def __init__(self, summaries: dict[int, tuple[str, int]] | None = None):
         self.names: dict[int, tuple[str, str]] = {}
         self.lines: list[str] = []
+        self.summaries = summaries or {}  # id(read) -> (its side, its slot)
 
     def emit(self, n: Node) -> tuple[str, str]:
         if id(n) in self.names:
+            return self.names[id(n)]
+        i = len(self.names)
+        if id(n) in self.summaries:
+            side, slot = self.summaries[id(n)]
+            at, axis = ("rows", "[:, None]") if side == "q_idx" else ("cols", "[None, :]")
+            at_slot = f"SUMS + (tl.program_id(2) * SLOTS + {slot}) * 2 * NB + {at}"  # ([map, slot, lo/hi, block])
+            self.lines += [f"{x}{i} = tl.load({at_slot} + {k} * NB, mask={at} < NB, other=0.0){axis}"
+                           for k, x in enumerate(("lo", "hi"))]
+            self.names[id(n)] = (f"lo{i}", f"hi{i}")
             return self.names[id(n)]
         src = [self.emit(c) for c in n.src]
         i = len(self.names)
@@ -547,6 +557,16 @@ class _IntervalEmitter:
         return f"tl.where(span{i}, vlo{i}, -_INF64)", f"tl.where(span{i}, vhi{i}, _INF64)"
 
 
+def _side_reads(mask: Node) -> list[tuple[Node, str]]:
+    """Reads of ``mask`` ranged along one dimension by ``q_idx`` alone or ``kv_idx`` alone (``doc[q_idx]``),
+    with that index: bounded per row or column block, once per refill (``block_summaries``)."""
+    def side(n: Node) -> str | None:
+        by = [x for x in ("q_idx", "kv_idx", ir.TILE_ORIGIN) if ir.depends_on(n, x)]
+        ranged = [c for c in n.src if ir.depends_on(c, "q_idx") or ir.depends_on(c, "kv_idx")]
+        return by[0] if len(by) == 1 and by[0] != ir.TILE_ORIGIN and len(ranged) == 1 else None
+    return [(n, side(n)) for n in ir.toposort([mask]) if n.op is Op.LOAD and n.src and side(n)]
+
+
 def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tuple[int, ...]) -> KernelSource:
     """The block-map module of a mask (``block_states``, ``block_runs``): its tiles classified on the
     GPU by evaluating the mask as the attention kernels do on partial tiles, and their runs."""
@@ -556,7 +576,10 @@ def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tup
     for node in _ordered([mask]):
         tile.emit(node)
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
-    bounds = _IntervalEmitter()
+    reads = _side_reads(mask)
+    summary = _IntervalEmitter()
+    summary_stores = [(slot, side, *summary.emit(n)) for slot, (n, side) in enumerate(reads)]
+    bounds = _IntervalEmitter({id(n): (side, slot) for slot, (n, side) in enumerate(reads)})
     bounds_lo, bounds_hi = bounds.emit(mask)
     expr = tile.ref(mask)
     if mask.op in _COMPARE and DType.FLOAT in (mask.src[0].dtype, mask.src[1].dtype):
@@ -564,7 +587,8 @@ def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tup
     source = _template("block_map.py.jinja").render(
         version=__version__, name=name, ir_key=program_key[:16], program_listing=listing,
         tile_origin=_reads_tile_origin([mask]), mask_lines=tile.lines, mask_expr=expr,
-        bound_lines=bounds.lines, bounds=(bounds_lo, bounds_hi),
+        bound_lines=bounds.lines, bounds=(bounds_lo, bounds_hi), summary_lines=summary.lines,
+        summary_stores=summary_stores,
         capture_params=[p for c in captures for p in c.params])
     return KernelSource(name, source, "block_states", captures, hashlib.sha256(source.encode()).hexdigest())
 
