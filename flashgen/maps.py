@@ -35,11 +35,11 @@ class LiveRuns:
     describes, with R = ceil(columns / 2), the most runs of one kind a row can have, so that no
     value of the tensors can outgrow it. :meth:`refresh` refills the buffers when the tensors'
     versions change: ``block_states`` bounds the mask over each tile by interval arithmetic (the
-    tensors' values by their min/max over the tile's index range; reads by ``q_idx`` or ``kv_idx``
-    alone bounded once per block by ``block_summaries``) and evaluates it entry by entry, as the attention kernels
-    do on partial tiles, only where the bounds leave a tile open, so the map is exact (with
-    ``exact=False`` open tiles stay partial: the bounds alone, conservative); ``block_runs`` lists
-    each row's runs."""
+    tensors' values by their min/max over the tile's index range; reads by ``q_idx`` or
+    ``kv_idx`` alone bounded once per block by ``block_summaries``) and evaluates it entry by
+    entry, as the attention kernels do on partial tiles, only where the bounds leave a tile open,
+    so the map is exact (with ``exact=False`` open tiles stay partial: the bounds alone,
+    conservative); ``block_runs`` lists each row's runs."""
 
     def __init__(self, source: KernelSource, mask: Node, captured: list[torch.Tensor],
                  shape: tuple[int, int, int, int], device: torch.device, check_reads: bool, *, exact: bool = True):

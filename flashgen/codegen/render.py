@@ -409,9 +409,8 @@ class _IntervalEmitter:
     def emit(self, n: Node) -> tuple[str, str]:
         if id(n) in self.names:
             return self.names[id(n)]
-        i = len(self.names)
-        if id(n) in self.summaries:
-            side, slot = self.summaries[id(n)]
+        if id(n) in self.summaries:  # (its index bounds are not needed here)
+            i, (side, slot) = len(self.names), self.summaries[id(n)]
             at, axis = ("rows", "[:, None]") if side == "q_idx" else ("cols", "[None, :]")
             at_slot = f"SUMS + (tl.program_id(2) * SLOTS + {slot}) * 2 * NB + {at}"  # ([map, slot, lo/hi, block])
             self.lines += [f"{x}{i} = tl.load({at_slot} + {k} * NB, mask={at} < NB, other=0.0){axis}"
