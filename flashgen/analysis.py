@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
 
-from .ir import DType, Node, Op, binary, const, format_expr, toposort
+from .ir import TILE_ORIGIN, DType, Node, Op, binary, const, depends_on, format_expr, toposort
 from .lowrank import BiasStructure, bias_structure
 from .rewrite import simplify
 
@@ -262,12 +262,25 @@ class Analysis:
                        "leave open, again when the tensors it reads change" if reads else
                        "interval analysis of the mask per tile, cached per shape")
                 lines.append(f"  block sparsity: {how} (empty tiles skipped, full tiles without mask code)")
+                if side := side_reads(self.residual_mask):
+                    lines.append("  bounded per block (once per refill, not per tile): "
+                                 + ", ".join(format_expr(n) for n, _ in side))
         lines.append(f"  logits:         {'plain (scale folded into exp2)' if self.plain_logits else 'modified'}")
         if self.row_level:
             lines.append(f"  hoisted out of the KV loop: {', '.join(self.row_level)}")
         if not self.plain_logits and self.logits is not None:
             lines.append(f"  additive bias:  {self.bias.report()}")
         return "\n".join(lines)
+
+
+def side_reads(mask: Node) -> list[tuple[Node, str]]:
+    """Reads of ``mask`` ranged along one dimension by ``q_idx`` alone or ``kv_idx`` alone (``doc[q_idx]``),
+    with that index: bounded per row or column block, once per refill (``block_summaries``)."""
+    def side(n: Node) -> str | None:
+        by = [x for x in ("q_idx", "kv_idx", TILE_ORIGIN) if depends_on(n, x)]
+        ranged = [c for c in n.src if depends_on(c, "q_idx") or depends_on(c, "kv_idx")]
+        return by[0] if len(by) == 1 and by[0] != TILE_ORIGIN and len(ranged) == 1 else None
+    return [(n, side(n)) for n in toposort([mask]) if n.op is Op.LOAD and n.src and side(n)]
 
 
 def analyze(logits: Node, mask: Node) -> Analysis:

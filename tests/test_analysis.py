@@ -185,3 +185,22 @@ def test_backward_loops_compute_their_invariants_once():
     assert before_loop(dq, "for start_n in range", "cap1 + (q_idx)")
     # the mask's lines only in partial tiles: its comparison appears once per kernel loop pair
     assert dq.count("cap1 + (kv_idx)") == 1 and dkdv.count("cap1 + (q_idx)") == 1
+
+
+def test_side_reads_are_the_reads_ranged_by_one_index_alone():
+    """``side_reads``: a read whose ranged index depends on q_idx alone (or kv_idx alone) has the
+    same bounds for every tile of a row (column) block, so refills bound it once per block; reads
+    ranged by both, or by neither, are not side reads. explain() names them."""
+    from flashgen.analysis import side_reads
+
+    doc, per_batch, table = torch.arange(64) // 8, torch.zeros(2, 64, dtype=torch.long), torch.randn(4, 127)
+
+    def sides(fn):
+        return [side for _, side in side_reads(fg.compile(mask_mod=fg.mask_mod(fn)).program.mask)]
+
+    assert sides(lambda b, h, q, kv: doc[q] == doc[kv]) == ["q_idx", "kv_idx"]
+    assert sides(lambda b, h, q, kv: (per_batch[b, q // 2] <= kv) & (kv <= q)) == ["q_idx"]
+    assert sides(lambda b, h, q, kv: table[h, q - kv + 63] > 0) == []  # ranged by both
+    assert sides(lambda b, h, q, kv: doc[h] > q) == []  # not ranged
+    explained = fg.compile(mask_mod=fg.mods.document(doc) & fg.mods.causal).explain()
+    assert "bounded per block (once per refill, not per tile): captured0[q_idx], captured0[kv_idx]" in explained

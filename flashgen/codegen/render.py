@@ -18,7 +18,7 @@ import networkx as nx
 
 from .. import ir
 from .._version import __version__
-from ..analysis import Analysis, int_bounds, row_levels
+from ..analysis import Analysis, int_bounds, row_levels, side_reads
 from ..autodiff import float_reads, gradients
 from ..ir import DType, Node, Op, const, format_expr, format_program, to_networkx
 from ..rewrite import LOWERING_RULES, RULES, simplify, times
@@ -399,7 +399,7 @@ class _IntervalEmitter:
     scalars. A captured tensor read along one ranged dimension loads up to ``RANGE_M`` entries
     (``RANGE_N`` where the dimension depends on ``kv_idx``) per tile and takes their min/max. What
     has no rule here is unknown, so the bounds are conservative and the tile is then evaluated
-    entry by entry. Reads in ``summaries`` (:func:`_side_reads`) load their blocks' bounds instead."""
+    entry by entry. Reads in ``summaries`` (``analysis.side_reads``) load their blocks' bounds instead."""
 
     def __init__(self, summaries: dict[int, tuple[str, int]] | None = None):
         self.names: dict[int, tuple[str, str]] = {}
@@ -556,16 +556,6 @@ class _IntervalEmitter:
         return f"tl.where(span{i}, vlo{i}, -_INF64)", f"tl.where(span{i}, vhi{i}, _INF64)"
 
 
-def _side_reads(mask: Node) -> list[tuple[Node, str]]:
-    """Reads of ``mask`` ranged along one dimension by ``q_idx`` alone or ``kv_idx`` alone (``doc[q_idx]``),
-    with that index: bounded per row or column block, once per refill (``block_summaries``)."""
-    def side(n: Node) -> str | None:
-        by = [x for x in ("q_idx", "kv_idx", ir.TILE_ORIGIN) if ir.depends_on(n, x)]
-        ranged = [c for c in n.src if ir.depends_on(c, "q_idx") or ir.depends_on(c, "kv_idx")]
-        return by[0] if len(by) == 1 and by[0] != ir.TILE_ORIGIN and len(ranged) == 1 else None
-    return [(n, side(n)) for n in ir.toposort([mask]) if n.op is Op.LOAD and n.src and side(n)]
-
-
 def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tuple[int, ...]) -> KernelSource:
     """The block-map module of a mask (``block_states``, ``block_runs``): its tiles classified on the
     GPU by evaluating the mask as the attention kernels do on partial tiles, and their runs."""
@@ -575,7 +565,7 @@ def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tup
     for node in _ordered([mask]):
         tile.emit(node)
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
-    reads = _side_reads(mask)
+    reads = side_reads(mask)
     summary = _IntervalEmitter()
     summary_stores = [(slot, side, *summary.emit(n)) for slot, (n, side) in enumerate(reads)]
     bounds = _IntervalEmitter({id(n): (side, slot) for slot, (n, side) in enumerate(reads)})
