@@ -1,6 +1,6 @@
 """Where the backward time goes for one masked variant, and how it moves with the tile sizes.
 
-    PYTHONPATH=. python3 benchmarks/profile_backward.py [--mask document|causal|prefix_lm]
+    PYTHONPATH=. python3 benchmarks/profile_backward.py [--mask document|causal|prefix_lm|full|dense_bias|softcap]
 
 bf16, B=4, H=16, S=8192, D=128. Prints (1) the CUDA kernels of one forward+backward of flashgen
 and of torch.compile(flex_attention) (torch.profiler, µs per call), (2) flashgen's fwd+bwd time
@@ -23,7 +23,9 @@ CONFIGS = [((64, 128, 8, 3), (128, 64, 8, 3)), ((64, 64, 4, 3), (64, 64, 4, 3)),
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--mask", default="document", choices=("document", "causal", "prefix_lm"))
+    p.add_argument("--mask", default="document", choices=("document", "causal", "prefix_lm", "full", "dense_bias",
+                                                            "softcap"),
+                   help="a mask, or full attention with a dense bias [H, S, S] (bf16) or soft-cap 30 + causal")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("profile_backward: no CUDA device")
@@ -46,21 +48,35 @@ def main() -> int:
         mask = fg.mods.causal
         def flex_mask(b, h, q, kv):
             return kv <= q
-    else:
+    elif args.mask == "prefix_lm":
         mask = fg.mods.prefix_lm(1024)
         def flex_mask(b, h, q, kv):
             return (kv < 1024) | (kv <= q)
+    else:  # full attention, plain or with a score_mod
+        mask = flex_mask = None
+    mods, flex_mod = {}, None
+    if args.mask == "dense_bias":
+        bias = torch.randn(H, S, S, device="cuda", dtype=torch.bfloat16)
+        mods = {"bias": bias}
+        def flex_mod(score, b, h, q, kv):
+            return score + bias[h, q, kv]
+    elif args.mask == "softcap":
+        mods, mask = {"score_mod": fg.mods.softcap(30.0)}, fg.mods.causal
+        def flex_mod(score, b, h, q, kv):
+            return 30.0 * torch.tanh(score / 30.0)
+        def flex_mask(b, h, q, kv):
+            return kv <= q
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
-    attn = fg.compile(mask_mod=mask)
-    bm = create_block_mask(flex_mask, None, None, S, S, device="cuda")
+    attn = fg.compile(mask_mod=mask, **mods)
+    bm = create_block_mask(flex_mask, None, None, S, S, device="cuda") if flex_mask else None
     flex = torch.compile(flex_attention)
 
     def step_fg():
         attn(q, k, v).backward(dout)
 
     def step_flex():
-        flex(q, k, v, block_mask=bm).backward(dout)
+        flex(q, k, v, score_mod=flex_mod, block_mask=bm).backward(dout)
 
     for fn in (step_fg, step_flex):
         fn()
