@@ -273,6 +273,13 @@ class Analysis:
         return "\n".join(lines)
 
 
+def tile_reads(roots: list[Node]) -> list[Node]:
+    """Reads of a captured tensor in 2-D tiles, one index by q_idx alone, one by kv_idx alone (a dense bias)."""
+    sides = {(True, False), (False, True)}  # (an index's dependence on q_idx, on kv_idx)
+    return [n for n in toposort(roots) if n.op is Op.LOAD
+            and sides <= {(depends_on(i, "q_idx"), depends_on(i, "kv_idx")) for i in n.src}]
+
+
 def side_reads(mask: Node) -> list[tuple[Node, str]]:
     """Reads of ``mask`` ranged along one dimension by ``q_idx`` alone or ``kv_idx`` alone (``doc[q_idx]``),
     with that index: bounded per row or column block, once per refill (``block_summaries``)."""

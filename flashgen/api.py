@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from . import ir, runtime
-from .analysis import Analysis, analyze, reads_in_range
+from .analysis import Analysis, analyze, reads_in_range, tile_reads
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
 from .codegen.render import KernelSource, lowering_notes, render_backward, render_block_map, render_forward
@@ -607,7 +607,7 @@ class Attention:
         common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma)
         ks = self._backward_source(grad_slots)
         module = load_module(ks)
-        defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity)
+        defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity, bool(tile_reads([self.program.logits])))
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
                             for family, c in zip(("dkdv", "dq"), defaults))
         masked = self.analysis.has_mask

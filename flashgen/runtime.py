@@ -372,9 +372,9 @@ def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
 
 
 def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                             sparsity: str = "dense") -> tuple[Config, Config]:
-    """(dK/dV pass, dQ pass) configurations. The dK/dV pass keeps a tall KV block and streams short
-    query blocks; the dQ pass the reverse. ``sparsity`` as in :func:`default_config`."""
+                             sparsity: str = "dense", tile_reads: bool = False) -> tuple[Config, Config]:
+    """(dK/dV pass, dQ pass) configurations: a tall KV block streaming short query blocks, and the
+    reverse. ``sparsity`` as in :func:`default_config`; ``tile_reads``: ``analysis.tile_reads``."""
     if device.type != "cuda":
         return Config(32, 32, 4, 1), Config(32, 32, 4, 1)
     width = max(head_dim, head_dim_v)
@@ -389,6 +389,11 @@ def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: in
         # 4% of the tiles): 2.288 ms fwd+bwd against 2.580 ms for the dense pair below. Dilated window
         # 2048, stride 2, 8x16x4096x64: (64, 64, 4, 3) + (64, 32, 4, 4) 3.581 ms against 4.023
         return Config(32, 64, 4, 3), Config(64, 32, 4, 4)
+    if tile_reads and width == 128 and sparsity == "dense":
+        # H200, 2026-11-29, bf16 4x16x8192x128, dense bias [H, S, S], fwd+bwd interleaved over 4 rounds
+        # (benchmarks/ab_backward_tiles.py): 23.56 ms against 24.30 for the pair below (every round
+        # 2.4-3.8% faster); full attention and causal within their rounds' range, ALiBi 2.5% slower
+        return Config(64, 64, 4, 2), Config(128, 64, 8, 3)
     # H200 sweep 2026-11-28 (bf16, B=4, H=16, S=8192, D=128, fwd+bwd): full 398 TF/s, causal 337,
     # against 210 / 196 for (32, 128, 4, 3) + (128, 32, 4, 3); see benchmarks/PERFLOG.md
     return Config(64, 128, 8, 3), Config(128, 64, 8, 3)

@@ -162,3 +162,19 @@ def test_layouts_tma_cannot_read_take_the_pointer_loads():
     ref = fg.attention_reference(q.double(), k.double(), v.double(), mask_mod=fg.mods.causal)
     assert rel(out, ref) < TOL[torch.bfloat16]
     check(1, 2, 2, 200, 200, 20, 20, torch.bfloat16, mask_mod=fg.mods.causal)  # rows 40 bytes apart
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+@pytest.mark.parametrize("mask", [None, fg.mods.causal])
+def test_dense_bias_at_head_dim_128_with_its_own_dkdv_tiles(learnable, mask):
+    """A dense bias at D = 128 takes (64, 64, 4, 2) dK/dV tiles (``runtime.default_backward_configs``,
+    ``tile_reads``), its gradient too when it is learnable; Sq of a partial last tile included."""
+    from flashgen.runtime import Config
+
+    H, S = 4, 320
+    bias = torch.randn(H, S, S, device="cuda").requires_grad_(learnable)
+    attn = fg.compile(bias=bias, mask_mod=mask)
+    check(2, H, H, S, S, 128, 128, torch.bfloat16, captured=(bias,) if learnable else (), bias=bias, mask_mod=mask)
+    q = torch.randn(2, H, S, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    attn(q, q, q).sum().backward()
+    assert attn.last_tiles["dK/dV"] == Config(64, 64, 4, 2)

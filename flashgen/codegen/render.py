@@ -18,7 +18,7 @@ import networkx as nx
 
 from .. import ir
 from .._version import __version__
-from ..analysis import Analysis, int_bounds, row_levels, side_reads
+from ..analysis import Analysis, int_bounds, row_levels, side_reads, tile_reads
 from ..autodiff import float_reads, gradients
 from ..ir import DType, Node, Op, const, format_expr, format_program, to_networkx
 from ..rewrite import LOWERING_RULES, RULES, simplify, times
@@ -283,12 +283,8 @@ def lowering_notes(logits: Node, mask: Node) -> list[str]:
 
 
 def _reads_batch_shared_tiles(roots: list[Node]) -> bool:
-    """Whether a captured tensor is read in 2-D tiles (one index by ``q_idx``, another by
-    ``kv_idx``: a dense bias) that every batch entry shares (no index reads ``b``)."""
-    def shared_tile(n: Node) -> bool:
-        by = [(ir.depends_on(i, "q_idx"), ir.depends_on(i, "kv_idx")) for i in n.src]
-        return (True, False) in by and (False, True) in by and not any(ir.depends_on(i, "b") for i in n.src)
-    return any(n.op is Op.LOAD and shared_tile(n) for n in ir.toposort(roots))
+    """Whether a tensor read in 2-D tiles (``analysis.tile_reads``: a dense bias) is shared by the batch."""
+    return any(not ir.depends_on(n, "b") for n in tile_reads(roots))
 
 
 def _reads_tile_origin(roots: list[Node]) -> bool:
