@@ -35,19 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="4x16x8192x128")
     p.add_argument("--dkdv", nargs="+", default=["64,64,4,2"], help="block_m,block_n,warps,stages")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU (the plumbing only)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("ab_backward_tiles: no CUDA device")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        print("ab_backward_tiles: no CUDA device (--smoke runs the plumbing on the CPU)")
         return 0
-    B, H, S, D = suite.parse_shape(args.shape)
+    B, H, S, D = suite.parse_shape("1x2x64x32" if args.smoke else args.shape)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
     default_configs = api.default_backward_configs
     arms = {"default": None, **{c: Config(*(int(x) for x in c.split(","))) for c in args.dkdv}}
     rows = []
     for name in suite.parse_list(args.variants, suite.VARIANTS, "variants"):
-        attn = fg.compile(**suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name].variant.fg_kwargs)
+        attn = fg.compile(**suite.build_cases(H, S, device, dtype, [name])[name].variant.fg_kwargs)
         times: dict[str, list[float]] = {arm: [] for arm in arms}
         try:
             for _ in range(args.rounds):
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                     api.default_backward_configs = default_configs if dkdv is None else (
                         lambda *a, dkdv=dkdv: (dkdv, default_configs(*a)[1]))
                     attn._plans.clear()  # (a call signature keeps its first call's tiles)
-                    times[arm].append(suite.time_ms(lambda a=attn: a(q, k, v).backward(dout), [q, k, v], "cuda"))
+                    times[arm].append(suite.time_ms(lambda a=attn: a(q, k, v).backward(dout), [q, k, v], device))
+                    assert dkdv is None or attn.last_tiles["dK/dV"] == dkdv, (attn.last_tiles, dkdv)
         finally:
             api.default_backward_configs = default_configs
         for arm in arms:
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, arm, statistics.median(times[arm]), statistics.median(ratios), min(ratios),
                          max(ratios)))
             print(f"{name} {arm}: {rows[-1][2]:.3f} ms, /default {rows[-1][3]:.3f}", flush=True)
-    print(f"\nfwd+bwd ms, median of {args.rounds} interleaved rounds, {args.shape}, bf16 (dQ pass: its default)")
+    print(f"\nfwd+bwd ms, median of {args.rounds} interleaved rounds, {B}x{H}x{S}x{D}, {dtype} (dQ pass: its default)")
     print(f"{'variant':<16} {'dK/dV tiles':<14} {'ms':>9} {'/default':>9} {'range':>15}")
     for name, arm, ms, ratio, lo, hi in rows:
         print(f"{name:<16} {arm:<14} {ms:>9.3f} {ratio:>9.3f} [{lo:.3f}, {hi:.3f}]")

@@ -139,6 +139,19 @@ def test_interleaved_load_ab_runs_every_arm():
     assert row[:2] == ["causal", "fwd+bwd"] and all(float(x) > 0 for x in row[2:6]), done.stdout
 
 
+def test_interleaved_backward_tiles_run_every_arm():
+    """benchmarks/ab_backward_tiles.py: the default and a forced dK/dV tile in rounds, each arm's
+    launches with its own tiles (the plumbing, on the CPU)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_backward_tiles.py"), "--smoke", "--variants",
+                           "causal", "--dkdv", "16,32,4,1", "--rounds", "2"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[-2:]]
+    assert [r[:2] for r in rows] == [["causal", "default"], ["causal", "16,32,4,1"]], done.stdout
+    assert all(float(r[2]) > 0 for r in rows), done.stdout
+
+
 def test_report_gives_the_range_of_per_round_ratios():
     """--rounds: flashgen and flex timed in turn; the table shows the ratio of medians and the range
     of the rounds' ratios (within one run only)."""
