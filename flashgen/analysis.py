@@ -8,6 +8,7 @@
   causal or a sliding window) and a residual mask. Kernels turn the band into closed-form KV loop
   bounds per query block: blocks outside the band are never visited, blocks inside it skip the
   mask code, and only blocks on the band's edges evaluate the mask.
+- :func:`diagonal_of`: reads indexed by ``q_idx - kv_idx`` alone (relative-position tables).
 - :func:`analyze`: everything above gathered in one frozen :class:`Analysis`.
 """
 
@@ -288,6 +289,31 @@ def side_reads(mask: Node) -> list[tuple[Node, str]]:
         ranged = [c for c in n.src if depends_on(c, "q_idx") or depends_on(c, "kv_idx")]
         return by[0] if len(by) == 1 and by[0] != TILE_ORIGIN and len(ranged) == 1 else None
     return [(n, side(n)) for n in toposort([mask]) if n.op is Op.LOAD and n.src and side(n)]
+
+
+@dataclass(frozen=True, order=True)
+class Diagonal:
+    """A read of ``captured[slot]`` whose index along ``dim`` is ``scale * (q_idx - kv_idx) + offset``
+    and whose other indices read neither index: a relative-position table. Its entries are constant
+    along each diagonal of the score matrix, so the kernels read it from staggered copies whose rows
+    run along a tile's fast axis (``codegen.render.STAGGER``), as contiguous vectors."""
+
+    slot: int
+    dim: int
+    scale: int
+    offset: int
+
+
+def diagonal_of(n: Node) -> Diagonal | None:
+    """The :class:`Diagonal` that the read ``n`` is, or None."""
+    if n.op is not Op.LOAD or not isinstance(n.arg, int):
+        return None
+    ranged = [d for d, i in enumerate(n.src) if any(depends_on(i, x) for x in ("q_idx", "kv_idx", TILE_ORIGIN))]
+    form = affine_form(n.src[ranged[0]]) if len(ranged) == 1 else None
+    if form is None or {k for k, v in form.items() if v} - {"q_idx", "kv_idx", ""} or not form.get("q_idx") \
+            or form.get("kv_idx") != -form["q_idx"]:
+        return None
+    return Diagonal(n.arg, ranged[0], form["q_idx"], form.get("", 0))
 
 
 def analyze(logits: Node, mask: Node) -> Analysis:

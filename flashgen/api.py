@@ -39,6 +39,7 @@ from .runtime import (
     padded,
     qk_blocks,
     run_config,
+    staggered,
     store_tuning,
     templates_here,
     tma_ok,
@@ -127,6 +128,7 @@ class Attention:
         # reads that they were planned for (_keep_plan)
         self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], tuple | None, tuple]] = {}
         self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # per shape and device: runs refilled in place
+        self._staggered: dict = {}  # diagonal read -> (what its copies were built from, the copies)
 
     # -- introspection -----------------------------------------------------------------------
     def _kernel_source(self) -> KernelSource:
@@ -243,7 +245,9 @@ class Attention:
             if len(self._constants) >= 256:  # (many sequence lengths)
                 self._constants.clear()
             constants = self._constants[key] = dict(
-                HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv), IDX_T=index_type(self.captured),
+                HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv),
+                IDX_T=index_type(self.captured + [w.new_empty(0).set_(w.untyped_storage())
+                                                   for _, w in self._staggered.values()]),
                 CHECK_READS=self._check_reads(shape), FAST_MATH=self._fast_math(dtype), **_precision(dtype))
         return constants
 
@@ -422,7 +426,7 @@ class Attention:
                 lse.fill_(float("-inf"))
             return out, lse
         shape = (B, Hq, Sq, Skv)
-        capture_args = captured_args(self.captured)
+        capture_args = self._capture_args(Sq, Skv)
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
         key = ("fwd", q.dtype, q.device, want_lse, config, self._layout_key(capture_args, q, k, v))
@@ -463,6 +467,19 @@ class Attention:
         integer arguments and constexprs), and whether tuning is on."""
         return (*((t.shape, t.stride()) for t in tensors), tuple(a for a in capture_args if type(a) is int),
                 self.autotune)
+
+    def _capture_args(self, Sq: int, Skv: int) -> list:
+        """The captured tensors' kernel arguments, then the staggered copies of their diagonal reads
+        (``runtime.staggered``), rebuilt when a table's data, version or layout or the lengths change."""
+        args = captured_args(self.captured)
+        for d in self._kernel_source().diagonals:
+            t = self.captured[d.slot]
+            built = (t.data_ptr(), t._version, t.shape, t.stride(), t.device, Sq, Skv)
+            kept = self._staggered.get(d)
+            if kept is None or kept[0] != built:
+                kept = self._staggered[d] = (built, staggered(d, t, Sq, Skv))
+            args += [kept[1], *kept[1].stride()[:-1]]
+        return args
 
     def _read_versions(self) -> tuple:
         return tuple((t.data_ptr(), t._version) for t in self._mask_reads)
@@ -565,7 +582,7 @@ class Attention:
         dlse = dlse.float().contiguous() if dlse is not None else None
         lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
-        capture_args = captured_args(self.captured)
+        capture_args = self._capture_args(Sq, Skv)
         # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)
         fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if grad_slots else None
 

@@ -45,7 +45,8 @@ from types import ModuleType
 import torch
 import triton
 
-from .codegen.render import KernelSource, use_template_cache
+from .analysis import Diagonal
+from .codegen.render import STAGGER, KernelSource, use_template_cache
 from .lowrank import head_blocks
 from .settings import settings
 
@@ -532,6 +533,26 @@ class Launch:
 def captured_args(tensors: list[torch.Tensor]) -> list:
     """The captured tensors' kernel arguments: each one's pointer, sizes and strides."""
     return [x for t in tensors for x in (t, *t.shape, *t.stride())]
+
+
+def staggered(d: Diagonal, t: torch.Tensor, Sq: int, Skv: int) -> torch.Tensor:
+    """The staggered copies of the diagonal read ``d`` of ``t`` that kernels of ``Sq`` queries and
+    ``Skv`` keys take as ``diag{k}`` (``codegen.render._staggered``): ``w[o, ..., r, x]``, with
+    ``...`` the other dims of ``t``, r < STAGGER, x from -E to E (E = max(Sq, Skv) rounded up to
+    16; the view starts at x = 0, so that a row's first read is a multiple of STAGGER entries from
+    its pointer), holds t's entry at index ``s * (r - x) + c`` along ``d.dim`` for o = 0 (rows along
+    kv_idx) and ``s * (x - r) + c`` for o = 1 (rows along q_idx), 0 where that index is outside t
+    (as a read out of range gives). 32·max(Sq, Skv) entries per table row: 16 times a table
+    [..., 2L - 1] of sequences as long as L."""
+    reach = -(-max(Sq, Skv) // 16) * 16
+    x = torch.arange(-reach, reach, device=t.device)
+    r = torch.arange(STAGGER, device=t.device)[:, None]
+    index = d.scale * torch.stack([r - x, x - r]) + d.offset  # [2, STAGGER, 2E]
+    length = t.shape[d.dim]
+    with torch.no_grad():
+        values = t.detach().movedim(d.dim, -1)[..., index.clamp(0, max(length - 1, 0))]
+        values = torch.where((index >= 0) & (index < length), values, torch.zeros((), dtype=t.dtype, device=t.device))
+        return values.movedim(-3, 0).contiguous()[..., reach:]
 
 
 def index_type(tensors: list[torch.Tensor]):

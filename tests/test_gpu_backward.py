@@ -76,6 +76,23 @@ def test_learnable_captured_tensors():
           mask_mod=fg.mods.causal)
 
 
+@pytest.mark.parametrize("form", ["q - kv, bf16 table", "kv - q, table [2L-1, H]"])
+def test_relative_tables_through_staggered_copies(form):
+    # the tables' reads come from staggered copies (runtime.staggered); ragged lengths, D = 128, learnable
+    L = 1100
+    if form == "q - kv, bf16 table":
+        table = (0.5 * torch.randn(4, 2 * L - 1, device="cuda")).to(torch.bfloat16).requires_grad_()
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + table[h, q_idx - kv_idx + L - 1]
+    else:
+        table = (0.5 * torch.randn(2 * L - 1, 4, device="cuda")).requires_grad_()
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + table[kv_idx - q_idx + L - 1, h]
+    check(2, 4, 4, 777, 1000, 128, 128, torch.bfloat16, captured=(table,), score_mod=mod)
+
+
 def test_fully_masked_rows_no_nan():
     mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: (q_idx >= 100) & (kv_idx <= q_idx))
     check(1, 2, 2, 300, 300, 64, 64, torch.bfloat16, mask_mod=mask)

@@ -18,7 +18,7 @@ import networkx as nx
 
 from .. import ir
 from .._version import __version__
-from ..analysis import Analysis, int_bounds, row_levels, side_reads, tile_reads
+from ..analysis import Analysis, Diagonal, diagonal_of, int_bounds, row_levels, side_reads, tile_reads
 from ..autodiff import float_reads, gradients
 from ..ir import DType, Node, Op, const, format_expr, format_program, to_networkx
 from ..rewrite import LOWERING_RULES, RULES, simplify, times
@@ -64,6 +64,8 @@ class KernelSource:
     kernel: str  # the @triton.jit entry point
     captures: tuple[CaptureArg, ...]
     key: str  # sha256 of the source
+    # the diagonal reads it takes as staggered copies ``diag{k}`` after the captures (``runtime.staggered``)
+    diagonals: tuple[Diagonal, ...] = ()
 
 
 class _Emitter:
@@ -205,7 +207,12 @@ def _address(n: Node, idx: list[str], base: str) -> tuple[str, str]:
 
 def _load(n: Node, idx: list[str]) -> str:
     base = f"cap{n.arg}"
-    if not idx:
+    if isinstance(n.arg, tuple):  # staggered copies of a diagonal read (_staggered): in range by construction
+        base = f"diag{n.arg[1]}"
+        terms = [f"{i} * {base}_stride{d}" if x.op is Op.CONST else f"({i}).to(IDX_T) * {base}_stride{d}"
+                 for d, (i, x) in enumerate(zip(idx[:-1], n.src)) if not (x.op is Op.CONST and x.arg == 0)]
+        value = f"tl.load({base} + {' + '.join(terms + [f'({idx[-1]}).to(IDX_T)'])})"
+    elif not idx:
         value = f"tl.load({base})"
     else:
         offset, in_range = _address(n, idx, base)
@@ -217,6 +224,45 @@ def _load(n: Node, idx: list[str]) -> str:
     if n.dtype is DType.BOOL:
         return f"{value} != 0"
     return value
+
+
+STAGGER = 8  # rows of a diagonal read's staggered copies: a column offset then moves in steps of 16 bytes
+
+
+def _diagonals(roots: list[Node]) -> dict[Diagonal, int]:
+    """The diagonal reads under ``roots`` (``analysis.diagonal_of``), numbered in a fixed order."""
+    found = {d for n in ir.toposort(roots) if (d := diagonal_of(n)) is not None}
+    return {d: k for k, d in enumerate(sorted(found))}
+
+
+def _staggered(root: Node, numbers: dict[Diagonal, int], fast: str) -> Node:
+    """Lowering for a loop whose tiles run along ``fast`` (``kv_idx`` in the forward and dQ loops,
+    ``q_idx`` in the dK/dV loop): a diagonal read ``t[..., s * (q_idx - kv_idx) + c, ...]`` ->
+    ``diag{k}[o, ..., i % STAGGER, j - i // STAGGER * STAGGER]`` with ``j`` the ``fast`` index and
+    ``i`` the other (o = 0 for ``fast`` = ``kv_idx``, 1 for ``q_idx``; ``runtime.staggered``
+    builds the copies). Entries along ``j`` then sit side by side in memory, with the row's first
+    one a multiple of STAGGER entries from the pointer: one vector load per few entries, where the
+    read itself has its index falling along ``j`` or starting at any entry (a gather)."""
+    if not numbers:
+        return root
+    j, i = ir.index(fast), ir.index("q_idx" if fast == "kv_idx" else "kv_idx")
+    step = const(STAGGER)
+
+    def rule(n: Node) -> Node | None:
+        d = diagonal_of(n)
+        if d is None:
+            return None
+        others = [x for k, x in enumerate(n.src) if k != d.dim]
+        column = ir.binary(Op.SUB, j, ir.binary(Op.MUL, ir.binary(Op.FLOORDIV, i, step), step))
+        return ir.load(("diag", numbers[d]), n.dtype, [const(int(fast == "q_idx")), *others,
+                                                       ir.binary(Op.MOD, i, step), column])
+    return simplify(root, [rule])
+
+
+def _diagonal_params(numbers: dict[Diagonal, int], capture_ndims: tuple[int, ...]) -> list[str]:
+    """The staggered copies' kernel parameters: pointer, then every stride but the last (which is 1)."""
+    return [p for d, k in numbers.items()
+            for p in [f"diag{k}"] + [f"diag{k}_stride{x}" for x in range(capture_ndims[d.slot] + 1)]]
 
 
 def _lowered(root: Node) -> Node:
@@ -276,6 +322,10 @@ def lowering_notes(logits: Node, mask: Node) -> list[str]:
         notes += [f"per entry:  {format_expr(low)}",
                   f"per row:    {format_expr(row)}  (added to the lse the forward stores, not computed per entry;"
                   " tile_origin: the first index of the kernel's query or key block)"]
+    for d in _diagonals([low, mask]):
+        notes.append(f"diagonal read of captured{d.slot} (index {d.scale} * (q_idx - kv_idx) + {d.offset} along dim "
+                     f"{d.dim}): from copies staggered along each tile's fast axis, read as contiguous vectors "
+                     "(runtime.staggered: 32 x max(Sq, Skv) entries per entry of its other dims)")
     if _reads_batch_shared_tiles([low, mask]):
         notes.append("launch order: the batch entries of each (head, query block) side by side (their shared "
                      "tiles of a captured tensor come from L2 after the first)")
@@ -332,6 +382,8 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     listing = format_program({"logits": logits, "mask": mask}).splitlines()
     logits, mask = _lowered(logits), _lowered(mask)
     logits, row_term = _row_terms(times(logits, LOG2E))
+    numbers = _diagonals([logits, mask])
+    logits, mask = (_staggered(r, numbers, "kv_idx") for r in (logits, mask))
     roots = [logits, mask] + ([row_term] if row_term is not None else [])
     level = row_levels(roots)
     row = _Emitter("r")
@@ -350,7 +402,7 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     if _reads_tile_origin([logits, mask]):
         row_params.append(_LEAF_NAMES[ir.TILE_ORIGIN])  # (the KV loop's tiles measure from it too)
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
-    capture_params = [p for c in captures for p in c.params]
+    capture_params = [p for c in captures for p in c.params] + _diagonal_params(numbers, capture_ndims)
     context = dict(
         version=__version__,
         name=name,
@@ -374,7 +426,8 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         capture_params=capture_params,
     )
     source = _template("attention_fwd.py.jinja").render(**context)
-    return KernelSource(name, source, "attn_fwd", captures, hashlib.sha256(source.encode()).hexdigest())
+    return KernelSource(name, source, "attn_fwd", captures, hashlib.sha256(source.encode()).hexdigest(),
+                        tuple(numbers))
 
 
 def _all(*conditions: str) -> str:
@@ -609,19 +662,26 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
     grads = {k: _lowered(g) for k, g in gradients(logits, wrt).items()}
     dscore = grads[id(score)] if score is not None else const(0.0)
     mask_roots = [mask] if analysis.has_mask else []
+    numbers = _diagonals([logits, mask])
 
     def loop_code(roots: list[Node], varying: str) -> tuple[_Emitter, list[str], list[str], list[str]]:
         """For a loop over ``varying``'s blocks: the emitter, the lines before the loop (what does
         not depend on ``varying``), the tile lines, and the mask's own tile lines (which only
-        partial tiles run)."""
-        level = row_levels(roots + mask_roots, varying)
+        partial tiles run). Diagonal reads come from copies staggered along ``varying``; the
+        emitter's names answer for the roots as given."""
+        given = roots + mask_roots
+        roots, masks = ([_staggered(r, numbers, varying) for r in rs] for rs in (roots, mask_roots))
+        level = row_levels(roots + masks, varying)
         emitter = _Emitter("t")
-        for node in _ordered(roots + mask_roots):
+        for node in _ordered(roots + masks):
             if level[id(node)]:
                 emitter.emit(node)
         outer = list(emitter.lines)
         tile = [line for root in roots for line in _emit_tile(emitter, root, level)]
-        mask_lines = _emit_tile(emitter, mask, level) if mask_roots else []
+        mask_lines = _emit_tile(emitter, masks[0], level) if masks else []
+        for g, r in zip(given, roots + masks):
+            if id(r) in emitter.names:
+                emitter.names.setdefault(id(g), emitter.names[id(r)])
         return emitter, outer, tile, mask_lines
 
     scaled, row_term = _row_terms(times(logits, LOG2E))  # what exp2 takes, less the row terms
@@ -655,7 +715,7 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         # the loaded log-sum-exp, less the row terms left out of the logits (see _row_terms)
         lse_expr=f"(lse[None, :] - {dkdv.ref(row_term)})" if rows else "lse[None, :]",
         dq_lse_expr=f"(lse[:, None] - {dq.ref(row_term)})" if rows else "lse[:, None]",
-        capture_params=[p for c in captures for p in c.params],
+        capture_params=[p for c in captures for p in c.params] + _diagonal_params(numbers, capture_ndims),
         grad_params=grad_params,
         # code before each loop, its tiles', and the mask's (partial tiles only)
         outer_lines=dkdv_outer,
@@ -674,4 +734,5 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         dq_dscore_expr=dq._f(dscore),
     )
     source = _template("attention_bwd.py.jinja").render(**context)
-    return KernelSource(name, source, "attn_bwd_dkdv", captures, hashlib.sha256(source.encode()).hexdigest())
+    return KernelSource(name, source, "attn_bwd_dkdv", captures, hashlib.sha256(source.encode()).hexdigest(),
+                        tuple(numbers))

@@ -1,0 +1,118 @@
+"""Diagonal reads (relative-position tables): found in the IR, read from staggered copies.
+
+A read ``t[..., s * (q_idx - kv_idx) + c]`` is the same along each diagonal of the scores. The
+kernels read it from copies whose rows run along a tile's fast axis (``runtime.staggered``,
+``render._staggered``); these tests pin the analysis, the copies' contents and the kernels'
+results against the float64 reference, forward and backward, for the forms a table can take.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import check_against_reference, rel_err, requires_interpreter
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_backward import check_backward
+
+import flashgen as fg
+from flashgen import ir
+from flashgen.analysis import Diagonal, diagonal_of
+from flashgen.codegen.render import STAGGER
+from flashgen.runtime import staggered
+
+q, kv, h = ir.index("q_idx"), ir.index("kv_idx"), ir.index("h")
+
+
+def _sub(a, b):
+    return ir.binary(ir.Op.SUB, a, b)
+
+
+def _add(a, c):
+    return ir.binary(ir.Op.ADD, a, ir.const(c))
+
+
+@pytest.mark.parametrize("indices, want", [
+    ([h, _add(_sub(q, kv), 7)], Diagonal(0, 1, 1, 7)),
+    ([_add(_sub(kv, q), 3)], Diagonal(0, 0, -1, 3)),
+    ([_add(_sub(q, kv), 5), h], Diagonal(0, 0, 1, 5)),
+    ([ir.binary(ir.Op.MUL, ir.const(2), _sub(q, kv))], Diagonal(0, 0, 2, 0)),
+    ([h, _add(q, 7)], None),  # one side only
+    ([_sub(q, ir.binary(ir.Op.MUL, ir.const(2), kv))], None),  # not constant along a diagonal
+    ([q, kv], None),  # a dense bias
+    ([_sub(q, kv), _sub(q, kv)], None),  # two ranged indices
+    ([h, _sub(_sub(q, kv), h)], None),  # the offset varies with the head
+])
+def test_diagonal_of(indices, want):
+    assert diagonal_of(ir.load(0, ir.DType.FLOAT, indices)) == want
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.sampled_from([1, -1, 2]), st.integers(-5, 90),
+       st.integers(1, 3), st.booleans())
+def test_staggered_copies_hold_the_diagonals(Sq, Skv, scale, offset, heads, head_first):
+    n = 2 * max(Sq, Skv) + 3
+    t = torch.randn(heads, n) if head_first else torch.randn(n, heads)
+    d = Diagonal(0, 1 if head_first else 0, scale, offset)
+    w = staggered(d, t, Sq, Skv)
+    reach = -(-max(Sq, Skv) // 16) * 16  # the columns before the view's first (x < 0)
+    full = w.as_strided((*w.shape[:-1], 2 * reach), w.stride(), w.storage_offset() - reach)
+    assert w.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in w.stride()[:-1]) and w.stride()[-1] == 1
+    qi, ki = torch.arange(Sq)[:, None], torch.arange(Skv)[None, :]
+    index = scale * (qi - ki) + offset
+    inside = (index >= 0) & (index < n)
+    for head in range(heads):
+        row = t[head] if head_first else t[:, head]
+        want = torch.where(inside, row[index.clamp(0, n - 1)], 0.0)
+        # the forward's and dQ pass's reads: rows q % STAGGER, columns kv - q // STAGGER * STAGGER
+        along_kv = full[0, head, qi % STAGGER, ki - qi // STAGGER * STAGGER + reach]
+        # the dK/dV pass's: rows kv % STAGGER, columns q - kv // STAGGER * STAGGER
+        along_q = full[1, head, ki % STAGGER, qi - ki // STAGGER * STAGGER + reach]
+        assert torch.equal(along_kv, want) and torch.equal(along_q, want)
+
+
+def _table_mods(table: torch.Tensor, L: int):
+    return {
+        "q - kv": lambda score, b, hh, qq, kk: score + table[hh, qq - kk + L - 1],
+        "kv - q, table [2L-1, H]": lambda score, b, hh, qq, kk: score + table.T[kk - qq + L - 1, hh],
+        "softcapped, twice": lambda score, b, hh, qq, kk: 5.0 * torch.tanh(
+            (score + table[hh, qq - kk + L - 1]) / 5.0) + 0.5 * table[0, qq - kk + L - 1],
+    }
+
+
+@requires_interpreter
+@pytest.mark.parametrize("form", ["q - kv", "kv - q, table [2L-1, H]", "softcapped, twice"])
+@pytest.mark.parametrize("Sq, Skv", [(37, 21), (24, 64)])
+def test_tables_forward(form, Sq, Skv):
+    L = max(Sq, Skv)
+    table = torch.randn(2, 2 * L - 1)
+    mod = _table_mods(table, L)[form]
+    args = (torch.randn(1, 2, Sq, 16), torch.randn(1, 2, Skv, 16), torch.randn(1, 2, Skv, 16))
+    attn = fg.compile(score_mod=mod)
+    check_against_reference(*args, mod, attn=attn)
+    source = attn.source("fwd")
+    assert "tl.load(diag0 + " in source and "cap0 +" not in source  # every table read comes from the copies
+    assert "diagonal read of captured0" in attn.explain()
+
+
+@requires_interpreter
+@pytest.mark.parametrize("form", ["q - kv", "kv - q, table [2L-1, H]", "softcapped, twice"])
+def test_tables_backward_and_their_gradient(form):
+    Sq, Skv, L = 37, 29, 40  # ragged, and a table longer than the sequences
+    table = (0.5 * torch.randn(2, 2 * L - 1)).requires_grad_()
+    check_backward(torch.randn(1, 2, Sq, 16), torch.randn(1, 2, Skv, 16), torch.randn(1, 2, Skv, 16),
+                   score_mod=_table_mods(table, L)[form], mask_mod=fg.mods.causal, captured=(table,))
+
+
+@requires_interpreter
+def test_bf16_table_and_a_new_table_value_rebuild_the_copies():
+    S = 40
+    table = torch.randn(2, 2 * S - 1, dtype=torch.bfloat16)
+    mod = fg.mods.relative_bias(table)
+    args = tuple(torch.randn(1, 2, S, 16, dtype=torch.bfloat16) for _ in range(3))
+    attn = fg.compile(score_mod=mod)
+    check_against_reference(*args, mod, attn=attn)
+    with torch.no_grad():
+        table.mul_(-3.0)  # in place: same pointer, new version
+    ref = fg.attention_reference(*args, mod)
+    assert rel_err(attn(*args), ref) < 2e-2
