@@ -10,6 +10,7 @@ From the repository root, on a CUDA machine::
 Variants (--variants keys): full, causal, sliding (window 1024), document (causal, 16 documents), prefix_lm
 (1024), dilated (causal window 2048, every 2nd key), alibi_causal, softcap_causal (cap 30), rel_table
 (relative-position table [H, 2S-1], frozen), rel_table_learnable (the table requiring grad; fwd+bwd only),
+t5_bias (T5's bucketed relative positions, ``fg.mods.t5_bias``: 32 buckets, max distance 128, frozen),
 dense_bias ([H, S, S], frozen, --bias-dtype).
 bf16 q, k, v. Masks, mods, document ids and the density count are bench_forward.py's.
 
@@ -86,7 +87,7 @@ AB_TMA = False
 # the report gives the range of the per-round flashgen/flex ratios next to the ratio of medians)
 ROUNDS = 1
 VARIANTS = ("full", "causal", "sliding", "document", "prefix_lm", "dilated", "alibi_causal", "softcap_causal",
-            "rel_table", "rel_table_learnable", "dense_bias")
+            "rel_table", "rel_table_learnable", "t5_bias", "dense_bias")
 BIAS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECK_LEN = 256  # queries and keys of the float64 reference slice
 CPU_REPS = 3  # timed calls without CUDA (median)
@@ -146,6 +147,14 @@ def build_cases(heads: int, seq_len: int, device: str, bias_dtype: torch.dtype, 
     cases["rel_table"] = Case(relative("rel_table", "relative table (frozen)", table, flex_table))
     cases["rel_table_learnable"] = Case(relative("rel_table_learnable", "relative table (learnable)", learnable,
                                                  flex_learnable), {"dtable": learnable})
+    t5_table = 0.5 * torch.randn(heads, 32, device=device, generator=gen)
+    buckets = fg.mods.t5_buckets(torch.arange(-128, 129, device=device), 32, 128, True)
+
+    def flex_t5(score, b, h, q_idx, kv_idx):
+        return score + t5_table[h, buckets[torch.clamp(kv_idx - q_idx, -128, 128) + 128]]
+
+    cases["t5_bias"] = Case(Variant("t5_bias", "T5 buckets (32, 128)", {"score_mod": fg.mods.t5_bias(t5_table)},
+                                    flex_t5, None, None, "full"))
     if "dense_bias" in wanted:
         bias = torch.randn(heads, seq_len, seq_len, device=device, dtype=bias_dtype, generator=gen)
 

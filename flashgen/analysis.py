@@ -291,17 +291,33 @@ def side_reads(mask: Node) -> list[tuple[Node, str]]:
     return [(n, side(n)) for n in toposort([mask]) if n.op is Op.LOAD and n.src and side(n)]
 
 
-@dataclass(frozen=True, order=True)
+# the integer operations an index may apply to q_idx - kv_idx for a diagonal read (runtime.staggered
+# evaluates them on the host, exactly as the kernels would)
+DIAGONAL_OPS = frozenset({Op.CONST, Op.LOAD, Op.NEG, Op.NOT, Op.ABS, Op.SIGN, Op.CAST, Op.ADD, Op.SUB, Op.MUL,
+                          Op.FLOORDIV, Op.MOD, Op.MIN, Op.MAX, Op.AND, Op.OR, Op.XOR, Op.SHL, Op.SHR, Op.LT, Op.LE,
+                          Op.GT, Op.GE, Op.EQ, Op.NE, Op.WHERE})
+
+
+@dataclass(frozen=True)
 class Diagonal:
-    """A read of ``captured[slot]`` whose index along ``dim`` is ``scale * (q_idx - kv_idx) + offset``
-    and whose other indices read neither index: a relative-position table. Its entries are constant
-    along each diagonal of the score matrix, so the kernels read it from staggered copies whose rows
-    run along a tile's fast axis (``codegen.render.STAGGER``), as contiguous vectors."""
+    """A read of ``captured[slot]`` whose index along ``dim`` is an integer function of
+    ``q_idx - kv_idx`` alone (``index``: ``q_idx - kv_idx + L - 1``, or a bucket looked up in a
+    tensor), and whose other indices read neither: a relative-position table. Its values are
+    constant along each diagonal of the score matrix, so the kernels read them from staggered
+    copies whose rows run along a tile's fast axis (``runtime.staggered``), as contiguous vectors."""
 
     slot: int
     dim: int
-    scale: int
-    offset: int
+    index: Node
+
+
+def _of_difference(n: Node) -> bool:
+    """Whether ``n`` is an integer or boolean expression that reads ``q_idx`` and ``kv_idx`` only
+    as ``c * (q_idx - kv_idx) + c'`` (or not at all), through :data:`DIAGONAL_OPS`."""
+    form = affine_form(n)
+    if form is not None and {k for k, v in form.items() if v} <= {"q_idx", "kv_idx", ""}:
+        return form.get("q_idx", 0) == -form.get("kv_idx", 0)
+    return n.dtype is not DType.FLOAT and n.op in DIAGONAL_OPS and all(_of_difference(c) for c in n.src)
 
 
 def diagonal_of(n: Node) -> Diagonal | None:
@@ -309,11 +325,9 @@ def diagonal_of(n: Node) -> Diagonal | None:
     if n.op is not Op.LOAD or not isinstance(n.arg, int):
         return None
     ranged = [d for d, i in enumerate(n.src) if any(depends_on(i, x) for x in ("q_idx", "kv_idx", TILE_ORIGIN))]
-    form = affine_form(n.src[ranged[0]]) if len(ranged) == 1 else None
-    if form is None or {k for k, v in form.items() if v} - {"q_idx", "kv_idx", ""} or not form.get("q_idx") \
-            or form.get("kv_idx") != -form["q_idx"]:
+    if len(ranged) != 1 or not _of_difference(n.src[ranged[0]]):
         return None
-    return Diagonal(n.arg, ranged[0], form["q_idx"], form.get("", 0))
+    return Diagonal(n.arg, ranged[0], n.src[ranged[0]])
 
 
 def analyze(logits: Node, mask: Node) -> Analysis:

@@ -426,7 +426,7 @@ class Attention:
                 lse.fill_(float("-inf"))
             return out, lse
         shape = (B, Hq, Sq, Skv)
-        capture_args = self._capture_args(Sq, Skv)
+        capture_args = self._capture_args(Sq, Skv, self._kernel_source())
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
         key = ("fwd", q.dtype, q.device, want_lse, config, self._layout_key(capture_args, q, k, v))
@@ -468,16 +468,16 @@ class Attention:
         return (*((t.shape, t.stride()) for t in tensors), tuple(a for a in capture_args if type(a) is int),
                 self.autotune)
 
-    def _capture_args(self, Sq: int, Skv: int) -> list:
-        """The captured tensors' kernel arguments, then the staggered copies of their diagonal reads
-        (``runtime.staggered``), rebuilt when a table's data, version or layout or the lengths change."""
+    def _capture_args(self, Sq: int, Skv: int, ks: KernelSource) -> list:
+        """The captured tensors' kernel arguments, then the staggered copies of ``ks``'s diagonal
+        reads (``runtime.staggered``), rebuilt when a tensor they read changes (data, version or
+        layout) or the lengths do."""
         args = captured_args(self.captured)
-        for d in self._kernel_source().diagonals:
-            t = self.captured[d.slot]
-            built = (t.data_ptr(), t._version, t.shape, t.stride(), t.device, Sq, Skv)
+        for d in ks.diagonals:
+            built = (Sq, Skv, *((t.data_ptr(), t._version, t.shape, t.stride(), t.device) for t in self.captured))
             kept = self._staggered.get(d)
             if kept is None or kept[0] != built:
-                kept = self._staggered[d] = (built, staggered(d, t, Sq, Skv))
+                kept = self._staggered[d] = (built, staggered(d, self.captured, Sq, Skv))
             args += [kept[1], *kept[1].stride()[:-1]]
         return args
 
@@ -582,7 +582,7 @@ class Attention:
         dlse = dlse.float().contiguous() if dlse is not None else None
         lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
-        capture_args = self._capture_args(Sq, Skv)
+        capture_args = self._capture_args(Sq, Skv, self._backward_source(grad_slots))
         # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)
         fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if grad_slots else None
 

@@ -112,6 +112,7 @@ LIBRARY = {
     "alibi": ("ALiBi + causal", None),
     "softcap": ("soft-capping tanh(s / cap) * cap + causal (softcap:CAP)", 30.0),
     "relative_bias": ("learnable-style relative-position table + causal", None),
+    "t5_bias": ("T5's bucketed relative-position bias, 32 buckets up to distance D (t5_bias:D)", 128),
 }
 
 
@@ -167,6 +168,8 @@ def resolve(spec: str, shape: tuple[int, int, int, int], device: str) -> tuple[s
         return name, dict(score_mod=m.alibi(m.alibi_slopes(H, device=device)), mask_mod=m.causal)
     if name == "softcap":
         return f"{name}:{value:g}", dict(score_mod=m.softcap(value), mask_mod=m.causal)
+    if name == "t5_bias":
+        return f"{name}:{value}", dict(score_mod=m.t5_bias(0.5 * torch.randn(H, 32, device=device), value))
     table = 0.1 * torch.randn(H, 2 * S - 1, device=device)
     return name, dict(score_mod=m.relative_bias(table), mask_mod=m.causal)
 

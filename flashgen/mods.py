@@ -6,6 +6,8 @@ score mods are :class:`~flashgen.spec.ScoreMod` objects.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .spec import MaskMod, ScoreMod
@@ -121,5 +123,43 @@ def relative_bias(table: torch.Tensor) -> ScoreMod:
     return ScoreMod(relative_bias_score, "relative_bias")
 
 
+def t5_buckets(relative: torch.Tensor, num_buckets: int, max_distance: int, bidirectional: bool) -> torch.Tensor:
+    """T5's bucket of each relative position ``kv_idx - q_idx`` (an integer tensor), as its paper
+    defines them: with ``bidirectional``, half the buckets per direction; in each direction,
+    distances below half of them get a bucket each, longer ones share logarithmically wider
+    buckets up to ``max_distance``, and farther ones the last."""
+    n = num_buckets // 2 if bidirectional else num_buckets
+    if bidirectional:
+        base, dist = (relative > 0).to(torch.int64) * n, relative.abs()
+    else:
+        base, dist = torch.zeros_like(relative), (-relative).clamp_min(0)
+    exact = n // 2
+    scaled = torch.log(dist.clamp_min(1).double() / exact) / math.log(max_distance / exact) * (n - exact)
+    far = (exact + scaled.to(torch.int64)).clamp_max(n - 1)
+    return base + torch.where(dist < exact, dist, far)
+
+
+def t5_bias(table: torch.Tensor, max_distance: int = 128, bidirectional: bool = True) -> ScoreMod:
+    """T5's bucketed relative-position bias: ``score + table[h, bucket(kv_idx - q_idx)]``.
+
+    ``table``: float tensor ``[H, num_buckets]`` (learned per head; 32 buckets in T5). The buckets
+    (:func:`t5_buckets`) of every relative position up to ``max_distance``, beyond which they stay
+    the last, are computed here once, so the mod looks them up: ``table[h, buckets[clamp(kv_idx -
+    q_idx, -max_distance, max_distance) + max_distance]]``. The kernels read it along the diagonals
+    (``Attention.explain()``: "diagonal read"), not per entry."""
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or not table.is_floating_point():
+        raise ValueError("table must be a floating-point tensor of shape [H, num_buckets]")
+    num_buckets, reach = table.shape[1], _positive_int("max_distance", max_distance)
+    if num_buckets < (4 if bidirectional else 2) or reach < num_buckets:
+        raise ValueError(f"t5_bias needs at least {4 if bidirectional else 2} buckets and max_distance >= their "
+                         f"number, got {num_buckets} buckets and max_distance={reach}")
+    buckets = t5_buckets(torch.arange(-reach, reach + 1, device=table.device), num_buckets, reach, bidirectional)
+
+    def t5_bias_score(score, b, h, q_idx, kv_idx):
+        return score + table[h, buckets[torch.clamp(kv_idx - q_idx, -reach, reach) + reach]]
+
+    return ScoreMod(t5_bias_score, f"t5_bias({reach}, {'bidirectional' if bidirectional else 'causal'})")
+
+
 __all__ = ["causal", "sliding_window", "prefix_lm", "chunked", "document", "alibi", "alibi_slopes",
-           "softcap", "relative_bias"]
+           "softcap", "relative_bias", "t5_buckets", "t5_bias"]

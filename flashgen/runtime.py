@@ -28,6 +28,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import operator
 import os
 import re
 import shutil
@@ -47,6 +48,7 @@ import triton
 
 from .analysis import Diagonal
 from .codegen.render import STAGGER, KernelSource, use_template_cache
+from .ir import Node, Op, toposort
 from .lowrank import head_blocks
 from .settings import settings
 
@@ -535,21 +537,54 @@ def captured_args(tensors: list[torch.Tensor]) -> list:
     return [x for t in tensors for x in (t, *t.shape, *t.stride())]
 
 
-def staggered(d: Diagonal, t: torch.Tensor, Sq: int, Skv: int) -> torch.Tensor:
-    """The staggered copies of the diagonal read ``d`` of ``t`` that kernels of ``Sq`` queries and
-    ``Skv`` keys take as ``diag{k}`` (``codegen.render._staggered``): ``w[o, ..., r, x]``, with
-    ``...`` the other dims of ``t``, r < STAGGER, x from -E to E (E = max(Sq, Skv) rounded up to
-    16; the view starts at x = 0, so that a row's first read is a multiple of STAGGER entries from
-    its pointer), holds t's entry at index ``s * (r - x) + c`` along ``d.dim`` for o = 0 (rows along
-    kv_idx) and ``s * (x - r) + c`` for o = 1 (rows along q_idx), 0 where that index is outside t
-    (as a read out of range gives). 32·max(Sq, Skv) entries per table row: 16 times a table
-    [..., 2L - 1] of sequences as long as L."""
+_HOST_OPS = {  # analysis.DIAGONAL_OPS on int64 / bool tensors, with the IR's semantics (floor division)
+    Op.NEG: operator.neg, Op.NOT: operator.invert, Op.ABS: torch.abs, Op.SIGN: torch.sign, Op.ADD: operator.add,
+    Op.SUB: operator.sub, Op.MUL: operator.mul, Op.FLOORDIV: operator.floordiv, Op.MOD: operator.mod,
+    Op.MIN: torch.minimum, Op.MAX: torch.maximum, Op.AND: operator.and_, Op.OR: operator.or_, Op.XOR: operator.xor,
+    Op.SHL: operator.lshift, Op.SHR: operator.rshift, Op.LT: operator.lt, Op.LE: operator.le, Op.GT: operator.gt,
+    Op.GE: operator.ge, Op.EQ: operator.eq, Op.NE: operator.ne, Op.WHERE: torch.where,
+}
+
+
+def _on_diagonals(root: Node, diff: torch.Tensor, captured: list[torch.Tensor]) -> torch.Tensor:
+    """The integer expression ``root`` (of ``q_idx - kv_idx`` alone: ``analysis.diagonal_of``) at
+    ``q_idx - kv_idx = diff``; reads out of range give 0, as in the kernels."""
+    memo: dict[int, torch.Tensor] = {}
+    for n in toposort([root]):
+        s = [memo[id(c)] for c in n.src]
+        if n.op is Op.CONST:
+            memo[id(n)] = torch.tensor(n.arg, device=diff.device)
+        elif n.op is Op.INDEX:
+            memo[id(n)] = diff if n.arg == "q_idx" else torch.zeros_like(diff)
+        elif n.op is Op.LOAD:
+            t = captured[n.arg]
+            s = torch.broadcast_tensors(*s, diff)[:-1]
+            inside = functools.reduce(operator.and_, [(i >= 0) & (i < size) for i, size in zip(s, t.shape)])
+            got = t[tuple(i.clamp(0, max(size - 1, 0)) for i, size in zip(s, t.shape))].to(torch.int64)
+            memo[id(n)] = torch.where(inside, got, 0)
+        elif n.op is Op.CAST:
+            memo[id(n)] = s[0] != 0 if n.arg == "bool" else s[0].to(torch.int64)
+        else:
+            memo[id(n)] = _HOST_OPS[n.op](*s)
+    return memo[id(root)]
+
+
+def staggered(d: Diagonal, captured: list[torch.Tensor], Sq: int, Skv: int) -> torch.Tensor:
+    """The staggered copies of the diagonal read ``d`` that kernels of ``Sq`` queries and ``Skv``
+    keys take as ``diag{k}`` (``codegen.render._staggered``): ``w[o, ..., r, x]``, with ``...`` the
+    other dims of the table ``t = captured[d.slot]``, r < STAGGER, x from -E to E (E = max(Sq, Skv)
+    rounded up to 16; the view starts at x = 0, so that a row's first read is a multiple of STAGGER
+    entries from its pointer), holds t's entry at index ``d.index`` along ``d.dim`` evaluated at
+    ``q_idx - kv_idx = r - x`` for o = 0 (rows along kv_idx) and ``x - r`` for o = 1 (rows along
+    q_idx), 0 where that index is outside t (as a read out of range gives). 32·max(Sq, Skv)
+    entries per entry of t's other dims: 16 times a table [..., 2L - 1] of sequences as long as L."""
+    t = captured[d.slot]
     reach = -(-max(Sq, Skv) // 16) * 16
     x = torch.arange(-reach, reach, device=t.device)
     r = torch.arange(STAGGER, device=t.device)[:, None]
-    index = d.scale * torch.stack([r - x, x - r]) + d.offset  # [2, STAGGER, 2E]
-    length = t.shape[d.dim]
     with torch.no_grad():
+        index = _on_diagonals(d.index, torch.stack([r - x, x - r]), captured)  # [2, STAGGER, 2E]
+        length = t.shape[d.dim]
         values = t.detach().movedim(d.dim, -1)[..., index.clamp(0, max(length - 1, 0))]
         values = torch.where((index >= 0) & (index < length), values, torch.zeros((), dtype=t.dtype, device=t.device))
         return values.movedim(-3, 0).contiguous()[..., reach:]

@@ -17,7 +17,7 @@ from test_backward import check_backward
 
 import flashgen as fg
 from flashgen import ir
-from flashgen.analysis import Diagonal, diagonal_of
+from flashgen.analysis import DIAGONAL_OPS, Diagonal, diagonal_of
 from flashgen.codegen.render import STAGGER
 from flashgen.runtime import staggered
 
@@ -32,19 +32,35 @@ def _add(a, c):
     return ir.binary(ir.Op.ADD, a, ir.const(c))
 
 
-@pytest.mark.parametrize("indices, want", [
-    ([h, _add(_sub(q, kv), 7)], Diagonal(0, 1, 1, 7)),
-    ([_add(_sub(kv, q), 3)], Diagonal(0, 0, -1, 3)),
-    ([_add(_sub(q, kv), 5), h], Diagonal(0, 0, 1, 5)),
-    ([ir.binary(ir.Op.MUL, ir.const(2), _sub(q, kv))], Diagonal(0, 0, 2, 0)),
+def _diff(scale=1, offset=0):
+    return _add(ir.binary(ir.Op.MUL, ir.const(scale), _sub(q, kv)), offset)
+
+
+bucket = ir.load(1, ir.DType.INT, [_add(ir.binary(ir.Op.MIN, ir.const(9), _sub(kv, q)), 9)])
+
+
+@pytest.mark.parametrize("indices, dim", [
+    ([h, _add(_sub(q, kv), 7)], 1),
+    ([_add(_sub(kv, q), 3)], 0),
+    ([_add(_sub(q, kv), 5), h], 0),
+    ([_diff(2)], 0),
+    ([h, bucket], 1),  # a bucket looked up in a tensor (T5)
+    ([ir.binary(ir.Op.MUL, _sub(q, kv), _sub(q, kv))], 0),  # any integer function of the difference
     ([h, _add(q, 7)], None),  # one side only
     ([_sub(q, ir.binary(ir.Op.MUL, ir.const(2), kv))], None),  # not constant along a diagonal
     ([q, kv], None),  # a dense bias
     ([_sub(q, kv), _sub(q, kv)], None),  # two ranged indices
-    ([h, _sub(_sub(q, kv), h)], None),  # the offset varies with the head
+    ([h, _sub(_sub(q, kv), h)], None),  # varies with the head
+    ([ir.unary(ir.Op.CAST, ir.unary(ir.Op.LOG, ir.to_dtype(_sub(q, kv), ir.DType.FLOAT)), "int32")], None),  # floats
 ])
-def test_diagonal_of(indices, want):
-    assert diagonal_of(ir.load(0, ir.DType.FLOAT, indices)) == want
+def test_diagonal_of(indices, dim):
+    d = diagonal_of(ir.load(0, ir.DType.FLOAT, indices))
+    assert (d is None) if dim is None else (d == Diagonal(0, dim, indices[dim]))
+
+
+def test_the_host_evaluates_every_operation_a_diagonal_index_may_use():
+    from flashgen.runtime import _HOST_OPS
+    assert DIAGONAL_OPS - set(_HOST_OPS) == {ir.Op.CONST, ir.Op.LOAD, ir.Op.CAST}  # (those three evaluated apart)
 
 
 @settings(max_examples=40, deadline=None)
@@ -53,8 +69,8 @@ def test_diagonal_of(indices, want):
 def test_staggered_copies_hold_the_diagonals(Sq, Skv, scale, offset, heads, head_first):
     n = 2 * max(Sq, Skv) + 3
     t = torch.randn(heads, n) if head_first else torch.randn(n, heads)
-    d = Diagonal(0, 1 if head_first else 0, scale, offset)
-    w = staggered(d, t, Sq, Skv)
+    d = Diagonal(0, 1 if head_first else 0, _diff(scale, offset))
+    w = staggered(d, [t], Sq, Skv)
     reach = -(-max(Sq, Skv) // 16) * 16  # the columns before the view's first (x < 0)
     full = w.as_strided((*w.shape[:-1], 2 * reach), w.stride(), w.storage_offset() - reach)
     assert w.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in w.stride()[:-1]) and w.stride()[-1] == 1
@@ -116,3 +132,18 @@ def test_bf16_table_and_a_new_table_value_rebuild_the_copies():
         table.mul_(-3.0)  # in place: same pointer, new version
     ref = fg.attention_reference(*args, mod)
     assert rel_err(attn(*args), ref) < 2e-2
+
+
+@requires_interpreter
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_t5_buckets_forward_and_learnable_backward(bidirectional):
+    table = (0.5 * torch.randn(2, 8)).requires_grad_()
+    mod = fg.mods.t5_bias(table, max_distance=12, bidirectional=bidirectional)
+    args = (torch.randn(1, 2, 45, 16), torch.randn(1, 2, 38, 16), torch.randn(1, 2, 38, 16))
+    attn = fg.compile(score_mod=mod)
+    with torch.no_grad():
+        check_against_reference(*args, mod, attn=attn)
+    assert "diagonal read of captured1" in attn.explain() and "cap1 +" not in attn.source("fwd")
+    # the gradient's address in the dK/dV pass looks the bucket up in staggered copies as well
+    assert "cap0 +" not in attn.source("bwd")
+    check_backward(*args, score_mod=mod, mask_mod=fg.mods.causal, captured=(table,))

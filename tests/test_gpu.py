@@ -123,6 +123,8 @@ def library_variants() -> dict[str, dict]:
         "alibi+causal": dict(score_mod=m.alibi(slopes), mask_mod=m.causal),
         "softcap+causal": dict(score_mod=m.softcap(30.0), mask_mod=m.causal),
         "relative_bias+sliding": dict(score_mod=m.relative_bias(table), mask_mod=m.sliding_window(100)),
+        "t5_bias+causal": dict(score_mod=m.t5_bias(randn(H, 32, dtype=torch.float32, seed=10, scale=0.5), 100),
+                               mask_mod=m.causal),
         "softcap_alibi+document&causal": dict(score_mod=softcap_alibi, mask_mod=m.document(doc_ids_b) & m.causal),
         "dense_bias+causal": dict(bias=dense_bias, mask_mod=m.causal),
     }
@@ -131,7 +133,7 @@ def library_variants() -> dict[str, dict]:
 LIBRARY_NAMES = [
     "full", "causal", "sliding_window", "prefix_lm", "chunked", "chunked_odd", "document", "document_batched",
     "alibi", "softcap", "relative_bias", "relative_bias_shared", "document&causal", "chunked&causal",
-    "sliding|prefix", "~causal", "alibi+causal", "softcap+causal", "relative_bias+sliding",
+    "sliding|prefix", "~causal", "alibi+causal", "softcap+causal", "relative_bias+sliding", "t5_bias+causal",
     "softcap_alibi+document&causal", "dense_bias+causal",
 ]
 OTHER_DTYPE_NAMES = {
@@ -153,7 +155,8 @@ def test_library_names_cover_every_mod(variants):
     assert set(LIBRARY_NAMES) == set(variants)
     used = {kw[key].name for kw in variants.values() for key in ("score_mod", "mask_mod")
             if isinstance(kw.get(key), fg.spec.Mod)}
-    for mod in ("causal", "sliding_window", "prefix_lm", "chunked", "document", "alibi", "softcap", "relative_bias"):
+    for mod in ("causal", "sliding_window", "prefix_lm", "chunked", "document", "alibi", "softcap", "relative_bias",
+                "t5_bias"):
         assert any(mod in name for name in used), f"fg.mods.{mod} is not covered"
 
 

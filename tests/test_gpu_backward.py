@@ -76,11 +76,14 @@ def test_learnable_captured_tensors():
           mask_mod=fg.mods.causal)
 
 
-@pytest.mark.parametrize("form", ["q - kv, bf16 table", "kv - q, table [2L-1, H]"])
+@pytest.mark.parametrize("form", ["q - kv, bf16 table", "kv - q, table [2L-1, H]", "t5"])
 def test_relative_tables_through_staggered_copies(form):
     # the tables' reads come from staggered copies (runtime.staggered); ragged lengths, D = 128, learnable
     L = 1100
-    if form == "q - kv, bf16 table":
+    if form == "t5":  # a bucket looked up in a tensor, then the table (runtime._on_diagonals)
+        table = (0.5 * torch.randn(4, 32, device="cuda")).requires_grad_()
+        mod = fg.mods.t5_bias(table)
+    elif form == "q - kv, bf16 table":
         table = (0.5 * torch.randn(4, 2 * L - 1, device="cuda")).to(torch.bfloat16).requires_grad_()
 
         def mod(score, b, h, q_idx, kv_idx):

@@ -230,33 +230,51 @@ STAGGER = 8  # rows of a diagonal read's staggered copies: a column offset then 
 
 
 def _diagonals(roots: list[Node]) -> dict[Diagonal, int]:
-    """The diagonal reads under ``roots`` (``analysis.diagonal_of``), numbered in a fixed order."""
-    found = {d for n in ir.toposort(roots) if (d := diagonal_of(n)) is not None}
-    return {d: k for k, d in enumerate(sorted(found))}
+    """The diagonal reads under ``roots`` (``analysis.diagonal_of``) that :func:`_staggered`
+    rewrites (not those only inside another's index), numbered in a fixed order."""
+    found: set[Diagonal] = set()
+    seen: set[int] = set()
+
+    def walk(n: Node) -> None:
+        if id(n) not in seen:
+            seen.add(id(n))
+            d = diagonal_of(n)
+            found.update([d] if d else [])
+            for k, c in enumerate(n.src):
+                if d is None or k != d.dim:
+                    walk(c)
+    for r in roots:
+        walk(r)
+    return {d: k for k, d in enumerate(sorted(found, key=lambda d: (d.slot, d.dim, d.index.key)))}
 
 
 def _staggered(root: Node, numbers: dict[Diagonal, int], fast: str) -> Node:
     """Lowering for a loop whose tiles run along ``fast`` (``kv_idx`` in the forward and dQ loops,
-    ``q_idx`` in the dK/dV loop): a diagonal read ``t[..., s * (q_idx - kv_idx) + c, ...]`` ->
+    ``q_idx`` in the dK/dV loop): a diagonal read ``t[..., f(q_idx - kv_idx), ...]`` ->
     ``diag{k}[o, ..., i % STAGGER, j - i // STAGGER * STAGGER]`` with ``j`` the ``fast`` index and
     ``i`` the other (o = 0 for ``fast`` = ``kv_idx``, 1 for ``q_idx``; ``runtime.staggered``
     builds the copies). Entries along ``j`` then sit side by side in memory, with the row's first
     one a multiple of STAGGER entries from the pointer: one vector load per few entries, where the
-    read itself has its index falling along ``j`` or starting at any entry (a gather)."""
+    read itself gathers (its index falls along ``j``, starts at any entry, or is looked up)."""
     if not numbers:
         return root
     j, i = ir.index(fast), ir.index("q_idx" if fast == "kv_idx" else "kv_idx")
     step = const(STAGGER)
+    row = ir.binary(Op.MOD, i, step)
+    column = ir.binary(Op.SUB, j, ir.binary(Op.MUL, ir.binary(Op.FLOORDIV, i, step), step))
+    memo: dict[int, Node] = {}
 
-    def rule(n: Node) -> Node | None:
-        d = diagonal_of(n)
-        if d is None:
-            return None
-        others = [x for k, x in enumerate(n.src) if k != d.dim]
-        column = ir.binary(Op.SUB, j, ir.binary(Op.MUL, ir.binary(Op.FLOORDIV, i, step), step))
-        return ir.load(("diag", numbers[d]), n.dtype, [const(int(fast == "q_idx")), *others,
-                                                       ir.binary(Op.MOD, i, step), column])
-    return simplify(root, [rule])
+    def lower(n: Node) -> Node:
+        if id(n) not in memo:
+            d = diagonal_of(n)
+            if d is not None:
+                others = [lower(x) for k, x in enumerate(n.src) if k != d.dim]
+                orientation = const(int(fast == "q_idx"))
+                memo[id(n)] = ir.load(("diag", numbers[d]), n.dtype, [orientation, *others, row, column])
+            else:
+                memo[id(n)] = Node(n.op, n.dtype, n.arg, tuple(lower(c) for c in n.src))
+        return memo[id(n)]
+    return lower(root)
 
 
 def _diagonal_params(numbers: dict[Diagonal, int], capture_ndims: tuple[int, ...]) -> list[str]:
@@ -323,8 +341,8 @@ def lowering_notes(logits: Node, mask: Node) -> list[str]:
                   f"per row:    {format_expr(row)}  (added to the lse the forward stores, not computed per entry;"
                   " tile_origin: the first index of the kernel's query or key block)"]
     for d in _diagonals([low, mask]):
-        notes.append(f"diagonal read of captured{d.slot} (index {d.scale} * (q_idx - kv_idx) + {d.offset} along dim "
-                     f"{d.dim}): from copies staggered along each tile's fast axis, read as contiguous vectors "
+        notes.append(f"diagonal read of captured{d.slot} (index {format_expr(d.index)} along dim {d.dim}): from "
+                     "copies staggered along each tile's fast axis, read as contiguous vectors "
                      "(runtime.staggered: 32 x max(Sq, Skv) entries per entry of its other dims)")
     if _reads_batch_shared_tiles([low, mask]):
         notes.append("launch order: the batch entries of each (head, query block) side by side (their shared "
@@ -662,7 +680,7 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
     grads = {k: _lowered(g) for k, g in gradients(logits, wrt).items()}
     dscore = grads[id(score)] if score is not None else const(0.0)
     mask_roots = [mask] if analysis.has_mask else []
-    numbers = _diagonals([logits, mask])
+    numbers = _diagonals([logits, mask] + [i for r in reads for i in r.src])  # (gradients' addresses too)
 
     def loop_code(roots: list[Node], varying: str) -> tuple[_Emitter, list[str], list[str], list[str]]:
         """For a loop over ``varying``'s blocks: the emitter, the lines before the loop (what does
