@@ -11,6 +11,7 @@ Variants (--variants keys): full, causal, sliding (window 1024), document (causa
 (1024), dilated (causal window 2048, every 2nd key), alibi_causal, softcap_causal (cap 30), rel_table
 (relative-position table [H, 2S-1], frozen), rel_table_learnable (the table requiring grad; fwd+bwd only),
 t5_bias (T5's bucketed relative positions, ``fg.mods.t5_bias``: 32 buckets, max distance 128, frozen),
+t5_bias_learnable (its table requiring grad; fwd+bwd only),
 dense_bias ([H, S, S], frozen, --bias-dtype).
 bf16 q, k, v. Masks, mods, document ids and the density count are bench_forward.py's.
 
@@ -87,7 +88,7 @@ AB_TMA = False
 # the report gives the range of the per-round flashgen/flex ratios next to the ratio of medians)
 ROUNDS = 1
 VARIANTS = ("full", "causal", "sliding", "document", "prefix_lm", "dilated", "alibi_causal", "softcap_causal",
-            "rel_table", "rel_table_learnable", "t5_bias", "dense_bias")
+            "rel_table", "rel_table_learnable", "t5_bias", "t5_bias_learnable", "dense_bias")
 BIAS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECK_LEN = 256  # queries and keys of the float64 reference slice
 CPU_REPS = 3  # timed calls without CUDA (median)
@@ -155,6 +156,14 @@ def build_cases(heads: int, seq_len: int, device: str, bias_dtype: torch.dtype, 
 
     cases["t5_bias"] = Case(Variant("t5_bias", "T5 buckets (32, 128)", {"score_mod": fg.mods.t5_bias(t5_table)},
                                     flex_t5, None, None, "full"))
+    t5_learnable = t5_table.clone().requires_grad_()
+
+    def flex_t5_learnable(score, b, h, q_idx, kv_idx):
+        return score + t5_learnable[h, buckets[torch.clamp(kv_idx - q_idx, -128, 128) + 128]]
+
+    cases["t5_bias_learnable"] = Case(Variant("t5_bias_learnable", "T5 buckets (learnable)",
+                                              {"score_mod": fg.mods.t5_bias(t5_learnable)}, flex_t5_learnable, None,
+                                              None, "full"), {"dtable": t5_learnable})
     if "dense_bias" in wanted:
         bias = torch.randn(heads, seq_len, seq_len, device=device, dtype=bias_dtype, generator=gen)
 
@@ -416,7 +425,8 @@ def cmd_run(args) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     header = make_header(device, args.smoke, now)
     print(f"flashgen suite: {header['gpu']}, torch {header['torch']}, triton {header['triton']}, {header['date']}")
-    flex = None if args.smoke else compiled_flex()
+    peers = not (args.smoke or getattr(args, "flashgen_only", False))
+    flex = compiled_flex() if peers else None
     global AB_TMA, ROUNDS
     AB_TMA = getattr(args, "ab_tma", False)  # (a Namespace built by hand has no such field)
     ROUNDS = max(1, getattr(args, "rounds", 1))
@@ -426,7 +436,7 @@ def cmd_run(args) -> int:
     path = out / f"suite-{now:%Y%m%dT%H%M%S.%fZ}.json"
     for shape in shapes:
         for variant in variants:  # written after each variant: a run cut short keeps what it measured
-            records += run_shape(shape, [variant], passes, device, not args.smoke, flex, BIAS_DTYPES[args.bias_dtype])
+            records += run_shape(shape, [variant], passes, device, peers, flex, BIAS_DTYPES[args.bias_dtype])
             path.write_text(json.dumps({"header": header, "records": [asdict(r) for r in records]}, indent=1) + "\n")
     print(f"wrote {path} ({len(records)} records); `suite.py report {out}` merges the runs there")
     return 0
@@ -589,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--passes", default=",".join(PASSES), help="fwd, fwd+bwd or both (default both)")
     r.add_argument("--bias-dtype", choices=sorted(BIAS_DTYPES), default="bf16", help="dense bias dtype")
     r.add_argument("--smoke", action="store_true", help="tiny shapes, flashgen only; runs without a GPU")
+    r.add_argument("--flashgen-only", action="store_true", help="time flashgen alone (no flex, no SDPA)")
     r.add_argument("--ab-tma", action="store_true", help="also flashgen with pointer loads (flashgen-ptr)")
     r.add_argument("--rounds", type=int, default=1, help="time the implementations in turn, N rounds (default 1)")
     rep = sub.add_parser("report", help="merge DIR/suite-*.json into DIR/suite.md and DIR/suite.png")

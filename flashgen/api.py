@@ -28,11 +28,14 @@ from .runtime import (
     captured_args,
     default_backward_configs,
     default_config,
+    diagonal_index,
     ensure_allocator,
+    fold_staggered,
     identifier,
     index_type,
     interpreting,
     launch,
+    like_layout,
     load_kernel,
     load_module,
     load_tuning,
@@ -247,7 +250,7 @@ class Attention:
             constants = self._constants[key] = dict(
                 HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv),
                 IDX_T=index_type(self.captured + [w.new_empty(0).set_(w.untyped_storage())
-                                                   for _, w in self._staggered.values()]),
+                                                   for _, w, _ in self._staggered.values()]),
                 CHECK_READS=self._check_reads(shape), FAST_MATH=self._fast_math(dtype), **_precision(dtype))
         return constants
 
@@ -477,7 +480,8 @@ class Attention:
             built = (Sq, Skv, *((t.data_ptr(), t._version, t.shape, t.stride(), t.device) for t in self.captured))
             kept = self._staggered.get(d)
             if kept is None or kept[0] != built:
-                kept = self._staggered[d] = (built, staggered(d, self.captured, Sq, Skv))
+                index = diagonal_index(d, self.captured, Sq, Skv)
+                kept = self._staggered[d] = (built, staggered(d, self.captured, index), index)
             args += [kept[1], *kept[1].stride()[:-1]]
         return args
 
@@ -582,12 +586,17 @@ class Attention:
         dlse = dlse.float().contiguous() if dlse is not None else None
         lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
-        capture_args = self._capture_args(Sq, Skv, self._backward_source(grad_slots))
+        ks = self._backward_source(grad_slots)
+        capture_args = self._capture_args(Sq, Skv, ks)
         # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)
         fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if grad_slots else None
+        # the gradients of diagonal reads, laid out as their staggered copies (folded in below)
+        grads.update({("diag", k): like_layout(self._staggered[ks.diagonals[k]][1], torch.float32)
+                      for k in ks.staggered_grads})
 
         def dkdv_args(gbufs: dict) -> tuple:
             grad_args = [x for slot in grad_slots for x in [gbufs[slot], *gbufs[slot].stride()]]
+            grad_args += [gbufs["diag", k] for k in ks.staggered_grads]
             if grad_slots:
                 grad_args += [fixed[0:], fixed[1:]]
             return (q, k, v, dout, dk, dv, lse, delta,
@@ -611,7 +620,15 @@ class Attention:
             plan[0](*dq_args)
             plan[1](*dkdv_args(grads))
             self.last_tiles.update({"dQ": plan[0].config, "dK/dV": plan[1].config})
-        return dq, dk, dv, grads
+        return dq, dk, dv, self._folded(grads, ks)
+
+    def _folded(self, grads: dict, ks: KernelSource) -> dict:
+        """``grads`` with the staggered copies' gradients added into their tables' (``runtime.fold_staggered``)."""
+        for k in ks.staggered_grads:
+            d, g = ks.diagonals[k], grads.pop(("diag", k), None)
+            if g is not None:  # (None: already folded, in deterministic mode)
+                fold_staggered(d, g, self._staggered[d][2], grads[d.slot])
+        return grads
 
     def _backward_launch(self, shape, Hkv: int, D: int, Dv: int, q, dq_args: tuple, dkdv_args,
                          grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...],
@@ -653,7 +670,7 @@ class Attention:
         dq_launch = launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
         self.last_tiles["dQ"] = dq_launch.config
         if self.autotune:
-            scratch = {slot: torch.zeros_like(g) for slot, g in grads.items()}  # tuning runs add into these
+            scratch = {slot: like_layout(g, g.dtype) for slot, g in grads.items()}  # tuning runs add into these
             dkdv_cfg = self._tuned("dkdv", ks.key, shape, D, Dv, q, lambda c: run_config(
                 dkdv_kernel, c, dkdv_grid, *dkdv_args(scratch), GRAD_PASS=0, **dkdv_kw))
         if self.deterministic and grad_slots:
@@ -678,8 +695,10 @@ class Attention:
         largest = fixed[0].clamp_min(torch.finfo(torch.float32).tiny)
         exponent = torch.floor(62.0 - torch.log2(largest) - math.log2(terms)).clamp(-120.0, 120.0)
         fixed[1] = torch.exp2(exponent)  # on the device: no synchronisation
-        integers = {slot: torch.zeros(g.shape, dtype=torch.int64, device=g.device) for slot, g in grads.items()}
+        integers = {slot: like_layout(g, torch.int64) for slot, g in grads.items()}
         run_config(kernel, cfg, grid, *args(integers), GRAD_PASS=2, **kw)
+        integers = self._folded(integers, self._backward_source(grad_slots))  # (exact: integer sums)
+        grads.clear()
         grads.update({slot: (i.double() / fixed[1].double()).float() for slot, i in integers.items()})
 
 

@@ -569,25 +569,49 @@ def _on_diagonals(root: Node, diff: torch.Tensor, captured: list[torch.Tensor]) 
     return memo[id(root)]
 
 
-def staggered(d: Diagonal, captured: list[torch.Tensor], Sq: int, Skv: int) -> torch.Tensor:
-    """The staggered copies of the diagonal read ``d`` that kernels of ``Sq`` queries and ``Skv``
-    keys take as ``diag{k}`` (``codegen.render._staggered``): ``w[o, ..., r, x]``, with ``...`` the
-    other dims of the table ``t = captured[d.slot]``, r < STAGGER, x from -E to E (E = max(Sq, Skv)
-    rounded up to 16; the view starts at x = 0, so that a row's first read is a multiple of STAGGER
-    entries from its pointer), holds t's entry at index ``d.index`` along ``d.dim`` evaluated at
-    ``q_idx - kv_idx = r - x`` for o = 0 (rows along kv_idx) and ``x - r`` for o = 1 (rows along
-    q_idx), 0 where that index is outside t (as a read out of range gives). 32·max(Sq, Skv)
-    entries per entry of t's other dims: 16 times a table [..., 2L - 1] of sequences as long as L."""
-    t = captured[d.slot]
+def diagonal_index(d: Diagonal, captured: list[torch.Tensor], Sq: int, Skv: int) -> torch.Tensor:
+    """The table index of each entry of the staggered copies of ``d`` (:func:`staggered`) for ``Sq``
+    queries and ``Skv`` keys: int64 ``[2, STAGGER, 2E]``, ``d.index`` at ``q_idx - kv_idx = r - x``
+    for o = 0 and ``x - r`` for o = 1 (x from -E to E; E = max(Sq, Skv) rounded up to 16)."""
     reach = -(-max(Sq, Skv) // 16) * 16
-    x = torch.arange(-reach, reach, device=t.device)
-    r = torch.arange(STAGGER, device=t.device)[:, None]
+    x = torch.arange(-reach, reach, device=captured[d.slot].device)
+    r = torch.arange(STAGGER, device=x.device)[:, None]
+    return _on_diagonals(d.index, torch.stack([r - x, x - r]), captured)
+
+
+def staggered(d: Diagonal, captured: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """The staggered copies of the diagonal read ``d`` that the kernels take as ``diag{k}``
+    (``codegen.render._staggered``): ``w[o, ..., r, x]``, with ``...`` the other dims of the table
+    ``t = captured[d.slot]``, holds t's entry at ``index[o, r, x]`` (:func:`diagonal_index`) along
+    ``d.dim``, 0 where that is outside t (as a read out of range gives). The view starts at x = 0,
+    so that a row's first read is a multiple of STAGGER entries from its pointer. In the forward
+    and dQ loops the kernels read ``w[0, ..., q % 8, kv - q // 8 * 8]``, in the dK/dV loop
+    ``w[1, ..., kv % 8, q - kv // 8 * 8]``: contiguous along the tile's fast axis. 32·E entries per
+    entry of t's other dims: 16 times a table [..., 2L - 1] of sequences as long as L."""
+    t = captured[d.slot]
+    length = t.shape[d.dim]
     with torch.no_grad():
-        index = _on_diagonals(d.index, torch.stack([r - x, x - r]), captured)  # [2, STAGGER, 2E]
-        length = t.shape[d.dim]
         values = t.detach().movedim(d.dim, -1)[..., index.clamp(0, max(length - 1, 0))]
         values = torch.where((index >= 0) & (index < length), values, torch.zeros((), dtype=t.dtype, device=t.device))
-        return values.movedim(-3, 0).contiguous()[..., reach:]
+        return values.movedim(-3, 0).contiguous()[..., index.shape[-1] // 2:]
+
+
+def like_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros with ``t``'s shape, strides and offset into a storage as large as ``t``'s (a staggered
+    copies' view reaches before its first entry)."""
+    whole = torch.zeros(t.untyped_storage().nbytes() // t.element_size(), dtype=dtype, device=t.device)
+    return whole.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def fold_staggered(d: Diagonal, grad: torch.Tensor, index: torch.Tensor, into: torch.Tensor) -> None:
+    """Add the gradient ``grad`` of ``d``'s staggered copies (laid out as :func:`staggered`'s view;
+    the dK/dV pass writes the rows along q_idx, o = 1) into ``into``, the table's gradient: each
+    entry to the table index it copied."""
+    reach = index.shape[-1] // 2
+    whole = grad.as_strided((*grad.shape[:-1], 2 * reach), grad.stride(), grad.storage_offset() - reach)
+    src, idx = whole[1].flatten(-2), index[1].flatten()
+    inside = (idx >= 0) & (idx < into.shape[d.dim])
+    into.movedim(d.dim, -1).index_add_(-1, idx[inside], src[..., inside].to(into.dtype))
 
 
 def index_type(tensors: list[torch.Tensor]):

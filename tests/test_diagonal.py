@@ -19,7 +19,7 @@ import flashgen as fg
 from flashgen import ir
 from flashgen.analysis import DIAGONAL_OPS, Diagonal, diagonal_of
 from flashgen.codegen.render import STAGGER
-from flashgen.runtime import staggered
+from flashgen.runtime import diagonal_index, staggered
 
 q, kv, h = ir.index("q_idx"), ir.index("kv_idx"), ir.index("h")
 
@@ -70,7 +70,7 @@ def test_staggered_copies_hold_the_diagonals(Sq, Skv, scale, offset, heads, head
     n = 2 * max(Sq, Skv) + 3
     t = torch.randn(heads, n) if head_first else torch.randn(n, heads)
     d = Diagonal(0, 1 if head_first else 0, _diff(scale, offset))
-    w = staggered(d, [t], Sq, Skv)
+    w = staggered(d, [t], diagonal_index(d, [t], Sq, Skv))
     reach = -(-max(Sq, Skv) // 16) * 16  # the columns before the view's first (x < 0)
     full = w.as_strided((*w.shape[:-1], 2 * reach), w.stride(), w.storage_offset() - reach)
     assert w.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in w.stride()[:-1]) and w.stride()[-1] == 1
@@ -147,3 +147,28 @@ def test_t5_buckets_forward_and_learnable_backward(bidirectional):
     # the gradient's address in the dK/dV pass looks the bucket up in staggered copies as well
     assert "cap0 +" not in attn.source("bwd")
     check_backward(*args, score_mod=mod, mask_mod=fg.mods.causal, captured=(table,))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_clamped_tables_gradient_accumulates_on_its_staggered_copies_then_folds(deterministic):
+    L, Sq, Skv = 5, 29, 23
+    table = (0.5 * torch.randn(2, 2 * L + 1)).requires_grad_()
+
+    def mod(score, b, h, q_idx, kv_idx):  # far distances share the end entries
+        return score + table[h, torch.clamp(q_idx - kv_idx, -L, L) + L]
+
+    attn = fg.compile(score_mod=mod, mask_mod=fg.mods.causal, deterministic=deterministic)
+    source = attn.source("bwd")
+    assert "tl.atomic_add(gdiag0 + " in source and "gcap0 +" not in source
+    # an affine index keeps one diagonal per entry: its gradient accumulates at the table's index
+    assert "tl.atomic_add(gcap0 + " in fg.compile(score_mod=fg.mods.relative_bias(table)).source("bwd")
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (Sq, Skv, Skv))
+    dout = torch.randn(1, 2, Sq, 16)
+    got = torch.autograd.grad((attn(q, k, v) * dout).sum(), (table,))[0]
+    want = torch.autograd.grad((fg.attention_reference(q.double(), k.double(), v.double(), mod, fg.mods.causal)
+                                * dout.double()).sum(), (table,))[0]
+    assert rel_err(got, want) < 1e-4
+    if deterministic:
+        again = torch.autograd.grad((attn(q, k, v) * dout).sum(), (table,))[0]
+        assert torch.equal(got, again)
