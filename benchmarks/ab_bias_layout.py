@@ -10,7 +10,8 @@ of a kept forward), both arms interleaved for ``--rounds`` rounds in one process
 
 Arm ``bias``: ``fg.compile(bias=bias)``; arm ``transposed``: a score_mod reading ``bias_t[h, kv_idx,
 q_idx]`` (its forward reads across the layout, so only the backward is compared). Both arms'
-gradients are checked against each other.
+gradients are checked against each other, and torch.profiler splits each backward into its two
+passes (the dQ pass reads the copy across its layout in turn).
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def main() -> None:
         for name, out in outs.items():
             times[name].append(do_bench(lambda out=out: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
                                         warmup=50, rep=300))
+    for name, out in outs.items():  # each pass on its own (the dQ pass reads the copy across its layout)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+            torch.cuda.synchronize()
+        for e in prof.key_averages():
+            if e.key.startswith("attn_bwd"):
+                print(f"{name:<12} {e.key:<16} {e.device_time_total / 3:9.0f} us per backward")
     ratios = [t / b for t, b in zip(times["transposed"], times["bias"])]
     print(f"{'arm':<12} {'backward ms (median of rounds)':>32}  rounds")
     for name, ts in times.items():
