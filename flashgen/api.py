@@ -288,7 +288,8 @@ class Attention:
         """The forward's tiles for ``shape`` = (B, H, Sq, Skv) without tuning or ``config=``: the
         measured default for the GPU and head dims, smaller for windows and sparse block maps."""
         device = torch.device(device)
-        default = default_config(device, D, Dv, dtype, self._sparsity(shape, D, Dv, dtype, device))
+        default = default_config(device, D, Dv, dtype, self._sparsity(shape, D, Dv, dtype, device),
+                                 bool(self._kernel_source().diagonals))
         return first_fitting("fwd", default, device, D, Dv, dtype)
 
     def _runs_args(self, shape: tuple[int, int, int, int], cfg: Config, device, *, transpose: bool = False,

@@ -347,11 +347,12 @@ SPARSE_OCCUPANCY = 0.1  # block maps with fewer non-empty tiles than this take t
 
 
 def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                   sparsity: str = "dense") -> Config:
+                   sparsity: str = "dense", diagonal_reads: bool = False) -> Config:
     """A good forward configuration without tuning (measured on an H200; see benchmarks/PERFLOG.md).
     ``sparsity``: "window" for a diagonal band bounded on both sides (a sliding window), "sparse"
     for a block map with fewer than ``SPARSE_OCCUPANCY`` of its tiles non-empty or with more
-    partial tiles than full ones (``Attention._sparsity``), else "dense"."""
+    partial tiles than full ones (``Attention._sparsity``), else "dense". ``diagonal_reads``: the
+    kernel reads staggered copies of a table (``analysis.diagonal_of``)."""
     if device.type != "cuda":
         return Config(32, 32, 4, 1)  # the interpreter: big enough to keep the program count small
     width = max(head_dim, head_dim_v)
@@ -366,6 +367,11 @@ def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
     if sparsity == "window" and width <= 128:
         return Config(64, 64, 4, 3)
     if sparsity == "sparse" and width <= 128:
+        return Config(64, 32, 4, 3)
+    if diagonal_reads and width <= 64:
+        # H200, 2026-11-29, bf16 8x16x4096x64, relative table [H, 2S-1] fp32 (benchmarks/ab_tiles.py):
+        # 2.19 ms against 3.00 for (128, 64, 8, 3), whose three stages of 32 KB table tiles leave
+        # one program per SM; at D = 128 (128, 64, 8, 3) stays the fastest (6.18 ms, others 6.45-7.44)
         return Config(64, 32, 4, 3)
     if width <= 64:
         return Config(128, 64, 8, 3)  # H200 sweep 2026-11-28: full 416 vs 387 TF/s for (128, 64, 4, 3)

@@ -260,6 +260,9 @@ class Gen:
             leaf(src, "float", m, exact=exact, frac=frac, tensor=t)
             for t, src, m, exact, frac in (("hs", "hs[h]", 2, False, 0),
                                            ("rel", f"rel[q_idx - kv_idx + {Skv - 1}]", 2, False, 0),
+                                           # a looked-up difference (render._staggered evaluates it on the host)
+                                           ("rel", f"rel[torch.clamp((q_idx - kv_idx) // 3, {1 - Skv}, {Sq - 1}) "
+                                                   f"+ {Skv - 1}]", 2, False, 0),
                                            ("qd", "qd[q_idx]", 2, True, 2),
                                            ("tab", "tab[h, kv_idx]", 2, False, 0))
             if t in tensors]

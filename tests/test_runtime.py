@@ -101,6 +101,11 @@ def test_windows_and_sparse_maps_take_short_query_blocks():
     assert default_config(cuda, 128, 128, torch.float32, "window") == default_config(cuda, 128, 128, torch.float32)
     assert default_config(cuda, 256, 256, bf16, "window") == default_config(cuda, 256, 256, bf16)  # wide: as before
     assert default_config(cuda, 64, 64, bf16, "sparse") == Config(64, 32, 4, 3)
+    # staggered table copies: short KV tiles at D <= 64 only
+    table = fg.compile(score_mod=fg.mods.relative_bias(torch.randn(2, 63)))
+    assert table._kernel_source().diagonals and not fg.compile()._kernel_source().diagonals
+    assert default_config(cuda, 64, 64, bf16, "dense", True) == Config(64, 32, 4, 3)
+    assert default_config(cuda, 128, 128, bf16, "dense", True) == dense
     # the backward: short tiles for windows at D <= 64 only
     assert default_backward_configs(cuda, 64, 64, bf16, sparsity="window") == (Config(64, 64, 4, 3),) * 2
     assert default_backward_configs(cuda, 128, 128, bf16, sparsity="window") == default_backward_configs(cuda, 128, 128,
