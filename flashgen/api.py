@@ -31,6 +31,7 @@ from .runtime import (
     diagonal_index,
     ensure_allocator,
     fold_staggered,
+    gradient_buffer,
     identifier,
     index_type,
     interpreting,
@@ -592,12 +593,11 @@ class Attention:
         # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)
         fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if grad_slots else None
         # the gradients of diagonal reads, laid out as their staggered copies (folded in below)
-        grads.update({("diag", k): like_layout(self._staggered[ks.diagonals[k]][1], torch.float32)
-                      for k in ks.staggered_grads})
+        grads.update({("diag", k): gradient_buffer(self._staggered[ks.diagonals[k]][1]) for k in ks.staggered_grads})
 
         def dkdv_args(gbufs: dict) -> tuple:
             grad_args = [x for slot in grad_slots for x in [gbufs[slot], *gbufs[slot].stride()]]
-            grad_args += [gbufs["diag", k] for k in ks.staggered_grads]
+            grad_args += [x for k in ks.staggered_grads for x in (gbufs["diag", k], *gbufs["diag", k].stride())]
             if grad_slots:
                 grad_args += [fixed[0:], fixed[1:]]
             return (q, k, v, dout, dk, dv, lse, delta,

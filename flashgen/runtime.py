@@ -609,12 +609,22 @@ def like_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return whole.as_strided(t.shape, t.stride(), t.storage_offset())
 
 
+def gradient_buffer(copies: torch.Tensor) -> torch.Tensor:
+    """Zeros (float32) indexed as the staggered copies ``copies`` (:func:`staggered`'s view) but laid
+    out with their row index fastest: the dK/dV pass's adds from neighbouring keys (rows r, r + 1)
+    then land side by side instead of a whole row of copies apart."""
+    *lead, rows, reach = copies.shape  # (the view's width is the columns before it: E)
+    whole = torch.zeros(*lead, 2 * reach, rows, dtype=torch.float32, device=copies.device).transpose(-1, -2)
+    return whole[..., reach:]
+
+
 def fold_staggered(d: Diagonal, grad: torch.Tensor, index: torch.Tensor, into: torch.Tensor) -> None:
-    """Add the gradient ``grad`` of ``d``'s staggered copies (laid out as :func:`staggered`'s view;
-    the dK/dV pass writes the rows along q_idx, o = 1) into ``into``, the table's gradient: each
-    entry to the table index it copied."""
+    """Add the gradient ``grad`` of ``d``'s staggered copies (:func:`gradient_buffer`; the dK/dV pass
+    writes the rows along q_idx, o = 1) into ``into``, the table's gradient: each entry to the table
+    index it copied."""
     reach = index.shape[-1] // 2
-    whole = grad.as_strided((*grad.shape[:-1], 2 * reach), grad.stride(), grad.storage_offset() - reach)
+    whole = grad.as_strided((*grad.shape[:-1], 2 * reach), grad.stride(),
+                            grad.storage_offset() - reach * grad.stride(-1))
     src, idx = whole[1].flatten(-2), index[1].flatten()
     inside = (idx >= 0) & (idx < into.shape[d.dim])
     into.movedim(d.dim, -1).index_add_(-1, idx[inside], src[..., inside].to(into.dtype))

@@ -208,13 +208,14 @@ def _address(n: Node, idx: list[str], base: str) -> tuple[str, str]:
     return " + ".join(terms) or "0", " & ".join(checks) or "True"
 
 
-def _staggered_offset(n: Node, idx: list[str]) -> str:
+def _staggered_offset(n: Node, idx: list[str], strides: str = "diag{}_stride", unit_last: bool = True) -> str:
     """The offset of a read of staggered copies ``n`` (``_staggered``; its indices rendered as
-    ``idx``), with the copies' strides ``diag{k}_stride{d}`` (the last is 1)."""
-    strides = f"diag{n.arg[1]}_stride"
+    ``idx``), with strides ``strides.format(k) + d`` (the last 1 if ``unit_last``)."""
+    strides = strides.format(n.arg[1])
+    last = len(idx) - 1 if unit_last else len(idx)
     terms = [f"{i} * {strides}{d}" if x.op is Op.CONST else f"({i}).to(IDX_T) * {strides}{d}"
-             for d, (i, x) in enumerate(zip(idx[:-1], n.src)) if not (x.op is Op.CONST and x.arg == 0)]
-    return " + ".join(terms + [f"({idx[-1]}).to(IDX_T)"])
+             for d, (i, x) in enumerate(zip(idx[:last], n.src)) if not (x.op is Op.CONST and x.arg == 0)]
+    return " + ".join(terms + [f"({idx[-1]}).to(IDX_T)"] * unit_last)
 
 
 def _load(n: Node, idx: list[str]) -> str:
@@ -666,6 +667,12 @@ def _emit_tile(tile: _Emitter, root: Node, level: dict[int, bool]) -> list[str]:
     return tile.lines[start:]
 
 
+def _gradient_on_copies(d: Diagonal) -> bool:
+    """Whether the gradient of the diagonal read ``d`` accumulates on its staggered copies (see
+    ``render_backward``): where its index is not affine in q_idx - kv_idx."""
+    return affine_form(d.index) is None
+
+
 @dataclass(frozen=True)
 class _GradRead:
     label: str  # the read, for the comment
@@ -716,12 +723,13 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
     dq, dq_outer, dq_tile, dq_mask = loop_code([scaled, dscore, *rows], "kv_idx")
     # the gradient of a diagonal read whose index is looked up or clamped (T5's buckets: many
     # diagonals share a table entry, whose atomics would queue) accumulates where its staggered copy
-    # was read (``gdiag{k}``, laid out as ``diag{k}``: 16 x the table's entries), and
+    # was read (``gdiag{k}``, indexed as ``diag{k}``: 16 x the table's entries; ``runtime.gradient_buffer``
+    # lays it out with the copies' row index fastest, so a warp's adds stay in a few cache lines), and
     # ``runtime.fold_staggered`` adds it into the table's gradient after the pass. Other reads'
     # accumulate at their own index: an affine index keeps a table entry to one diagonal, and its
-    # neighbours in one cache line (H200: T5 2558 -> 116 ms, the plain table 96 -> 116 ms staggered).
+    # neighbours in one cache line (H200: T5 2558 -> 109 ms, the plain table 96 -> 109 ms on copies).
     staggered = {id(r): _staggered(r, numbers, "q_idx") for r in reads
-                 if (d := diagonal_of(r)) is not None and affine_form(d.index) is None}
+                 if (d := diagonal_of(r)) is not None and _gradient_on_copies(d)}
     dkdv, dkdv_outer, dkdv_tile, dkdv_mask = loop_code(
         [scaled, dscore, *rows] + [grads[id(r)] for r in reads]
         + [i for r in reads for i in (staggered[id(r)].src if id(r) in staggered else r.src)], "q_idx")
@@ -729,7 +737,8 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
     for r in reads:
         if id(r) in staggered:
             sr = staggered[id(r)]
-            pointer, in_range = f"gdiag{sr.arg[1]} + {_staggered_offset(sr, [dkdv.ref(i) for i in sr.src])}", "True"
+            offset = _staggered_offset(sr, [dkdv.ref(i) for i in sr.src], "gdiag{}_stride", unit_last=False)
+            pointer, in_range = f"gdiag{sr.arg[1]} + {offset}", "True"
         else:
             offset, in_range = _address(r, [dkdv.ref(i) for i in r.src], f"gcap{r.arg}")
             pointer = f"gcap{r.arg} + {offset}"
@@ -737,9 +746,11 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         grad_reads.append(_GradRead(format_expr(r), dkdv._f(grads[id(r)]), pointer, in_range, uniform))
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
     staggered_grads = tuple(sorted({sr.arg[1] for sr in staggered.values()}))
+    numbers_by = {k: d for d, k in numbers.items()}
     grad_params = [p for slot in grad_slots
                    for p in [f"gcap{slot}"] + [f"gcap{slot}_stride{d}" for d in range(capture_ndims[slot])]]
-    grad_params += [f"gdiag{k}" for k in staggered_grads]
+    grad_params += [p for k in staggered_grads for d in [numbers_by[k]]
+                    for p in [f"gdiag{k}"] + [f"gdiag{k}_stride{x}" for x in range(capture_ndims[d.slot] + 2)]]
     if grad_slots:
         grad_params += ["GMAX", "GSCALE"]  # deterministic mode's max |contribution| and fixed-point scale
     context = dict(
