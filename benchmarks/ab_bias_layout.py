@@ -16,20 +16,16 @@ passes (the dQ pass reads the copy across its layout in turn).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
+from ab_table_grads import command_line
 
 import flashgen as fg
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="4,16,8192,128")
-    p.add_argument("--rounds", type=int, default=4)
-    args = p.parse_args()
-    B, H, S, D = (int(x) for x in args.shape.split(","))
+    args, (B, H, S, D) = command_line(__doc__, 4)
     from triton.testing import do_bench
 
     gen = torch.Generator(device="cuda").manual_seed(0)

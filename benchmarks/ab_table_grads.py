@@ -42,12 +42,17 @@ def on_copies(attn: fg.Attention, always: bool) -> fg.Attention:
     return attn
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def command_line(doc: str, rounds: int) -> tuple[argparse.Namespace, tuple[int, ...]]:
+    """The A/B scripts' options (--shape B,H,S,D, --rounds) and the shape."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--shape", default="4,16,8192,128")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=rounds)
     args = p.parse_args()
-    B, H, S, D = (int(x) for x in args.shape.split(","))
+    return args, tuple(int(x) for x in args.shape.split(","))
+
+
+def main() -> None:
+    args, (B, H, S, D) = command_line(__doc__, 3)
     from triton.testing import do_bench
 
     gen = torch.Generator(device="cuda").manual_seed(0)
