@@ -287,6 +287,14 @@ def _staggered(root: Node, numbers: dict[Diagonal, int], fast: str) -> Node:
     return lower(root)
 
 
+def _diagonal_listing(numbers: dict[Diagonal, int]) -> list[str]:
+    """Comment lines naming each staggered copy a kernel reads."""
+    return [f"diag{k} = captured{d.slot} at index {format_expr(d.index)} along dim {d.dim}, staggered "
+            f"(runtime.staggered): read at [0, ..., q_idx % {STAGGER}, kv_idx - q_idx // {STAGGER} * {STAGGER}] "
+            f"in loops over kv, [1, ..., kv_idx % {STAGGER}, q_idx - kv_idx // {STAGGER} * {STAGGER}] over q"
+            for d, k in numbers.items()]
+
+
 def _diagonal_params(numbers: dict[Diagonal, int], capture_ndims: tuple[int, ...]) -> list[str]:
     """The staggered copies' kernel parameters: pointer, then every stride but the last (which is 1)."""
     return [p for d, k in numbers.items()
@@ -411,6 +419,7 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     logits, mask = _lowered(logits), _lowered(mask)
     logits, row_term = _row_terms(times(logits, LOG2E))
     numbers = _diagonals([logits, mask])
+    listing += _diagonal_listing(numbers)
     logits, mask = (_staggered(r, numbers, "kv_idx") for r in (logits, mask))
     roots = [logits, mask] + ([row_term] if row_term is not None else [])
     level = row_levels(roots)
@@ -757,7 +766,7 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         version=__version__,
         name=name,
         ir_key=program_key[:16],
-        program_listing=format_program({**listed, "dL/dscore": dscore}).splitlines(),
+        program_listing=format_program({**listed, "dL/dscore": dscore}).splitlines() + _diagonal_listing(numbers),
         # every masked backward reads a block map (for bands too: full tiles then skip the mask code)
         block_runs=analysis.has_mask,
         # dL/dscore is 1 (plain logits, or the score plus terms that do not read it): ds = dl
