@@ -172,3 +172,15 @@ def test_a_clamped_tables_gradient_accumulates_on_its_staggered_copies_then_fold
     if deterministic:
         again = torch.autograd.grad((attn(q, k, v) * dout).sum(), (table,))[0]
         assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("table, kwargs, message", [
+    (torch.randn(32), {}, "shape \\[H, num_buckets\\]"),
+    (torch.randint(0, 3, (2, 32)), {}, "floating-point"),
+    (torch.randn(2, 3), {}, "at least 4 buckets"),
+    (torch.randn(2, 32), {"max_distance": 16}, "max_distance >= their number"),
+    (torch.randn(2, 32), {"max_distance": 0}, "max_distance must be a positive int"),
+])
+def test_t5_bias_rejects_what_it_cannot_bucket(table, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fg.mods.t5_bias(table, **kwargs)
