@@ -144,11 +144,12 @@ def test_interleaved_backward_tiles_run_every_arm():
     launches with its own tiles (the plumbing, on the CPU)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_backward_tiles.py"), "--smoke", "--variants",
-                           "causal", "--dkdv", "16,32,4,1", "--rounds", "2"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                           "causal", "--dkdv", "16,32,4,1", "--dq", "32,16,4,1", "--rounds", "2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = [line.split() for line in done.stdout.splitlines()[-2:]]
-    assert [r[:2] for r in rows] == [["causal", "default"], ["causal", "16,32,4,1"]], done.stdout
+    rows = [line.split() for line in done.stdout.splitlines()[-3:]]
+    assert [r[:2] for r in rows] == [["causal", "default"], ["causal", "16,32,4,1"], ["causal", "dq:32,16,4,1"]], \
+        done.stdout
     assert all(float(r[2]) > 0 for r in rows), done.stdout
 
 
