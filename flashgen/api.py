@@ -642,7 +642,8 @@ class Attention:
         common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma)
         ks = self._backward_source(grad_slots)
         module = load_module(ks)
-        defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity, bool(tile_reads([self.program.logits])))
+        defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity, bool(tile_reads([self.program.logits])),
+                                            bool(ks.diagonals))
         dkdv_cfg, dq_cfg = (first_fitting(family, c, q.device, D, Dv, q.dtype)
                             for family, c in zip(("dkdv", "dq"), defaults))
         masked = self.analysis.has_mask

@@ -381,9 +381,11 @@ def default_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
 
 
 def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                             sparsity: str = "dense", tile_reads: bool = False) -> tuple[Config, Config]:
+                             sparsity: str = "dense", tile_reads: bool = False,
+                             diagonal_reads: bool = False) -> tuple[Config, Config]:
     """(dK/dV pass, dQ pass) configurations: a tall KV block streaming short query blocks, and the
-    reverse. ``sparsity`` as in :func:`default_config`; ``tile_reads``: ``analysis.tile_reads``."""
+    reverse. ``sparsity`` as in :func:`default_config`; ``tile_reads``: ``analysis.tile_reads``;
+    ``diagonal_reads``: the kernels read staggered copies of a table (``analysis.diagonal_of``)."""
     if device.type != "cuda":
         return Config(32, 32, 4, 1), Config(32, 32, 4, 1)
     width = max(head_dim, head_dim_v)
@@ -398,6 +400,11 @@ def default_backward_configs(device: torch.device, head_dim: int, head_dim_v: in
         # 4% of the tiles): 2.288 ms fwd+bwd against 2.580 ms for the dense pair below. Dilated window
         # 2048, stride 2, 8x16x4096x64: (64, 64, 4, 3) + (64, 32, 4, 4) 3.581 ms against 4.023
         return Config(32, 64, 4, 3), Config(64, 32, 4, 4)
+    if diagonal_reads and width <= 64 and sparsity == "dense":
+        # H200, 2026-11-29, bf16 8x16x4096x64, relative table [H, 2S-1] fp32, fwd+bwd interleaved over 3
+        # rounds (benchmarks/ab_backward_tiles.py), against 9.04 ms for the pair below: dK/dV (64, 64, 4, 3)
+        # 0.953x, dQ (64, 32, 4, 3) 0.914x (as the forward: its 32 KB fp32 table tiles)
+        return Config(64, 64, 4, 3), Config(64, 32, 4, 3)
     if tile_reads and width == 128 and sparsity == "dense":
         # H200, 2026-11-29, bf16 4x16x8192x128, dense bias [H, S, S], fwd+bwd interleaved over 4 rounds
         # (benchmarks/ab_backward_tiles.py): 23.56 ms against 24.30 for the pair below (every round

@@ -106,6 +106,10 @@ def test_windows_and_sparse_maps_take_short_query_blocks():
     assert table._kernel_source().diagonals and not fg.compile()._kernel_source().diagonals
     assert default_config(cuda, 64, 64, bf16, "dense", True) == Config(64, 32, 4, 3)
     assert default_config(cuda, 128, 128, bf16, "dense", True) == dense
+    assert default_backward_configs(cuda, 64, 64, bf16, "dense", False, True) == (Config(64, 64, 4, 3),
+                                                                                  Config(64, 32, 4, 3))
+    assert default_backward_configs(cuda, 128, 128, bf16, "dense", False, True) == default_backward_configs(
+        cuda, 128, 128, bf16)
     # the backward: short tiles for windows at D <= 64 only
     assert default_backward_configs(cuda, 64, 64, bf16, sparsity="window") == (Config(64, 64, 4, 3),) * 2
     assert default_backward_configs(cuda, 128, 128, bf16, sparsity="window") == default_backward_configs(cuda, 128, 128,
