@@ -132,7 +132,7 @@ class Attention:
         # reads that they were planned for (_keep_plan)
         self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], tuple | None, tuple]] = {}
         self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # per shape and device: runs refilled in place
-        self._staggered: dict = {}  # diagonal read -> (what its copies were built from, the copies)
+        self._staggered: dict = {}  # diagonal read -> (what its copies were built from, the copies, their index)
 
     # -- introspection -----------------------------------------------------------------------
     def _kernel_source(self) -> KernelSource:
@@ -249,7 +249,8 @@ class Attention:
             if len(self._constants) >= 256:  # (many sequence lengths)
                 self._constants.clear()
             constants = self._constants[key] = dict(
-                HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv),
+                HEAD_D=D, HEAD_DV=Dv, **qk_blocks(D), BLOCK_DV=padded(Dv),  # (staggered copies: their whole
+                # storage, since the kernels' offsets reach before a copies view's first entry)
                 IDX_T=index_type(self.captured + [w.new_empty(0).set_(w.untyped_storage())
                                                    for _, w, _ in self._staggered.values()]),
                 CHECK_READS=self._check_reads(shape), FAST_MATH=self._fast_math(dtype), **_precision(dtype))

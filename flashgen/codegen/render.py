@@ -66,7 +66,7 @@ class KernelSource:
     key: str  # sha256 of the source
     # the diagonal reads it takes as staggered copies ``diag{k}`` after the captures (``runtime.staggered``)
     diagonals: tuple[Diagonal, ...] = ()
-    # those whose gradient it accumulates in buffers laid out as their copies, ``gdiag{k}`` after the
+    # those whose gradient it accumulates in buffers indexed as their copies, ``gdiag{k}`` after the
     # captured tensors' gradient buffers (``runtime.fold_staggered`` adds them into the tables')
     staggered_grads: tuple[int, ...] = ()
 
