@@ -479,8 +479,9 @@ class Attention:
         reads (``runtime.staggered``), rebuilt when a tensor they read changes (data, version or
         layout) or the lengths do."""
         args = captured_args(self.captured)
-        for d in ks.diagonals:
+        if ks.diagonals:  # (what the copies are built from, once per call, not per diagonal read)
             built = (Sq, Skv, *((t.data_ptr(), t._version, t.shape, t.stride(), t.device) for t in self.captured))
+        for d in ks.diagonals:
             kept = self._staggered.get(d)
             if kept is None or kept[0] != built:
                 index = diagonal_index(d, self.captured, Sq, Skv)
