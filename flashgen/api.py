@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import types
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -133,6 +135,8 @@ class Attention:
         self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], tuple | None, tuple]] = {}
         self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # per shape and device: runs refilled in place
         self._staggered: dict = {}  # diagonal read -> (what its copies were built from, the copies, their index)
+        self._op_id = next(_op_ids)  # how torch.compile's graphs name it (the flashgen::attention operators)
+        _by_op_id[self._op_id] = self
 
     # -- introspection -----------------------------------------------------------------------
     def _kernel_source(self) -> KernelSource:
@@ -332,6 +336,9 @@ class Attention:
             if any(n not in (1, want) for n, want in zip(self.dense_bias_shape, call)):
                 raise ValueError(f"the bias tensor of shape {list(self.dense_bias_shape)} does not broadcast to "
                                  f"[B, H, Sq, Skv] = {list(call)}")
+        if self.bias_lowering != "loop" and torch.compiler.is_compiling():
+            raise NotImplementedError(f"bias_lowering={self.bias_lowering!r} under torch.compile: the factors are "
+                                      "built per shape outside the graph; use the default 'loop' inside compiled code")
         if self._lowers_to_factors(q.shape[-1], q.dtype):
             inner = self._factored_attention(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device, q.dtype)
             if inner is not None:
@@ -339,6 +346,9 @@ class Attention:
         if self.low_rank_bias is not None:
             q, k, v = _with_factors(self.low_rank_bias, q, k, v, scale)
             scale = 1.0
+        if torch.compiler.is_compiling():  # one opaque operator in the graph (Dynamo would trace the launches)
+            out, lse = _compiled_call(self, q, k, v, scale)
+            return (out, lse) if return_lse else out
         learnable = [t for t in self.captured if t.requires_grad]
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or learnable):
             out, lse = _AttentionFunction.apply(self, scale, config, q, k, v, *self.captured)
@@ -729,6 +739,81 @@ class _AttentionFunction(torch.autograd.Function):
                                            _grad_slots(attn, ctx.needs_input_grad))
         captured_grads = [grads[i].to(t.dtype) if i in grads else None for i, t in enumerate(attn.captured)]
         return (None, None, None, dq, dk, dv, *captured_grads)
+
+
+# torch.compile: a compiled graph reaches an Attention through two custom operators that Dynamo
+# does not trace into, ``flashgen::attention`` (out and lse) and ``flashgen::attention_backward``,
+# by the Attention's ``_op_id`` (an int the graph holds as a constant; the registry holds no reference)
+_op_ids = itertools.count()
+_by_op_id: weakref.WeakValueDictionary[int, Attention] = weakref.WeakValueDictionary()
+
+
+def _registered(op_id: int, captured: list[torch.Tensor]) -> Attention:
+    attn = _by_op_id.get(op_id)
+    if attn is None:
+        raise RuntimeError("flashgen: a compiled graph calls an Attention that no longer exists; keep the object "
+                           "that fg.compile returned alive as long as the compiled function runs")
+    if any(a.data_ptr() != b.data_ptr() or a.shape != b.shape for a, b in zip(captured, attn.captured)):
+        raise RuntimeError("flashgen: the compiled graph passed other tensors than the ones the mods captured; "
+                           "kernels read the captured tensors themselves (update them in place, not by rebinding)")
+    return attn
+
+
+@torch.library.custom_op("flashgen::attention", mutates_args=(),
+                         schema="(int op_id, Tensor q, Tensor k, Tensor v, Tensor[] captured, float scale) "
+                                "-> (Tensor, Tensor)")
+def _attention_op(op_id, q, k, v, captured, scale):
+    return _registered(op_id, captured)._forward(q, k, v, scale, True, None)
+
+
+@_attention_op.register_fake
+def _(op_id, q, k, v, captured, scale):
+    B, Hq, Sq, _ = q.shape
+    return q.new_empty((B, Hq, Sq, v.shape[-1])), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashgen::attention_backward", mutates_args=(),
+                         schema="(int op_id, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, "
+                                "Tensor? dlse, Tensor[] captured, float scale, int[] grad_slots) "
+                                "-> (Tensor, Tensor, Tensor, Tensor[])")
+def _attention_backward_op(op_id, q, k, v, out, lse, dout, dlse, captured, scale, grad_slots):
+    dq, dk, dv, grads = _registered(op_id, captured)._backward(q, k, v, out, lse, dout, dlse, scale,
+                                                               tuple(grad_slots))
+    return dq, dk, dv, [grads[slot] for slot in grad_slots]
+
+
+@_attention_backward_op.register_fake
+def _(op_id, q, k, v, out, lse, dout, dlse, captured, scale, grad_slots):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            [captured[slot].new_empty(captured[slot].shape, dtype=torch.float32) for slot in grad_slots])
+
+
+def _op_setup(ctx, inputs, output):
+    op_id, q, k, v, captured, scale = inputs
+    ctx.op_id, ctx.scale = op_id, scale
+    ctx.set_materialize_grads(False)  # an lse nobody used has no gradient (not a tensor of zeros to read)
+    attn = _by_op_id[op_id]
+    ctx.grad_slots = [i for i, t in enumerate(captured)
+                      if t.requires_grad and t.is_floating_point() and i in attn._logit_reads]
+    ctx.save_for_backward(q, k, v, *output, *captured)
+
+
+def _op_backward(ctx, dout, dlse):
+    q, k, v, out, lse, *captured = ctx.saved_tensors
+    dq, dk, dv, grads = _attention_backward_op(
+        ctx.op_id, q, k, v, out, lse, dout if dout is not None else torch.zeros_like(out), dlse, captured,
+        ctx.scale, ctx.grad_slots)
+    by_slot = dict(zip(ctx.grad_slots, grads))
+    return None, dq, dk, dv, [by_slot[i].to(t.dtype) if i in by_slot else None for i, t in enumerate(captured)], None
+
+
+torch.library.register_autograd("flashgen::attention", _op_backward, setup_context=_op_setup)
+
+
+def _compiled_call(attn: Attention, q, k, v, scale: float):
+    """``attn(q, k, v)`` inside torch.compile (a LowRankBias's factors already joined to q and k):
+    the ``flashgen::attention`` operator."""
+    return torch.ops.flashgen.attention(attn._op_id, q, k, v, list(attn.captured), scale)
 
 
 def _grad_slots(attn: Attention, needs_input_grad: tuple[bool, ...]) -> tuple[int, ...]:

@@ -207,9 +207,14 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # (torch.compile: a constant of the process, not traced)
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (decided when triton was imported)."""
+    return _interpreting()
+
+
+@functools.cache
+def _interpreting() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         return bool(knobs.runtime.interpret)
