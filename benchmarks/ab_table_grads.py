@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import re
 import statistics
 
 import torch
@@ -43,7 +44,7 @@ def rendered(attn: fg.Attention, copies: bool | None = None, ordered: bool = Fal
             finally:
                 render._gradient_on_copies = rule
             if ordered:
-                text = ks.source.replace(', sem="relaxed")', ")")
+                text = re.sub(r',\s*sem="relaxed"\)', ")", ks.source)
                 ks = dataclasses.replace(ks, source=text, key=hashlib.sha256(text.encode()).hexdigest())
             cache[grad_slots] = ks
         return cache[grad_slots]

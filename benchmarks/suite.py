@@ -12,7 +12,7 @@ Variants (--variants keys): full, causal, sliding (window 1024), document (causa
 (relative-position table [H, 2S-1], frozen), rel_table_learnable (the table requiring grad; fwd+bwd only),
 t5_bias (T5's bucketed relative positions, ``fg.mods.t5_bias``: 32 buckets, max distance 128, frozen),
 t5_bias_learnable (its table requiring grad; fwd+bwd only),
-dense_bias ([H, S, S], frozen, --bias-dtype).
+dense_bias ([H, S, S], frozen, --bias-dtype), dense_bias_learnable (the same requiring grad; fwd+bwd only).
 bf16 q, k, v. Masks, mods, document ids and the density count are bench_forward.py's.
 
 Implementations, side by side in one process: flashgen (``fg.compile`` with the ``fg.mods`` library mods),
@@ -88,7 +88,8 @@ AB_TMA = False
 # the report gives the range of the per-round flashgen/flex ratios next to the ratio of medians)
 ROUNDS = 1
 VARIANTS = ("full", "causal", "sliding", "document", "prefix_lm", "dilated", "alibi_causal", "softcap_causal",
-            "rel_table", "rel_table_learnable", "t5_bias", "t5_bias_learnable", "dense_bias")
+            "rel_table", "rel_table_learnable", "t5_bias", "t5_bias_learnable", "dense_bias",
+            "dense_bias_learnable")
 BIAS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECK_LEN = 256  # queries and keys of the float64 reference slice
 CPU_REPS = 3  # timed calls without CUDA (median)
@@ -174,6 +175,18 @@ def build_cases(heads: int, seq_len: int, device: str, bias_dtype: torch.dtype, 
         cases["dense_bias"] = Case(Variant("dense_bias", f"dense bias [H, S, S] {name}", {"bias": bias}, flex_bias,
                                            None, None, "full"),
                                    sliced=lambda n: {"bias": bias[:1, :n, :n].contiguous()})
+    if "dense_bias_learnable" in wanted:
+        learned = torch.randn(heads, seq_len, seq_len, device=device, dtype=bias_dtype, generator=gen)
+        learned.requires_grad_()
+
+        def flex_learned(score, b, h, q_idx, kv_idx):
+            return score + learned[h, q_idx, kv_idx]
+
+        name = str(bias_dtype).removeprefix("torch.")
+        cases["dense_bias_learnable"] = Case(
+            Variant("dense_bias_learnable", f"dense bias [H, S, S] {name} (learnable)", {"bias": learned},
+                    flex_learned, None, None, "full"),
+            {"dbias": learned}, sliced=lambda n: {"bias": learned[:1, :n, :n]})
     return {key: cases[key] for key in wanted}
 
 
