@@ -138,7 +138,10 @@ def test_dense_bias_gradient():
 
 def test_dense_bias_without_leading_dims_gets_its_gradient():
     bias = torch.randn(2, 30, 30).requires_grad_()  # [H, Sq, Skv], broadcast over the batch
-    check_backward(rand(2, 2, 30, 16), rand(2, 2, 30, 16), rand(2, 2, 30, 16), bias=bias, captured=(bias,))
+    check_backward(rand(3, 2, 30, 16), rand(3, 2, 30, 16), rand(3, 2, 30, 16), bias=bias, captured=(bias,))
+    # the dK/dV pass launches the batch entries that add into one gradient tile side by side
+    assert "b = launched % nb" in fg.compile(bias=bias).source("bwd")
+    assert "b = launched % nb" not in fg.compile(bias=bias.detach()).source("bwd")
 
 
 def test_fully_masked_rows_have_zero_gradient_and_no_nan():

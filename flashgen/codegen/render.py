@@ -789,6 +789,8 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         mask_expr=dkdv.ref(mask),
         dscore_expr=dkdv._f(dscore),
         grad_reads=grad_reads,
+        # learnable tensors read in 2-D tiles that the batch shares (a dense bias): batch entries side by side
+        batch_inner=_reads_batch_shared_tiles(reads),
         # the dQ pass has its own (smaller) tile code, so its own names
         dq_logit_expr=dq.ref(scaled),
         dq_mask_expr=dq.ref(mask),
