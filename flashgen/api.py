@@ -722,7 +722,7 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, attn: Attention, scale: float, config, q, k, v, *captured):
-        out, lse = attn._forward(q, k, v, scale, True, config, _grad_slots(attn, ctx.needs_input_grad))
+        out, lse = attn._forward(q, k, v, scale, True, config, _grad_slots(attn, ctx.needs_input_grad[6:]))
         ctx.attn, ctx.scale = attn, scale
         ctx.set_materialize_grads(False)  # an lse nobody used has no gradient (not a tensor of zeros to read)
         # saving the captured tensors makes autograd refuse a backward after they were modified in place
@@ -736,7 +736,7 @@ class _AttentionFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, grads = attn._backward(q, k, v, out, lse, dout, dlse, ctx.scale,
-                                           _grad_slots(attn, ctx.needs_input_grad))
+                                           _grad_slots(attn, ctx.needs_input_grad[6:]))
         captured_grads = [grads[i].to(t.dtype) if i in grads else None for i, t in enumerate(attn.captured)]
         return (None, None, None, dq, dk, dv, *captured_grads)
 
@@ -792,9 +792,7 @@ def _op_setup(ctx, inputs, output):
     op_id, q, k, v, captured, scale = inputs
     ctx.op_id, ctx.scale = op_id, scale
     ctx.set_materialize_grads(False)  # an lse nobody used has no gradient (not a tensor of zeros to read)
-    attn = _by_op_id[op_id]
-    ctx.grad_slots = [i for i, t in enumerate(captured)
-                      if t.requires_grad and t.is_floating_point() and i in attn._logit_reads]
+    ctx.grad_slots = list(_grad_slots(_by_op_id[op_id], [t.requires_grad for t in captured]))
     ctx.save_for_backward(q, k, v, *output, *captured)
 
 
@@ -816,11 +814,11 @@ def _compiled_call(attn: Attention, q, k, v, scale: float):
     return torch.ops.flashgen.attention(attn._op_id, q, k, v, list(attn.captured), scale)
 
 
-def _grad_slots(attn: Attention, needs_input_grad: tuple[bool, ...]) -> tuple[int, ...]:
+def _grad_slots(attn: Attention, wanted) -> tuple[int, ...]:
     """The captured tensors that get gradients: floating point, read in the logits (a mask's
-    reads get none) and wanted by autograd (``_AttentionFunction``'s inputs 6 onwards)."""
-    return tuple(i for i, t in enumerate(attn.captured)
-                 if needs_input_grad[6 + i] and t.is_floating_point() and i in attn._logit_reads)
+    reads get none) and ``wanted`` by autograd (a flag per captured tensor)."""
+    return tuple(i for i, (t, w) in enumerate(zip(attn.captured, wanted))
+                 if w and t.is_floating_point() and i in attn._logit_reads)
 
 
 def _with_factors(lr: LowRankBias, q, k, v, scale: float):

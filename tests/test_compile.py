@@ -33,12 +33,16 @@ def test_a_compiled_attention_is_one_operator_with_the_eager_gradients(backend):
     explained = torch._dynamo.explain(loss)(q, k, v)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     torch._dynamo.reset()
+    compiled_attn = torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend=backend)
+    with torch.no_grad():
+        assert torch.equal(compiled_attn(q, k, v), attn(q, k, v))  # the same kernels on the same inputs
     compiled = torch.compile(loss, fullgraph=True, backend=backend)
     want, want_grads = grads_of(lambda: loss(q, k, v), (q, k, v, table))
     got, got_grads = grads_of(lambda: compiled(q, k, v), (q, k, v, table))
-    assert rel_err(got, want) < 1e-6
+    # (float32 rounding: inductor fuses the loss and its derivative in its own order)
+    assert rel_err(got, want) < 1e-5
     for g, w in zip(got_grads, want_grads):
-        assert rel_err(g, w) < 1e-6  # the same kernels (the table's atomics may add in another order)
+        assert rel_err(g, w) < 1e-5
 
 
 @requires_interpreter
