@@ -142,6 +142,10 @@ def test_dense_bias_without_leading_dims_gets_its_gradient():
     # the dK/dV pass launches the batch entries that add into one gradient tile side by side
     assert "b = launched % nb" in fg.compile(bias=bias).source("bwd")
     assert "b = launched % nb" not in fg.compile(bias=bias.detach()).source("bwd")
+    # (that order's program ids, with KV heads shared by query heads and a block map)
+    gqa_bias = torch.randn(4, 30, 30).requires_grad_()
+    check_backward(rand(3, 4, 30, 16), rand(3, 2, 30, 16), rand(3, 2, 30, 16), bias=gqa_bias,
+                   mask_mod=fg.mods.sliding_window(9), enable_gqa=True, captured=(gqa_bias,))
 
 
 def test_fully_masked_rows_have_zero_gradient_and_no_nan():
