@@ -45,6 +45,38 @@ def test_a_compiled_attention_is_one_operator_with_the_eager_gradients(backend):
         assert rel_err(g, w) < 1e-5
 
 
+def _library_variants(S: int) -> dict:
+    """(mods, learnable leaves) of the library's kinds: a mask reading ids, a window with soft-capping,
+    a learnable dense bias, T5's learnable buckets, ALiBi with a prefix."""
+    bias, t5 = torch.randn(2, S, S, requires_grad=True), torch.randn(2, 32, requires_grad=True)
+    return {
+        "document": ({"mask_mod": fg.mods.document(torch.tensor([0] * (S // 3) + [1] * (S - S // 3)))}, []),
+        "softcap+window": ({"score_mod": fg.mods.softcap(20.0), "mask_mod": fg.mods.sliding_window(7)}, []),
+        "learnable bias": ({"bias": bias, "mask_mod": fg.mods.causal}, [bias]),
+        "t5": ({"score_mod": fg.mods.t5_bias(t5, max_distance=40)}, [t5]),
+        "alibi+prefix": ({"score_mod": fg.mods.alibi(fg.mods.alibi_slopes(2)), "mask_mod": fg.mods.prefix_lm(10)}, []),
+    }
+
+
+@requires_interpreter
+@pytest.mark.parametrize("name", list(_library_variants(8)))
+def test_library_mods_compiled_run_the_eager_kernels(name):
+    torch._dynamo.reset()
+    mods, leaves = _library_variants(48)[name]
+    attn = fg.compile(**mods)
+    q, k, v = (torch.randn(1, 2, 48, 16, requires_grad=True) for _ in range(3))
+
+    def loss(q, k, v):
+        return attn(q, k, v).square().sum()
+
+    want, want_grads = grads_of(lambda: loss(q, k, v), (q, k, v, *leaves))
+    got, got_grads = grads_of(lambda: torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v),
+                              (q, k, v, *leaves))
+    assert rel_err(got, want) < 1e-6
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) < 1e-6  # (the same kernels; learnable tensors' atomics may add in another order)
+
+
 @requires_interpreter
 def test_compiled_calls_with_lse_gqa_a_dense_bias_and_low_rank_factors():
     torch._dynamo.reset()
