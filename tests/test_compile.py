@@ -2,6 +2,7 @@
 (``flashgen::attention``, with ``flashgen::attention_backward`` for autograd), so a compiled model
 runs the same kernels as eager code, without graph breaks (``fullgraph=True``)."""
 
+import functools
 import gc
 
 import pytest
@@ -98,6 +99,23 @@ def test_compiled_calls_with_lse_gqa_a_dense_bias_and_low_rank_factors():
     assert rel_err(got, want) < 1e-6
     for g, w in zip(got_grads, want_grads):
         assert rel_err(g, w) < 1e-6
+
+
+@requires_interpreter
+def test_a_compiled_call_follows_lengths_that_change():
+    torch._dynamo.reset()
+    table = torch.randn(2, 2 * 64 - 1, requires_grad=True)
+    attn = fg.compile(score_mod=fg.mods.relative_bias(table), mask_mod=fg.mods.causal)
+
+    def loss(q, k, v):
+        return attn(q, k, v).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for S in (48, 40, 56, 33):  # (from the second length on, Dynamo traces the lengths as symbols)
+        q, k, v = (torch.randn(1, 2, S, 16, requires_grad=True) for _ in range(3))
+        want, want_grads = grads_of(functools.partial(loss, q, k, v), (q, k, v, table))
+        got, got_grads = grads_of(functools.partial(compiled, q, k, v), (q, k, v, table))
+        assert torch.equal(got, want) and all(rel_err(g, w) < 1e-6 for g, w in zip(got_grads, want_grads))
 
 
 @requires_interpreter
