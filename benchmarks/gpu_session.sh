@@ -3,7 +3,7 @@
 # that a slow step cannot eat the whole call (the GPU suite alone ran past 9 minutes once).
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh OUT_DIR [STEP ...]   (on the GPU machine, repo root)
 # Steps: gpu-forward gpu-backward bench-forward bench-backward bench-lowrank startup host doc-rebuild proto-ws
-# ab-loads ab-table-grads suite
+# ab-loads ab-table-grads ab-stored-grads suite
 # (default: all, up to ~25 minutes: name a subset to stay inside one 10-minute device call). Logs go
 # to OUT_DIR; the suite's JSON to OUT_DIR/suite (copy it to docs/benchmarks/ and run
 # `suite.py report docs/benchmarks` where matplotlib is installed). A summary is printed last.
@@ -34,6 +34,7 @@ step host 120 python3 benchmarks/host_overhead.py
 step doc-rebuild 150 python3 benchmarks/doc_rebuild.py --profile
 step proto-ws 150 python3 benchmarks/proto_ws_forward.py
 step ab-table-grads "${AB_TABLE_LIMIT:-270}" python3 benchmarks/ab_table_grads.py
+step ab-stored-grads "${AB_STORED_LIMIT:-200}" python3 benchmarks/ab_stored_grads.py
 step ab-loads 300 python3 benchmarks/ab_loads.py --variants full,causal,sliding,document,alibi_causal,dense_bias
 # SUITE_ARGS picks the suite's shapes/variants/passes (default: the first shape, both passes)
 step suite "${SUITE_LIMIT:-300}" python3 benchmarks/suite.py run --out "$out/suite" ${SUITE_ARGS:---shapes 4x16x8192x128}

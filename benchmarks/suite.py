@@ -12,7 +12,8 @@ Variants (--variants keys): full, causal, sliding (window 1024), document (causa
 (relative-position table [H, 2S-1], frozen), rel_table_learnable (the table requiring grad; fwd+bwd only),
 t5_bias (T5's bucketed relative positions, ``fg.mods.t5_bias``: 32 buckets, max distance 128, frozen),
 t5_bias_learnable (its table requiring grad; fwd+bwd only),
-dense_bias ([H, S, S], frozen, --bias-dtype), dense_bias_learnable (the same requiring grad; fwd+bwd only).
+dense_bias ([H, S, S], frozen, --bias-dtype), dense_bias_learnable (the same requiring grad; fwd+bwd only),
+pair_bias_learnable ([B, H, S, S] requiring grad, as AlphaFold's pair bias; fwd+bwd only).
 bf16 q, k, v. Masks, mods, document ids and the density count are bench_forward.py's.
 
 Implementations, side by side in one process: flashgen (``fg.compile`` with the ``fg.mods`` library mods),
@@ -89,7 +90,7 @@ AB_TMA = False
 ROUNDS = 1
 VARIANTS = ("full", "causal", "sliding", "document", "prefix_lm", "dilated", "alibi_causal", "softcap_causal",
             "rel_table", "rel_table_learnable", "t5_bias", "t5_bias_learnable", "dense_bias",
-            "dense_bias_learnable")
+            "dense_bias_learnable", "pair_bias_learnable")
 BIAS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECK_LEN = 256  # queries and keys of the float64 reference slice
 CPU_REPS = 3  # timed calls without CUDA (median)
@@ -102,12 +103,13 @@ TARGET = 1.2  # issue #7: every variant at least 1.2x FlexAttention
 @dataclass(frozen=True)
 class Case:
     """One variant at one shape: bench_forward's Variant (label, flashgen and flex mods, SDPA's is_causal),
-    the captured tensors that require grad (by gradient name), and flashgen's kwargs for an n x n slice
-    where they differ from the full shape's."""
+    the captured tensors that require grad (by gradient name), flashgen's kwargs for an n x n slice
+    where they differ from the full shape's, and peers not run, with the reason recorded as their error."""
 
     variant: Variant
     learnable: dict[str, torch.Tensor] = field(default_factory=dict)
     sliced: Callable[[int], dict] | None = None
+    not_run: dict[str, str] = field(default_factory=dict)
 
     def slice_kwargs(self, n: int) -> dict:
         return self.sliced(n) if self.sliced else self.variant.fg_kwargs
@@ -129,8 +131,10 @@ class Record:
     rounds_ms: list[float] | None = None  # --rounds: each round's time (``ms`` is their median)
 
 
-def build_cases(heads: int, seq_len: int, device: str, bias_dtype: torch.dtype, wanted: list[str]) -> dict[str, Case]:
-    """The wanted variants at one (H, S). The dense bias is only allocated when wanted (GiBs at S=8192)."""
+def build_cases(heads: int, seq_len: int, device: str, bias_dtype: torch.dtype, wanted: list[str],
+                batch: int = 1) -> dict[str, Case]:
+    """The wanted variants at one (B, H, S) (B: the per-batch-entry bias's). The dense biases are only
+    allocated when wanted (GiBs at S=8192)."""
     cases = {var.key: Case(var) for var in build_variants(fg, heads, device, seq_len=seq_len) if var.key in wanted}
     gen = torch.Generator(device=device).manual_seed(0)
     table = 0.1 * torch.randn(heads, 2 * seq_len - 1, device=device, generator=gen)
@@ -187,6 +191,22 @@ def build_cases(heads: int, seq_len: int, device: str, bias_dtype: torch.dtype, 
             Variant("dense_bias_learnable", f"dense bias [H, S, S] {name} (learnable)", {"bias": learned},
                     flex_learned, None, None, "full"),
             {"dbias": learned}, sliced=lambda n: {"bias": learned[:1, :n, :n]})
+    if "pair_bias_learnable" in wanted:
+        pair = torch.randn(batch, heads, seq_len, seq_len, device=device, dtype=bias_dtype, generator=gen)
+        pair.requires_grad_()
+
+        def flex_pair(score, b, h, q_idx, kv_idx):
+            return score + pair[b, h, q_idx, kv_idx]
+
+        name = str(bias_dtype).removeprefix("torch.")
+        cases["pair_bias_learnable"] = Case(
+            Variant("pair_bias_learnable", f"dense bias [B, H, S, S] {name} (learnable)", {"bias": pair},
+                    flex_pair, None, None, "full"),
+            {"dbias": pair}, sliced=lambda n: {"bias": pair[:1, :1, :n, :n]},
+            # H200, torch 2.11, 2026-11-29: at 4x16x8192x128 (4.3e9 bias entries) flex's backward faulted
+            # (illegal memory access), which ends the process; past 2^31 entries it is not run
+            not_run={"flex": "not run: its backward faulted with an illegal memory access at 4x16x8192 "
+                             "(4.3e9 bias entries; H200, torch 2.11)"} if pair.numel() >= 2 ** 31 else {})
     return {key: cases[key] for key in wanted}
 
 
@@ -209,6 +229,8 @@ def implementations(case: Case, q, k, v, device: str, peers: bool, flex) -> tupl
         return calls, errors
     if flex is None:
         errors["flex"] = "flex_attention is not available"
+    elif "flex" in case.not_run:
+        errors["flex"] = case.not_run["flex"]
     else:
         import torch._dynamo as dynamo
         from torch.nn.attention.flex_attention import create_block_mask
@@ -410,7 +432,7 @@ def run_shape(shape, variants: list[str], passes: list[str], device: str, peers:
     torch.manual_seed(0)
     base = [torch.randn(B, H, S, D, device=device, dtype=torch.bfloat16) for _ in range(3)]
     dout = torch.randn_like(base[0])
-    cases = build_cases(H, S, device, bias_dtype, variants)
+    cases = build_cases(H, S, device, bias_dtype, variants, batch=B)
     records: list[Record] = []
     for case in cases.values():
         for pass_name in passes:

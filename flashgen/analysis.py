@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
 
-from .ir import TILE_ORIGIN, DType, Node, Op, binary, const, depends_on, format_expr, toposort
+from .ir import INDEX_NAMES, TILE_ORIGIN, DType, Node, Op, binary, const, depends_on, format_expr, toposort
 from .lowrank import BiasStructure, bias_structure
 from .rewrite import simplify
 
@@ -279,6 +279,23 @@ def tile_reads(roots: list[Node]) -> list[Node]:
     sides = {(True, False), (False, True)}  # (an index's dependence on q_idx, on kv_idx)
     return [n for n in toposort(roots) if n.op is Op.LOAD
             and sides <= {(depends_on(i, "q_idx"), depends_on(i, "kv_idx")) for i in n.src}]
+
+
+def entrywise_reads(logits: Node) -> dict[int, tuple[str | int, ...]]:
+    """Captured tensors the logits read once, indexed by each of b, h, q_idx and kv_idx itself in
+    its own dimension (other dimensions by constants): a dense bias [B, H, Sq, Skv]. Every score
+    entry then reads an entry of its own, so a gradient pass that visits each tile once writes the
+    tensor's gradient there instead of adding into it. Maps each such slot to its index, dimension
+    by dimension (an index name, or a constant)."""
+    loads = [n for n in toposort([logits]) if n.op is Op.LOAD and isinstance(n.arg, int)]
+    found = {}
+    for n in loads:
+        names = [i.arg for i in n.src if i.op is Op.INDEX]
+        if (n.dtype is DType.FLOAT and sorted(names) == sorted(INDEX_NAMES)
+                and all(i.op in (Op.INDEX, Op.CONST) for i in n.src)
+                and sum(m.arg == n.arg for m in loads) == 1):
+            found[n.arg] = tuple(i.arg for i in n.src)
+    return found
 
 
 def side_reads(mask: Node) -> list[tuple[Node, str]]:

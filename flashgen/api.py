@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from . import ir, runtime
-from .analysis import Analysis, analyze, reads_in_range, tile_reads
+from .analysis import Analysis, analyze, entrywise_reads, reads_in_range, tile_reads
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
 from .codegen.render import KernelSource, lowering_notes, render_backward, render_block_map, render_forward
@@ -208,12 +208,14 @@ class Attention:
                                               "(fast_math=None)", True: "the GPU's approximate tanh (fast_math=True)",
                                               False: "exact formulas (fast_math=False)"}[self.fast_math])
         read = self._logit_reads
-        learnable = [f"captured{i}" for i, t in enumerate(self.captured) if i in read and t.requires_grad]
-        lines.append("gradients: q, k, v (deterministic)" + (
-            f"; {', '.join(learnable)} ("
-            + ("int64 fixed-point atomics, deterministic, two dK/dV passes" if self.deterministic
-               else "fp32 atomic adds") + ")"
-            if learnable else ""))
+        learnable = [i for i, t in enumerate(self.captured) if i in read and t.requires_grad]
+        entrywise = entrywise_reads(self.program.logits)
+        added = ", ".join(f"captured{i}" for i in learnable if i not in entrywise)
+        stored = ", ".join(f"captured{i}" for i in learnable if i in entrywise)
+        lines.append("gradients: q, k, v (deterministic)"
+                     + (f"; {stored} (stored by the dQ pass, once per entry: deterministic)" if stored else "")
+                     + (f"; {added} (" + ("int64 fixed-point atomics, deterministic, two dK/dV passes"
+                                          if self.deterministic else "fp32 atomic adds") + ")" if added else ""))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -586,13 +588,27 @@ class Attention:
         return ks
 
     def _backward(self, q, k, v, out, lse, dout, dlse, scale: float, grad_slots: tuple[int, ...]):
-        """Gradients for q, k, v and the captured tensors in ``grad_slots`` (float32 buffers)."""
+        """Gradients for q, k, v and the captured tensors in ``grad_slots`` (in their dtypes)."""
         B, Hq, Sq, D = q.shape
         _, Hkv, Skv, Dv = v.shape
-        grads = {slot: torch.zeros(self.captured[slot].shape, dtype=torch.float32, device=q.device)
-                 for slot in grad_slots}
         if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grads
+            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                    {slot: torch.zeros_like(self.captured[slot]) for slot in grad_slots})
+        ks = self._backward_source(grad_slots)
+        # float32 buffers the dK/dV pass adds into, and the gradients the dQ pass stores (each entry
+        # once, in the tensor's dtype): uninitialised where every entry is stored (no mask, and the
+        # tensor's extents those of its index: b, h, q_idx, kv_idx, and 1 where a constant indexes it)
+        extent = {"b": B, "h": Hq, "q_idx": Sq, "kv_idx": Skv}
+        stored = dict(ks.stored_grads)
+        grads = {}
+        for slot in grad_slots:
+            t = self.captured[slot]
+            if slot not in stored:
+                grads[slot] = torch.zeros(t.shape, dtype=torch.float32, device=q.device)
+            elif not self.analysis.has_mask and t.shape == tuple(extent.get(i, 1) for i in stored[slot]):
+                grads[slot] = torch.empty_like(t, memory_format=torch.contiguous_format)
+            else:
+                grads[slot] = torch.zeros_like(t, memory_format=torch.contiguous_format)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # every element is stored
         # delta = rowsum(dO * O) - dlse, the softmax's correction term per row: the dQ pass, which
         # runs first, computes it for its rows and stores it for the dK/dV pass
@@ -600,17 +616,17 @@ class Attention:
         dlse = dlse.float().contiguous() if dlse is not None else None
         lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
-        ks = self._backward_source(grad_slots)
         capture_args = self._capture_args(Sq, Skv, ks)
         # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)
-        fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if grad_slots else None
+        added = tuple(slot for slot in grad_slots if slot not in stored)
+        fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if added else None
         # the gradients of diagonal reads, laid out as their staggered copies (folded in below)
         grads.update({("diag", k): gradient_buffer(self._staggered[ks.diagonals[k]][1]) for k in ks.staggered_grads})
 
         def dkdv_args(gbufs: dict) -> tuple:
-            grad_args = [x for slot in grad_slots for x in [gbufs[slot], *gbufs[slot].stride()]]
+            grad_args = [x for slot in added for x in [gbufs[slot], *gbufs[slot].stride()]]
             grad_args += [x for k in ks.staggered_grads for x in (gbufs["diag", k], *gbufs["diag", k].stride())]
-            if grad_slots:
+            if added:
                 grad_args += [fixed[0:], fixed[1:]]
             return (q, k, v, dout, dk, dv, lse, delta,
                     *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
@@ -618,7 +634,8 @@ class Attention:
 
         dq_args = (q, k, v, dout, dq, lse, delta, out, dlse if dlse is not None else delta,
                    *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
-                   *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
+                   *capture_args, *[x for slot in stored for x in (grads[slot], *grads[slot].stride())],
+                   scale, Hq, Sq, Skv, Hq // Hkv)
         tma = tma_ok(q, k, v, dout)  # (the layout allows it; ``backward_tma`` decides by the variant)
         if tma:
             ensure_allocator()  # (in this thread: autograd runs the backward on its own)
@@ -633,7 +650,8 @@ class Attention:
             plan[0](*dq_args)
             plan[1](*dkdv_args(grads))
             self.last_tiles.update({"dQ": plan[0].config, "dK/dV": plan[1].config})
-        return dq, dk, dv, self._folded(grads, ks)
+        grads = self._folded(grads, ks)
+        return dq, dk, dv, {slot: g.to(self.captured[slot].dtype) for slot, g in grads.items()}
 
     def _folded(self, grads: dict, ks: KernelSource) -> dict:
         """``grads`` with the staggered copies' gradients added into their tables' (``runtime.fold_staggered``)."""
@@ -660,6 +678,7 @@ class Attention:
                             for family, c in zip(("dkdv", "dq"), defaults))
         masked = self.analysis.has_mask
         dkdv_kernel, dq_kernel = module.attn_bwd_dkdv, module.attn_bwd_dq
+        added = {slot: g for slot, g in grads.items() if slot not in dict(ks.stored_grads)}  # (dK/dV pass's)
 
         def even_n(c):  # Skv is a multiple of BLOCK_N (of the tiles launched: a fallback's, maybe)
             return {"EVEN_N": Skv % c.block_n == 0}
@@ -684,35 +703,40 @@ class Attention:
         dq_launch = launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
         self.last_tiles["dQ"] = dq_launch.config
         if self.autotune:
-            scratch = {slot: like_layout(g, g.dtype) for slot, g in grads.items()}  # tuning runs add into these
+            scratch = {slot: like_layout(g, g.dtype) for slot, g in added.items()}  # tuning runs add into these
             dkdv_cfg = self._tuned("dkdv", ks.key, shape, D, Dv, q, lambda c: run_config(
                 dkdv_kernel, c, dkdv_grid, *dkdv_args(scratch), GRAD_PASS=0, **dkdv_kw))
-        if self.deterministic and grad_slots:
-            self._deterministic_dkdv(dkdv_kernel, ks.key, dkdv_cfg, dkdv_grid, dkdv_args, dkdv_kw, grads, fixed,
-                                     shape, D, Dv, q.dtype, grad_slots)
+        if self.deterministic and fixed is not None:  # (gradients the dQ pass stores are deterministic)
+            self._deterministic_dkdv(dkdv_kernel, ks, dkdv_cfg, dkdv_grid, dkdv_args, dkdv_kw, grads, fixed,
+                                     shape, D, Dv, q.dtype)
             return None  # (two dK/dV passes and a scale between them, every call)
         dkdv_launch = launch(dkdv_kernel, (ks.key, "dkdv", dkdv_cfg, D, Dv, q.dtype), dkdv_cfg,
                              dkdv_grid, *dkdv_args(grads), GRAD_PASS=0, **dkdv_kw)
         self.last_tiles["dK/dV"] = dkdv_launch.config
         return dq_launch, dkdv_launch
 
-    def _deterministic_dkdv(self, kernel, key, cfg, grid, args, kw, grads, fixed, shape, D, Dv, dtype, grad_slots):
+    def _deterministic_dkdv(self, kernel, ks: KernelSource, cfg, grid, args, kw, grads, fixed, shape, D, Dv, dtype):
         """Captured-tensor gradients that are bitwise reproducible: a first dK/dV pass finds the
         largest contribution m (atomic max: order-free), then the second adds every contribution
         as an int64 fixed-point number at scale 2^F, F = floor(62 - log2(m · N)) for N terms, so
         that no sum can overflow and integer addition makes the order irrelevant. Costs a second
-        dK/dV pass; the resolution is m · N / 2^62 per term. The gradients replace ``grads``' entries."""
+        dK/dV pass; the resolution is m · N / 2^62 per term. The gradients replace ``grads``' entries
+        (those the dQ pass stored stay as they are)."""
         B, Hq, Sq, Skv = shape
-        cfg = self.last_tiles["dK/dV"] = launch(kernel, (key, "dkdv", cfg, D, Dv, dtype), cfg, grid, *args(grads),
-                                                GRAD_PASS=1, **kw).config
-        terms = B * Hq * Sq * Skv * max(1, sum(1 for r in float_reads(self.program.logits) if r.arg in grad_slots))
+        cfg = self.last_tiles["dK/dV"] = launch(kernel, (ks.key, "dkdv", cfg, D, Dv, dtype), cfg, grid,
+                                                *args(grads), GRAD_PASS=1, **kw).config
+        stored = dict(ks.stored_grads)
+        added = {slot: g for slot, g in grads.items() if slot not in stored}
+        terms = B * Hq * Sq * Skv * max(1, sum(1 for r in float_reads(self.program.logits)
+                                               if r.arg in added))
         largest = fixed[0].clamp_min(torch.finfo(torch.float32).tiny)
         exponent = torch.floor(62.0 - torch.log2(largest) - math.log2(terms)).clamp(-120.0, 120.0)
         fixed[1] = torch.exp2(exponent)  # on the device: no synchronisation
-        integers = {slot: like_layout(g, torch.int64) for slot, g in grads.items()}
+        integers = {slot: like_layout(g, torch.int64) for slot, g in added.items()}
         run_config(kernel, cfg, grid, *args(integers), GRAD_PASS=2, **kw)
-        integers = self._folded(integers, self._backward_source(grad_slots))  # (exact: integer sums)
-        grads.clear()
+        integers = self._folded(integers, ks)  # (exact: integer sums)
+        for slot in added:
+            grads.pop(slot)
         grads.update({slot: (i.double() / fixed[1].double()).float() for slot, i in integers.items()})
 
 
@@ -737,7 +761,7 @@ class _AttentionFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv, grads = attn._backward(q, k, v, out, lse, dout, dlse, ctx.scale,
                                            _grad_slots(attn, ctx.needs_input_grad[6:]))
-        captured_grads = [grads[i].to(t.dtype) if i in grads else None for i, t in enumerate(attn.captured)]
+        captured_grads = [grads.get(i) for i in range(len(attn.captured))]
         return (None, None, None, dq, dk, dv, *captured_grads)
 
 
@@ -785,7 +809,7 @@ def _attention_backward_op(op_id, q, k, v, out, lse, dout, dlse, captured, scale
 @_attention_backward_op.register_fake
 def _(op_id, q, k, v, out, lse, dout, dlse, captured, scale, grad_slots):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            [captured[slot].new_empty(captured[slot].shape, dtype=torch.float32) for slot in grad_slots])
+            [torch.empty_like(captured[slot]) for slot in grad_slots])
 
 
 def _op_setup(ctx, inputs, output):
@@ -802,7 +826,7 @@ def _op_backward(ctx, dout, dlse):
         ctx.op_id, q, k, v, out, lse, dout if dout is not None else torch.zeros_like(out), dlse, captured,
         ctx.scale, ctx.grad_slots)
     by_slot = dict(zip(ctx.grad_slots, grads))
-    return None, dq, dk, dv, [by_slot[i].to(t.dtype) if i in by_slot else None for i, t in enumerate(captured)], None
+    return None, dq, dk, dv, [by_slot.get(i) for i in range(len(captured))], None
 
 
 torch.library.register_autograd("flashgen::attention", _op_backward, setup_context=_op_setup)

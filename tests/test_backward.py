@@ -148,6 +148,73 @@ def test_dense_bias_without_leading_dims_gets_its_gradient():
                    mask_mod=fg.mods.sliding_window(9), enable_gqa=True, captured=(gqa_bias,))
 
 
+@pytest.mark.parametrize("mask", [None, fg.mods.causal, fg.mods.sliding_window(9)], ids=["full", "causal", "window"])
+def test_dense_bias_per_batch_entry_gradient_is_stored_by_the_dq_pass(mask):
+    # [B, H, Sq, Skv]: each score entry reads its own bias entry, so the dQ pass stores its gradient
+    # (no atomics, in the bias's dtype); 30 is not a multiple of the tiles (padding rows and keys)
+    bias = torch.randn(2, 2, 30, 30).requires_grad_()
+    attn = fg.compile(bias=bias, mask_mod=mask)
+    assert "tl.store(gcap0 +" in attn.source("bwd") and "tl.atomic_add(gcap0" not in attn.source("bwd")
+    assert "captured0 (stored by the dQ pass" in attn.explain()
+    check_backward(rand(2, 2, 30, 16), rand(2, 2, 30, 16), rand(2, 2, 30, 16), bias=bias, mask_mod=mask,
+                   captured=(bias,))
+    # and with KV heads shared by query heads
+    gqa_bias = torch.randn(3, 4, 30, 30).requires_grad_()
+    check_backward(rand(3, 4, 30, 16), rand(3, 2, 30, 16), rand(3, 2, 30, 16), bias=gqa_bias, mask_mod=mask,
+                   enable_gqa=True, captured=(gqa_bias,))
+
+
+def test_stored_gradient_of_a_larger_tensor_is_zero_where_it_is_not_read():
+    # a score_mod reading pair[b, h, q_idx, kv_idx] of a tensor longer than the sequence: the entries
+    # past it get no gradient (the buffer starts at zero), and a bf16 tensor gets a bf16 gradient
+    pair = torch.randn(2, 2, 40, 40).requires_grad_()
+    half = torch.randn(2, 2, 30, 30, dtype=torch.bfloat16).requires_grad_()
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + pair[b, h, q_idx, kv_idx] + half[b, h, q_idx, kv_idx]
+
+    check_backward(rand(2, 2, 30, 16), rand(2, 2, 30, 16), rand(2, 2, 30, 16), score_mod=mod, captured=(pair,))
+    assert (pair.grad[:, :, 30:] == 0).all() and (pair.grad[:, :, :, 30:] == 0).all()
+    assert half.grad.dtype == torch.bfloat16
+    pd = pair.detach().double().requires_grad_()
+    hd = half.detach().double().requires_grad_()
+    q, k, v = (rand(2, 2, 30, 16).requires_grad_() for _ in range(3))
+    dout = rand(2, 2, 30, 16)
+    got = _learnable_grads(fg.compile(score_mod=mod), q, k, v, (half,), dout)[-1]
+    ref = fg.attention_reference(*(t.detach().double() for t in (q, k, v)),
+                                 lambda s, b, h, i, j: s + pd[b, h, i, j] + hd[b, h, i, j])
+    want = torch.autograd.grad((ref * dout.double()).sum(), hd)[0]
+    assert rel_err(got.double(), want) < 1e-2  # (bf16 storage)
+
+
+def test_deterministic_mode_stores_what_it_can_and_fixes_the_rest():
+    # a per-entry bias (stored by the dQ pass) next to a table (fixed-point atomics in the dK/dV pass)
+    bias = torch.randn(1, 2, 40, 40).requires_grad_()
+    table = (0.3 * torch.randn(2, 79)).requires_grad_()
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h, q_idx, kv_idx] + table[h, q_idx - kv_idx + 39]
+
+    q, k, v = (rand(1, 2, 40, 16).requires_grad_() for _ in range(3))
+    dout = rand(1, 2, 40, 16)
+    fixed = fg.compile(score_mod=mod, mask_mod=fg.mods.causal, deterministic=True)
+    report = fixed.explain()
+    assert "captured0 (stored by the dQ pass" in report and "captured1 (int64 fixed-point" in report
+    first = _learnable_grads(fixed, q, k, v, (bias, table), dout)
+    second = _learnable_grads(fixed, q, k, v, (bias, table), dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    plain = _learnable_grads(fg.compile(score_mod=mod, mask_mod=fg.mods.causal), q, k, v, (bias, table), dout)
+    for name, g, p in zip(["dq", "dk", "dv", "dbias", "dtable"], first, plain):
+        assert rel_err(g, p) < 1e-4, f"{name} differs from the non-deterministic version: {rel_err(g, p):.2e}"
+    check_backward(q, k, v, score_mod=mod, mask_mod=fg.mods.causal, captured=(bias, table))
+    # with only stored gradients, deterministic mode runs one dK/dV pass
+    only = fg.compile(score_mod=lambda score, b, h, q_idx, kv_idx: score + bias[b, h, q_idx, kv_idx],
+                      deterministic=True)
+    assert "fixed-point" not in only.explain()
+    got = _learnable_grads(only, q, k, v, (bias,), dout)
+    assert all(torch.equal(a, b) for a, b in zip(got, _learnable_grads(only, q, k, v, (bias,), dout)))
+
+
 def test_fully_masked_rows_have_zero_gradient_and_no_nan():
     mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: (q_idx >= 8) & (kv_idx <= q_idx))
     q, k, v = (rand(1, 1, 24, 16).requires_grad_() for _ in range(3))

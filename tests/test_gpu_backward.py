@@ -213,3 +213,14 @@ def test_dense_bias_at_head_dim_128_with_its_own_dkdv_tiles(learnable, mask):
     q = torch.randn(2, H, S, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     attn(q, q, q).sum().backward()
     assert attn.last_tiles["dK/dV"] == Config(64, 64, 4, 2)
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mask", [None, fg.mods.causal], ids=["full", "causal"])
+def test_per_batch_entry_bias_gradient_stored_by_the_dq_pass(mask, bias_dtype):
+    """A learnable bias [B, H, S, S] (a pair bias): the dQ pass stores its gradient in its dtype,
+    once per entry (``analysis.entrywise_reads``); GQA, D = 128 and a partial last tile included."""
+    B, Hq, Hkv, S = 2, 4, 2, 320
+    bias = torch.randn(B, Hq, S, S, device="cuda", dtype=bias_dtype).requires_grad_()
+    assert "tl.store(gcap0" in fg.compile(bias=bias, mask_mod=mask).source("bwd")
+    check(B, Hq, Hkv, S, S, 128, 128, torch.bfloat16, captured=(bias,), bias=bias, mask_mod=mask)

@@ -18,7 +18,17 @@ import networkx as nx
 
 from .. import ir
 from .._version import __version__
-from ..analysis import Analysis, Diagonal, affine_form, diagonal_of, int_bounds, row_levels, side_reads, tile_reads
+from ..analysis import (
+    Analysis,
+    Diagonal,
+    affine_form,
+    diagonal_of,
+    entrywise_reads,
+    int_bounds,
+    row_levels,
+    side_reads,
+    tile_reads,
+)
 from ..autodiff import float_reads, gradients
 from ..ir import DType, Node, Op, const, format_expr, format_program, to_networkx
 from ..rewrite import LOWERING_RULES, RULES, simplify, times
@@ -69,6 +79,10 @@ class KernelSource:
     # those whose gradient it accumulates in buffers indexed as their copies, ``gdiag{k}`` after the
     # captured tensors' gradient buffers (``runtime.fold_staggered`` adds them into the tables')
     staggered_grads: tuple[int, ...] = ()
+    # captured tensors whose gradient the dQ pass stores, each entry once, in the tensor's dtype
+    # (``analysis.entrywise_reads``: slot, and its index per dimension), ``gcap{slot}`` after the
+    # captures in attn_bwd_dq's arguments; the dK/dV pass accumulates the other gradients
+    stored_grads: tuple[tuple[int, tuple[str | int, ...]], ...] = ()
 
 
 class _Emitter:
@@ -689,18 +703,24 @@ class _GradRead:
     pointer: str  # where its gradient accumulates
     mask: str  # in-range condition (per-element reads)
     uniform: bool  # the read is the same for the whole tile: reduce, then one atomic
+    buffer: str = ""  # the gradient's buffer (for stores in its dtype)
 
 
 def render_backward(name: str, program_key: str, logits: Node, mask: Node, analysis: Analysis,
                     capture_ndims: tuple[int, ...], grad_slots: tuple[int, ...]) -> KernelSource:
     """The backward kernel module (dK/dV pass and dQ pass) for one attention program.
 
-    ``grad_slots``: captured tensors whose gradient is wanted; each gets a float32 buffer
-    ``gcap{slot}`` (with strides ``gcap{slot}_stride{d}``) that the dK/dV pass accumulates into."""
+    ``grad_slots``: captured tensors whose gradient is wanted; each gets a buffer ``gcap{slot}``
+    (with strides ``gcap{slot}_stride{d}``): a float32 one that the dK/dV pass accumulates into, or,
+    for a tensor each score entry reads its own entry of (``analysis.entrywise_reads``: a dense bias
+    [B, H, Sq, Skv]), one in the tensor's dtype that the dQ pass stores into. That pass's [q, kv]
+    tiles run along such a tensor's rows, and no entry is added to twice."""
     listed = {"logits": logits, "mask": mask}
     logits, mask = _lowered(logits), _lowered(mask)
     score = next((n for n in logits.toposort() if n.op is Op.SCORE), None)
     reads = [r for r in float_reads(logits) if r.arg in grad_slots]
+    entrywise = entrywise_reads(logits)
+    stored = [r for r in reads if r.arg in entrywise]
     wrt = ([score] if score is not None else []) + reads
     grads = {k: _lowered(g) for k, g in gradients(logits, wrt).items()}
     dscore = grads[id(score)] if score is not None else const(0.0)
@@ -729,7 +749,14 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
 
     scaled, row_term = _row_terms(times(logits, LOG2E))  # what exp2 takes, less the row terms
     rows = [row_term] if row_term is not None else []
-    dq, dq_outer, dq_tile, dq_mask = loop_code([scaled, dscore, *rows], "kv_idx")
+    dq, dq_outer, dq_tile, dq_mask = loop_code(
+        [scaled, dscore, *rows] + [grads[id(r)] for r in stored] + [i for r in stored for i in r.src], "kv_idx")
+    stored_reads = []
+    for r in stored:
+        offset, in_range = _address(r, [dq.ref(i) for i in r.src], f"gcap{r.arg}")
+        stored_reads.append(_GradRead(format_expr(r), dq._f(grads[id(r)]), f"gcap{r.arg} + {offset}", in_range,
+                                      False, f"gcap{r.arg}"))
+    reads = [r for r in reads if r.arg not in entrywise]  # (the dK/dV pass adds the others' gradients)
     # the gradient of a diagonal read whose index is looked up or clamped (T5's buckets: many
     # diagonals share a table entry, whose atomics would queue) accumulates where its staggered copy
     # was read (``gdiag{k}``, indexed as ``diag{k}``: 16 x the table's entries; ``runtime.gradient_buffer``
@@ -756,11 +783,12 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
     staggered_grads = tuple(sorted({sr.arg[1] for sr in staggered.values()}))
     numbers_by = {k: d for d, k in numbers.items()}
-    grad_params = [p for slot in grad_slots
+    added_slots = sorted({r.arg for r in reads})
+    grad_params = [p for slot in added_slots
                    for p in [f"gcap{slot}"] + [f"gcap{slot}_stride{d}" for d in range(capture_ndims[slot])]]
     grad_params += [p for k in staggered_grads for d in [numbers_by[k]]
                     for p in [f"gdiag{k}"] + [f"gdiag{k}_stride{x}" for x in range(capture_ndims[d.slot] + 2)]]
-    if grad_slots:
+    if added_slots:
         grad_params += ["GMAX", "GSCALE"]  # deterministic mode's max |contribution| and fixed-point scale
     context = dict(
         version=__version__,
@@ -789,6 +817,9 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         mask_expr=dkdv.ref(mask),
         dscore_expr=dkdv._f(dscore),
         grad_reads=grad_reads,
+        stored_reads=stored_reads,
+        stored_params=[p for r in stored for p in [f"gcap{r.arg}"] + [f"gcap{r.arg}_stride{d}"
+                                                                     for d in range(len(r.src))]],
         # learnable tensors read in 2-D tiles that the batch shares (a dense bias): batch entries side by side
         batch_inner=_reads_batch_shared_tiles(reads),
         # the dQ pass has its own (smaller) tile code, so its own names
@@ -798,4 +829,4 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
     )
     source = _template("attention_bwd.py.jinja").render(**context)
     return KernelSource(name, source, "attn_bwd_dkdv", captures, hashlib.sha256(source.encode()).hexdigest(),
-                        tuple(numbers), staggered_grads)
+                        tuple(numbers), staggered_grads, tuple((r.arg, entrywise[r.arg]) for r in stored))
