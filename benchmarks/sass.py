@@ -69,6 +69,7 @@ def captured_launches(variant: str, shape: tuple[int, int, int, int], backward: 
 
     api._check_inputs = check_on_cpu
     api.tma_ok = lambda *tensors: tma  # an sm_90 GPU's answer for these layouts (CPU tensors get False)
+    api.tile_tma_ok = lambda captured, reads: tma and bool(reads)  # (likewise for a dense bias's tiles)
     q, k, v = (torch.randn(B, H, S, D, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
     with parallel.captured(launches):
         out = fg.compile(**case.variant.fg_kwargs)(q, k, v)

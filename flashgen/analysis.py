@@ -281,6 +281,31 @@ def tile_reads(roots: list[Node]) -> list[Node]:
             and sides <= {(depends_on(i, "q_idx"), depends_on(i, "kv_idx")) for i in n.src}]
 
 
+@dataclass(frozen=True)
+class TileRead:
+    """A read of ``captured[slot]`` whose dimensions ``q_dim`` and ``kv_dim`` are indexed by q_idx and
+    kv_idx themselves, and the others by b, h or constants (``others``: (dimension, index name or
+    constant)): a dense bias. A [q, kv] tile of it is a rectangle of the tensor, which a TMA
+    descriptor over its [q, kv] plane copies in one operation where the layout allows."""
+
+    slot: int
+    q_dim: int
+    kv_dim: int
+    others: tuple[tuple[int, str | int], ...]
+
+
+def tile_read_of(n: Node) -> TileRead | None:
+    """The :class:`TileRead` that the read ``n`` is, or None."""
+    if n.op is not Op.LOAD or not isinstance(n.arg, int) or n.dtype is not DType.FLOAT:
+        return None
+    kinds = [i.arg if i.op in (Op.INDEX, Op.CONST) else None for i in n.src]
+    if (None in kinds or TILE_ORIGIN in kinds or kinds.count("q_idx") != 1 or kinds.count("kv_idx") != 1
+            or any(isinstance(k, bool) for k in kinds)):
+        return None
+    return TileRead(n.arg, kinds.index("q_idx"), kinds.index("kv_idx"),
+                    tuple((d, k) for d, k in enumerate(kinds) if k not in ("q_idx", "kv_idx")))
+
+
 def entrywise_reads(logits: Node) -> dict[int, tuple[str | int, ...]]:
     """Captured tensors the logits read once, indexed by each of b, h, q_idx and kv_idx itself in
     its own dimension (other dimensions by constants): a dense bias [B, H, Sq, Skv]. Every score

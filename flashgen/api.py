@@ -48,6 +48,7 @@ from .runtime import (
     staggered,
     store_tuning,
     templates_here,
+    tile_tma_ok,
     tma_ok,
 )
 from .settings import settings
@@ -262,6 +263,18 @@ class Attention:
                 CHECK_READS=self._check_reads(shape), FAST_MATH=self._fast_math(dtype), **_precision(dtype))
         return constants
 
+    def _tile_tma(self, ks: KernelSource, dtype: torch.dtype, D: int, Dv: int, shape: tuple) -> dict:
+        """The TILE_TMA constexpr of a launch of ``ks`` (none where it reads no [q, kv] tiles): its tile
+        reads through TMA descriptors where ``runtime.tile_tma_ok`` allows and every read is proved in
+        range (a descriptor is placed at the read's b and h)."""
+        if not ks.tile_reads:
+            return {}
+        tma = (not self._launch_constants(dtype, D, Dv, shape)["CHECK_READS"]
+               and tile_tma_ok(self.captured, ks.tile_reads))
+        if tma:
+            ensure_allocator()  # (device-side descriptors; in this thread: autograd runs the backward on its own)
+        return {"TILE_TMA": tma}
+
     def _fast_math(self, dtype: torch.dtype) -> bool:
         """FAST_MATH for a launch: the approximate tanh for bf16/fp16 unless told; never in the
         interpreter, which cannot run the GPU's instruction."""
@@ -444,10 +457,13 @@ class Attention:
                 lse.fill_(float("-inf"))
             return out, lse
         shape = (B, Hq, Sq, Skv)
-        capture_args = self._capture_args(Sq, Skv, self._kernel_source())
+        ks = self._kernel_source()
+        capture_args = self._capture_args(Sq, Skv, ks)
         args = (q, k, v, out, lse if lse is not None else out,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *capture_args, scale, Hq, Sq, Skv, Hq // Hkv)
-        key = ("fwd", q.dtype, q.device, want_lse, config, self._layout_key(capture_args, q, k, v))
+        tiles = self._tile_tma(ks, q.dtype, D, Dv, shape)
+        key = ("fwd", q.dtype, q.device, want_lse, config, tiles.get("TILE_TMA"),
+               self._layout_key(capture_args, q, k, v))
         plan = self._kept(key)
         if plan is not None:
             plan(*args)
@@ -456,18 +472,18 @@ class Attention:
                 out, lse = self._forward(q, k, v, scale, True, config)
                 self._backward(q, k, v, out, lse, out, None, scale, grad_slots)
             plan = self._first_launch(
-                key, lambda: self._forward_launch(shape, D, Dv, q, args, want_lse, config),
+                key, lambda: self._forward_launch(shape, D, Dv, q, args, want_lse, config, tiles),
                 forward_and_backward if grad_slots is not None else None)
         self.last_tiles = {"forward": plan.config}
         return out, lse
 
     def _forward_launch(self, shape, D: int, Dv: int, q, args: tuple, want_lse: bool,
-                        config: Config | None) -> Launch:
+                        config: Config | None, tiles: dict) -> Launch:
         """A forward signature's first launch: tiles tuned, given or chosen by the mask."""
         B, Hq, Sq, Skv = shape
         ks = self._kernel_source()
         kernel = load_kernel(ks)
-        kwargs = dict(self._launch_constants(q.dtype, D, Dv, shape), STORE_LSE=want_lse,
+        kwargs = dict(self._launch_constants(q.dtype, D, Dv, shape), STORE_LSE=want_lse, **tiles,
                       extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
                       if self.analysis.block_runs else None)
 
@@ -639,12 +655,14 @@ class Attention:
         tma = tma_ok(q, k, v, dout)  # (the layout allows it; ``backward_tma`` decides by the variant)
         if tma:
             ensure_allocator()  # (in this thread: autograd runs the backward on its own)
+        tiles = self._tile_tma(ks, q.dtype, D, Dv, shape)
         key = ("bwd", q.dtype, q.device, dlse is not None, grad_slots, tma, runtime.TMA,  # (backward_tma reads it)
-               self._layout_key(capture_args, q, k, v, out, dout))
+               tiles.get("TILE_TMA"), self._layout_key(capture_args, q, k, v, out, dout))
         plan = self._kept(key)
         if plan is None:
             self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, dq_args, dkdv_args,
-                                                                  grads, fixed, dlse is not None, grad_slots, tma),
+                                                                  grads, fixed, dlse is not None, grad_slots, tma,
+                                                                  tiles),
                                lambda: self._backward(q, k, v, out, lse, dout, dlse, scale, grad_slots))
         else:  # the dQ pass first: it stores delta
             plan[0](*dq_args)
@@ -663,13 +681,13 @@ class Attention:
 
     def _backward_launch(self, shape, Hkv: int, D: int, Dv: int, q, dq_args: tuple, dkdv_args,
                          grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...],
-                         tma: bool) -> tuple | None:
+                         tma: bool, tiles: dict) -> tuple | None:
         """A backward signature's first launches, dQ pass then dK/dV pass: tiles tuned or chosen by
         the mask. Returns them to keep, or None in deterministic mode (nothing to keep)."""
         B, Hq, Sq, Skv = shape
         sparsity = self._sparsity(shape, D, Dv, q.dtype, q.device)
         tma = tma and backward_tma(sparsity, D, Dv, bool(self._logit_reads))
-        common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma)
+        common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma, **tiles)
         ks = self._backward_source(grad_slots)
         module = load_module(ks)
         defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity, bool(tile_reads([self.program.logits])),

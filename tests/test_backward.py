@@ -486,6 +486,35 @@ def test_tiles_through_tma_descriptors(case, monkeypatch):
     assert "2 of them load their streamed tiles through TMA descriptors" in attn.explain()
 
 
+@pytest.mark.parametrize("case", ["bias_causal_ragged", "pair_bias_window", "score_mod_two_tiles"])
+def test_bias_tiles_through_tma_descriptors(case, monkeypatch):
+    """[q, kv] tiles of a dense bias through TMA descriptors (``runtime.tile_tma_ok``; the GPU's
+    default on Hopper for aligned layouts, forced here): forward, the dQ pass's tiles and the dK/dV
+    pass's transposed ones, rows and keys past the sequence included (S = 72: ragged tiles)."""
+    from flashgen import runtime
+
+    monkeypatch.setattr(runtime, "TMA", True)
+    q, k, v = rand(2, 2, 72, 16), rand(2, 2, 72, 16), rand(2, 2, 72, 16)
+    if case == "bias_causal_ragged":
+        bias = torch.randn(2, 72, 72).requires_grad_()
+        mods, captured = dict(bias=bias, mask_mod=fg.mods.causal), (bias,)
+    elif case == "pair_bias_window":  # the dQ pass stores this one's gradient
+        bias = torch.randn(2, 2, 72, 72).requires_grad_()
+        mods, captured = dict(bias=bias, mask_mod=fg.mods.sliding_window(20)), (bias,)
+    else:  # two tensors in tiles, one read at [h, kv, q] in a [kv, q] plane (its q not contiguous: pointers)
+        a, t = torch.randn(2, 72, 72).requires_grad_(), torch.randn(2, 72, 72)
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + a[h, q_idx, kv_idx] * t[h, kv_idx, q_idx]
+
+        mods, captured = dict(score_mod=mod), (a,)
+    attn = fg.compile(**{m: x for m, x in mods.items()})
+    for kernel in ("fwd", "bwd"):
+        assert "tile0 = tl.make_tensor_descriptor(" in attn.source(kernel)
+    assert runtime.tile_tma_ok(attn.captured, attn._kernel_source().tile_reads) is (case != "score_mod_two_tiles")
+    check_backward(q, k, v, captured=captured, **mods)
+
+
 def test_tma_only_for_layouts_it_can_read(monkeypatch):
     from flashgen import runtime
 

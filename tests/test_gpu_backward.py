@@ -224,3 +224,16 @@ def test_per_batch_entry_bias_gradient_stored_by_the_dq_pass(mask, bias_dtype):
     bias = torch.randn(B, Hq, S, S, device="cuda", dtype=bias_dtype).requires_grad_()
     assert "tl.store(gcap0" in fg.compile(bias=bias, mask_mod=mask).source("bwd")
     check(B, Hq, Hkv, S, S, 128, 128, torch.bfloat16, captured=(bias,), bias=bias, mask_mod=mask)
+
+
+@pytest.mark.parametrize("S", [320, 300])
+@pytest.mark.parametrize("D", [64, 128])
+def test_dense_bias_tiles_through_tma_where_aligned(S, D):
+    """A bias [H, S, S] bf16 whose rows are 640 bytes apart is read in TMA tiles (``runtime.tile_tma_ok``:
+    forward, dQ pass, dK/dV pass transposed); 600 bytes apart, by pointers. Both against float64."""
+    from flashgen import runtime
+
+    bias = torch.randn(4, S, S, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    attn = fg.compile(bias=bias, mask_mod=fg.mods.causal)
+    assert runtime.tile_tma_ok(attn.captured, attn._kernel_source().tile_reads) is (S == 320)
+    check(2, 4, 4, S, S, D, D, torch.bfloat16, captured=(bias,), bias=bias, mask_mod=fg.mods.causal)

@@ -21,12 +21,14 @@ from .._version import __version__
 from ..analysis import (
     Analysis,
     Diagonal,
+    TileRead,
     affine_form,
     diagonal_of,
     entrywise_reads,
     int_bounds,
     row_levels,
     side_reads,
+    tile_read_of,
     tile_reads,
 )
 from ..autodiff import float_reads, gradients
@@ -83,15 +85,22 @@ class KernelSource:
     # (``analysis.entrywise_reads``: slot, and its index per dimension), ``gcap{slot}`` after the
     # captures in attn_bwd_dq's arguments; the dK/dV pass accumulates the other gradients
     stored_grads: tuple[tuple[int, tuple[str | int, ...]], ...] = ()
+    # reads in [q, kv] tiles it can take through TMA descriptors (the TILE_TMA constexpr, which the
+    # launch sets where the tensors' layouts allow: ``runtime.tile_tma_ok``)
+    tile_reads: tuple[TileRead, ...] = ()
 
 
 class _Emitter:
-    """Turns IR nodes into named lines of Triton code."""
+    """Turns IR nodes into named lines of Triton code. With ``tiles`` (a dict it fills), reads in
+    [q, kv] tiles (``analysis.tile_read_of``: a dense bias) come from TMA descriptors ``tile{k}`` at
+    the tile's first row and column (``tile_q0``, ``tile_kv0``) where the launch's TILE_TMA allows,
+    transposed for the [kv, q] tiles of the dK/dV pass (``transposed``)."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, tiles: dict[TileRead, int] | None = None, transposed: bool = False):
         self.prefix = prefix
         self.names: dict[int, str] = {}
         self.lines: list[str] = []
+        self.tiles, self.transposed = tiles, transposed
 
     def ref(self, node: Node) -> str:
         if id(node) in self.names:
@@ -122,7 +131,13 @@ class _Emitter:
         op, s = n.op, n.src
         r = [self.ref(c) for c in s]
         if op is Op.LOAD:
-            return _load(n, r)
+            tile = tile_read_of(n) if self.tiles is not None else None
+            if tile is None:
+                return _load(n, r)
+            k = self.tiles.setdefault(tile, len(self.tiles))
+            block = f"tile{k}.load([tile_q0, tile_kv0])"
+            block = f"tl.trans({block})" if self.transposed else block
+            return f"({block}.to(tl.float32) if TILE_TMA else {_load(n, r)})"
         if op in (Op.AND, Op.OR, Op.XOR) and n.dtype is DType.BOOL:
             # `!= 0` on comparisons of floats: Triton 3.6's interpreter types their results as fp32,
             # and numpy refuses & | ^ on floats (a no-op once compiled)
@@ -387,6 +402,21 @@ def _reads_batch_shared_tiles(roots: list[Node]) -> bool:
     return any(not ir.depends_on(n, "b") for n in tile_reads(roots))
 
 
+def _tile_descriptors(tiles: dict[TileRead, int]) -> list[str]:
+    """The lines that make the TMA descriptors ``tile{k}`` of ``tiles`` (see :class:`_Emitter`), each
+    over its tensor's [q, kv] plane at the program's b and h, in [BLOCK_M, BLOCK_N] blocks (TILE_TMA:
+    the launch checked the layout; else the names stand for the tensors and the reads use pointers)."""
+    lines = []
+    for t, k in tiles.items():
+        base = f"cap{t.slot}"
+        at = "".join(f" + {x}.to(tl.int64) * {base}_stride{d}" if isinstance(x, str) else f" + {x} * {base}_stride{d}"
+                     for d, x in t.others if x != 0)
+        lines += [f"tile{k} = tl.make_tensor_descriptor({base}{at}, [{base}_size{t.q_dim}, {base}_size{t.kv_dim}],",
+                  f"                                    [{base}_stride{t.q_dim}, 1], [BLOCK_M, BLOCK_N]) "
+                  f"if TILE_TMA else {base}"]
+    return lines
+
+
 def _reads_tile_origin(roots: list[Node]) -> bool:
     """Whether lowered code reads ``tile_origin`` (see :func:`~flashgen.rewrite.recentred_differences`)."""
     return any(ir.uses(r, lambda n: n.op is Op.INDEX and n.arg == ir.TILE_ORIGIN) for r in roots)
@@ -438,7 +468,7 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     roots = [logits, mask] + ([row_term] if row_term is not None else [])
     level = row_levels(roots)
     row = _Emitter("r")
-    tile = _Emitter("t")
+    tile = _Emitter("t", tiles={})
     tile.names = row.names  # tile code can read row-level names
     for node in _ordered(roots):
         if node.op in (Op.CONST, Op.INDEX, Op.SCORE):
@@ -475,10 +505,12 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         tile_mask_lines=mask_lines,
         mask_expr=tile.ref(mask),
         capture_params=capture_params,
+        tile_params=["tile_q0"] + [f"tile{k}" for k in tile.tiles.values()] if tile.tiles else [],
+        tile_descriptors=_tile_descriptors(tile.tiles),
     )
     source = _template("attention_fwd.py.jinja").render(**context)
     return KernelSource(name, source, "attn_fwd", captures, hashlib.sha256(source.encode()).hexdigest(),
-                        tuple(numbers))
+                        tuple(numbers), tile_reads=tuple(tile.tiles))
 
 
 def _all(*conditions: str) -> str:
@@ -735,7 +767,7 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         given = roots + mask_roots
         roots, masks = ([_staggered(r, numbers, varying) for r in rs] for rs in (roots, mask_roots))
         level = row_levels(roots + masks, varying)
-        emitter = _Emitter("t")
+        emitter = _Emitter("t", tiles={}, transposed=varying == "q_idx")  # (the dK/dV pass's tiles are [kv, q])
         for node in _ordered(roots + masks):
             if level[id(node)]:
                 emitter.emit(node)
@@ -818,6 +850,9 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         dscore_expr=dkdv._f(dscore),
         grad_reads=grad_reads,
         stored_reads=stored_reads,
+        tile_tma=bool(dq.tiles or dkdv.tiles),
+        dq_tile_descriptors=_tile_descriptors(dq.tiles),
+        dkdv_tile_descriptors=_tile_descriptors(dkdv.tiles),
         stored_params=[p for r in stored for p in [f"gcap{r.arg}"] + [f"gcap{r.arg}_stride{d}"
                                                                      for d in range(len(r.src))]],
         # learnable tensors read in 2-D tiles that the batch shares (a dense bias): batch entries side by side
@@ -829,4 +864,5 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
     )
     source = _template("attention_bwd.py.jinja").render(**context)
     return KernelSource(name, source, "attn_bwd_dkdv", captures, hashlib.sha256(source.encode()).hexdigest(),
-                        tuple(numbers), staggered_grads, tuple((r.arg, entrywise[r.arg]) for r in stored))
+                        tuple(numbers), staggered_grads, tuple((r.arg, entrywise[r.arg]) for r in stored),
+                        tuple(dict.fromkeys([*dq.tiles, *dkdv.tiles])))
