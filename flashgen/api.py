@@ -57,7 +57,6 @@ from .trace import Program, trace_attention
 from .tuning import candidates, first_fitting, tune, tuning_key
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-tl_int64 = index_type([torch.empty_strided((2, 2**31), (2**31, 1), device="meta")])  # (triton's int64)
 MAX_HEAD_DIM = 256
 FACTOR_ROUNDING_TOL = 1 / 128  # logits: a bias lowered to factors may move none by more (1% of a weight)
 
@@ -713,8 +712,6 @@ class Attention:
         sparsity = self._sparsity(shape, D, Dv, q.dtype, q.device)
         tma = tma and backward_tma(sparsity, D, Dv, bool(self._logit_reads))
         common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma, **tiles)
-        if stored and index_type([grads[slot] for slot in stored]) is tl_int64:  # (a per-batch-entry buffer
-            common["IDX_T"] = tl_int64  # B x its tensor's size may need offsets the tensor does not)
         ks = self._backward_source(grad_slots, stored)
         module = load_module(ks)
         defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity, bool(tile_reads([self.program.logits])),
