@@ -5,9 +5,7 @@ A learnable dense bias [B, H, S, S] (AlphaFold's pair bias, FlashBias's experime
 [b, h, q_idx, kv_idx]: no two score entries share a bias entry. flashgen's dQ pass stores its
 gradient, once per entry, in the bias's dtype (``analysis.entrywise_reads``). The other arm renders
 the backward as it was before: fp32 atomic adds in the dK/dV pass into a zeroed float32 buffer,
-converted to the bias's dtype after. A bias [H, S, S] shared by the batch goes the stored way too
-where its per-batch-entry buffer is at most twice a float32 copy (bf16 up to B = 4): the dQ pass
-stores [B, H, S, S] and torch sums over b. This times the arms' fwd+bwd steps interleaved for
+converted to the bias's dtype after. This times both arms' fwd+bwd steps interleaved for
 ``--rounds`` rounds in one process, and checks that their gradients agree:
 
     PYTHONPATH=. python3 benchmarks/ab_stored_grads.py [--shape 4,16,8192,128] [--rounds 3]
@@ -29,7 +27,7 @@ def added(attn: fg.Attention) -> fg.Attention:
     (as before ``entrywise_reads``), in a cache of its own (the arms share a program key)."""
     cache: dict = {}
 
-    def source(grad_slots, stored=None):
+    def source(grad_slots):
         if grad_slots not in cache:
             rule, render.entrywise_reads = render.entrywise_reads, lambda logits: {}
             try:
@@ -50,7 +48,6 @@ def main() -> None:
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     pair = (0.5 * torch.randn(B, H, S, S, device="cuda", dtype=torch.bfloat16, generator=gen)).requires_grad_()
-    shared = (0.5 * torch.randn(H, S, S, device="cuda", dtype=torch.bfloat16, generator=gen)).requires_grad_()
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
                for _ in range(3))
     dout = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -59,23 +56,19 @@ def main() -> None:
         "added by the dK/dV pass": added(fg.compile(bias=pair)),
         "stored, causal": fg.compile(bias=pair, mask_mod=fg.mods.causal),
         "added, causal": added(fg.compile(bias=pair, mask_mod=fg.mods.causal)),
-        "[H, S, S] stored per b": fg.compile(bias=shared),
-        "[H, S, S] added": added(fg.compile(bias=shared)),
     }
-    learnable = {name: shared if name.startswith("[H") else pair for name in arms}
     assert "tl.store(gcap0" in arms["stored by the dQ pass"].source("bwd")
 
-    def step(attn, bias):
-        for t in (q, k, v, bias):
+    def step(attn):
+        for t in (q, k, v, pair):
             t.grad = None
         attn(q, k, v).backward(dout)
 
     grads = {}
     for name, attn in arms.items():
-        step(attn, learnable[name])
-        grads[name] = [t.grad.float().clone() for t in (q, k, v, learnable[name])]
-    for a, b in (("stored by the dQ pass", "added by the dK/dV pass"), ("stored, causal", "added, causal"),
-                 ("[H, S, S] stored per b", "[H, S, S] added")):
+        step(attn)
+        grads[name] = [t.grad.float().clone() for t in (q, k, v, pair)]
+    for a, b in (("stored by the dQ pass", "added by the dK/dV pass"), ("stored, causal", "added, causal")):
         errs = [((x - y).norm() / y.norm()).item() for x, y in zip(grads[a], grads[b])]
         print(f"{a!r} against {b!r}: dq, dk, dv, dbias relative differences "
               + ", ".join(f"{e:.1e}" for e in errs))
@@ -83,7 +76,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.rounds):
         for name, attn in arms.items():
-            times[name].append(do_bench(lambda attn=attn, bias=learnable[name]: step(attn, bias), warmup=10, rep=200))
+            times[name].append(do_bench(lambda attn=attn: step(attn), warmup=10, rep=200))
     print(f"{'arm':<28} {'fwd+bwd ms':>10}  rounds")
     for name, ts in times.items():
         print(f"{name:<28} {statistics.median(ts):>10.2f}  {', '.join(f'{t:.2f}' for t in ts)}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
 
-from .ir import TILE_ORIGIN, DType, Node, Op, binary, const, depends_on, format_expr, toposort
+from .ir import INDEX_NAMES, TILE_ORIGIN, DType, Node, Op, binary, const, depends_on, format_expr, toposort
 from .lowrank import BiasStructure, bias_structure
 from .rewrite import simplify
 
@@ -307,27 +307,20 @@ def tile_read_of(n: Node) -> TileRead | None:
 
 
 def entrywise_reads(logits: Node) -> dict[int, tuple[str | int, ...]]:
-    """Captured tensors the logits read once, indexed by q_idx and kv_idx themselves in dimensions
-    of their own, and by b, h (each at most once) or constants in the others: a dense bias
-    [B, H, Sq, Skv], or [H, Sq, Skv] shared by the batch. Per batch entry and head, each score entry
-    reads an entry of its own, so a gradient pass that visits each tile once can write the
-    gradient there instead of adding into it (once per entry where the index names b and h too;
-    else per entry of a buffer with the missing ones as leading dimensions, summed after). Maps
-    each such slot to its index, dimension by dimension (an index name, or a constant)."""
+    """Captured tensors the logits read once, indexed by each of b, h, q_idx and kv_idx itself in
+    its own dimension (other dimensions by constants): a dense bias [B, H, Sq, Skv]. Every score
+    entry then reads an entry of its own, so a gradient pass that visits each tile once writes the
+    tensor's gradient there instead of adding into it. Maps each such slot to its index, dimension
+    by dimension (an index name, or a constant)."""
     loads = [n for n in toposort([logits]) if n.op is Op.LOAD and isinstance(n.arg, int)]
     found = {}
     for n in loads:
         names = [i.arg for i in n.src if i.op is Op.INDEX]
-        if (tile_read_of(n) is not None and len(names) == len(set(names))
+        if (n.dtype is DType.FLOAT and sorted(names) == sorted(INDEX_NAMES)
+                and all(i.op in (Op.INDEX, Op.CONST) for i in n.src)
                 and sum(m.arg == n.arg for m in loads) == 1):
             found[n.arg] = tuple(i.arg for i in n.src)
     return found
-
-
-def shared_by(index: tuple[str | int, ...]) -> tuple[str, ...]:
-    """The grid indices (b, h) that an entry-wise read's ``index`` does not name: its entries are
-    shared along them, and a gradient stored per entry needs them as leading dimensions."""
-    return tuple(name for name in ("b", "h") if name not in index)
 
 
 def side_reads(mask: Node) -> list[tuple[Node, str]]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from . import ir, runtime
-from .analysis import Analysis, analyze, entrywise_reads, reads_in_range, shared_by, tile_reads
+from .analysis import Analysis, analyze, entrywise_reads, reads_in_range, tile_reads
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
 from .codegen.render import KernelSource, lowering_notes, render_backward, render_block_map, render_forward
@@ -134,7 +134,6 @@ class Attention:
         # a signature's launches, with the runs they refill or the versions of the tensors the mask
         # reads that they were planned for (_keep_plan)
         self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], tuple | None, tuple]] = {}
-        self._last_stored: dict[tuple[int, ...], tuple[int, ...]] = {}  # grad slots -> the last backward's stored ones
         self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # per shape and device: runs refilled in place
         self._staggered: dict = {}  # diagonal read -> (what its copies were built from, the copies, their index)
         self._op_id = next(_op_ids)  # how torch.compile's graphs name it (the flashgen::attention operators)
@@ -152,13 +151,12 @@ class Attention:
 
     def source(self, which: str = "fwd") -> str:
         """The generated Triton source: ``"fwd"`` (forward kernel) or ``"bwd"`` (the dK/dV and dQ
-        kernels, with gradients for every floating-point captured tensor that requires grad, in the
-        form the last backward call took: see ``_stored_slots``)."""
+        kernels, with gradients for every floating-point captured tensor that requires grad)."""
         if which == "fwd":
             return self._kernel_source().source
         if which == "bwd":
             slots = tuple(i for i, t in enumerate(self.captured) if t.is_floating_point() and t.requires_grad)
-            return self._backward_source(slots, self._last_stored.get(slots)).source
+            return self._backward_source(slots).source
         raise ValueError(f"source({which!r}): choose 'fwd' or 'bwd'")
 
     def explain(self) -> str:
@@ -214,12 +212,9 @@ class Attention:
         learnable = [i for i, t in enumerate(self.captured) if i in read and t.requires_grad]
         entrywise = entrywise_reads(self.program.logits)
         added = ", ".join(f"captured{i}" for i in learnable if i not in entrywise)
-        stored = ", ".join(f"captured{i}" for i in learnable if i in entrywise and not shared_by(entrywise[i]))
-        shared = "".join(f"; captured{i} (stored by the dQ pass per {' and '.join(shared_by(entrywise[i]))} and summed "
-                         "where that buffer is at most twice a float32 copy, else fp32 atomic adds)"
-                         for i in learnable if i in entrywise and shared_by(entrywise[i]))
+        stored = ", ".join(f"captured{i}" for i in learnable if i in entrywise)
         lines.append("gradients: q, k, v (deterministic)"
-                     + (f"; {stored} (stored by the dQ pass, once per entry: deterministic)" if stored else "") + shared
+                     + (f"; {stored} (stored by the dQ pass, once per entry: deterministic)" if stored else "")
                      + (f"; {added} (" + ("int64 fixed-point atomics, deterministic, two dK/dV passes"
                                           if self.deterministic else "fp32 atomic adds") + ")" if added else ""))
         return "\n".join(lines)
@@ -598,28 +593,15 @@ class Attention:
                 t.grad = g
         return self.last_tuning
 
-    def _backward_source(self, grad_slots: tuple[int, ...], stored: tuple[int, ...] | None = None) -> KernelSource:
-        """The backward module for ``grad_slots``, with the gradients of ``stored`` stored by the dQ
-        pass (default: every entry-wise read's, ``analysis.entrywise_reads``)."""
-        if stored is None:
-            stored = tuple(slot for slot in entrywise_reads(self.program.logits) if slot in grad_slots)
-        key = (self.program.key, grad_slots, stored)
+    def _backward_source(self, grad_slots: tuple[int, ...]) -> KernelSource:
+        key = (self.program.key, grad_slots)
         ks = _sources.get(key)
         if ks is None:
             templates_here()
             ks = render_backward(self.name, self.program.key, self.program.logits, self.program.mask,
-                                 self.analysis, tuple(c.ndim for c in self.program.captures), grad_slots, stored)
+                                 self.analysis, tuple(c.ndim for c in self.program.captures), grad_slots)
             _sources[key] = ks
         return ks
-
-    def _stored_slots(self, grad_slots: tuple[int, ...], B: int, Hq: int) -> tuple[int, ...]:
-        """The entry-wise reads (``analysis.entrywise_reads``) whose gradients the dQ pass stores:
-        those whose buffer, with the b and h that their index does not name as leading dimensions
-        (``analysis.shared_by``), is at most twice the float32 buffer that atomic adds would take.
-        (H200, bf16 4x16x8192x128: a [B, H, S, S] bias's fwd+bwd 27.3 ms stored, 40.6 added.)"""
-        extent = {"b": B, "h": Hq}
-        return tuple(slot for slot, index in entrywise_reads(self.program.logits).items() if slot in grad_slots
-                     and math.prod(extent[n] for n in shared_by(index)) * self.captured[slot].element_size() <= 8)
 
     def _backward(self, q, k, v, out, lse, dout, dlse, scale: float, grad_slots: tuple[int, ...]):
         """Gradients for q, k, v and the captured tensors in ``grad_slots`` (in their dtypes)."""
@@ -628,13 +610,10 @@ class Attention:
         if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
             return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                     {slot: torch.zeros_like(self.captured[slot]) for slot in grad_slots})
-        stored_slots = self._stored_slots(grad_slots, B, Hq)
-        self._last_stored[grad_slots] = stored_slots  # (for source("bwd"))
-        ks = self._backward_source(grad_slots, stored_slots)
+        ks = self._backward_source(grad_slots)
         # float32 buffers the dK/dV pass adds into, and the gradients the dQ pass stores (each entry
-        # once, in the tensor's dtype, with the b and h its index does not name as leading dimensions):
-        # uninitialised where every entry is stored (no mask, and the tensor's extents those of its
-        # index: b, h, q_idx, kv_idx, and 1 where a constant indexes it)
+        # once, in the tensor's dtype): uninitialised where every entry is stored (no mask, and the
+        # tensor's extents those of its index: b, h, q_idx, kv_idx, and 1 where a constant indexes it)
         extent = {"b": B, "h": Hq, "q_idx": Sq, "kv_idx": Skv}
         stored = dict(ks.stored_grads)
         grads = {}
@@ -642,10 +621,10 @@ class Attention:
             t = self.captured[slot]
             if slot not in stored:
                 grads[slot] = torch.zeros(t.shape, dtype=torch.float32, device=q.device)
-                continue
-            shape = (*(extent[n] for n in shared_by(stored[slot])), *t.shape)
-            covered = not self.analysis.has_mask and t.shape == tuple(extent.get(i, 1) for i in stored[slot])
-            grads[slot] = (torch.empty if covered else torch.zeros)(shape, dtype=t.dtype, device=q.device)
+            elif not self.analysis.has_mask and t.shape == tuple(extent.get(i, 1) for i in stored[slot]):
+                grads[slot] = torch.empty_like(t, memory_format=torch.contiguous_format)
+            else:
+                grads[slot] = torch.zeros_like(t, memory_format=torch.contiguous_format)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # every element is stored
         # delta = rowsum(dO * O) - dlse, the softmax's correction term per row: the dQ pass, which
         # runs first, computes it for its rows and stores it for the dK/dV pass
@@ -683,16 +662,13 @@ class Attention:
         if plan is None:
             self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, dq_args, dkdv_args,
                                                                   grads, fixed, dlse is not None, grad_slots, tma,
-                                                                  tiles, stored_slots),
+                                                                  tiles),
                                lambda: self._backward(q, k, v, out, lse, dout, dlse, scale, grad_slots))
         else:  # the dQ pass first: it stores delta
             plan[0](*dq_args)
             plan[1](*dkdv_args(grads))
             self.last_tiles.update({"dQ": plan[0].config, "dK/dV": plan[1].config})
         grads = self._folded(grads, ks)
-        for slot, index in stored.items():  # (summed over the leading b and h; float32 accumulation)
-            if lead := len(shared_by(index)):
-                grads[slot] = grads[slot].sum(dim=tuple(range(lead)))
         return dq, dk, dv, {slot: g.to(self.captured[slot].dtype) for slot, g in grads.items()}
 
     def _folded(self, grads: dict, ks: KernelSource) -> dict:
@@ -705,14 +681,14 @@ class Attention:
 
     def _backward_launch(self, shape, Hkv: int, D: int, Dv: int, q, dq_args: tuple, dkdv_args,
                          grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...],
-                         tma: bool, tiles: dict, stored: tuple[int, ...]) -> tuple | None:
+                         tma: bool, tiles: dict) -> tuple | None:
         """A backward signature's first launches, dQ pass then dK/dV pass: tiles tuned or chosen by
         the mask. Returns them to keep, or None in deterministic mode (nothing to keep)."""
         B, Hq, Sq, Skv = shape
         sparsity = self._sparsity(shape, D, Dv, q.dtype, q.device)
         tma = tma and backward_tma(sparsity, D, Dv, bool(self._logit_reads))
         common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma, **tiles)
-        ks = self._backward_source(grad_slots, stored)
+        ks = self._backward_source(grad_slots)
         module = load_module(ks)
         defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity, bool(tile_reads([self.program.logits])),
                                             bool(ks.diagonals))
