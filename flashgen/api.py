@@ -689,6 +689,9 @@ class Attention:
         tma = tma and backward_tma(sparsity, D, Dv, bool(self._logit_reads))
         common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma, **tiles)
         ks = self._backward_source(grad_slots)
+        stored = [grads[slot] for slot, _ in ks.stored_grads]  # (dense: a stride-0 view's gradient is not)
+        if stored and str(wide := index_type(stored)) == "int64":
+            common["IDX_T"] = wide  # (offsets into them may pass 2**31 - 1 where the captured tensor's do not)
         module = load_module(ks)
         defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity, bool(tile_reads([self.program.logits])),
                                             bool(ks.diagonals))

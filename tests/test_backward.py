@@ -187,6 +187,16 @@ def test_stored_gradient_of_a_larger_tensor_is_zero_where_it_is_not_read():
     assert rel_err(got.double(), want) < 1e-2  # (bf16 storage)
 
 
+def test_stored_gradient_of_an_expanded_bias_flows_back_to_its_base():
+    # a [B, H, S, S] view with stride 0 along b: read at [b, h, q_idx, kv_idx], so the dQ pass stores
+    # into a dense [B, H, S, S] buffer, and autograd sums it into the base's [H, S, S] gradient
+    base = torch.randn(2, 30, 30).requires_grad_()
+    bias = base.expand(3, 2, 30, 30)
+    assert "tl.store(gcap0" in fg.compile(bias=bias, mask_mod=fg.mods.causal).source("bwd")
+    check_backward(rand(3, 2, 30, 16), rand(3, 2, 30, 16), rand(3, 2, 30, 16), bias=bias,
+                   mask_mod=fg.mods.causal, captured=(base,))
+
+
 def test_deterministic_mode_stores_what_it_can_and_fixes_the_rest():
     # a per-entry bias (stored by the dQ pass) next to a table (fixed-point atomics in the dK/dV pass)
     bias = torch.randn(1, 2, 40, 40).requires_grad_()
