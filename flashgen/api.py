@@ -195,6 +195,9 @@ class Attention:
             tma = sum(1 for x in kept if x.kwargs.get("TMA"))
             if tma:
                 lines.append(f"  {tma} of them load their streamed tiles through TMA descriptors (backward_tma)")
+            if tiles := sum(1 for x in kept if x.kwargs.get("TILE_TMA")):
+                lines.append(f"  {tiles} of them read [q, kv] tiles of a captured tensor through TMA descriptors "
+                             "(tile_tma_ok)")
             live = sum(1 for _, refills, _ in self._plans.values() if refills is not None)
             if live:
                 lines.append(f"  {live} of them refill their block maps' runs on the device when the tensors the mask "

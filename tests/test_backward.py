@@ -521,9 +521,12 @@ def test_bias_tiles_through_tma_descriptors(case, monkeypatch):
     attn = fg.compile(**{m: x for m, x in mods.items()})
     for kernel in ("fwd", "bwd"):
         assert "tile0 = tl.make_tensor_descriptor(" in attn.source(kernel)
-    assert runtime.tile_tma_ok(attn.captured, attn._kernel_source().tile_reads) is (case != "score_mod_two_tiles")
+    tma = case != "score_mod_two_tiles"
+    assert runtime.tile_tma_ok(attn.captured, attn._kernel_source().tile_reads) is tma
     check_backward(q, k, v, captured=captured, **mods)
-
+    out = attn(*(t.detach().requires_grad_() for t in (q, k, v)))
+    out.backward(torch.randn_like(out))
+    assert ("3 of them read [q, kv] tiles of a captured tensor through TMA" in attn.explain()) is tma
 
 def test_tma_only_for_layouts_it_can_read(monkeypatch):
     from flashgen import runtime

@@ -56,8 +56,9 @@ DEPENDS = {
 # until gradients of tensors read once per score entry were stored by the dQ pass
 # (``analysis.entrywise_reads``, the dQ pass's stores and the runtime's split of the buffers; ~5547); 5550
 # until a dense bias's [q, kv] tiles came through TMA descriptors (``analysis.TileRead``,
-# ``render._tile_descriptors``, ``runtime.tile_tma_ok`` and the TILE_TMA launches; ~5636).
-SIZE_BUDGET = 5640
+# ``render._tile_descriptors``, ``runtime.tile_tma_ok`` and the TILE_TMA launches; ~5636), and
+# ``explain()`` counted those launches and stored gradients took int64 offsets where needed (~5642).
+SIZE_BUDGET = 5645
 
 
 def module_name(path: Path) -> str:
