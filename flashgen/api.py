@@ -637,7 +637,7 @@ class Attention:
         shape = (B, Hq, Sq, Skv)
         capture_args = self._capture_args(Sq, Skv, ks)
         # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)
-        added = tuple(slot for slot in grad_slots if slot not in stored)
+        added = tuple(_added(grads, ks))  # (before the staggered copies' buffers join ``grads``)
         fixed = torch.zeros(2, dtype=torch.float32, device=q.device) if added else None
         # the gradients of diagonal reads, laid out as their staggered copies (folded in below)
         grads.update({("diag", k): gradient_buffer(self._staggered[ks.diagonals[k]][1]) for k in ks.staggered_grads})
@@ -692,9 +692,11 @@ class Attention:
         tma = tma and backward_tma(sparsity, D, Dv, bool(self._logit_reads))
         common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma, **tiles)
         ks = self._backward_source(grad_slots)
-        stored = [grads[slot] for slot, _ in ks.stored_grads]  # (dense: a stride-0 view's gradient is not)
-        if stored and str(wide := index_type(stored)) == "int64":
-            common["IDX_T"] = wide  # (offsets into them may pass 2**31 - 1 where the captured tensor's do not)
+        # the stored gradients' buffers are dense (a stride-0 view's gradient is not): offsets into them may
+        # pass 2**31 - 1 where the captured tensor's do not
+        wide = index_type([grads[slot] for slot, _ in ks.stored_grads])
+        if wide.primitive_bitwidth > common["IDX_T"].primitive_bitwidth:
+            common["IDX_T"] = wide
         module = load_module(ks)
         defaults = default_backward_configs(q.device, D, Dv, q.dtype, sparsity, bool(tile_reads([self.program.logits])),
                                             bool(ks.diagonals))
@@ -702,7 +704,6 @@ class Attention:
                             for family, c in zip(("dkdv", "dq"), defaults))
         masked = self.analysis.has_mask
         dkdv_kernel, dq_kernel = module.attn_bwd_dkdv, module.attn_bwd_dq
-        added = {slot: g for slot, g in grads.items() if slot not in dict(ks.stored_grads)}  # (dK/dV pass's)
 
         def even_n(c):  # Skv is a multiple of BLOCK_N (of the tiles launched: a fallback's, maybe)
             return {"EVEN_N": Skv % c.block_n == 0}
@@ -727,7 +728,7 @@ class Attention:
         dq_launch = launch(dq_kernel, (ks.key, "dq", dq_cfg, D, Dv, q.dtype), dq_cfg, dq_grid, *dq_args, **dq_kw)
         self.last_tiles["dQ"] = dq_launch.config
         if self.autotune:
-            scratch = {slot: like_layout(g, g.dtype) for slot, g in added.items()}  # tuning runs add into these
+            scratch = {slot: like_layout(g, g.dtype) for slot, g in _added(grads, ks).items()}  # (tuning adds here)
             dkdv_cfg = self._tuned("dkdv", ks.key, shape, D, Dv, q, lambda c: run_config(
                 dkdv_kernel, c, dkdv_grid, *dkdv_args(scratch), GRAD_PASS=0, **dkdv_kw))
         if self.deterministic and fixed is not None:  # (gradients the dQ pass stores are deterministic)
@@ -749,8 +750,7 @@ class Attention:
         B, Hq, Sq, Skv = shape
         cfg = self.last_tiles["dK/dV"] = launch(kernel, (ks.key, "dkdv", cfg, D, Dv, dtype), cfg, grid,
                                                 *args(grads), GRAD_PASS=1, **kw).config
-        stored = dict(ks.stored_grads)
-        added = {slot: g for slot, g in grads.items() if slot not in stored}
+        added = _added(grads, ks)
         terms = B * Hq * Sq * Skv * max(1, sum(1 for r in float_reads(self.program.logits)
                                                if r.arg in added))
         largest = fixed[0].clamp_min(torch.finfo(torch.float32).tiny)
@@ -762,6 +762,12 @@ class Attention:
         for slot in added:
             grads.pop(slot)
         grads.update({slot: (i.double() / fixed[1].double()).float() for slot, i in integers.items()})
+
+
+def _added(grads: dict, ks: KernelSource) -> dict:
+    """The buffers of ``grads`` that ``ks``'s dK/dV pass adds into: all but those its dQ pass stores."""
+    stored = {slot for slot, _ in ks.stored_grads}
+    return {slot: g for slot, g in grads.items() if slot not in stored}
 
 
 class _AttentionFunction(torch.autograd.Function):
