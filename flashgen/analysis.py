@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
 
-from .ir import INDEX_NAMES, TILE_ORIGIN, DType, Node, Op, binary, const, depends_on, format_expr, toposort
+from .ir import TILE_ORIGIN, DType, Node, Op, binary, const, depends_on, format_expr, toposort
 from .lowrank import BiasStructure, bias_structure
 from .rewrite import simplify
 
@@ -315,9 +315,8 @@ def entrywise_reads(logits: Node) -> dict[int, tuple[str | int, ...]]:
     loads = [n for n in toposort([logits]) if n.op is Op.LOAD and isinstance(n.arg, int)]
     found = {}
     for n in loads:
-        names = [i.arg for i in n.src if i.op is Op.INDEX]
-        if (n.dtype is DType.FLOAT and sorted(names) == sorted(INDEX_NAMES)
-                and all(i.op in (Op.INDEX, Op.CONST) for i in n.src)
+        tile = tile_read_of(n)  # (q_idx and kv_idx themselves; b, h or constants elsewhere)
+        if (tile is not None and sorted(k for _, k in tile.others if isinstance(k, str)) == ["b", "h"]
                 and sum(m.arg == n.arg for m in loads) == 1):
             found[n.arg] = tuple(i.arg for i in n.src)
     return found
