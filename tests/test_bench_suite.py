@@ -173,3 +173,24 @@ def test_report_gives_the_range_of_per_round_ratios():
     assert "| 1.20 (1.00-1.50) |" in row  # medians 1.2 and 1.0; rounds 1.2, 1.0, 1.5
     impls["flex"][0]["rounds_ms"] = None  # a run without rounds: the ratio alone
     assert bench.ratio_range(impls) is None
+
+
+def test_pair_bias_variant_checks_a_corner_and_records_peers_not_run():
+    """pair_bias_learnable ([B, H, S, S] requiring grad): its float64 reference slice reads a copied
+    corner (not the full-size leaf, whose gradient the reference would allocate), and a peer listed in
+    ``Case.not_run`` is recorded with that reason instead of being run."""
+    import dataclasses
+
+    import torch
+
+    bench = load_suite()
+    case = bench.build_cases(2, 40, "cpu", torch.float32, ["pair_bias_learnable"], batch=3)["pair_bias_learnable"]
+    pair = case.learnable["dbias"]
+    assert pair.shape == (3, 2, 40, 40) and pair.requires_grad and case.not_run == {}  # (under 2^31 entries)
+    corner = case.sliced_learnable["dbias"]
+    assert corner.requires_grad and corner.data_ptr() != pair.data_ptr()
+    assert torch.equal(corner, pair[:1, :1].detach()) and case.slice_kwargs(16)["bias"].shape == (1, 1, 16, 16)
+    q = torch.randn(3, 2, 40, 16)
+    skipped = dataclasses.replace(case, not_run={"flex": "not run: a reason"})
+    calls, errors = bench.implementations(skipped, q, q, q, "cpu", True, flex=lambda *a, **kw: None)
+    assert errors == {"flex": "not run: a reason"} and "flex" not in calls and "flashgen" in calls
