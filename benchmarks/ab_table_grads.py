@@ -53,11 +53,14 @@ def rendered(attn: fg.Attention, copies: bool | None = None, ordered: bool = Fal
     return attn
 
 
-def command_line(doc: str, rounds: int) -> tuple[argparse.Namespace, tuple[int, ...]]:
-    """The A/B scripts' options (--shape B,H,S,D, --rounds) and the shape."""
+def command_line(doc: str, rounds: int, **options: dict) -> tuple[argparse.Namespace, tuple[int, ...]]:
+    """The A/B scripts' options (--shape B,H,S,D, --rounds, and ``options``: name -> add_argument's
+    keywords) and the shape."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--shape", default="4,16,8192,128")
     p.add_argument("--rounds", type=int, default=rounds)
+    for name, kw in options.items():
+        p.add_argument(f"--{name}", **kw)
     args = p.parse_args()
     return args, tuple(int(x) for x in args.shape.split(","))
 

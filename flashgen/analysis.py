@@ -307,19 +307,28 @@ def tile_read_of(n: Node) -> TileRead | None:
 
 
 def entrywise_reads(logits: Node) -> dict[int, tuple[str | int, ...]]:
-    """Captured tensors the logits read once, indexed by each of b, h, q_idx and kv_idx itself in
-    its own dimension (other dimensions by constants): a dense bias [B, H, Sq, Skv]. Every score
-    entry then reads an entry of its own, so a gradient pass that visits each tile once writes the
-    tensor's gradient there instead of adding into it. Maps each such slot to its index, dimension
-    by dimension (an index name, or a constant)."""
+    """Captured tensors the logits read once in [q, kv] tiles (:func:`tile_read_of`), their other
+    dimensions indexed by b, h (each at most once) or constants: a dense bias [B, H, Sq, Skv], or
+    [H, Sq, Skv] shared by the batch. Per batch entry and head, every score entry reads an entry of
+    its own, so a gradient pass that visits each tile once can write the gradient there instead of
+    adding into it: once per entry where the index names b and h, else into a buffer with the ones
+    it leaves out (:func:`shared_by`) as leading dimensions, summed over them after. Maps each such
+    slot to its index, dimension by dimension (an index name, or a constant)."""
     loads = [n for n in toposort([logits]) if n.op is Op.LOAD and isinstance(n.arg, int)]
     found = {}
     for n in loads:
         tile = tile_read_of(n)  # (q_idx and kv_idx themselves; b, h or constants elsewhere)
-        if (tile is not None and sorted(k for _, k in tile.others if isinstance(k, str)) == ["b", "h"]
-                and sum(m.arg == n.arg for m in loads) == 1):
+        named = [k for _, k in tile.others if isinstance(k, str)] if tile is not None else []
+        if tile is not None and len(set(named)) == len(named) and sum(m.arg == n.arg for m in loads) == 1:
             found[n.arg] = tuple(i.arg for i in n.src)
     return found
+
+
+def shared_by(index: tuple[str | int, ...]) -> tuple[str, ...]:
+    """Those of b and h that an entry-wise read's ``index`` (:func:`entrywise_reads`) does not name:
+    its entries are shared along them, and a gradient stored per score entry has them as leading
+    dimensions, to sum over."""
+    return tuple(name for name in ("b", "h") if name not in index)
 
 
 def side_reads(mask: Node) -> list[tuple[Node, str]]:

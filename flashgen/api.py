@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from . import ir, runtime
-from .analysis import Analysis, analyze, entrywise_reads, reads_in_range, tile_reads
+from .analysis import Analysis, analyze, entrywise_reads, reads_in_range, shared_by, tile_reads
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
 from .codegen.render import KernelSource, lowering_notes, render_backward, render_block_map, render_forward
@@ -47,6 +47,7 @@ from .runtime import (
     run_config,
     staggered,
     store_tuning,
+    sum_leading,
     templates_here,
     tile_tma_ok,
     tma_ok,
@@ -134,6 +135,7 @@ class Attention:
         # a signature's launches, with the runs they refill or the versions of the tensors the mask
         # reads that they were planned for (_keep_plan)
         self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], tuple | None, tuple]] = {}
+        self._last_stored: dict[tuple[int, ...], tuple[int, ...]] = {}  # grad slots -> the last backward's stored ones
         self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # per shape and device: runs refilled in place
         self._staggered: dict = {}  # diagonal read -> (what its copies were built from, the copies, their index)
         self._op_id = next(_op_ids)  # how torch.compile's graphs name it (the flashgen::attention operators)
@@ -151,12 +153,14 @@ class Attention:
 
     def source(self, which: str = "fwd") -> str:
         """The generated Triton source: ``"fwd"`` (forward kernel) or ``"bwd"`` (the dK/dV and dQ
-        kernels, with gradients for every floating-point captured tensor that requires grad)."""
+        kernels, with gradients for every floating-point captured tensor that requires grad, in the
+        form the last backward took: which gradients the dQ pass stores depends on B and H, see
+        ``_stored_slots``; before any backward, every one it can)."""
         if which == "fwd":
             return self._kernel_source().source
         if which == "bwd":
             slots = tuple(i for i, t in enumerate(self.captured) if t.is_floating_point() and t.requires_grad)
-            return self._backward_source(slots).source
+            return self._backward_source(slots, self._last_stored.get(slots)).source
         raise ValueError(f"source({which!r}): choose 'fwd' or 'bwd'")
 
     def explain(self) -> str:
@@ -215,9 +219,13 @@ class Attention:
         learnable = [i for i, t in enumerate(self.captured) if i in read and t.requires_grad]
         entrywise = entrywise_reads(self.program.logits)
         added = ", ".join(f"captured{i}" for i in learnable if i not in entrywise)
-        stored = ", ".join(f"captured{i}" for i in learnable if i in entrywise)
+        stored = ", ".join(f"captured{i}" for i in learnable if i in entrywise and not shared_by(entrywise[i]))
+        shared = "".join(f"; captured{i} (stored by the dQ pass per {' and '.join(shared_by(entrywise[i]))}, in its "
+                         "dtype, and summed in float32 after, where that buffer is at most twice a float32 copy: "
+                         "deterministic; else fp32 atomic adds)" for i in learnable
+                         if i in entrywise and shared_by(entrywise[i]))
         lines.append("gradients: q, k, v (deterministic)"
-                     + (f"; {stored} (stored by the dQ pass, once per entry: deterministic)" if stored else "")
+                     + (f"; {stored} (stored by the dQ pass, once per entry: deterministic)" if stored else "") + shared
                      + (f"; {added} (" + ("int64 fixed-point atomics, deterministic, two dK/dV passes"
                                           if self.deterministic else "fp32 atomic adds") + ")" if added else ""))
         return "\n".join(lines)
@@ -596,15 +604,29 @@ class Attention:
                 t.grad = g
         return self.last_tuning
 
-    def _backward_source(self, grad_slots: tuple[int, ...]) -> KernelSource:
-        key = (self.program.key, grad_slots)
+    def _backward_source(self, grad_slots: tuple[int, ...], stored: tuple[int, ...] | None = None) -> KernelSource:
+        """The backward module for ``grad_slots``, with the gradients of ``stored`` stored by the dQ
+        pass (default: every entry-wise read's, ``analysis.entrywise_reads``)."""
+        if stored is None:
+            stored = tuple(slot for slot in entrywise_reads(self.program.logits) if slot in grad_slots)
+        key = (self.program.key, grad_slots, stored)
         ks = _sources.get(key)
         if ks is None:
             templates_here()
             ks = render_backward(self.name, self.program.key, self.program.logits, self.program.mask,
-                                 self.analysis, tuple(c.ndim for c in self.program.captures), grad_slots)
+                                 self.analysis, tuple(c.ndim for c in self.program.captures), grad_slots, stored)
             _sources[key] = ks
         return ks
+
+    def _stored_slots(self, grad_slots: tuple[int, ...], B: int, Hq: int) -> tuple[int, ...]:
+        """The entry-wise reads (``analysis.entrywise_reads``) whose gradients the dQ pass stores: those
+        whose buffer, with the b and h their index leaves out as leading dimensions (``analysis.shared_by``),
+        is at most twice the float32 one that atomic adds would take; the others' are added. (H200, bf16
+        4x16x8192x128, a bias [H, S, S]: its gradient's atomic adds cost the dK/dV pass 10.5 ms, where
+        storing [B, H, S, S] costs the dQ pass 2.5 ms and summing it over b 2.6 ms; PERFLOG.)"""
+        extent = {"b": B, "h": Hq}
+        return tuple(slot for slot, index in entrywise_reads(self.program.logits).items() if slot in grad_slots
+                     and math.prod(extent[n] for n in shared_by(index)) * self.captured[slot].element_size() <= 8)
 
     def _backward(self, q, k, v, out, lse, dout, dlse, scale: float, grad_slots: tuple[int, ...]):
         """Gradients for q, k, v and the captured tensors in ``grad_slots`` (in their dtypes)."""
@@ -613,10 +635,12 @@ class Attention:
         if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
             return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                     {slot: torch.zeros_like(self.captured[slot]) for slot in grad_slots})
-        ks = self._backward_source(grad_slots)
+        stored_slots = self._last_stored[grad_slots] = self._stored_slots(grad_slots, B, Hq)
+        ks = self._backward_source(grad_slots, stored_slots)
         # float32 buffers the dK/dV pass adds into, and the gradients the dQ pass stores (each entry
-        # once, in the tensor's dtype): uninitialised where every entry is stored (no mask, and the
-        # tensor's extents those of its index: b, h, q_idx, kv_idx, and 1 where a constant indexes it)
+        # once, in the tensor's dtype, with the b and h its index leaves out as leading dimensions):
+        # uninitialised where every entry is stored (no mask, and the tensor's extents those of its
+        # index: b, h, q_idx, kv_idx, and 1 where a constant indexes it)
         extent = {"b": B, "h": Hq, "q_idx": Sq, "kv_idx": Skv}
         stored = dict(ks.stored_grads)
         grads = {}
@@ -624,10 +648,10 @@ class Attention:
             t = self.captured[slot]
             if slot not in stored:
                 grads[slot] = torch.zeros(t.shape, dtype=torch.float32, device=q.device)
-            elif not self.analysis.has_mask and t.shape == tuple(extent.get(i, 1) for i in stored[slot]):
-                grads[slot] = torch.empty_like(t, memory_format=torch.contiguous_format)
-            else:
-                grads[slot] = torch.zeros_like(t, memory_format=torch.contiguous_format)
+                continue
+            shape = (*(extent[n] for n in shared_by(stored[slot])), *t.shape)
+            covered = not self.analysis.has_mask and t.shape == tuple(extent.get(i, 1) for i in stored[slot])
+            grads[slot] = (torch.empty if covered else torch.zeros)(shape, dtype=t.dtype, device=q.device)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # every element is stored
         # delta = rowsum(dO * O) - dlse, the softmax's correction term per row: the dQ pass, which
         # runs first, computes it for its rows and stores it for the dK/dV pass
@@ -665,13 +689,16 @@ class Attention:
         if plan is None:
             self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, dq_args, dkdv_args,
                                                                   grads, fixed, dlse is not None, grad_slots, tma,
-                                                                  tiles),
+                                                                  tiles, stored_slots),
                                lambda: self._backward(q, k, v, out, lse, dout, dlse, scale, grad_slots))
         else:  # the dQ pass first: it stores delta
             plan[0](*dq_args)
             plan[1](*dkdv_args(grads))
             self.last_tiles.update({"dQ": plan[0].config, "dK/dV": plan[1].config})
         grads = self._folded(grads, ks)
+        for slot, index in stored.items():  # (over the leading b and h: float32 sums, in a fixed order)
+            if lead := len(shared_by(index)):
+                grads[slot] = sum_leading(grads[slot], lead)
         return dq, dk, dv, {slot: g.to(self.captured[slot].dtype) for slot, g in grads.items()}
 
     def _folded(self, grads: dict, ks: KernelSource) -> dict:
@@ -684,14 +711,14 @@ class Attention:
 
     def _backward_launch(self, shape, Hkv: int, D: int, Dv: int, q, dq_args: tuple, dkdv_args,
                          grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...],
-                         tma: bool, tiles: dict) -> tuple | None:
+                         tma: bool, tiles: dict, stored: tuple[int, ...]) -> tuple | None:
         """A backward signature's first launches, dQ pass then dK/dV pass: tiles tuned or chosen by
         the mask. Returns them to keep, or None in deterministic mode (nothing to keep)."""
         B, Hq, Sq, Skv = shape
         sparsity = self._sparsity(shape, D, Dv, q.dtype, q.device)
         tma = tma and backward_tma(sparsity, D, Dv, bool(self._logit_reads))
         common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma, **tiles)
-        ks = self._backward_source(grad_slots)
+        ks = self._backward_source(grad_slots, stored)
         # the stored gradients' buffers are dense (a stride-0 view's gradient is not): offsets into them may
         # pass 2**31 - 1 where the captured tensor's do not
         wide = index_type([grads[slot] for slot, _ in ks.stored_grads])

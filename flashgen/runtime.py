@@ -45,6 +45,7 @@ from types import ModuleType
 
 import torch
 import triton
+import triton.language as tl
 
 from .analysis import Diagonal
 from .codegen.render import STAGGER, KernelSource, use_template_cache
@@ -663,6 +664,32 @@ def fold_staggered(d: Diagonal, grad: torch.Tensor, index: torch.Tensor, into: t
     src, idx = whole[1].flatten(-2), index[1].flatten()
     inside = (idx >= 0) & (idx < into.shape[d.dim])
     into.movedim(d.dim, -1).index_add_(-1, idx[inside], src[..., inside].to(into.dtype))
+
+
+@triton.jit
+def _sum_leading(parts, out, n, count, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = offs < n
+    total = tl.zeros([BLOCK], tl.float32)
+    part = parts + offs
+    for _ in range(count):  # (in order: the same sums on every call)
+        total += tl.load(part, mask=keep, other=0.0).to(tl.float32)
+        part += n  # (64-bit pointers: no offset of count * n to overflow)
+    tl.store(out + offs, total.to(out.dtype.element_ty), mask=keep)
+
+
+def sum_leading(parts: torch.Tensor, lead: int) -> torch.Tensor:
+    """The contiguous ``parts`` summed over its first ``lead`` dimensions, in float32 and in a fixed
+    order, returned in its dtype: the per-batch-entry gradients that the dQ pass stores (``api``).
+    One read of ``parts`` (H200, [4, 16, 8192, 8192] bf16: 2.6 ms, 4.1 TB/s; torch's ``sum(0)`` took
+    18.4 ms, 0.58 TB/s)."""
+    out = torch.empty(parts.shape[lead:], dtype=parts.dtype, device=parts.device)
+    if interpreting():
+        _patch_interpreter_index()
+    if out.numel():
+        _sum_leading[(triton.cdiv(out.numel(), 4096),)](parts, out, out.numel(), parts.numel() // out.numel(),
+                                                        BLOCK=4096)
+    return out
 
 
 def index_type(tensors: list[torch.Tensor]):

@@ -27,6 +27,7 @@ from ..analysis import (
     entrywise_reads,
     int_bounds,
     row_levels,
+    shared_by,
     side_reads,
     tile_read_of,
     tile_reads,
@@ -739,19 +740,21 @@ class _GradRead:
 
 
 def render_backward(name: str, program_key: str, logits: Node, mask: Node, analysis: Analysis,
-                    capture_ndims: tuple[int, ...], grad_slots: tuple[int, ...]) -> KernelSource:
+                    capture_ndims: tuple[int, ...], grad_slots: tuple[int, ...],
+                    stored: tuple[int, ...] = ()) -> KernelSource:
     """The backward kernel module (dK/dV pass and dQ pass) for one attention program.
 
     ``grad_slots``: captured tensors whose gradient is wanted; each gets a buffer ``gcap{slot}``
     (with strides ``gcap{slot}_stride{d}``): a float32 one that the dK/dV pass accumulates into, or,
-    for a tensor each score entry reads its own entry of (``analysis.entrywise_reads``: a dense bias
-    [B, H, Sq, Skv]), one in the tensor's dtype that the dQ pass stores into. That pass's [q, kv]
-    tiles run along such a tensor's rows, and no entry is added to twice."""
+    for the slots in ``stored`` (of ``analysis.entrywise_reads``: a dense bias), one in the tensor's
+    dtype that the dQ pass stores into, once per entry. That pass's [q, kv] tiles run along such a
+    tensor's rows. Where the read does not name b or h (``analysis.shared_by``: a bias [H, Sq, Skv]),
+    the buffer has them as leading dimensions (strides ``gcap{slot}_lead{i}``), for the caller to sum."""
     listed = {"logits": logits, "mask": mask}
     logits, mask = _lowered(logits), _lowered(mask)
     score = next((n for n in logits.toposort() if n.op is Op.SCORE), None)
     reads = [r for r in float_reads(logits) if r.arg in grad_slots]
-    entrywise = entrywise_reads(logits)
+    entrywise = {slot: index for slot, index in entrywise_reads(logits).items() if slot in stored}
     stored = [r for r in reads if r.arg in entrywise]
     wrt = ([score] if score is not None else []) + reads
     grads = {k: _lowered(g) for k, g in gradients(logits, wrt).items()}
@@ -786,6 +789,8 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
     stored_reads = []
     for r in stored:
         offset, in_range = _address(r, [dq.ref(i) for i in r.src], f"gcap{r.arg}")
+        offset = "".join(f"({name}).to(IDX_T) * gcap{r.arg}_lead{i} + "
+                         for i, name in enumerate(shared_by(entrywise[r.arg]))) + offset
         stored_reads.append(_GradRead(format_expr(r), dq._f(grads[id(r)]), f"gcap{r.arg} + {offset}", in_range,
                                       False, f"gcap{r.arg}"))
     reads = [r for r in reads if r.arg not in entrywise]  # (the dK/dV pass adds the others' gradients)
@@ -853,8 +858,9 @@ def render_backward(name: str, program_key: str, logits: Node, mask: Node, analy
         tile_tma=bool(dq.tiles or dkdv.tiles),
         dq_tile_descriptors=_tile_descriptors(dq.tiles),
         dkdv_tile_descriptors=_tile_descriptors(dkdv.tiles),
-        stored_params=[p for r in stored for p in [f"gcap{r.arg}"] + [f"gcap{r.arg}_stride{d}"
-                                                                     for d in range(len(r.src))]],
+        stored_params=[p for r in stored for p in [f"gcap{r.arg}"]
+                       + [f"gcap{r.arg}_lead{i}" for i in range(len(shared_by(entrywise[r.arg])))]
+                       + [f"gcap{r.arg}_stride{d}" for d in range(len(r.src))]],
         # learnable tensors read in 2-D tiles that the batch shares (a dense bias): batch entries side by side
         batch_inner=_reads_batch_shared_tiles(reads),
         # the dQ pass has its own (smaller) tile code, so its own names
