@@ -156,14 +156,16 @@ def test_dense_bias_without_leading_dims_gets_its_gradient():
 
 @pytest.mark.parametrize("mask", [None, fg.mods.causal, fg.mods.sliding_window(9)], ids=["full", "causal", "window"])
 def test_batch_shared_bias_gradient_is_stored_per_batch_entry_and_summed(mask):
-    # [H, Sq, Skv] at B = 2, fp32: the dQ pass stores [B, H, Sq, Skv] (twice a float32 copy, the most
-    # allowed) and runtime.sum_leading sums it over b; [1, Sq, Skv] broadcast over heads too
+    # [H, Sq, Skv] at B = 2, fp32, no mask: the dQ pass stores [B, H, Sq, Skv] (twice a float32 copy,
+    # the most allowed) and runtime.sum_leading sums it over b; under a mask the dK/dV pass adds;
+    # [1, Sq, Skv] broadcast over heads too (B * H * 4 bytes > 8: added)
     bias = torch.randn(2, 30, 30).requires_grad_()
     check_backward(rand(2, 2, 30, 16), rand(2, 2, 30, 16), rand(2, 2, 30, 16), bias=bias, mask_mod=mask,
                    captured=(bias,))
     attn = fg.compile(bias=bias, mask_mod=mask)
     attn(*(rand(2, 2, 30, 16) for _ in range(3))).sum().backward()
-    assert "gcap0_lead0" in attn.source("bwd") and "tl.atomic_add(gcap0" not in attn.source("bwd")
+    source = attn.source("bwd")
+    assert ("gcap0_lead0" in source) is (mask is None) and ("tl.atomic_add(gcap0" in source) is (mask is not None)
     assert "summed in float32" in attn.explain()
     heads = torch.randn(1, 30, 30).requires_grad_()  # (b and h left out: B * H * 4 bytes > 8, so added)
     check_backward(rand(2, 2, 30, 16), rand(2, 2, 30, 16), rand(2, 2, 30, 16), bias=heads, mask_mod=mask,
@@ -172,12 +174,12 @@ def test_batch_shared_bias_gradient_is_stored_per_batch_entry_and_summed(mask):
 
 def test_batch_shared_half_bias_gradient_is_its_rounded_parts_summed():
     # fp16 [H, S, S] at B = 4: the dQ pass stores each batch entry's part in fp16, then they are summed
-    # in float32 and rounded once more; GQA, a causal mask and a partial last tile. (fp16, not bf16:
-    # the interpreter truncates to bf16 where GPUs round to nearest; test_gpu_backward checks bf16.)
+    # in float32 and rounded once more; GQA and a partial last tile. (fp16, not bf16: the interpreter
+    # truncates to bf16 where GPUs round to nearest; test_gpu_backward checks bf16.)
     B, Hq, Hkv, S, D = 4, 4, 2, 40, 16
     bias = (0.5 * torch.randn(Hq, S, S)).half().requires_grad_()
     q, k, v = (torch.randn(B, h, S, D, requires_grad=True) for h in (Hq, Hkv, Hkv))
-    attn = fg.compile(bias=bias, mask_mod=fg.mods.causal)
+    attn = fg.compile(bias=bias)
     out = attn(q, k, v, enable_gqa=True)
     dout = torch.randn_like(out)
     out.backward(dout)
@@ -185,7 +187,7 @@ def test_batch_shared_half_bias_gradient_is_its_rounded_parts_summed():
     parts = []  # each batch entry's exact gradient (float64)
     for b in range(B):
         bd = bias.detach().double().requires_grad_()
-        fg.attention_reference(*(t[b:b + 1].detach().double() for t in (q, k, v)), None, fg.mods.causal, bd,
+        fg.attention_reference(*(t[b:b + 1].detach().double() for t in (q, k, v)), bias=bd,
                                enable_gqa=True).backward(dout[b:b + 1].double())
         parts.append(bd.grad)
     exact = sum(parts)
