@@ -1042,16 +1042,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Call
     equivalent program. ``deterministic`` and ``fast_math`` as in :func:`compile`.
     """
     key = _fingerprint((score_mod, mask_mod, bias, deterministic, fast_math))
-    attn = _recent.get(key) if key is not None else None
-    if attn is None:
+    if key is None:  # (something the fingerprint cannot see through: traced every call)
         attn = Attention(score_mod, mask_mod, bias, deterministic=deterministic, fast_math=fast_math)
-        if key is not None:
-            _recent[key] = attn
-            if len(_recent) > _RECENT_MAX:
-                _recent.popitem(last=False)
     else:
-        _recent.move_to_end(key)
+        _remember(key, score_mod, mask_mod, bias, deterministic, fast_math)
+        attn = _recent[key]
     return attn(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse)
+
+
+@torch.compiler.assume_constant_result
+def _remember(key: tuple, score_mod, mask_mod, bias, deterministic: bool, fast_math: bool | None) -> bool:
+    """Make ``_recent[key]`` the Attention of these mods: the one there, or a new one. Under
+    torch.compile this runs when Dynamo traces the call, not in the graph: the mods are traced
+    outside it, and the graph reads the Attention from ``_recent``, guarded (no graph break)."""
+    if key in _recent:
+        _recent.move_to_end(key)
+    else:
+        _recent[key] = Attention(score_mod, mask_mod, bias, deterministic=deterministic, fast_math=fast_math)
+        if len(_recent) > _RECENT_MAX:
+            _recent.popitem(last=False)
+    return True
 
 
 # fg.attention traces its mods on the first call only: later calls with the same functions, whose

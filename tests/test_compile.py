@@ -118,13 +118,39 @@ def test_a_compiled_call_follows_lengths_that_change():
         assert torch.equal(got, want) and all(rel_err(g, w) < 1e-6 for g, w in zip(got_grads, want_grads))
 
 
+_PROBE = torch.randn(2, 24, 24)  # (a module-level tensor: mods that read it are built outside the graph)
+
+
+def _probe_mod(score, b, h, q_idx, kv_idx):
+    return score + _PROBE[h, q_idx, kv_idx] * 0.25
+
+
 @requires_interpreter
-def test_fg_attention_inside_torch_compile_matches_eager():
+def test_fg_attention_with_mods_built_outside_compiles_whole_on_its_first_call():
+    # the mods' first sight is inside the compiled function: their Attention is built while Dynamo
+    # traces the call (api._remember), outside the graph, which has no break (fullgraph=True)
+    torch._dynamo.reset()
+    fg.api._recent.clear()
+    q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    window = fg.mods.sliding_window(5)
+
+    def loss(q, k, v):
+        return fg.attention(q, k, v, score_mod=_probe_mod, mask_mod=window).sum()
+
+    got, got_grads = grads_of(lambda: torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v), (q, k, v))
+    want, want_grads = grads_of(lambda: loss(q, k, v), (q, k, v))
+    assert rel_err(got, want) < 1e-6 and all(rel_err(g, w) < 1e-6 for g, w in zip(got_grads, want_grads))
+
+
+@requires_interpreter
+def test_fg_attention_with_mods_built_inside_torch_compile_matches_eager():
     torch._dynamo.reset()
     q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    doc = torch.arange(24) // 9
 
-    def loss(q, k, v):  # (the lookup of the mods' Attention may break the graph; the call does not)
-        return fg.attention(q, k, v, score_mod=fg.mods.alibi(fg.mods.alibi_slopes(2)), mask_mod=fg.mods.causal).sum()
+    def loss(q, k, v):  # (mods built inside the compiled function break the graph at fg.attention)
+        return fg.attention(q, k, v, score_mod=fg.mods.alibi(fg.mods.alibi_slopes(2)),
+                            mask_mod=fg.mods.document(doc) & fg.mods.causal).sum()
 
     want, want_grads = grads_of(lambda: loss(q, k, v), (q, k, v))
     got, got_grads = grads_of(lambda: torch.compile(loss, backend="aot_eager")(q, k, v), (q, k, v))
