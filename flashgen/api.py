@@ -619,12 +619,11 @@ class Attention:
         return ks
 
     def _stored_slots(self, grad_slots: tuple[int, ...], B: int, Hq: int) -> tuple[int, ...]:
-        """The entry-wise reads (``analysis.entrywise_reads``) whose gradients the dQ pass stores: all
-        whose index names b and h; those it leaves out (``analysis.shared_by``) only without a mask, and
-        where their buffer, with those as leading dimensions, is at most twice the float32 one that
-        atomic adds would take. (H200, bf16 4x16x8192x128, a bias [H, S, S], fwd+bwd: 26.75 ms stored
-        and summed, 33.31 added; under a causal mask 17.16 and 17.09, as the stored buffer must then be
-        zeroed and summed whole where the adds skip the masked half; PERFLOG.)"""
+        """The entry-wise reads (``analysis.entrywise_reads``) whose gradients the dQ pass stores: all whose
+        index names b and h; those it leaves out (``analysis.shared_by``) only without a mask, where their
+        buffer, with those as leading dimensions, is at most twice the float32 one of atomic adds. (H200,
+        bf16 4x16x8192x128, a bias [H, S, S], fwd+bwd: 26.75 ms stored and summed, 33.31 added; causal 17.16
+        and 17.09: the stored buffer is then zeroed and summed whole, the adds skip the masked half.)"""
         extent = {"b": B, "h": Hq}
         return tuple(slot for slot, index in entrywise_reads(self.program.logits).items() if slot in grad_slots
                      and (not shared_by(index) or not self.analysis.has_mask
@@ -1052,15 +1051,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Call
 
 @torch.compiler.assume_constant_result
 def _remember(key: tuple, score_mod, mask_mod, bias, deterministic: bool, fast_math: bool | None) -> bool:
-    """Make ``_recent[key]`` the Attention of these mods: the one there, or a new one. Under
-    torch.compile this runs when Dynamo traces the call, not in the graph: the mods are traced
-    outside it, and the graph reads the Attention from ``_recent``, guarded (no graph break)."""
-    if key in _recent:
-        _recent.move_to_end(key)
-    else:
+    """Make ``_recent[key]`` the Attention of these mods. Dynamo runs this when it traces a call instead of
+    tracing it: the mods are traced outside the graph, which reads ``_recent``, guarded (no break)."""
+    if key not in _recent:
         _recent[key] = Attention(score_mod, mask_mod, bias, deterministic=deterministic, fast_math=fast_math)
         if len(_recent) > _RECENT_MAX:
             _recent.popitem(last=False)
+    _recent.move_to_end(key)
     return True
 
 
