@@ -357,6 +357,8 @@ class Attention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                  enable_gqa: bool = False, return_lse: bool = False, config: Config | None = None):
         scale = _check_inputs(q, k, v, scale, enable_gqa, self.captured)
+        if scale <= 0:  # (the same scores with sm_scale > 0, which the forward kernel's row max assumes)
+            q, scale = (-q, -scale) if scale < 0 else (q * 0, 1.0)
         if self.dense_bias_shape is not None:
             call = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
             if any(n not in (1, want) for n, want in zip(self.dense_bias_shape, call)):

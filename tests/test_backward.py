@@ -124,6 +124,24 @@ def test_learnable_alibi_slopes_and_zero_dim_temperature():
                    mask_mod=fg.mods.causal, captured=(slopes, temperature))
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+@pytest.mark.parametrize("mods", ["plain", "causal", "bias"])
+def test_negative_and_zero_scales(scale, mods):
+    # the kernels take sm_scale > 0 (the forward scales the row max of the raw q·kᵀ by it):
+    # Attention.__call__ passes -q and -scale, or 0 * q and scale 1, the same scores
+    kw = {"plain": {}, "causal": {"mask_mod": fg.mods.causal}, "bias": {"bias": rand(2, 30, 30)}}[mods]
+    q, k, v = (rand(2, 2, 30, 16).requires_grad_() for _ in range(3))
+    out, lse = fg.attention(q, k, v, scale=scale, return_lse=True, **kw)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    (out * dout).sum().add((lse * dlse).sum()).backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = fg.attention_reference(qd, kd, vd, scale=scale, return_lse=True, **kw)
+    (ref * dout.double()).sum().add((ref_lse * dlse.double()).sum()).backward()
+    assert rel_err(out, ref) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+    for got, want in zip((q.grad, k.grad, v.grad), (qd.grad, kd.grad, vd.grad)):
+        assert (rel_err(got, want) < 1e-4) if want.norm() > 0 else not got.any()
+
+
 def test_captured_tensor_read_twice():
     gate = torch.rand(2).requires_grad_()
 

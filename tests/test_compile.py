@@ -195,3 +195,22 @@ def test_a_compiled_training_step_on_the_gpu_matches_eager():
     assert rel_err(got, want) < 1e-2
     for g, w in zip(got_grads, want_grads):
         assert rel_err(g, w) < 2e-2  # (bf16: inductor fuses the projections differently from eager)
+
+
+_GPU_DOC = torch.arange(1000, device="cuda") // 300 if torch.cuda.is_available() else None
+_GPU_MASK = fg.mods.document(_GPU_DOC) & fg.mods.causal if torch.cuda.is_available() else None
+
+
+@pytest.mark.gpu
+@pytestmark_gpu
+def test_fg_attention_first_called_inside_a_compiled_gpu_step_has_no_graph_break():
+    torch._dynamo.reset()
+    fg.api._recent.clear()
+    x = torch.randn(2, 4, 1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def loss(x):  # (module-level mods, first seen while Dynamo traces: api._remember)
+        return fg.attention(x, x * 0.5, torch.tanh(x), mask_mod=_GPU_MASK).float().square().mean()
+
+    got, got_grads = grads_of(lambda: torch.compile(loss, fullgraph=True)(x), (x,))
+    want, want_grads = grads_of(lambda: loss(x), (x,))
+    assert rel_err(got, want) < 1e-2 and rel_err(got_grads[0], want_grads[0]) < 2e-2

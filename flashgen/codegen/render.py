@@ -462,7 +462,11 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     """The forward kernel module for one attention program (``name`` must be an identifier)."""
     listing = format_program({"logits": logits, "mask": mask}).splitlines()
     logits, mask = _lowered(logits), _lowered(mask)
+    # logits that ``times`` cannot scale by log2(e) for free (a bias read per entry) stay in natural
+    # units: the kernel scales their row max once per row, and each entry in the exp2's FFMA
     logits, row_term = _row_terms(times(logits, LOG2E))
+    unscaled = logits.op is Op.MUL and logits.src[1].op is Op.CONST and logits.src[1].arg == LOG2E
+    logits = logits.src[0] if unscaled else logits
     numbers = _diagonals([logits, mask])
     listing += _diagonal_listing(numbers)
     logits, mask = (_staggered(r, numbers, "kv_idx") for r in (logits, mask))
@@ -495,6 +499,8 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         has_residual=not (analysis.residual_mask.op is Op.CONST and analysis.residual_mask.arg is True),
         block_runs=analysis.block_runs,
         plain_logits=analysis.plain_logits,
+        # the factor exp2 takes s by (s: the raw q·kᵀ of plain logits; sm_scale > 0, see Attention.__call__)
+        exp2_scale="(sm_scale * LOG2E)" if analysis.plain_logits else "LOG2E" if unscaled else "",
         logits_broadcast=not ir.depends_on(logits, "score"),  # row-level or constant logits
         tile_origin=_reads_tile_origin(roots),
         batch_inner=_reads_batch_shared_tiles(roots),
