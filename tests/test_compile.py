@@ -119,6 +119,7 @@ def test_a_compiled_call_follows_lengths_that_change():
 
 
 _PROBE = torch.randn(2, 24, 24)  # (a module-level tensor: mods that read it are built outside the graph)
+_DOC_CAUSAL = fg.mods.document(torch.arange(24) // 9) & fg.mods.causal  # (a combined Mod, built outside too)
 
 
 def _probe_mod(score, b, h, q_idx, kv_idx):
@@ -131,15 +132,18 @@ def test_fg_attention_with_mods_built_outside_compiles_whole_on_its_first_call()
     # traces the call (api._remember), outside the graph, which has no break (fullgraph=True)
     torch._dynamo.reset()
     fg.api._recent.clear()
+    fg.api._kept.clear()
     q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
     window = fg.mods.sliding_window(5)
+    for mods in (dict(score_mod=_probe_mod, mask_mod=window), dict(mask_mod=_DOC_CAUSAL)):
 
-    def loss(q, k, v):
-        return fg.attention(q, k, v, score_mod=_probe_mod, mask_mod=window).sum()
+        def loss(q, k, v, mods=mods):
+            return fg.attention(q, k, v, **mods).sum()
 
-    got, got_grads = grads_of(lambda: torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v), (q, k, v))
-    want, want_grads = grads_of(lambda: loss(q, k, v), (q, k, v))
-    assert rel_err(got, want) < 1e-6 and all(rel_err(g, w) < 1e-6 for g, w in zip(got_grads, want_grads))
+        got, got_grads = grads_of(lambda: torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v),
+                                  (q, k, v))
+        want, want_grads = grads_of(lambda: loss(q, k, v), (q, k, v))
+        assert rel_err(got, want) < 1e-6 and all(rel_err(g, w) < 1e-6 for g, w in zip(got_grads, want_grads))
 
 
 @requires_interpreter
@@ -206,6 +210,7 @@ _GPU_MASK = fg.mods.document(_GPU_DOC) & fg.mods.causal if torch.cuda.is_availab
 def test_fg_attention_first_called_inside_a_compiled_gpu_step_has_no_graph_break():
     torch._dynamo.reset()
     fg.api._recent.clear()
+    fg.api._kept.clear()
     x = torch.randn(2, 4, 1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
     def loss(x):  # (module-level mods, first seen while Dynamo traces: api._remember)
