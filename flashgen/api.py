@@ -1042,45 +1042,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Call
     again only when something they read changes; kernels are generated and compiled once per
     equivalent program. ``deterministic`` and ``fast_math`` as in :func:`compile`.
     """
-    op_id = _remember(score_mod, mask_mod, bias, deterministic, fast_math) if torch.compiler.is_compiling() else -1
-    attn = _kept[op_id] if op_id >= 0 else _attention_of(score_mod, mask_mod, bias, deterministic, fast_math)
-    return attn(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse)
-
-
-def _attention_of(score_mod, mask_mod, bias, deterministic: bool, fast_math: bool | None) -> Attention:
-    """These mods' Attention: a recent one whose fingerprint matches, or a new one."""
     key = _fingerprint((score_mod, mask_mod, bias, deterministic, fast_math))
-    if key is None:  # (something the fingerprint cannot see through: traced every call)
-        return Attention(score_mod, mask_mod, bias, deterministic=deterministic, fast_math=fast_math)
-    if key not in _recent:
-        _recent[key] = Attention(score_mod, mask_mod, bias, deterministic=deterministic, fast_math=fast_math)
-        if len(_recent) > _RECENT_MAX:
-            _recent.popitem(last=False)
-    _recent.move_to_end(key)
-    return _recent[key]
-
-
-@torch.compiler.assume_constant_result
-def _remember(score_mod, mask_mod, bias, deterministic: bool, fast_math: bool | None) -> int:
-    """The op id of these mods' Attention, kept in ``_kept``. Dynamo runs this when it traces a call
-    instead of tracing it: the mods are traced outside the graph, which reads ``_kept`` (no break).
-    -1 for mods built inside the compiled function (Dynamo passes such objects half made): the graph
-    then breaks where ``fg.attention`` builds their Attention."""
-    try:
-        attn = _attention_of(score_mod, mask_mod, bias, deterministic, fast_math)
-    except Exception:  # noqa: BLE001 (whatever a half-made object raises; the break then reports it)
-        return -1
-    _kept[attn._op_id] = attn
-    if len(_kept) > _RECENT_MAX:
-        _kept.popitem(last=False)
-    return attn._op_id
+    attn = _recent.get(key) if key is not None else None
+    if attn is None:
+        attn = Attention(score_mod, mask_mod, bias, deterministic=deterministic, fast_math=fast_math)
+        if key is not None:
+            _recent[key] = attn
+            if len(_recent) > _RECENT_MAX:
+                _recent.popitem(last=False)
+    else:
+        _recent.move_to_end(key)
+    return attn(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse)
 
 
 # fg.attention traces its mods on the first call only: later calls with the same functions, whose
 # closures, defaults and globals hold the same values (tensors: the same objects, shapes and dtypes),
 # reuse the traced Attention. Anything the fingerprint cannot see through is traced every time.
 _recent: OrderedDict[tuple, Attention] = OrderedDict()
-_kept: OrderedDict[int, Attention] = OrderedDict()  # those compiled graphs call, by op id (api._remember)
 _RECENT_MAX = 128
 _BLOCK_MAPS_MAX = 16  # block maps kept per Attention (shapes x tile sizes x captured-tensor versions)
 _UNSEEN = object()
