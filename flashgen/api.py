@@ -691,8 +691,7 @@ class Attention:
         plan = self._kept(key)
         if plan is None:
             self._first_launch(key, lambda: self._backward_launch(shape, Hkv, D, Dv, q, dq_args, dkdv_args,
-                                                                  grads, fixed, dlse is not None, grad_slots, tma,
-                                                                  tiles, stored_slots),
+                                                                  grads, fixed, dlse is not None, ks, tma, tiles),
                                lambda: self._backward(q, k, v, out, lse, dout, dlse, scale, grad_slots))
         else:  # the dQ pass first: it stores delta
             plan[0](*dq_args)
@@ -713,15 +712,14 @@ class Attention:
         return grads
 
     def _backward_launch(self, shape, Hkv: int, D: int, Dv: int, q, dq_args: tuple, dkdv_args,
-                         grads: dict, fixed, has_dlse: bool, grad_slots: tuple[int, ...],
-                         tma: bool, tiles: dict, stored: tuple[int, ...]) -> tuple | None:
+                         grads: dict, fixed, has_dlse: bool, ks: KernelSource, tma: bool,
+                         tiles: dict) -> tuple | None:
         """A backward signature's first launches, dQ pass then dK/dV pass: tiles tuned or chosen by
         the mask. Returns them to keep, or None in deterministic mode (nothing to keep)."""
         B, Hq, Sq, Skv = shape
         sparsity = self._sparsity(shape, D, Dv, q.dtype, q.device)
         tma = tma and backward_tma(sparsity, D, Dv, bool(self._logit_reads))
         common = dict(self._launch_constants(q.dtype, D, Dv, shape), TMA=tma, **tiles)
-        ks = self._backward_source(grad_slots, stored)
         # the stored gradients' buffers are dense (a stride-0 view's gradient is not): offsets into them may
         # pass 2**31 - 1 where the captured tensor's do not
         wide = index_type([grads[slot] for slot, _ in ks.stored_grads])
