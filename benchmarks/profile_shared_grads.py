@@ -6,8 +6,10 @@ A dense bias [H, S, S] that requires grad costs ~12 ms more per fwd+bwd step tha
 frozen at 4x16x8192x128 (fp32 atomic adds from the dK/dV pass), where a bias [B, H, S, S] costs
 ~2 ms more (its gradient stored by the dQ pass). This prints the CUDA kernels of one step
 (torch.profiler, us per step) with the frozen and the learnable bias, for the flashgen on
-``PYTHONPATH``. ``--sums`` also times ways to sum a [B, H, S, S] bf16 buffer over b (the step a
-per-batch-entry store would need), against the bytes they must move.
+``PYTHONPATH``. ``--sums`` also times ways to sum a [B, H, S, S] bf16 buffer over b (the step
+after the dQ pass stores each batch entry's part), against the bytes they must move. (The first
+run's Triton sum, written here before ``runtime.sum_leading``, offset its parts by ``b * n`` in
+int32 and summed the wrong entries past 2^31; its time, 2.6 ms, read as many bytes.)
 """
 
 from __future__ import annotations
@@ -38,33 +40,21 @@ def kernels(step, steps: int = 3) -> list[tuple[str, float]]:
 
 
 def sums(B: int, H: int, S: int) -> None:
-    import triton
-    import triton.language as tl
     from triton.testing import do_bench
 
-    @triton.jit
-    def summed(parts, out, n, NB: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        keep = offs < n
-        acc = tl.zeros([BLOCK], tl.float32)
-        for b in range(NB):
-            acc += tl.load(parts + b * n + offs, mask=keep, other=0.0).to(tl.float32)
-        tl.store(out + offs, acc.to(out.dtype.element_ty), mask=keep)
+    from flashgen.runtime import sum_leading
 
     parts = torch.randn(B, H, S, S, device="cuda", dtype=torch.bfloat16)
-    n = parts[0].numel()
-    out = torch.empty_like(parts[0])
-    moved = (B + 1) * n * 2
+    moved = (B + 1) * parts[0].numel() * 2
     ways = {
         "torch sum(0)": lambda: parts.sum(0),
         "torch sum(0, dtype=float32)": lambda: parts.sum(0, dtype=torch.float32),
         "adds in fp32": lambda: sum(parts[b].float() for b in range(B)),
-        "triton, BLOCK 4096": lambda: summed[(triton.cdiv(n, 4096),)](parts, out, n, NB=B, BLOCK=4096),
+        "runtime.sum_leading": lambda: sum_leading(parts, 1),
         "torch.empty of the buffer": lambda: torch.empty(B, H, S, S, device="cuda", dtype=torch.bfloat16),
     }
     want = parts.float().sum(0)
-    summed[(triton.cdiv(n, 4096),)](parts, out, n, NB=B, BLOCK=4096)
-    print(f"triton sum against float32: {((out.float() - want).norm() / want.norm()).item():.1e}")
+    print(f"sum_leading against float32: {((sum_leading(parts, 1).float() - want).norm() / want.norm()).item():.1e}")
     print(f"sum over b of [{B}, {H}, {S}, {S}] bf16: {moved / 1e9:.1f} GB to move at least")
     for name, f in ways.items():
         ms = do_bench(f, warmup=5, rep=50, return_mode="median")
