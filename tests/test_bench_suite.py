@@ -194,3 +194,19 @@ def test_pair_bias_variant_checks_a_corner_and_records_peers_not_run():
     skipped = dataclasses.replace(case, not_run={"flex": "not run: a reason"})
     calls, errors = bench.implementations(skipped, q, q, q, "cpu", True, flex=lambda *a, **kw: None)
     assert errors == {"flex": "not run: a reason"} and "flex" not in calls and "flashgen" in calls
+
+
+def test_two_trees_are_timed_in_alternating_processes(tmp_path):
+    """benchmarks/ab_trees.py: the package at a git revision against the working tree, each arm in its
+    own process importing its own copy (the plumbing, on the CPU; a tree without a package is refused)."""
+    script = ROOT / "benchmarks" / "ab_trees.py"
+    run = [sys.executable, str(script)]
+    subprocess.run(run + ["--prepare", "HEAD", str(tmp_path / "old")], cwd=ROOT, check=True, capture_output=True)
+    assert (tmp_path / "old" / "flashgen" / "api.py").is_file()
+    done = subprocess.run(run + ["--old", str(tmp_path / "old"), "--variants", "full", "--rounds", "1", "--smoke"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cells = done.stdout.splitlines()[-1].rsplit(maxsplit=3)
+    assert cells[0].startswith("full, ") and float(cells[1]) > 0 and float(cells[2]) > 0, done.stdout
+    refused = subprocess.run(run + ["--old", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "must hold a flashgen package" in refused.stderr
