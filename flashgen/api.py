@@ -129,6 +129,7 @@ class Attention:
         self._block_maps: OrderedDict[tuple, BlockMask] = OrderedDict()
         self._mask_reads = [self.captured[i] for i in reads(self.program.mask)]  # what a block map depends on
         self._logit_reads = frozenset(r.arg for r in float_reads(self.program.logits))  # (a mask's get no gradient)
+        self._entrywise = entrywise_reads(self.program.logits)  # (each backward call chooses among them)
         self._last_block_map: BlockMask | None = None
         self.last_tiles: dict[str, Config] = {}  # kernel -> the configuration the last call launched
         self._constants: dict[tuple, dict] = {}  # launch constexprs per call layout (_launch_constants)
@@ -217,7 +218,7 @@ class Attention:
                                               False: "exact formulas (fast_math=False)"}[self.fast_math])
         read = self._logit_reads
         learnable = [i for i, t in enumerate(self.captured) if i in read and t.requires_grad]
-        entrywise = entrywise_reads(self.program.logits)
+        entrywise = self._entrywise
         added = ", ".join(f"captured{i}" for i in learnable if i not in entrywise)
         stored = ", ".join(f"captured{i}" for i in learnable if i in entrywise and not shared_by(entrywise[i]))
         shared = "".join(f"; captured{i} (stored by the dQ pass per {' and '.join(shared_by(entrywise[i]))}, in its "
@@ -610,7 +611,7 @@ class Attention:
         """The backward module for ``grad_slots``, with the gradients of ``stored`` stored by the dQ
         pass (default: every entry-wise read's, ``analysis.entrywise_reads``)."""
         if stored is None:
-            stored = tuple(slot for slot in entrywise_reads(self.program.logits) if slot in grad_slots)
+            stored = tuple(slot for slot in self._entrywise if slot in grad_slots)
         key = (self.program.key, grad_slots, stored)
         ks = _sources.get(key)
         if ks is None:
@@ -627,7 +628,7 @@ class Attention:
         bf16 4x16x8192x128, a bias [H, S, S], fwd+bwd: 26.75 ms stored and summed, 33.31 added; causal 17.16
         and 17.09: the stored buffer is then zeroed and summed whole, the adds skip the masked half.)"""
         extent = {"b": B, "h": Hq}
-        return tuple(slot for slot, index in entrywise_reads(self.program.logits).items() if slot in grad_slots
+        return tuple(slot for slot, index in self._entrywise.items() if slot in grad_slots
                      and (not shared_by(index) or not self.analysis.has_mask
                           and math.prod(extent[n] for n in shared_by(index)) * self.captured[slot].element_size() <= 8))
 
