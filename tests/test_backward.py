@@ -712,3 +712,27 @@ def test_bias_tiles_by_tma_agree_with_pointers(B, H, Sq, Skv4, full, mask, seed)
             runtime.TMA = None
     for got, want in zip(*results):
         assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["h", "b", "hT", "shared", "bh"])
+@settings(FUZZ, max_examples=examples(5))
+@given(B=st.integers(1, 3), H=st.integers(1, 2), S=st.integers(2, 50), causal=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_entrywise_bias_gradients_stored_or_added_agree_with_float64(layout, B, H, S, causal, seed):
+    """A learnable bias read once per score entry, in each layout the dQ pass may store (per batch
+    entry and summed where b or h is left out, by ``Attention._stored_slots``'s rule) or the dK/dV
+    pass adds: [H, S, S], [B, 1, S, S] read at [b, 0, q, kv], [H, S, S] read transposed at
+    [h, kv, q], [S, S] shared by b and h, and [B, H, S, S]."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"h": (H, S, S), "b": (B, 1, S, S), "hT": (H, S, S), "shared": (S, S), "bh": (B, H, S, S)}
+    bias = torch.randn(*shapes[layout], generator=gen).requires_grad_()
+    reads = {"h": lambda b, h, q, kv: bias[h, q, kv], "b": lambda b, h, q, kv: bias[b, 0, q, kv],
+             "hT": lambda b, h, q, kv: bias[h, kv, q], "shared": lambda b, h, q, kv: bias[q, kv],
+             "bh": lambda b, h, q, kv: bias[b, h, q, kv]}
+    read = reads[layout]
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + read(b, h, q_idx, kv_idx)
+
+    q, k, v = (torch.randn(B, H, S, 16, generator=gen) for _ in range(3))
+    check_backward(q, k, v, score_mod=mod, mask_mod=fg.mods.causal if causal else None, captured=(bias,))
