@@ -219,16 +219,19 @@ class Attention:
         read = self._logit_reads
         learnable = [i for i, t in enumerate(self.captured) if i in read and t.requires_grad]
         entrywise = self._entrywise
-        added = ", ".join(f"captured{i}" for i in learnable if i not in entrywise)
+        adds = ("int64 fixed-point atomics, deterministic, two dK/dV passes" if self.deterministic
+                else "fp32 atomic adds")
+        # (a read that b or h leave out is stored per batch entry only without a mask: _stored_slots)
+        shared = [i for i in learnable if i in entrywise and shared_by(entrywise[i]) and not self.analysis.has_mask]
+        added = ", ".join(f"captured{i}" for i in learnable if i not in entrywise
+                          or shared_by(entrywise[i]) and self.analysis.has_mask)
         stored = ", ".join(f"captured{i}" for i in learnable if i in entrywise and not shared_by(entrywise[i]))
-        shared = "".join(f"; captured{i} (stored by the dQ pass per {' and '.join(shared_by(entrywise[i]))}, in its "
-                         "dtype, and summed in float32 after, where there is no mask and that buffer is at most twice "
-                         "a float32 copy: deterministic; else fp32 atomic adds)" for i in learnable
-                         if i in entrywise and shared_by(entrywise[i]))
         lines.append("gradients: q, k, v (deterministic)"
-                     + (f"; {stored} (stored by the dQ pass, once per entry: deterministic)" if stored else "") + shared
-                     + (f"; {added} (" + ("int64 fixed-point atomics, deterministic, two dK/dV passes"
-                                          if self.deterministic else "fp32 atomic adds") + ")" if added else ""))
+                     + (f"; {stored} (stored by the dQ pass, once per entry: deterministic)" if stored else "")
+                     + "".join(f"; captured{i} (stored by the dQ pass per {' and '.join(shared_by(entrywise[i]))} in "
+                               "its dtype and summed in float32 after, deterministic, where that buffer is at most "
+                               f"twice a float32 copy; else {adds})" for i in shared)
+                     + (f"; {added} ({adds})" if added else ""))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
