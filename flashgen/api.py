@@ -221,11 +221,10 @@ class Attention:
         entrywise = self._entrywise
         adds = ("int64 fixed-point atomics, deterministic, two dK/dV passes" if self.deterministic
                 else "fp32 atomic adds")
-        # (a read that b or h leave out is stored per batch entry only without a mask: _stored_slots)
-        shared = [i for i in learnable if i in entrywise and shared_by(entrywise[i]) and not self.analysis.has_mask]
-        added = ", ".join(f"captured{i}" for i in learnable if i not in entrywise
-                          or shared_by(entrywise[i]) and self.analysis.has_mask)
-        stored = ", ".join(f"captured{i}" for i in learnable if i in entrywise and not shared_by(entrywise[i]))
+        storable = self._stored_slots(tuple(learnable), 1, 1)  # (the rule's size test then depends on B and H)
+        shared = [i for i in storable if shared_by(entrywise[i])]
+        added = ", ".join(f"captured{i}" for i in learnable if i not in storable)
+        stored = ", ".join(f"captured{i}" for i in storable if not shared_by(entrywise[i]))
         lines.append("gradients: q, k, v (deterministic)"
                      + (f"; {stored} (stored by the dQ pass, once per entry: deterministic)" if stored else "")
                      + "".join(f"; captured{i} (stored by the dQ pass per {' and '.join(shared_by(entrywise[i]))} in "
