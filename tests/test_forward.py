@@ -297,3 +297,19 @@ def test_a_bias_shared_by_the_batch_runs_its_batch_entries_side_by_side():
         check_against_reference(q, k, v, bias=bias, mask_mod=mask)
     kv = (rand(B, 1, S, 16), rand(B, 1, S, 16))
     check_against_reference(q, *kv, bias=bias, mask_mod=fg.mods.causal, enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("form", ["plain", "bias", "causal"])
+def test_running_max_that_grows_across_tiles(form, dtype):
+    """A row's max that grows tile after tile, by small steps and big ones: the online softmax's
+    rescaling of the running sums is exact (fp16: a stale max would overflow p)."""
+    B, H, S, D = 1, 2, 160, 16
+    q, k, v = (rand(B, H, S, D, dtype=dtype) for _ in range(3))
+    steps = torch.tensor([0.0, 2.0, 9.0, 1.0, 14.0])  # natural-log units, one per 32-key tile
+    ramp = steps.cumsum(0).repeat_interleave(32)[:S]
+    if form == "bias":  # logits that jump at each tile boundary
+        check_against_reference(q, k, v, bias=(ramp[None, :] + torch.randn(S, S)).to(dtype))
+    else:  # keys scaled up tile by tile: q·kᵀ of later tiles outgrows the earlier ones
+        k = (k.float() * (1.0 + ramp / 4)[:, None]).to(dtype)
+        check_against_reference(q, k, v, mask_mod=fg.mods.causal if form == "causal" else None)
