@@ -17,6 +17,7 @@ time), and with ``--breakdown`` each refill kernel's time under a few settings.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="also a cProfile of flashgen's steps whose ids change")
     p.add_argument("--breakdown", action="store_true", help="also each refill kernel's GPU time, per map")
+    p.add_argument("--ab-graphs", type=int, default=0, metavar="ROUNDS",
+                   help="also steps with changing ids and refills alone, refills replayed as CUDA graphs or "
+                        "launched one by one (maps.GRAPHS), alternating for ROUNDS rounds")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("doc_rebuild: no CUDA device")
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             for live, keys in kept:
                 live.refresh(keys)
 
+        for _ in range(3):  # (the second refill of the same maps records them as one CUDA graph)
+            refill()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(50):
@@ -128,6 +134,19 @@ def main(argv: list[str] | None = None) -> int:
               f"GPU {bench(refill):.3f} ms (median)")
     if kept and args.breakdown:
         breakdown(kept, bench)
+    if kept and args.ab_graphs:
+        from flashgen import maps as fg_maps
+
+        times = {(graphs, what): [] for graphs in (True, False) for what in ("step", "refill")}
+        for _ in range(args.ab_graphs):
+            for graphs in (True, False):
+                fg_maps.GRAPHS = graphs
+                times[graphs, "step"].append(bench(lambda: fg_step(True)))
+                times[graphs, "refill"].append(bench(refill))
+        fg_maps.GRAPHS = True
+        for (graphs, what), ms in times.items():
+            print(f"  refills {'as graphs' if graphs else 'one by one'}, {what}: median {statistics.median(ms):.3f} ms "
+                  f"(rounds {', '.join(f'{x:.3f}' for x in ms)})")
     if args.profile:  # where a step's host time goes (by own time)
         print(suite.own_time_profile(lambda: ([fg_step(True) for _ in range(10)], torch.cuda.synchronize())))
     try:
