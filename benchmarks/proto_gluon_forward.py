@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="4x16x8192x128,8x16x4096x64")
     p.add_argument("--stages", default="2", help="comma-separated stage counts to time")
     args = p.parse_args(argv)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]  # ("": checks only)
     stages_list = [int(s) for s in args.stages.split(",")]
     if args.compile_only:
         for shape in shapes:
