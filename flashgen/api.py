@@ -16,7 +16,14 @@ from . import ir, runtime
 from .analysis import Analysis, analyze, entrywise_reads, reads_in_range, shared_by, tile_reads
 from .autodiff import float_reads
 from .blocks import BlockMask, reads
-from .codegen.render import KernelSource, lowering_notes, render_backward, render_block_map, render_forward
+from .codegen.render import (
+    KernelSource,
+    lowering_notes,
+    render_backward,
+    render_block_map,
+    render_forward,
+    render_forward_ws,
+)
 from .factors import LowRankBias, factor_bias
 from .lowrank import lowering_cost
 from .maps import LiveRuns
@@ -51,6 +58,8 @@ from .runtime import (
     templates_here,
     tile_tma_ok,
     tma_ok,
+    ws_forward,
+    ws_forward_fits,
 )
 from .settings import settings
 from .spec import Mod
@@ -62,7 +71,7 @@ MAX_HEAD_DIM = 256
 FACTOR_ROUNDING_TOL = 1 / 128  # logits: a bias lowered to factors may move none by more (1% of a weight)
 
 # one rendered kernel per program key, shared by every Attention with an equivalent program
-_sources: dict[object, KernelSource] = {}
+_sources: dict[object, KernelSource | None] = {}
 
 
 def _as_bias_fn(bias) -> Callable | None:
@@ -152,17 +161,32 @@ class Attention:
             _sources[self.program.key] = ks
         return ks
 
+    def _ws_source(self) -> KernelSource | None:
+        """The warp-specialised Hopper forward (Gluon), or None where the program is outside it."""
+        key = ("ws", self.program.key)
+        if key not in _sources:
+            templates_here()
+            _sources[key] = render_forward_ws(self.name, self.program.key, self.analysis)
+        return _sources[key]
+
     def source(self, which: str = "fwd") -> str:
         """The generated Triton source: ``"fwd"`` (forward kernel) or ``"bwd"`` (the dK/dV and dQ
         kernels, with gradients for every floating-point captured tensor that requires grad, in the
         form the last backward took: which gradients the dQ pass stores depends on B and H, see
-        ``_stored_slots``; before any backward, every one it can)."""
+        ``_stored_slots``; before any backward, every one it can); ``"fwd_ws"``: the Gluon forward
+        that Hopper GPUs run where it fits (``runtime.ws_forward_fits``)."""
         if which == "fwd":
             return self._kernel_source().source
+        if which == "fwd_ws":
+            ws = self._ws_source()
+            if ws is None:
+                raise ValueError(f"{self.name}: no warp-specialised forward (it covers plain logits with no mask or "
+                                 "a band of constant offsets that holds the diagonal, such as causal)")
+            return ws.source
         if which == "bwd":
             slots = tuple(i for i, t in enumerate(self.captured) if t.is_floating_point() and t.requires_grad)
             return self._backward_source(slots, self._last_stored.get(slots)).source
-        raise ValueError(f"source({which!r}): choose 'fwd' or 'bwd'")
+        raise ValueError(f"source({which!r}): choose 'fwd', 'fwd_ws' or 'bwd'")
 
     def explain(self) -> str:
         """A readable report: the traced IR, the captured tensors and every analysis result."""
@@ -471,6 +495,12 @@ class Attention:
             out.zero_()
             if lse is not None:
                 lse.fill_(float("-inf"))
+            return out, lse
+        ws = self._ws_source() if config is None and not self.autotune and not capturing() else None
+        if ws is not None and ws_forward_fits(q, k, v):  # Hopper: the warp-specialised kernel
+            scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+            ws_forward(load_module(ws), q, k, v, out, scratch, scale)
+            self.last_tiles = {"forward": "warp-specialised (Gluon)"}
             return out, lse
         shape = (B, Hq, Sq, Skv)
         ks = self._kernel_source()

@@ -556,3 +556,64 @@ def test_kept_launches_go_direct_and_follow_alignment_and_streams():
     assert len(plans) == (3 if runtime.tma_ok(flat[0][:n].view(2, 4, 256, 64)) else 2)
     if ".".join(triton.__version__.split(".")[:2]) in runtime.DIRECT_LAUNCH_TRITON:
         assert all(callable(launch._direct) for launch in launches)
+
+
+# ---------------------------------------------------------------------------------------------
+# the warp-specialised forward (Gluon, Hopper)
+
+WS_CASES = [
+    pytest.param(None, torch.bfloat16, 4, id="full-bf16"),
+    pytest.param(fg.mods.causal, torch.bfloat16, 2, id="causal-gqa-bf16"),
+    pytest.param(fg.mods.causal, torch.float16, 4, id="causal-fp16"),
+    pytest.param(fg.mods.sliding_window(200), torch.bfloat16, 4, id="sliding200-bf16"),
+    pytest.param(fg.mods.causal, torch.bfloat16, 1, id="causal-mqa"),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the warp-specialised forward needs a Hopper GPU")
+@pytest.mark.parametrize("mask, dtype, hkv", WS_CASES)
+def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(mask, dtype, hkv):
+    """Full, causal and sliding-window forwards at D = 128 take the Gluon kernel on Hopper: out and
+    lse against float64, and against the Triton kernel of the same mods; gradients through its lse."""
+    q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=61)
+    attn = fg.compile(mask_mod=mask)
+    gqa = hkv != 4
+    out, lse = attn(q, k, v, return_lse=True, enable_gqa=gqa)
+    assert attn.last_tiles["forward"] == "warp-specialised (Gluon)"
+    check(out, q, k, v, mask_mod=mask, enable_gqa=gqa)
+    with torch.no_grad():
+        _, ref_lse = fg.attention_reference(q, k, v, mask_mod=mask, enable_gqa=gqa, return_lse=True)
+    assert (lse.double() - ref_lse).abs().max() < LSE_ATOL[dtype]
+    runtime.WS_FORWARD = False
+    try:
+        triton_out = attn(q, k, v, enable_gqa=gqa)
+        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
+    finally:
+        runtime.WS_FORWARD = True
+    assert rel_err(out, triton_out) < 1e-2
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    dout = randn(*out.shape, dtype=dtype, seed=62)
+    attn(*leaves, enable_gqa=gqa).backward(dout)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    fg.attention_reference(qd, kd, vd, mask_mod=mask, enable_gqa=gqa).backward(dout.double())
+    for name, got, want in zip(("dq", "dk", "dv"), (t.grad for t in leaves), (qd.grad, kd.grad, vd.grad)):
+        assert rel_err(got, want) < 3e-2, name
+
+
+def test_warp_specialised_forward_leaves_other_calls_to_the_triton_kernel():
+    """Lengths that are not multiples of 128, misaligned inputs, D = 64 and mods outside plain logits
+    with a band go through the Triton kernel, still right."""
+    causal = fg.compile(mask_mod=fg.mods.causal)
+    q, k, v = make_qkv(1, 2, 200, 128, seed=63)
+    check(causal(q, k, v), q, k, v, mask_mod=fg.mods.causal)
+    assert causal.last_tiles["forward"] != "warp-specialised (Gluon)"
+    n = 2 * 256 * 128
+    flat = [randn(n + 8, seed=64 + i) for i in range(3)]
+    q, k, v = (t[4:4 + n].view(1, 2, 256, 128) for t in flat)  # 8-byte aligned
+    check(causal(q, k, v), q, k, v, mask_mod=fg.mods.causal)
+    assert causal.last_tiles["forward"] != "warp-specialised (Gluon)"
+    prefix = fg.compile(mask_mod=fg.mods.prefix_lm(100))
+    q, k, v = make_qkv(1, 2, 256, 128, seed=67)
+    check(prefix(q, k, v), q, k, v, mask_mod=fg.mods.prefix_lm(100))
+    assert prefix.last_tiles["forward"] != "warp-specialised (Gluon)"

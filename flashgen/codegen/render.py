@@ -520,6 +520,24 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
                         tuple(numbers), tile_reads=tuple(tile.tiles))
 
 
+def render_forward_ws(name: str, program_key: str, analysis: Analysis) -> KernelSource | None:
+    """The warp-specialised forward for Hopper GPUs (Gluon), or None where the program is outside
+    what it covers: plain logits, and no mask or a band of constant offsets that holds the diagonal
+    (full, causal, sliding windows), so that every row sees at least its own key. The launch checks
+    the rest (``runtime.ws_forward_fits``)."""
+    band = analysis.band
+    residual = analysis.residual_mask
+    if not analysis.plain_logits or analysis.block_runs:
+        return None
+    if analysis.has_mask and (band.is_trivial or not (residual.op is Op.CONST and residual.arg is True)):
+        return None
+    if (band.lo is not None and band.lo > 0) or (band.hi is not None and band.hi < 0):
+        return None
+    source = _template("attention_fwd_ws.py.jinja").render(version=__version__, name=name,
+                                                           program_key=program_key[:16], band=band)
+    return KernelSource(name, source, "attn_fwd_ws", (), hashlib.sha256(source.encode()).hexdigest())
+
+
 def _all(*conditions: str) -> str:
     """``&`` of conditions, each as ``(... != 0)``: Triton 3.6's interpreter refuses ``&`` and ``|``
     between a scalar comparison of floats and a vector one (the compiled kernel drops the ``!= 0``)."""

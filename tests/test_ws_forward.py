@@ -1,0 +1,77 @@
+"""The warp-specialised Hopper forward (Gluon, ``render.render_forward_ws``) without a GPU: which
+programs it covers, and its generated module compiled for sm_90 with Triton's own compiler (Gluon
+does not run in the interpreter; ``test_gpu.py`` runs it on a Hopper GPU against float64)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import flashgen as fg
+from flashgen import parallel, runtime
+
+gluon_hopper = pytest.mark.skipif(not runtime._gluon_hopper(), reason="this Triton has no Gluon Hopper API")
+
+
+@pytest.mark.parametrize("mods, band", [
+    (dict(), "-inf <= kv_idx - q_idx <= +inf"),
+    (dict(mask_mod=fg.mods.causal), "-inf <= kv_idx - q_idx <= 0"),
+    (dict(mask_mod=fg.mods.sliding_window(1024)), "-1023 <= kv_idx - q_idx <= 0"),
+    (dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: (kv - q <= 5) & (q - kv <= 7))), "-7 <= kv_idx - q_idx <= 5"),
+])
+def test_plain_logits_with_a_band_through_the_diagonal_have_a_warp_specialised_forward(mods, band):
+    source = fg.compile(**mods).source("fwd_ws")
+    assert f"#   band   = {band}" in source and "gl.warp_specialize" in source
+
+
+@pytest.mark.parametrize("mods", [
+    dict(mask_mod=fg.mods.prefix_lm(100)),  # a union: no band
+    dict(mask_mod=fg.mods.document(torch.zeros(64, dtype=torch.long))),  # reads a tensor: a block map
+    dict(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4)), mask_mod=fg.mods.causal),  # not plain logits
+    dict(bias=torch.randn(64, 64)),
+    dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: kv >= q + 3)),  # the diagonal outside the band
+    dict(mask_mod=fg.mods.causal & fg.mask_mod(lambda b, h, q, kv: (q % 2) == (kv % 2))),  # a band and more
+])
+def test_other_programs_keep_the_triton_forward(mods):
+    with pytest.raises(ValueError, match="no warp-specialised forward"):
+        fg.compile(**mods).source("fwd_ws")
+
+
+def test_the_warp_specialised_forward_is_not_taken_off_hopper():
+    q, k, v = (torch.randn(1, 2, 256, 128, dtype=torch.bfloat16) for _ in range(3))
+    assert not runtime.ws_forward_fits(q, k, v)  # a CPU tensor (and the interpreter)
+
+
+@gluon_hopper
+@pytest.mark.parametrize("mask, dtype, hkv", [
+    (None, torch.bfloat16, 4),
+    (fg.mods.causal, torch.float16, 2),
+    (fg.mods.sliding_window(300), torch.bfloat16, 4),
+])
+def test_the_generated_gluon_module_compiles_for_sm90(mask, dtype, hkv, tmp_path, monkeypatch):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile as triton_compile
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    source = fg.compile(mask_mod=mask).source("fwd_ws")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # (a module imported under the interpreter is interpreted)
+    path = tmp_path / "ws_forward.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("flashgen_test_ws_forward", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    q = torch.randn(2, 4, 512, 128, dtype=dtype)
+    k, v = torch.randn(2, hkv, 512, 128, dtype=dtype), torch.randn(2, hkv, 512, 128, dtype=dtype)
+    launches: list = []
+    with parallel.captured(launches):  # the launch's arguments, recorded instead of run
+        runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1)
+    kernel, args, kwargs = launches[0]
+    assert kwargs["GROUP_SIZE"] == 4 // hkv
+    target = GPUTarget("cuda", 90, 32)
+    src, options = parallel.launch_source(kernel, args, kwargs, target)
+    compiled = triton_compile(GluonASTSource(src.fn, src.signature, src.constants, src.attrs), target=target,
+                              options=options.__dict__)
+    assert compiled.metadata.shared <= 232448  # an H100/H200's shared memory per block
+    assert "setmaxnreg" in compiled.asm["ptx"]  # the partitions' register split
