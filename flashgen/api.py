@@ -210,12 +210,16 @@ class Attention:
                          f"rounded to bf16 beside q and k, move a logit by at most "
                          f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})")
         notes = lowering_notes(self.program.logits, self.program.mask)
+        if self._ws_source() is not None:  # (a low-rank bias runs another program: _ws_source is for this one)
+            notes = [*notes, "forward on Hopper GPUs (head dim 128, lengths a multiple of 128, contiguous inputs): "
+                             "the warp-specialised Gluon kernel, source('fwd_ws')"]
         if notes and self.low_rank_bias is None:
             lines.append("kernels:")
             lines += [f"  {note}" for note in notes]
         if self.last_tiles:
             lines.append("tiles of the last call (block_m, block_n, warps, stages): " + ", ".join(
-                f"{name} {(c.block_m, c.block_n, c.num_warps, c.num_stages)}" for name, c in self.last_tiles.items()))
+                f"{name} {c if isinstance(c, str) else (c.block_m, c.block_n, c.num_warps, c.num_stages)}"
+                for name, c in self.last_tiles.items()))
         if self._plans:
             kept = [x for plan, _, _ in self._plans.values() for x in (plan if isinstance(plan, tuple) else (plan,))]
             direct = sum(1 for x in kept if x._direct)

@@ -243,7 +243,10 @@ def _need_gpu(command: str) -> None:
 
 def _show(args: argparse.Namespace) -> int:
     _, attn = _attention(args.spec, parse_shape(args.shape), "cpu")
-    print(attn.source("bwd" if args.bwd else "fwd"), end="")
+    try:
+        print(attn.source("bwd" if args.bwd else "fwd_ws" if args.ws else "fwd"), end="")
+    except ValueError as e:
+        raise CliError(str(e)) from None
     return 0
 
 
@@ -376,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("show", "tune"):
             p.add_argument("--bwd", action="store_true", help="the backward kernels too" if name == "tune"
                            else "the backward kernels instead of the forward one")
+        if name == "show":
+            p.add_argument("--ws", action="store_true", help="the warp-specialised Gluon forward that Hopper GPUs run "
+                           "where it fits (plain logits with no mask or a band)")
         p.set_defaults(func=func)
     cache = sub.add_parser("cache", help="list, summarise or clear the disk cache")
     cache.add_argument("action", choices=("ls", "info", "clear"))

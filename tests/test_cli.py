@@ -148,6 +148,14 @@ def test_show_backward(cache, capsys):
     assert out == fg.compile(mask_mod=fg.mods.causal).source("bwd")
 
 
+def test_show_warp_specialised_forward(cache, capsys):
+    rc, out, _ = cli(capsys, "show", "causal", "--ws")
+    assert rc == 0 and "def attn_fwd_ws(" in out and "gl.warp_specialize" in out
+    assert out == fg.compile(mask_mod=fg.mods.causal).source("fwd_ws")
+    rc, out, err = cli(capsys, "show", "alibi", "--ws")
+    assert rc != 0 and "no warp-specialised forward" in err
+
+
 def test_show_library_argument(cache, capsys):
     rc, out, _ = cli(capsys, "show", "sliding_window:64")
     assert rc == 0 and ir_lines(out) == ["logits = score", "mask = ((kv_idx <= q_idx) & ((q_idx - kv_idx) < 64))"]

@@ -62,8 +62,11 @@ DEPENDS = {
 # (``analysis.shared_by``, the leading dimensions of the dQ pass's stores, ``runtime.sum_leading``
 # and the size rule ``Attention._stored_slots``; ~5703); 5710 until the forward took the row max of
 # logits that cost a multiply per entry to scale (plain q·kᵀ, a bias read) unscaled and scaled it
-# per row, with a non-positive sm_scale folded into q (``exp2_scale``; ~5715).
-SIZE_BUDGET = 5720
+# per row, with a non-positive sm_scale folded into q (``exp2_scale``; ~5715); 5720 until block-map
+# refills were replayed as CUDA graphs (``maps.LiveRuns._record``; ~5760) and Hopper GPUs took the
+# warp-specialised Gluon forward (``render.render_forward_ws``, ``runtime.ws_forward`` and its fit
+# rule, ``Attention._ws_source``; ~5825).
+SIZE_BUDGET = 5830
 
 
 def module_name(path: Path) -> str:

@@ -39,6 +39,14 @@ def test_other_programs_keep_the_triton_forward(mods):
         fg.compile(**mods).source("fwd_ws")
 
 
+def test_explain_names_the_warp_specialised_forward_and_its_last_use():
+    attn = fg.compile(mask_mod=fg.mods.causal)
+    assert "the warp-specialised Gluon kernel, source('fwd_ws')" in attn.explain()
+    attn.last_tiles = {"forward": "warp-specialised (Gluon)"}  # what a call that took it records
+    assert "forward warp-specialised (Gluon)" in attn.explain()
+    assert "warp-specialised" not in fg.compile(mask_mod=fg.mods.prefix_lm(4)).explain()
+
+
 def test_the_warp_specialised_forward_is_not_taken_off_hopper():
     q, k, v = (torch.randn(1, 2, 256, 128, dtype=torch.bfloat16) for _ in range(3))
     assert not runtime.ws_forward_fits(q, k, v)  # a CPU tensor (and the interpreter)
