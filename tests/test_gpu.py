@@ -573,9 +573,10 @@ WS_CASES = [
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="the warp-specialised forward needs a Hopper GPU")
 @pytest.mark.parametrize("mask, dtype, hkv", WS_CASES)
-def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(mask, dtype, hkv):
+def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(mask, dtype, hkv, monkeypatch):
     """Full, causal and sliding-window forwards at D = 128 take the Gluon kernel on Hopper: out and
     lse against float64, and against the Triton kernel of the same mods; gradients through its lse."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)  # (these shapes are below its size rule)
     q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=61)
     attn = fg.compile(mask_mod=mask)
     gqa = hkv != 4
@@ -601,10 +602,14 @@ def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(ma
         assert rel_err(got, want) < 3e-2, name
 
 
-def test_warp_specialised_forward_leaves_other_calls_to_the_triton_kernel():
-    """Lengths that are not multiples of 128, misaligned inputs, D = 64 and mods outside plain logits
-    with a band go through the Triton kernel, still right."""
+def test_warp_specialised_forward_leaves_other_calls_to_the_triton_kernel(monkeypatch):
+    """Small calls, lengths that are not multiples of 128, misaligned inputs and mods outside plain
+    logits with a band go through the Triton kernel, still right."""
     causal = fg.compile(mask_mod=fg.mods.causal)
+    q, k, v = make_qkv(1, 2, 256, 128, seed=68)  # below runtime.WS_MIN_FLOPS: the launch's host time would bound it
+    check(causal(q, k, v), q, k, v, mask_mod=fg.mods.causal)
+    assert causal.last_tiles["forward"] != "warp-specialised (Gluon)"
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     q, k, v = make_qkv(1, 2, 200, 128, seed=63)
     check(causal(q, k, v), q, k, v, mask_mod=fg.mods.causal)
     assert causal.last_tiles["forward"] != "warp-specialised (Gluon)"
