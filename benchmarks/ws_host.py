@@ -1,0 +1,66 @@
+"""What the warp-specialised forward costs on the host: a new variant's first forward+backward
+call in a fresh process with an empty cache, and the host time per forward call once warm, with
+the Gluon kernel (``runtime.WS_FORWARD``) and with the Triton one.
+
+    PYTHONPATH=. python3 benchmarks/ws_host.py [--shape 1x16x4096x128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import json, statistics, sys, time
+import torch
+import flashgen as fg
+from flashgen import runtime
+runtime.WS_FORWARD = sys.argv[1] == "1"
+B, H, S, D = (int(x) for x in sys.argv[2].split("x"))
+q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+(q * 2).backward(torch.ones_like(q))  # torch's own first backward, apart
+q.grad = None
+torch.cuda.synchronize()
+attn = fg.compile(mask_mod=fg.mods.sliding_window(int(sys.argv[3])))
+t0 = time.perf_counter()
+out = attn(q, k, v)
+out.backward(torch.ones_like(out))
+torch.cuda.synchronize()
+first = time.perf_counter() - t0
+forward = attn.last_tiles.get("forward")
+with torch.no_grad():
+    host = []
+    for _ in range(300):
+        t0 = time.perf_counter()
+        attn(q, k, v)
+        host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+print(json.dumps({"first_call_s": first, "host_us": statistics.median(host[50:]) * 1e6, "forward": str(forward)}))
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="1x16x4096x128")
+    args = p.parse_args(argv)
+    for width in (777, 778):  # (new variants: nothing cached)
+        for ws in ("1", "0"):
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, FLASHGEN_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+                done = subprocess.run([sys.executable, "-c", CHILD, ws, args.shape, str(width + int(ws) * 10)],
+                                      env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(done.stderr[-2000:])
+                    return 1
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"{'gluon' if ws == '1' else 'triton'} forward ({r['forward']}): first fwd+bwd call "
+                      f"{r['first_call_s']:.2f} s, host per forward call {r['host_us']:.0f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
