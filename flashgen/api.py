@@ -147,7 +147,6 @@ class Attention:
         self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], tuple | None, tuple]] = {}
         self._last_stored: dict[tuple[int, ...], tuple[int, ...]] = {}  # grad slots -> the last backward's stored ones
         self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # per shape and device: runs refilled in place
-        self._ws_signatures: set = set()  # calls of the warp-specialised forward seen (their first compiled)
         self._staggered: dict = {}  # diagonal read -> (what its copies were built from, the copies, their index)
         self._op_id = next(_op_ids)  # how torch.compile's graphs name it (the flashgen::attention operators)
         _by_op_id[self._op_id] = self
@@ -504,20 +503,7 @@ class Attention:
         ws = self._ws_source() if config is None and not self.autotune and not capturing() else None
         if ws is not None and ws_forward_fits(q, k, v):  # Hopper: the warp-specialised kernel
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-            module, signature = load_module(ws), ("ws", q.dtype, q.device, Hq // Hkv, grad_slots)
-            if signature in self._ws_signatures:
-                ws_forward(module, q, k, v, out, scratch, scale)
-            else:  # a first call: its kernel (and a backward's two) compile side by side, into flashgen's cache
-                self._ws_signatures.add(signature)
-
-                def forward_and_backward():
-                    ws_forward(module, q, k, v, out, scratch, scale)
-                    self._backward(q, k, v, out, scratch, out, None, scale, grad_slots)
-
-                with binaries_here():
-                    if grad_slots is not None:
-                        compile_concurrently(forward_and_backward)
-                    ws_forward(module, q, k, v, out, scratch, scale)
+            ws_forward(load_module(ws), q, k, v, out, scratch, scale)
             self.last_tiles = {"forward": "warp-specialised (Gluon)"}
             return out, lse
         shape = (B, Hq, Sq, Skv)

@@ -363,6 +363,10 @@ def load_module(ks: KernelSource) -> ModuleType:
 
 WS_FORWARD = True  # False: the Triton forward everywhere (for A/B timing, and a way out)
 WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x8192x128, PERFLOG)
+# the least work (4·B·H·S²·D) it takes: ~0.2 ms of forward. Its launch goes through Gluon's launcher
+# (130-250 µs of host time per call on the H200 host, against 35-67 µs for the Triton kernel's kept
+# launches; benchmarks/ws_host.py), which smaller calls would wait on
+WS_MIN_FLOPS = 1e11
 
 
 @functools.cache
@@ -379,14 +383,14 @@ def _gluon_hopper() -> bool:
 def ws_forward_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a call can take the warp-specialised forward: a Hopper GPU (sm_90), bf16 or fp16,
     head dims of 128 (at 64 it measured no faster than the Triton kernel), as many keys as queries
-    and a multiple of 128 of each, contiguous 16-byte aligned inputs. Every other call takes the
-    Triton kernel."""
+    and a multiple of 128 of each, contiguous 16-byte aligned inputs, at least ``WS_MIN_FLOPS`` of
+    work. Every other call takes the Triton kernel."""
     if not WS_FORWARD or interpreting() or q.device.type != "cuda" or not _gluon_hopper():
         return False
     Sq, D = q.shape[-2:]
     Skv, Dv = v.shape[-2:]
     return (torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype in (torch.bfloat16, torch.float16)
-            and D == Dv == 128 and Sq == Skv and Sq % 128 == 0
+            and D == Dv == 128 and Sq == Skv and Sq % 128 == 0 and 4 * q.shape[:2].numel() * Sq * Sq * D >= WS_MIN_FLOPS
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)))  # (TMA's alignment)
 
 
