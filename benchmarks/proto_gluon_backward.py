@@ -324,7 +324,6 @@ def compile_only(stages: int, dq_block_n: int) -> None:
     import sass
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     from flashgen import parallel
 
@@ -334,8 +333,7 @@ def compile_only(stages: int, dq_block_n: int) -> None:
     target = GPUTarget("cuda", 90, 32)
     for kernel, _grid, args, kwargs in runs:
         src, options = parallel.launch_source(kernel, args, kwargs, target)
-        compiled = triton_compile(GluonASTSource(src.fn, src.signature, src.constants, src.attrs), target=target,
-                                  options=options.__dict__)
+        compiled = triton_compile(src, target=target, options=options.__dict__)
         regs, spills = sass.resources(compiled)
         print(f"{kernel.fn.__name__} stages {stages} (dQ's BLOCK_N {dq_block_n}): {regs} registers, {spills} bytes "
               f"spilled, shared {compiled.metadata.shared} bytes")

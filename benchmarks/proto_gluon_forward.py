@@ -207,10 +207,8 @@ def compile_only(shape, block_n, stages) -> None:
     q, k, v = (torch.randn(B, H, S, D, dtype=torch.bfloat16) for _ in range(3))
     grid, args, kwargs, _, _ = launch_args(q, k, v, None, block_n, stages)
     target = GPUTarget("cuda", 90, 32)
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     src, options = parallel.launch_source(attn_fwd_ws, args, kwargs, target)
-    src = GluonASTSource(src.fn, src.signature, src.constants, src.attrs)
     compiled = triton_compile(src, target=target, options=options.__dict__)
     regs, spills = sass.resources(compiled)
     counts = sass.mix(sass.cuobjdump(compiled, "-sass"))

@@ -73,6 +73,8 @@ def launch_source(kernel, args: tuple, kwargs: dict, target) -> tuple:
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kw)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
+    if getattr(kernel, "is_gluon", lambda: False)():  # a Gluon kernel (``runtime.ws_forward``)
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     return ASTSource(kernel, signature, constexprs, attrs), options
 
 

@@ -61,7 +61,6 @@ def test_the_warp_specialised_forward_is_not_taken_off_hopper():
 def test_the_generated_gluon_module_compiles_for_sm90(mask, dtype, hkv, tmp_path, monkeypatch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     source = fg.compile(mask_mod=mask).source("fwd_ws")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # (a module imported under the interpreter is interpreted)
@@ -78,8 +77,7 @@ def test_the_generated_gluon_module_compiles_for_sm90(mask, dtype, hkv, tmp_path
     kernel, args, kwargs = launches[0]
     assert kwargs["GROUP_SIZE"] == 4 // hkv
     target = GPUTarget("cuda", 90, 32)
-    src, options = parallel.launch_source(kernel, args, kwargs, target)
-    compiled = triton_compile(GluonASTSource(src.fn, src.signature, src.constants, src.attrs), target=target,
-                              options=options.__dict__)
+    src, options = parallel.launch_source(kernel, args, kwargs, target)  # (a Gluon source for a Gluon kernel)
+    compiled = triton_compile(src, target=target, options=options.__dict__)
     assert compiled.metadata.shared <= 232448  # an H100/H200's shared memory per block
     assert "setmaxnreg" in compiled.asm["ptx"]  # the partitions' register split
