@@ -500,7 +500,8 @@ class Attention:
             if lse is not None:
                 lse.fill_(float("-inf"))
             return out, lse
-        ws = self._ws_source() if config is None and not self.autotune and not capturing() else None
+        # (tuning measures the Triton kernel's tiles; with autotune on, calls it fits still take it)
+        ws = self._ws_source() if config is None and not self._retune and not capturing() else None
         if ws is not None and ws_forward_fits(q, k, v):  # Hopper: the warp-specialised kernel
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
             ws_forward(load_module(ws), q, k, v, out, scratch, scale)

@@ -81,3 +81,40 @@ def test_the_generated_gluon_module_compiles_for_sm90(mask, dtype, hkv, tmp_path
     compiled = triton_compile(src, target=target, options=options.__dict__)
     assert compiled.metadata.shared <= 232448  # an H100/H200's shared memory per block
     assert "setmaxnreg" in compiled.asm["ptx"]  # the partitions' register split
+
+
+def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
+    """The dispatch in ``Attention._forward``, with the launch replaced by the float64 reference (Gluon
+    does not run here): a call the fit rule accepts takes it, with an lse buffer even when none is
+    asked for, and with autotune on; an explicit config, ``tune()`` and programs outside it take the
+    Triton kernel."""
+    from flashgen import api
+
+    calls = []
+
+    def fake_launch(module, q, k, v, out, lse, scale):
+        calls.append((module.attn_fwd_ws.fn.__name__, tuple(q.shape), lse.shape, scale))
+        o, l_ = fg.attention_reference(q, k, v, mask_mod=fg.mods.causal, scale=scale, return_lse=True)
+        out.copy_(o)
+        lse.copy_(l_)
+
+    monkeypatch.setattr(api, "ws_forward", fake_launch)
+    monkeypatch.setattr(api, "ws_forward_fits", lambda q, k, v: q.shape[-1] == 128)
+    q, k, v = (torch.randn(1, 2, 64, 128) for _ in range(3))
+    attn = fg.compile(mask_mod=fg.mods.causal)
+    out = attn(q, k, v, scale=0.2)
+    assert calls == [("attn_fwd_ws", (1, 2, 64, 128), (1, 2, 64), 0.2)]
+    assert attn.last_tiles == {"forward": "warp-specialised (Gluon)"}
+    torch.testing.assert_close(out, fg.attention_reference(q, k, v, mask_mod=fg.mods.causal, scale=0.2).float())
+    fg.compile(mask_mod=fg.mods.causal, autotune=True)(q, k, v)
+    assert len(calls) == 2  # autotune tunes the Triton kernel's tiles, for the calls the fit rule refuses
+    attn(q, k, v, config=runtime.Config(32, 32, 4, 1))
+    assert len(calls) == 2 and attn.last_tiles["forward"] == runtime.Config(32, 32, 4, 1)
+    monkeypatch.setattr(attn, "_retune", True)  # what tune() sets while it measures the Triton kernel
+    attn(q, k, v)
+    assert len(calls) == 2 and isinstance(attn.last_tiles["forward"], runtime.Config)
+    monkeypatch.setattr(attn, "_retune", False)
+    prefix = fg.compile(mask_mod=fg.mods.prefix_lm(8))
+    prefix(q, k, v)
+    attn(*(t[..., :64].contiguous() for t in (q, k, v)))  # refused by the (patched) fit rule
+    assert len(calls) == 2 and isinstance(prefix.last_tiles["forward"], runtime.Config)
