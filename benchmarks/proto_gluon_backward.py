@@ -38,6 +38,33 @@ HALF = gl.constexpr(64)  # rows (dQ) or keys (dK/dV) per consumer warp group: on
 LOG2E_C = gl.constexpr(LOG2E)
 
 
+@gluon.jit
+def _buffers(once_a, once_b, ring_a, ring_b, STAGES: gl.constexpr):
+    """Shared memory of a pass, both kernels alike: the two 64-row halves of two tiles loaded once
+    (descriptors ``once_*``), a ring of STAGES tiles of two streamed ones (``ring_*``), and the
+    barriers: one for the tiles loaded once, a ready barrier per stage for each streamed tile, an
+    empty one per stage (both consumer groups arrive) and the ping-pong's two turn barriers."""
+    HEAD_D: gl.constexpr = once_a.block_type.shape[1]
+    dtype: gl.constexpr = once_a.dtype
+    a = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], once_a.layout)
+    b = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], once_b.layout)
+    ra = gl.allocate_shared_memory(dtype, [STAGES] + ring_a.block_type.shape, ring_a.layout)
+    rb = gl.allocate_shared_memory(dtype, [STAGES] + ring_b.block_type.shape, ring_b.layout)
+    once_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ra_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    rb_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(once_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ra_bars.index(i), count=1)
+        mbarrier.init(rb_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn_bars.index(i), count=1)
+    return (a, b, ra, rb), (once_bar, ra_bars, rb_bars, empty_bars, turn_bars)
+
+
 # ---------------------------------------------------------------------------------------------
 # dK, dV: one program per 128 keys
 
@@ -134,28 +161,9 @@ def _dkdv_consumer_1(q_desc, k_desc, v_desc, do_desc, dk_ptr, dv_ptr, lse_ptr, d
 @gluon.jit
 def bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, S, qk_scale, sm_scale,
                 STAGES: gl.constexpr):
-    HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
     kv_lo = gl.program_id(0) * (2 * HALF)
     row0 = gl.program_id(1) * S  # this (batch, head)'s first row in the [B * H * S, D] views
-    dtype: gl.constexpr = q_desc.dtype
-    k_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, HALF, HEAD_D], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, HALF, HEAD_D], do_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(q_bars.index(i), count=1)
-        mbarrier.init(do_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(turn_bars.index(i), count=1)
-    smem = (k_smem, v_smem, q_smem, do_smem)
-    bars = (kv_bar, q_bars, do_bars, empty_bars, turn_bars)
+    smem, bars = _buffers(k_desc, v_desc, q_desc, do_desc, STAGES)  # K, V once; Q_i, dO_i streamed
     common = (q_desc, k_desc, v_desc, do_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, smem, bars, row0, kv_lo, S,
               qk_scale, sm_scale)
     gl.warp_specialize([(_dkdv_consumer_0, common), (_dkdv_consumer_1, common), (_dkdv_producer, common)],
@@ -253,29 +261,9 @@ def _dq_consumer_1(q_desc, k_desc, v_desc, do_desc, dq_ptr, lse_ptr, delta_ptr, 
 @gluon.jit
 def bwd_dq_ws(q_desc, k_desc, v_desc, do_desc, dq_ptr, lse_ptr, delta_ptr, S, qk_scale, sm_scale,
               STAGES: gl.constexpr):
-    HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     q_lo = gl.program_id(0) * (2 * HALF)
     row0 = gl.program_id(1) * S
-    dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(turn_bars.index(i), count=1)
-    smem = (q_smem, do_smem, k_smem, v_smem)
-    bars = (q_bar, k_bars, v_bars, empty_bars, turn_bars)
+    smem, bars = _buffers(q_desc, do_desc, k_desc, v_desc, STAGES)  # Q, dO once; K_j, V_j streamed
     common = (q_desc, k_desc, v_desc, do_desc, dq_ptr, lse_ptr, delta_ptr, smem, bars, row0, q_lo, S, qk_scale,
               sm_scale)
     gl.warp_specialize([(_dq_consumer_0, common), (_dq_consumer_1, common), (_dq_producer, common)],
