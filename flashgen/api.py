@@ -22,7 +22,7 @@ from .codegen.render import (
     render_backward,
     render_block_map,
     render_forward,
-    render_forward_ws,
+    render_ws,
 )
 from .factors import LowRankBias, factor_bias
 from .lowrank import lowering_cost
@@ -58,8 +58,9 @@ from .runtime import (
     templates_here,
     tile_tma_ok,
     tma_ok,
+    ws_backward,
+    ws_fits,
     ws_forward,
-    ws_forward_fits,
 )
 from .settings import settings
 from .spec import Mod
@@ -161,12 +162,12 @@ class Attention:
             _sources[self.program.key] = ks
         return ks
 
-    def _ws_source(self) -> KernelSource | None:
-        """The warp-specialised Hopper forward (Gluon), or None where the program is outside it."""
-        key = ("ws", self.program.key)
+    def _ws_source(self, backward: bool = False) -> KernelSource | None:
+        """The warp-specialised Hopper forward or backward (Gluon), or None where the program is outside it."""
+        key = ("ws", backward, self.program.key)
         if key not in _sources:
             templates_here()
-            _sources[key] = render_forward_ws(self.name, self.program.key, self.analysis)
+            _sources[key] = render_ws(self.name, self.program.key, self.analysis, backward)
         return _sources[key]
 
     def source(self, which: str = "fwd") -> str:
@@ -174,19 +175,20 @@ class Attention:
         kernels, with gradients for every floating-point captured tensor that requires grad, in the
         form the last backward took: which gradients the dQ pass stores depends on B and H, see
         ``_stored_slots``; before any backward, every one it can); ``"fwd_ws"``: the Gluon forward
-        that Hopper GPUs run where it fits (``runtime.ws_forward_fits``)."""
+        that Hopper GPUs run where it fits (``runtime.ws_fits``); ``"bwd_ws"``: the Gluon backward, the
+        same where no captured tensor needs a gradient."""
         if which == "fwd":
             return self._kernel_source().source
-        if which == "fwd_ws":
-            ws = self._ws_source()
+        if which in ("fwd_ws", "bwd_ws"):
+            ws = self._ws_source(backward=which == "bwd_ws")
             if ws is None:
-                raise ValueError(f"{self.name}: no warp-specialised forward (it covers plain logits with no mask or "
+                raise ValueError(f"{self.name}: no warp-specialised kernels (they cover plain logits with no mask or "
                                  "a band of constant offsets that holds the diagonal, such as causal)")
             return ws.source
         if which == "bwd":
             slots = tuple(i for i, t in enumerate(self.captured) if t.is_floating_point() and t.requires_grad)
             return self._backward_source(slots, self._last_stored.get(slots)).source
-        raise ValueError(f"source({which!r}): choose 'fwd', 'fwd_ws' or 'bwd'")
+        raise ValueError(f"source({which!r}): choose 'fwd', 'fwd_ws', 'bwd' or 'bwd_ws'")
 
     def explain(self) -> str:
         """A readable report: the traced IR, the captured tensors and every analysis result."""
@@ -211,8 +213,9 @@ class Attention:
                          f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})")
         notes = lowering_notes(self.program.logits, self.program.mask)
         if self._ws_source() is not None:  # (a low-rank bias runs another program: _ws_source is for this one)
-            notes = [*notes, "forward on Hopper GPUs (head dim 128, lengths a multiple of 128, contiguous inputs): "
-                             "the warp-specialised Gluon kernel, source('fwd_ws')"]
+            notes = [*notes, "forward and backward on Hopper GPUs (head dim 128, lengths a multiple of 128, "
+                             "contiguous inputs): the warp-specialised Gluon kernels, source('fwd_ws') and "
+                             "source('bwd_ws') (the backward where no captured tensor needs a gradient)"]
         if notes and self.low_rank_bias is None:
             lines.append("kernels:")
             lines += [f"  {note}" for note in notes]
@@ -253,7 +256,9 @@ class Attention:
         shared = [i for i in storable if shared_by(entrywise[i])]
         added = ", ".join(f"captured{i}" for i in learnable if i not in storable)
         stored = ", ".join(f"captured{i}" for i in storable if not shared_by(entrywise[i]))
-        lines.append("gradients: q, k, v (deterministic)"
+        ws = not self.deterministic and self._ws_source(backward=True) is not None
+        lines.append(("gradients: k, v (deterministic), q (float32 TMA reductions on Hopper GPUs, in no fixed order; "
+                      "deterministic=True avoids them)" if ws else "gradients: q, k, v (deterministic)")
                      + (f"; {stored} (stored by the dQ pass, once per entry: deterministic)" if stored else "")
                      + "".join(f"; captured{i} (stored by the dQ pass per {' and '.join(shared_by(entrywise[i]))} in "
                                "its dtype and summed in float32 after, deterministic, where that buffer is at most "
@@ -502,7 +507,7 @@ class Attention:
             return out, lse
         # (tuning measures the Triton kernel's tiles; with autotune on, calls it fits still take it)
         ws = self._ws_source() if config is None and not self._retune and not capturing() else None
-        if ws is not None and ws_forward_fits(q, k, v):  # Hopper: the warp-specialised kernel
+        if ws is not None and ws_fits(q, k, v):  # Hopper: the warp-specialised kernel
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
             ws_forward(load_module(ws), q, k, v, out, scratch, scale)
             self.last_tiles = {"forward": "warp-specialised (Gluon)"}
@@ -676,6 +681,14 @@ class Attention:
         if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
             return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                     {slot: torch.zeros_like(self.captured[slot]) for slot in grad_slots})
+        ws = (self._ws_source(backward=True)
+              if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
+        if ws is not None and ws_fits(q, k, v, backward=True):  # Hopper: the warp-specialised kernel
+            dlse = dlse.float().contiguous() if dlse is not None else None
+            dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse.contiguous(), dout.contiguous(),
+                                     dlse, scale)
+            self.last_tiles.update({"dQ, dK/dV": "warp-specialised (Gluon), one pass"})
+            return dq, dk, dv, {}
         stored_slots = self._last_stored[grad_slots] = self._stored_slots(grad_slots, B, Hq)
         ks = self._backward_source(grad_slots, stored_slots)
         # float32 buffers the dK/dV pass adds into, and the gradients the dQ pass stores (each entry
@@ -1045,9 +1058,11 @@ def compile(score_mod: Callable | None = None, mask_mod: Callable | None = None,
             autotune: bool | None = None, bias_lowering: str = "loop", fast_math: bool | None = None) -> Attention:
     """Trace and analyse the mods once; the returned :class:`Attention` is reusable.
 
-    ``deterministic=True`` promises bitwise-identical gradients run to run. The q, k, v gradients
-    always are (no atomics); learnable captured tensors then accumulate in int64 fixed point
-    instead of fp32 atomics, at the cost of a second dK/dV pass.
+    ``deterministic=True`` promises bitwise-identical gradients run to run: learnable captured
+    tensors then accumulate in int64 fixed point instead of fp32 atomics, at the cost of a second
+    dK/dV pass, and Hopper GPUs keep the Triton backward (the warp-specialised one adds dq up in
+    float32 through TMA reductions, in no fixed order). Without it, dk and dv are still deterministic
+    everywhere, and dq wherever the Triton backward runs.
     ``autotune=True`` tunes each kernel's launch configuration on first use for a new key (shape
     bucket, dtype, head dims) and stores the result on disk for later processes; the default
     (None) follows ``FLASHGEN_AUTOTUNE`` and otherwise uses a default configuration per GPU and

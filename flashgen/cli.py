@@ -244,7 +244,7 @@ def _need_gpu(command: str) -> None:
 def _show(args: argparse.Namespace) -> int:
     _, attn = _attention(args.spec, parse_shape(args.shape), "cpu")
     try:
-        print(attn.source("bwd" if args.bwd else "fwd_ws" if args.ws else "fwd"), end="")
+        print(attn.source(("bwd" if args.bwd else "fwd") + ("_ws" if args.ws else "")), end="")
     except ValueError as e:
         raise CliError(str(e)) from None
     return 0
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--bwd", action="store_true", help="the backward kernels too" if name == "tune"
                            else "the backward kernels instead of the forward one")
         if name == "show":
-            p.add_argument("--ws", action="store_true", help="the warp-specialised Gluon forward that Hopper GPUs run "
+            p.add_argument("--ws", action="store_true", help="the warp-specialised Gluon kernel that Hopper GPUs run "
                            "where it fits (plain logits with no mask or a band)")
         p.set_defaults(func=func)
     cache = sub.add_parser("cache", help="list, summarise or clear the disk cache")

@@ -359,10 +359,15 @@ def load_module(ks: KernelSource) -> ModuleType:
 
 
 # ---------------------------------------------------------------------------------------------
-# the warp-specialised forward for Hopper (Gluon; ``render.render_forward_ws``)
+# the warp-specialised forward and backward for Hopper (Gluon; ``render.render_ws``)
 
 WS_FORWARD = True  # False: the Triton forward everywhere (for A/B timing, and a way out)
+WS_BACKWARD = True  # the same for the backward
 WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x8192x128, PERFLOG)
+# the backward's Q/dO buffers, and dQ tiles in flight per consumer group (shared memory allows 3 and
+# 1, or 2 and 2); chosen by benchmarks/ab_ws_backward.py (PERFLOG)
+WS_BACKWARD_STAGES = 2
+WS_DQ_BUFFERS = 2
 # the least work (4·B·H·S²·D) it takes: ~0.2 ms of forward. Its launch goes through Gluon's launcher
 # (130-250 µs of host time per call on the H200 host, against 35-67 µs for the Triton kernel's kept
 # launches; benchmarks/ws_host.py), which smaller calls would wait on
@@ -380,12 +385,13 @@ def _gluon_hopper() -> bool:
     return True
 
 
-def ws_forward_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether a call can take the warp-specialised forward: a Hopper GPU (sm_90), bf16 or fp16,
+def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> bool:
+    """Whether a call can take the warp-specialised forward (or backward): a Hopper GPU (sm_90), bf16 or fp16,
     head dims of 128 (at 64 it measured no faster than the Triton kernel), as many keys as queries
     and a multiple of 128 of each, contiguous 16-byte aligned inputs, at least ``WS_MIN_FLOPS`` of
     work. Every other call takes the Triton kernel."""
-    if not WS_FORWARD or interpreting() or q.device.type != "cuda" or not _gluon_hopper():
+    on = WS_BACKWARD if backward else WS_FORWARD
+    if not on or interpreting() or q.device.type != "cuda" or not _gluon_hopper():
         return False
     Sq, D = q.shape[-2:]
     Skv, Dv = v.shape[-2:]
@@ -411,6 +417,56 @@ def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     module.attn_fwd_ws[(S // 128, B * Hq)](descriptor(q, 64), descriptor(k, 128), descriptor(v, 128), out, lse, Hq,
                                            S, scale * LOG2E, GROUP_SIZE=Hq // Hkv, STAGES=WS_STAGES, num_warps=4)
+
+
+@triton.jit
+def _row_dots(a, b, sub, out, rows, D: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = r < rows
+    offs = r.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    x = tl.load(a + offs, mask=keep[:, None], other=0.0).to(tl.float32)
+    y = tl.load(b + offs, mask=keep[:, None], other=0.0).to(tl.float32)
+    dot = tl.sum(x * y, 1)
+    if SUB:
+        dot -= tl.load(sub + r, mask=keep, other=0.0)
+    tl.store(out + r, dot, mask=keep)
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor, sub: torch.Tensor | None = None) -> torch.Tensor:
+    """rowsum(a · b) - sub in float32 for contiguous [..., D] ``a`` and ``b`` (D a power of two) and
+    ``sub`` of their leading shape: the backward's delta = rowsum(dO · O) - dlse."""
+    rows, D = a.numel() // a.shape[-1], a.shape[-1]
+    out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
+    if rows:
+        _row_dots[(triton.cdiv(rows, 32),)](a, b, sub if sub is not None else out, out, rows, D=D, BLOCK=32,
+                                            SUB=sub is not None)
+    return out
+
+
+def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float) -> tuple:
+    """dq, dk, dv from ``module.attn_bwd_ws`` (``ws_fits(..., backward=True)`` said yes for q, k, v;
+    out, lse, dout and dlse (or None) contiguous): one pass, dQ added up in float32 and scaled after."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def descriptor(t: torch.Tensor, block: list, dtype=dtype):
+        return TensorDescriptor.from_tensor(t.view(-1, D), block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+    def rows(t: torch.Tensor):  # ([B, Hq, S] float32, 64 rows a block)
+        return TensorDescriptor.from_tensor(t.view(-1), [64], gl.NVMMASharedLayout(0, 32, rank=1))
+
+    delta = row_dots(dout, out, dlse)
+    dq_sum = torch.zeros((B, Hq, S, D), dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    module.attn_bwd_ws[(S // 128, B * Hkv)](
+        descriptor(q, [64, D]), descriptor(k, [64, D]), descriptor(v, [64, D]), descriptor(dout, [64, D]),
+        descriptor(dq_sum, [64, 64], gl.float32), dk, dv, rows(lse), rows(delta), Hq, S, scale * LOG2E, scale,
+        GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, DQ_BUFFERS=WS_DQ_BUFFERS, num_warps=4)
+    return torch.mul(dq_sum, scale, out=torch.empty_like(q)), dk, dv
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,12 +148,15 @@ def test_show_backward(cache, capsys):
     assert out == fg.compile(mask_mod=fg.mods.causal).source("bwd")
 
 
-def test_show_warp_specialised_forward(cache, capsys):
+def test_show_warp_specialised_kernels(cache, capsys):
     rc, out, _ = cli(capsys, "show", "causal", "--ws")
     assert rc == 0 and "def attn_fwd_ws(" in out and "gl.warp_specialize" in out
     assert out == fg.compile(mask_mod=fg.mods.causal).source("fwd_ws")
+    rc, out, _ = cli(capsys, "show", "causal", "--ws", "--bwd")
+    assert rc == 0 and "def attn_bwd_ws(" in out and "_tma_reduce_add(" in out
+    assert out == fg.compile(mask_mod=fg.mods.causal).source("bwd_ws")
     rc, out, err = cli(capsys, "show", "alibi", "--ws")
-    assert rc != 0 and "no warp-specialised forward" in err
+    assert rc != 0 and "no warp-specialised kernels" in err
 
 
 def test_show_library_argument(cache, capsys):

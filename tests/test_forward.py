@@ -216,7 +216,7 @@ def test_generated_source_and_explain():
     assert "@triton.jit" in source and "hook: score_mod" in source and "hook: mask_mod" in source
     report = attn.explain()
     assert "captured0" in report and "-7 <= kv_idx - q_idx <= 0" in report
-    with pytest.raises(ValueError, match="'fwd', 'fwd_ws' or 'bwd'"):
+    with pytest.raises(ValueError, match="'fwd', 'fwd_ws', 'bwd' or 'bwd_ws'"):
         attn.source("dq")
 
 

@@ -593,13 +593,40 @@ def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(ma
     finally:
         runtime.WS_FORWARD = True
     assert rel_err(out, triton_out) < 1e-2
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    dout = randn(*out.shape, dtype=dtype, seed=62)
-    attn(*leaves, enable_gqa=gqa).backward(dout)
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    fg.attention_reference(qd, kd, vd, mask_mod=mask, enable_gqa=gqa).backward(dout.double())
-    for name, got, want in zip(("dq", "dk", "dv"), (t.grad for t in leaves), (qd.grad, kd.grad, vd.grad)):
-        assert rel_err(got, want) < 3e-2, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the warp-specialised backward needs a Hopper GPU")
+@pytest.mark.parametrize("mask, dtype, hkv", WS_CASES)
+def test_warp_specialised_backward_matches_the_reference_and_the_triton_kernels(mask, dtype, hkv, monkeypatch):
+    """The one-pass Gluon backward of full, causal and sliding-window attention at D = 128, with a
+    loss that reads lse too (dlse): gradients against float64, and against the Triton kernels'."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)  # (these shapes are below its size rule)
+    q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=71)
+    attn = fg.compile(mask_mod=mask)
+    gqa = hkv != 4
+    dout = randn(2, 4, 384, 128, dtype=dtype, seed=72)
+    dlse = randn(2, 4, 384, seed=73)
+
+    def grads(fn, *qkv):
+        leaves = [t.detach().clone().requires_grad_() for t in qkv]
+        out, lse = fn(*leaves, mask_mod=mask, enable_gqa=gqa, return_lse=True)
+        torch.autograd.backward((out, lse), (dout.to(out.dtype), dlse.to(lse.dtype)))
+        return [t.grad for t in leaves]
+
+    got = grads(lambda *a, mask_mod, **kw: attn(*a, **kw), q, k, v)
+    assert attn.last_tiles["dQ, dK/dV"] == "warp-specialised (Gluon), one pass"
+    want = grads(fg.attention_reference, *(t.double() for t in (q, k, v)))
+    runtime.WS_BACKWARD = False
+    try:
+        triton_grads = grads(lambda *a, mask_mod, **kw: attn(*a, **kw), q, k, v)
+        assert "dQ, dK/dV" not in attn.last_tiles
+    finally:
+        runtime.WS_BACKWARD = True
+    for name, g, w, t in zip(("dq", "dk", "dv"), got, want, triton_grads):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, w) < 3e-2, name
+        assert rel_err(g, t) < 1e-2, name
 
 
 def test_warp_specialised_forward_leaves_other_calls_to_the_triton_kernel(monkeypatch):

@@ -520,11 +520,10 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
                         tuple(numbers), tile_reads=tuple(tile.tiles))
 
 
-def render_forward_ws(name: str, program_key: str, analysis: Analysis) -> KernelSource | None:
-    """The warp-specialised forward for Hopper GPUs (Gluon), or None where the program is outside
-    what it covers: plain logits, and no mask or a band of constant offsets that holds the diagonal
-    (full, causal, sliding windows), so that every row sees at least its own key. The launch checks
-    the rest (``runtime.ws_forward_fits``)."""
+def _ws_band(analysis: Analysis):
+    """The band of a program the warp-specialised kernels cover, or None: plain logits, and no mask or
+    a band of constant offsets that holds the diagonal (full, causal, sliding windows), so that every
+    row sees at least its own key. The launch checks the rest (``runtime.ws_fits``)."""
     band = analysis.band
     residual = analysis.residual_mask
     if not analysis.plain_logits or analysis.block_runs:
@@ -533,9 +532,19 @@ def render_forward_ws(name: str, program_key: str, analysis: Analysis) -> Kernel
         return None
     if (band.lo is not None and band.lo > 0) or (band.hi is not None and band.hi < 0):
         return None
-    source = _template("attention_fwd_ws.py.jinja").render(version=__version__, name=name,
-                                                           program_key=program_key[:16], band=band)
-    return KernelSource(name, source, "attn_fwd_ws", (), hashlib.sha256(source.encode()).hexdigest())
+    return band
+
+
+def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False) -> KernelSource | None:
+    """The warp-specialised forward (or backward) for Hopper GPUs (Gluon), or None where the program is
+    outside what they cover (``_ws_band``)."""
+    band = _ws_band(analysis)
+    if band is None:
+        return None
+    template, kernel = ("attention_bwd_ws.py.jinja", "attn_bwd_ws") if backward else ("attention_fwd_ws.py.jinja",
+                                                                                      "attn_fwd_ws")
+    source = _template(template).render(version=__version__, name=name, program_key=program_key[:16], band=band)
+    return KernelSource(name, source, kernel, (), hashlib.sha256(source.encode()).hexdigest())
 
 
 def _all(*conditions: str) -> str:

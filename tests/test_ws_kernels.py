@@ -1,6 +1,7 @@
-"""The warp-specialised Hopper forward (Gluon, ``render.render_forward_ws``) without a GPU: which
-programs it covers, and its generated module compiled for sm_90 with Triton's own compiler (Gluon
-does not run in the interpreter; ``test_gpu.py`` runs it on a Hopper GPU against float64)."""
+"""The warp-specialised Hopper forward and backward (Gluon, ``render.render_ws``) without a GPU:
+which programs they cover, which calls take them, and their generated modules compiled for sm_90
+with Triton's own compiler (Gluon does not run in the interpreter; ``test_gpu.py`` runs them on a
+Hopper GPU against float64)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ gluon_hopper = pytest.mark.skipif(not runtime._gluon_hopper(), reason="this Trit
     (dict(mask_mod=fg.mods.sliding_window(1024)), "-1023 <= kv_idx - q_idx <= 0"),
     (dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: (kv - q <= 5) & (q - kv <= 7))), "-7 <= kv_idx - q_idx <= 5"),
 ])
-def test_plain_logits_with_a_band_through_the_diagonal_have_a_warp_specialised_forward(mods, band):
-    source = fg.compile(**mods).source("fwd_ws")
-    assert f"#   band   = {band}" in source and "gl.warp_specialize" in source
+def test_plain_logits_with_a_band_through_the_diagonal_have_warp_specialised_kernels(mods, band):
+    for which in ("fwd_ws", "bwd_ws"):
+        source = fg.compile(**mods).source(which)
+        assert f"#   band   = {band}" in source and "gl.warp_specialize" in source
 
 
 @pytest.mark.parametrize("mods", [
@@ -34,53 +36,107 @@ def test_plain_logits_with_a_band_through_the_diagonal_have_a_warp_specialised_f
     dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: kv >= q + 3)),  # the diagonal outside the band
     dict(mask_mod=fg.mods.causal & fg.mask_mod(lambda b, h, q, kv: (q % 2) == (kv % 2))),  # a band and more
 ])
-def test_other_programs_keep_the_triton_forward(mods):
-    with pytest.raises(ValueError, match="no warp-specialised forward"):
-        fg.compile(**mods).source("fwd_ws")
+def test_other_programs_keep_the_triton_kernels(mods):
+    for which in ("fwd_ws", "bwd_ws"):
+        with pytest.raises(ValueError, match="no warp-specialised kernels"):
+            fg.compile(**mods).source(which)
 
 
 def test_explain_names_the_warp_specialised_forward_and_its_last_use():
     attn = fg.compile(mask_mod=fg.mods.causal)
-    assert "the warp-specialised Gluon kernel, source('fwd_ws')" in attn.explain()
+    assert "the warp-specialised Gluon kernels, source('fwd_ws') and source('bwd_ws')" in attn.explain()
     attn.last_tiles = {"forward": "warp-specialised (Gluon)"}  # what a call that took it records
     assert "forward warp-specialised (Gluon)" in attn.explain()
     assert "warp-specialised" not in fg.compile(mask_mod=fg.mods.prefix_lm(4)).explain()
 
 
-def test_the_warp_specialised_forward_is_not_taken_off_hopper():
+def test_the_warp_specialised_kernels_are_not_taken_off_hopper():
     q, k, v = (torch.randn(1, 2, 256, 128, dtype=torch.bfloat16) for _ in range(3))
-    assert not runtime.ws_forward_fits(q, k, v)  # a CPU tensor (and the interpreter)
+    assert not runtime.ws_fits(q, k, v) and not runtime.ws_fits(q, k, v, backward=True)  # (CPU, interpreter)
 
 
 @gluon_hopper
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("mask, dtype, hkv", [
     (None, torch.bfloat16, 4),
     (fg.mods.causal, torch.float16, 2),
     (fg.mods.sliding_window(300), torch.bfloat16, 4),
 ])
-def test_the_generated_gluon_module_compiles_for_sm90(mask, dtype, hkv, tmp_path, monkeypatch):
+def test_the_generated_gluon_module_compiles_for_sm90(mask, dtype, hkv, backward, tmp_path, monkeypatch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
 
-    source = fg.compile(mask_mod=mask).source("fwd_ws")
+    source = fg.compile(mask_mod=mask).source("bwd_ws" if backward else "fwd_ws")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # (a module imported under the interpreter is interpreted)
-    path = tmp_path / "ws_forward.py"
+    path = tmp_path / "ws_kernel.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("flashgen_test_ws_forward", path)
+    spec = importlib.util.spec_from_file_location(f"flashgen_test_ws_{path.parent.name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     q = torch.randn(2, 4, 512, 128, dtype=dtype)
     k, v = torch.randn(2, hkv, 512, 128, dtype=dtype), torch.randn(2, hkv, 512, 128, dtype=dtype)
     launches: list = []
-    with parallel.captured(launches):  # the launch's arguments, recorded instead of run
-        runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1)
-    kernel, args, kwargs = launches[0]
+    with parallel.captured(launches):  # the launches' arguments, recorded instead of run
+        if backward:  # (delta's Triton kernel first)
+            runtime.ws_backward(module, q, k, v, torch.randn_like(q), torch.randn(2, 4, 512), torch.randn_like(q),
+                                None, 0.1)
+        else:
+            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1)
+    kernel, args, kwargs = launches[-1]
     assert kwargs["GROUP_SIZE"] == 4 // hkv
     target = GPUTarget("cuda", 90, 32)
     src, options = parallel.launch_source(kernel, args, kwargs, target)  # (a Gluon source for a Gluon kernel)
     compiled = triton_compile(src, target=target, options=options.__dict__)
     assert compiled.metadata.shared <= 232448  # an H100/H200's shared memory per block
     assert "setmaxnreg" in compiled.asm["ptx"]  # the partitions' register split
+    if backward:  # dQ through TMA reductions
+        assert "cp.reduce.async.bulk.tensor" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("dlse", [False, True])
+def test_row_dots_is_the_backward_delta(dlse):
+    a, b = torch.randn(2, 3, 40, 64, dtype=torch.bfloat16), torch.randn(2, 3, 40, 64, dtype=torch.bfloat16)
+    sub = torch.randn(2, 3, 40) if dlse else None
+    want = (a.double() * b.double()).sum(-1) - (sub.double() if dlse else 0)
+    got = runtime.row_dots(a, b, sub)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 40)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_which_calls_take_the_warp_specialised_backward(monkeypatch):
+    """The dispatch in ``Attention._backward``, with the launch replaced by the float64 reference: a
+    call the fit rule accepts takes it (dlse passed on when the loss reads lse), deterministic mode
+    and ``tune()`` take the Triton kernels."""
+    from flashgen import api
+
+    calls = []
+
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale):
+        calls.append((module.attn_bwd_ws.fn.__name__, dlse is not None, scale))
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():  # (autograd runs backwards without)
+            o, l_ = fg.attention_reference(*leaves, mask_mod=fg.mods.causal, scale=scale, return_lse=True)
+            dl = dlse.double() if dlse is not None else torch.zeros_like(l_)
+            torch.autograd.backward((o, l_), (dout.double(), dl))
+        return tuple(t.grad.to(q.dtype) for t in leaves)
+
+    monkeypatch.setattr(api, "ws_backward", fake_backward)
+    monkeypatch.setattr(api, "ws_fits", lambda q, k, v, backward=False: backward)
+    q, k, v = (torch.randn(1, 2, 64, 128, requires_grad=True) for _ in range(3))
+    attn = fg.compile(mask_mod=fg.mods.causal)
+    out, lse = attn(q, k, v, scale=0.2, return_lse=True)
+    (out.square().sum() + lse.sum()).backward()
+    assert calls == [("attn_bwd_ws", True, 0.2)]
+    assert attn.last_tiles["dQ, dK/dV"] == "warp-specialised (Gluon), one pass"
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    det = fg.compile(mask_mod=fg.mods.causal, deterministic=True)
+    out, lse = det(q, k, v, scale=0.2, return_lse=True)
+    (out.square().sum() + lse.sum()).backward()  # the Triton kernels: the same gradients
+    assert len(calls) == 1
+    for g, t in zip(got, (q, k, v)):
+        torch.testing.assert_close(g, t.grad, rtol=2e-4, atol=2e-4)
 
 
 def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
@@ -99,7 +155,7 @@ def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
         lse.copy_(l_)
 
     monkeypatch.setattr(api, "ws_forward", fake_launch)
-    monkeypatch.setattr(api, "ws_forward_fits", lambda q, k, v: q.shape[-1] == 128)
+    monkeypatch.setattr(api, "ws_fits", lambda q, k, v, backward=False: q.shape[-1] == 128 and not backward)
     q, k, v = (torch.randn(1, 2, 64, 128) for _ in range(3))
     attn = fg.compile(mask_mod=fg.mods.causal)
     out = attn(q, k, v, scale=0.2)
