@@ -66,7 +66,7 @@ def kernel_call(module, q, k, v, out, lse, dout, scale, stages, dq_buffers):
     return lambda: module.attn_bwd_ws[grid](*args, **kw)
 
 
-def variant_rows(name: str, B: int, H: int, S: int, D: int, scale: float) -> list:
+def variant_rows(name: str, B: int, H: int, S: int, D: int, scale: float, stages: list[int]) -> list:
     rows = []
     mask = MASKS[name]
     attn = fg.compile(mask_mod=mask)
@@ -88,12 +88,17 @@ def variant_rows(name: str, B: int, H: int, S: int, D: int, scale: float) -> lis
     print(f"{name}: Gluon against Triton gradients, relative: " + ", ".join(f"{e:.1e}" for e in errs))
     source = attn.source("bwd_ws")
     tensors = (q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout)
-    for change, stages, dq_buffers in (("", 3, 1), ("", 2, 1), ("", 2, 2), ("no dQ reduction", 2, 2)):
-        module = load(changed(source, change), f"{name}_{stages}_{dq_buffers}_{change.replace(' ', '_')}")
-        call = kernel_call(module, *tensors, scale, stages, dq_buffers)
-        call()
+    configs = [("", n, b) for n in stages for b in (1, 2)] + [("no dQ reduction", runtime.WS_BACKWARD_STAGES, 2)]
+    for change, n_stages, dq_buffers in configs:
+        module = load(changed(source, change), f"{name}_{n_stages}_{dq_buffers}_{change.replace(' ', '_')}")
+        call = kernel_call(module, *tensors, scale, n_stages, dq_buffers)
+        try:
+            call()
+        except triton.runtime.errors.OutOfResources as e:  # (more shared memory than a block has)
+            print(f"{name}: {n_stages} stages, {dq_buffers} dQ buffers: {e}")
+            continue
         ms = triton.testing.do_bench(call, warmup=10, rep=100, return_mode="median")
-        what = f"kernel alone, {stages} stages, {dq_buffers} dQ buffers" + (f", {change}" if change else "")
+        what = f"kernel alone, {n_stages} stages, {dq_buffers} dQ buffers" + (f", {change}" if change else "")
         rows.append((name, what, ms))
     ms = triton.testing.do_bench(lambda: runtime.row_dots(dout, out), warmup=10, rep=100, return_mode="median")
     rows.append((name, "delta (row_dots)", ms))
@@ -107,16 +112,17 @@ def variant_rows(name: str, B: int, H: int, S: int, D: int, scale: float) -> lis
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="4x16x8192")
+    p.add_argument("--shape", default="4x16x8192x128", help="BxHxSxD (D 64 or 128)")
+    p.add_argument("--stages", default="2,3", help="the stage counts to time (with 1 and 2 dQ buffers)")
     p.add_argument("--variants", default="full,causal,sliding")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("ab_ws_backward: no CUDA device")
         return 0
-    B, H, S = (int(x) for x in args.shape.split("x"))
-    D = 128
+    B, H, S, D = (int(x) for x in args.shape.split("x"))
     scale = 1 / math.sqrt(D)
-    rows = [row for name in args.variants.split(",") for row in variant_rows(name, B, H, S, D, scale)]
+    stages = [int(x) for x in args.stages.split(",")]
+    rows = [row for name in args.variants.split(",") for row in variant_rows(name, B, H, S, D, scale, stages)]
     print(f"\n{B}x{H}x{S}x{D} bf16, median ms of do_bench")
     print("| variant | what | ms |\n|---|---|---:|")
     for name, what, ms in rows:

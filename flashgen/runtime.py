@@ -386,17 +386,18 @@ def _gluon_hopper() -> bool:
 
 
 def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> bool:
-    """Whether a call can take the warp-specialised forward (or backward): a Hopper GPU (sm_90), bf16 or fp16,
-    head dims of 128 (at 64 it measured no faster than the Triton kernel), as many keys as queries
-    and a multiple of 128 of each, contiguous 16-byte aligned inputs, at least ``WS_MIN_FLOPS`` of
-    work. Every other call takes the Triton kernel."""
+    """Whether a call can take the warp-specialised forward (or backward): a Hopper GPU (sm_90), bf16
+    or fp16, head dims of 128 (the backward: 64 too; the forward at 64 measured no faster than the
+    Triton kernel), as many keys as queries and a multiple of 128 of each, contiguous 16-byte
+    aligned inputs, at least ``WS_MIN_FLOPS`` of work. Every other call takes the Triton kernel."""
     on = WS_BACKWARD if backward else WS_FORWARD
     if not on or interpreting() or q.device.type != "cuda" or not _gluon_hopper():
         return False
     Sq, D = q.shape[-2:]
     Skv, Dv = v.shape[-2:]
     return (torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype in (torch.bfloat16, torch.float16)
-            and D == Dv == 128 and Sq == Skv and Sq % 128 == 0 and 4 * q.shape[:2].numel() * Sq * Sq * D >= WS_MIN_FLOPS
+            and D == Dv and D in ((64, 128) if backward else (128,)) and Sq == Skv and Sq % 128 == 0
+            and 4 * q.shape[:2].numel() * Sq * Sq * D >= WS_MIN_FLOPS
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)))  # (TMA's alignment)
 
 

@@ -597,15 +597,16 @@ def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(ma
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="the warp-specialised backward needs a Hopper GPU")
+@pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("mask, dtype, hkv", WS_CASES)
-def test_warp_specialised_backward_matches_the_reference_and_the_triton_kernels(mask, dtype, hkv, monkeypatch):
-    """The one-pass Gluon backward of full, causal and sliding-window attention at D = 128, with a
-    loss that reads lse too (dlse): gradients against float64, and against the Triton kernels'."""
+def test_warp_specialised_backward_matches_the_reference_and_the_triton_kernels(mask, dtype, hkv, d, monkeypatch):
+    """The one-pass Gluon backward of full, causal and sliding-window attention at D = 128 and 64,
+    with a loss that reads lse too (dlse): gradients against float64, and against the Triton kernels'."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)  # (these shapes are below its size rule)
-    q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=71)
+    q, k, v = make_qkv(2, 4, 384, d, hkv=hkv, dtype=dtype, seed=71)
     attn = fg.compile(mask_mod=mask)
     gqa = hkv != 4
-    dout = randn(2, 4, 384, 128, dtype=dtype, seed=72)
+    dout = randn(2, 4, 384, d, dtype=dtype, seed=72)
     dlse = randn(2, 4, 384, seed=73)
 
     def grads(fn, *qkv):

@@ -1,0 +1,64 @@
+"""Compiles the generated Gluon modules for sm_90 and prints one JSON line per case: run by
+``test_ws_kernels.py`` in a child process with TRITON_INTERPRET=0 from the start, since Gluon does
+not compile in a process that imported Triton for its interpreter (its functions are then
+interpreted ones), and with a fresh Triton cache, so that nothing compiled earlier stands in.
+
+    python3 tests/ws_compile.py CASE...     (CASE: mask,dtype,hkv,d,fwd|bwd; mask none|causal|sliding300)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+assert os.environ.get("TRITON_INTERPRET", "0") == "0", "run with TRITON_INTERPRET=0"
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import compile as triton_compile  # noqa: E402
+
+import flashgen as fg  # noqa: E402
+from flashgen import parallel, runtime  # noqa: E402
+
+MASKS = {"none": None, "causal": fg.mods.causal, "sliding300": fg.mods.sliding_window(300)}
+
+
+def compile_case(case: str, folder: Path) -> dict:
+    mask, dtype, hkv, d, which = case.split(",")
+    dtype, hkv, d, backward = getattr(torch, dtype), int(hkv), int(d), which == "bwd"
+    path = folder / f"ws_{len(list(folder.iterdir()))}.py"
+    path.write_text(fg.compile(mask_mod=MASKS[mask]).source("bwd_ws" if backward else "fwd_ws"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    q = torch.randn(2, 4, 512, d, dtype=dtype)
+    k, v = torch.randn(2, hkv, 512, d, dtype=dtype), torch.randn(2, hkv, 512, d, dtype=dtype)
+    launches: list = []
+    with parallel.captured(launches):  # the launches' arguments, recorded instead of run
+        if backward:  # (delta's Triton kernel first)
+            runtime.ws_backward(module, q, k, v, torch.randn_like(q), torch.randn(2, 4, 512), torch.randn_like(q),
+                                None, 0.1)
+        else:
+            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1)
+    kernel, args, kwargs = launches[-1]
+    target = GPUTarget("cuda", 90, 32)
+    src, options = parallel.launch_source(kernel, args, kwargs, target)  # (a Gluon source for a Gluon kernel)
+    compiled = triton_compile(src, target=target, options=options.__dict__)
+    ptx = compiled.asm["ptx"]
+    return dict(case=case, group_size=kwargs["GROUP_SIZE"], shared=compiled.metadata.shared,
+                setmaxnreg="setmaxnreg" in ptx, tma_reduce="cp.reduce.async.bulk.tensor" in ptx)
+
+
+def main(cases: list[str]) -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        for case in cases:
+            print(json.dumps(compile_case(case, Path(folder))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
