@@ -681,12 +681,12 @@ class Attention:
         if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
             return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                     {slot: torch.zeros_like(self.captured[slot]) for slot in grad_slots})
+        dlse = dlse.float().contiguous() if dlse is not None else None
+        lse = lse.contiguous()
         ws = (self._ws_source(backward=True)
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
         if ws is not None and ws_fits(q, k, v, backward=True):  # Hopper: the warp-specialised kernel
-            dlse = dlse.float().contiguous() if dlse is not None else None
-            dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse.contiguous(), dout.contiguous(),
-                                     dlse, scale)
+            dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse, dout.contiguous(), dlse, scale)
             self.last_tiles.update({"dQ, dK/dV": "warp-specialised (Gluon), one pass"})
             return dq, dk, dv, {}
         stored_slots = self._last_stored[grad_slots] = self._stored_slots(grad_slots, B, Hq)
@@ -710,8 +710,6 @@ class Attention:
         # delta = rowsum(dO * O) - dlse, the softmax's correction term per row: the dQ pass, which
         # runs first, computes it for its rows and stores it for the dK/dV pass
         delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-        dlse = dlse.float().contiguous() if dlse is not None else None
-        lse = lse.contiguous()
         shape = (B, Hq, Sq, Skv)
         capture_args = self._capture_args(Sq, Skv, ks)
         # GMAX and GSCALE of the dK/dV kernel (deterministic mode's max |contribution| and scale)

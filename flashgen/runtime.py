@@ -401,23 +401,30 @@ def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = 
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)))  # (TMA's alignment)
 
 
-def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-               lse: torch.Tensor, scale: float) -> None:
-    """Launch ``module.attn_fwd_ws`` (``ws_forward_fits`` said yes; ``scale`` > 0): out and lse
-    (contiguous [B, Hq, S, D] and [B, Hq, S]) written in place."""
+def _gluon_descriptor(t: torch.Tensor, block: list[int]):
+    """A TMA descriptor for Gluon kernels over the contiguous ``t`` viewed as rows of its last
+    dimension (1-D for a 1-D block), in tiles of ``block`` with that block's default shared layout
+    (unswizzled for 1-D)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
+    if len(block) == 1:
+        return TensorDescriptor.from_tensor(t.view(-1), block, gl.NVMMASharedLayout(0, dtype.primitive_bitwidth,
+                                                                                     rank=1))
+    return TensorDescriptor.from_tensor(t.view(-1, t.shape[-1]), block,
+                                        gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, scale: float) -> None:
+    """Launch ``module.attn_fwd_ws`` (``ws_fits`` said yes; ``scale`` > 0): out and lse
+    (contiguous [B, Hq, S, D] and [B, Hq, S]) written in place."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
-    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-
-    def descriptor(t: torch.Tensor, rows: int):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, D], dtype)
-        return TensorDescriptor.from_tensor(t.view(-1, D), [rows, D], layout)
-
-    module.attn_fwd_ws[(S // 128, B * Hq)](descriptor(q, 64), descriptor(k, 128), descriptor(v, 128), out, lse, Hq,
-                                           S, scale * LOG2E, GROUP_SIZE=Hq // Hkv, STAGES=WS_STAGES, num_warps=4)
+    module.attn_fwd_ws[(S // 128, B * Hq)](_gluon_descriptor(q, [64, D]), _gluon_descriptor(k, [128, D]),
+                                           _gluon_descriptor(v, [128, D]), out, lse, Hq, S, scale * LOG2E,
+                                           GROUP_SIZE=Hq // Hkv, STAGES=WS_STAGES, num_warps=4)
 
 
 @triton.jit
@@ -447,25 +454,14 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, sub: torch.Tensor | None = None) 
 def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float) -> tuple:
     """dq, dk, dv from ``module.attn_bwd_ws`` (``ws_fits(..., backward=True)`` said yes for q, k, v;
     out, lse, dout and dlse (or None) contiguous): one pass, dQ added up in float32 and scaled after."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
-    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-
-    def descriptor(t: torch.Tensor, block: list, dtype=dtype):
-        return TensorDescriptor.from_tensor(t.view(-1, D), block, gl.NVMMASharedLayout.get_default_for(block, dtype))
-
-    def rows(t: torch.Tensor):  # ([B, Hq, S] float32, 64 rows a block)
-        return TensorDescriptor.from_tensor(t.view(-1), [64], gl.NVMMASharedLayout(0, 32, rank=1))
-
     delta = row_dots(dout, out, dlse)
     dq_sum = torch.zeros((B, Hq, S, D), dtype=torch.float32, device=q.device)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     module.attn_bwd_ws[(S // 128, B * Hkv)](
-        descriptor(q, [64, D]), descriptor(k, [64, D]), descriptor(v, [64, D]), descriptor(dout, [64, D]),
-        descriptor(dq_sum, [64, 64], gl.float32), dk, dv, rows(lse), rows(delta), Hq, S, scale * LOG2E, scale,
+        *(_gluon_descriptor(t, [64, D]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk, dv,
+        _gluon_descriptor(lse, [64]), _gluon_descriptor(delta, [64]), Hq, S, scale * LOG2E, scale,
         GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, DQ_BUFFERS=WS_DQ_BUFFERS, num_warps=4)
     return torch.mul(dq_sum, scale, out=torch.empty_like(q)), dk, dv
 
