@@ -435,14 +435,16 @@ def _row_dots(a, b, sub, out, rows, D: tl.constexpr, BLOCK: tl.constexpr, SUB: t
     x = tl.load(a + offs, mask=keep[:, None], other=0.0).to(tl.float32)
     y = tl.load(b + offs, mask=keep[:, None], other=0.0).to(tl.float32)
     dot = tl.sum(x * y, 1)
-    if SUB:
-        dot -= tl.load(sub + r, mask=keep, other=0.0)
+    if SUB:  # (+-inf and NaN, a fully masked row's dlse, count as 0, as in the Triton backward)
+        d = tl.load(sub + r, mask=keep, other=0.0)
+        dot -= tl.where((d == d) & (tl.abs(d) != float("inf")), d, 0.0)
     tl.store(out + r, dot, mask=keep)
 
 
 def row_dots(a: torch.Tensor, b: torch.Tensor, sub: torch.Tensor | None = None) -> torch.Tensor:
     """rowsum(a · b) - sub in float32 for contiguous [..., D] ``a`` and ``b`` (D a power of two) and
-    ``sub`` of their leading shape: the backward's delta = rowsum(dO · O) - dlse."""
+    ``sub`` of their leading shape, its non-finite entries taken as 0: the backward's
+    delta = rowsum(dO · O) - dlse."""
     rows, D = a.numel() // a.shape[-1], a.shape[-1]
     out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
     if rows:

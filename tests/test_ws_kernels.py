@@ -94,7 +94,9 @@ def test_the_generated_gluon_module_compiles_for_sm90(case, backward, compiled_w
 def test_row_dots_is_the_backward_delta(dlse):
     a, b = torch.randn(2, 3, 40, 64, dtype=torch.bfloat16), torch.randn(2, 3, 40, 64, dtype=torch.bfloat16)
     sub = torch.randn(2, 3, 40) if dlse else None
-    want = (a.double() * b.double()).sum(-1) - (sub.double() if dlse else 0)
+    if dlse:  # (a fully masked row's dlse may be +-inf or NaN: it counts as 0, as in the Triton backward)
+        sub[0, 0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    want = (a.double() * b.double()).sum(-1) - (sub.double().nan_to_num(0.0, 0.0, 0.0) if dlse else 0)
     got = runtime.row_dots(a, b, sub)
     assert got.dtype == torch.float32 and got.shape == (2, 3, 40)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
