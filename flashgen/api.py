@@ -213,9 +213,10 @@ class Attention:
                          f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})")
         notes = lowering_notes(self.program.logits, self.program.mask)
         if self._ws_source() is not None:  # (a low-rank bias runs another program: _ws_source is for this one)
-            notes = [*notes, "forward and backward on Hopper GPUs (head dim 128, lengths a multiple of 128, "
-                             "contiguous inputs): the warp-specialised Gluon kernels, source('fwd_ws') and "
-                             "source('bwd_ws') (the backward where no captured tensor needs a gradient)"]
+            notes = [*notes, "forward and backward on Hopper GPUs (bf16 or fp16, head dim 128, the backward 64 "
+                             "too, lengths a multiple of 128, contiguous inputs): the warp-specialised Gluon "
+                             "kernels, source('fwd_ws') and source('bwd_ws') (the backward where no captured "
+                             "tensor needs a gradient)"]
         if notes and self.low_rank_bias is None:
             lines.append("kernels:")
             lines += [f"  {note}" for note in notes]
