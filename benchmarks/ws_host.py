@@ -1,6 +1,7 @@
-"""What the warp-specialised forward costs on the host: a new variant's first forward+backward
-call in a fresh process with an empty cache, and the host time per forward call once warm, with
-the Gluon kernel (``runtime.WS_FORWARD``) and with the Triton one.
+"""What the warp-specialised kernels cost on the host: a new variant's first forward+backward call
+in a fresh process with an empty cache, and the host time per forward call and per training step
+(forward and backward) once warm, with the Gluon kernels (``runtime.WS_FORWARD`` and
+``runtime.WS_BACKWARD``) and with the Triton ones.
 
     PYTHONPATH=. python3 benchmarks/ws_host.py [--shape 1x16x4096x128]
 """
@@ -19,7 +20,7 @@ import json, statistics, sys, time
 import torch
 import flashgen as fg
 from flashgen import runtime
-runtime.WS_FORWARD = sys.argv[1] == "1"
+runtime.WS_FORWARD = runtime.WS_BACKWARD = sys.argv[1] == "1"
 B, H, S, D = (int(x) for x in sys.argv[2].split("x"))
 q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 (q * 2).backward(torch.ones_like(q))  # torch's own first backward, apart
@@ -31,7 +32,14 @@ out = attn(q, k, v)
 out.backward(torch.ones_like(out))
 torch.cuda.synchronize()
 first = time.perf_counter() - t0
-forward = attn.last_tiles.get("forward")
+kernels = dict(attn.last_tiles)
+step = []
+g = torch.ones_like(out)
+for _ in range(100):
+    t0 = time.perf_counter()
+    attn(q, k, v).backward(g)
+    step.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
 with torch.no_grad():
     host = []
     for _ in range(300):
@@ -39,7 +47,9 @@ with torch.no_grad():
         attn(q, k, v)
         host.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
-print(json.dumps({"first_call_s": first, "host_us": statistics.median(host[50:]) * 1e6, "forward": str(forward)}))
+print(json.dumps({"first_call_s": first, "host_us": statistics.median(host[50:]) * 1e6,
+                  "step_host_us": statistics.median(step[20:]) * 1e6,
+                  "kernels": {k: str(v) for k, v in kernels.items()}}))
 """
 
 
@@ -57,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(done.stderr[-2000:])
                     return 1
                 r = json.loads(done.stdout.strip().splitlines()[-1])
-                print(f"{'gluon' if ws == '1' else 'triton'} forward ({r['forward']}): first fwd+bwd call "
-                      f"{r['first_call_s']:.2f} s, host per forward call {r['host_us']:.0f} us")
+                print(f"{'gluon' if ws == '1' else 'triton'} kernels ({r['kernels']}): first fwd+bwd call "
+                      f"{r['first_call_s']:.2f} s, host per forward call {r['host_us']:.0f} us, per training "
+                      f"step {r['step_host_us']:.0f} us")
     return 0
 
 
