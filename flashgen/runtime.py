@@ -417,13 +417,15 @@ def _gluon_descriptor(t: torch.Tensor, block: list[int]):
 
 
 def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-               lse: torch.Tensor, scale: float) -> None:
-    """Launch ``module.attn_fwd_ws`` (``ws_fits`` said yes; ``scale`` > 0): out and lse
-    (contiguous [B, Hq, S, D] and [B, Hq, S]) written in place."""
+               lse: torch.Tensor, scale: float, mods: list | None = None) -> None:
+    """Launch ``module.attn_fwd_ws`` (``ws_fits`` said yes): out and lse (contiguous [B, Hq, S, D]
+    and [B, Hq, S]) written in place. ``mods``: None for plain logits (``scale`` > 0 then), else the
+    captured tensors' arguments (``captured_args``) of a module that evaluates its logits."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
+    scales = (scale * LOG2E,) if mods is None else (LOG2E, scale, *mods)
     module.attn_fwd_ws[(S // 128, B * Hq)](_gluon_descriptor(q, [64, D]), _gluon_descriptor(k, [128, D]),
-                                           _gluon_descriptor(v, [128, D]), out, lse, Hq, S, scale * LOG2E,
+                                           _gluon_descriptor(v, [128, D]), out, lse, Hq, S, *scales,
                                            GROUP_SIZE=Hq // Hkv, STAGES=WS_STAGES, num_warps=4)
 
 

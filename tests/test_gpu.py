@@ -595,6 +595,45 @@ def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(ma
     assert rel_err(out, triton_out) < 1e-2
 
 
+WS_MOD_CASES = [
+    pytest.param(dict(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4)), mask_mod=fg.mods.causal), torch.bfloat16, 2,
+                 id="alibi-causal-gqa-bf16"),
+    pytest.param(dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal), torch.float16, 4,
+                 id="softcap-causal-fp16"),
+    pytest.param(dict(score_mod=fg.mods.softcap(20.0)), torch.bfloat16, 4, id="softcap-full-bf16"),
+    pytest.param(dict(score_mod=fg.score_mod(lambda s, b, h, q, kv: torch.where(q == 5, float("-inf"), s * 1.5))),
+                 torch.bfloat16, 4, id="a-row-all-inf"),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the warp-specialised forward needs a Hopper GPU")
+@pytest.mark.parametrize("mods, dtype, hkv", WS_MOD_CASES)
+def test_warp_specialised_forward_with_a_score_mod(mods, dtype, hkv, monkeypatch):
+    """Score_mods that read per (batch, head) at most run in the Gluon forward: out and lse against
+    float64 and against the Triton kernel; a row whose every logit is -inf gives 0 and -inf."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=81)
+    attn = fg.compile(**mods)
+    gqa = hkv != 4
+    out, lse = attn(q, k, v, return_lse=True, enable_gqa=gqa)
+    assert attn.last_tiles["forward"] == "warp-specialised (Gluon)"
+    assert torch.isfinite(out).all()
+    check(out, q, k, v, **mods, enable_gqa=gqa)
+    with torch.no_grad():
+        _, ref_lse = fg.attention_reference(q, k, v, **mods, enable_gqa=gqa, return_lse=True)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse.double() - ref_lse)[finite].abs().max() < LSE_ATOL[dtype]
+    runtime.WS_FORWARD = False
+    try:
+        triton_out = attn(q, k, v, enable_gqa=gqa)
+        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
+    finally:
+        runtime.WS_FORWARD = True
+    assert rel_err(out, triton_out) < 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="the warp-specialised backward needs a Hopper GPU")
 @pytest.mark.parametrize("d", [128, 64])
