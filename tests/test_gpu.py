@@ -561,6 +561,17 @@ def test_kept_launches_go_direct_and_follow_alignment_and_streams():
 # ---------------------------------------------------------------------------------------------
 # the warp-specialised forward (Gluon, Hopper)
 
+def assert_like_the_triton_forward(attn, out, q, k, v, **kwargs) -> None:
+    """``out``, from the Gluon forward, against the Triton forward of the same call."""
+    runtime.WS_FORWARD = False
+    try:
+        triton_out = attn(q, k, v, **kwargs)
+        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
+    finally:
+        runtime.WS_FORWARD = True
+    assert rel_err(out, triton_out) < 1e-2
+
+
 WS_CASES = [
     pytest.param(None, torch.bfloat16, 4, id="full-bf16"),
     pytest.param(fg.mods.causal, torch.bfloat16, 2, id="causal-gqa-bf16"),
@@ -586,13 +597,7 @@ def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(ma
     with torch.no_grad():
         _, ref_lse = fg.attention_reference(q, k, v, mask_mod=mask, enable_gqa=gqa, return_lse=True)
     assert (lse.double() - ref_lse).abs().max() < LSE_ATOL[dtype]
-    runtime.WS_FORWARD = False
-    try:
-        triton_out = attn(q, k, v, enable_gqa=gqa)
-        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
-    finally:
-        runtime.WS_FORWARD = True
-    assert rel_err(out, triton_out) < 1e-2
+    assert_like_the_triton_forward(attn, out, q, k, v, enable_gqa=gqa)
 
 
 WS_MOD_CASES = [
@@ -625,13 +630,7 @@ def test_warp_specialised_forward_with_a_score_mod(mods, dtype, hkv, monkeypatch
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert (lse.double() - ref_lse)[finite].abs().max() < LSE_ATOL[dtype]
-    runtime.WS_FORWARD = False
-    try:
-        triton_out = attn(q, k, v, enable_gqa=gqa)
-        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
-    finally:
-        runtime.WS_FORWARD = True
-    assert rel_err(out, triton_out) < 1e-2
+    assert_like_the_triton_forward(attn, out, q, k, v, enable_gqa=gqa)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
