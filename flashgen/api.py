@@ -183,10 +183,9 @@ class Attention:
         if which in ("fwd_ws", "bwd_ws"):
             ws = self._ws_source(backward=which == "bwd_ws")
             if ws is None:
-                raise ValueError(f"{self.name}: no warp-specialised kernels for {which!r} (they cover no mask or a "
-                                 "band of constant offsets that holds the diagonal, such as causal, with plain "
-                                 "logits; the forward also score_mods that read captured tensors per (batch, head) "
-                                 "at most)")
+                raise ValueError(f"{self.name}: no warp-specialised kernels (they cover no mask or a band of "
+                                 "constant offsets that holds the diagonal, such as causal, with plain logits or "
+                                 "score_mods that read captured tensors per (batch, head) at most)")
             return ws.source
         if which == "bwd":
             slots = tuple(i for i, t in enumerate(self.captured) if t.is_floating_point() and t.requires_grad)
@@ -691,7 +690,8 @@ class Attention:
         ws = (self._ws_source(backward=True)
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
         if ws is not None and ws_fits(q, k, v, backward=True):  # Hopper: the warp-specialised kernel
-            dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse, dout.contiguous(), dlse, scale)
+            dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse, dout.contiguous(), dlse, scale,
+                                     None if self.analysis.plain_logits else captured_args(self.captured))
             self.last_tiles.update({"dQ, dK/dV": "warp-specialised (Gluon), one pass"})
             return dq, dk, dv, {}
         stored_slots = self._last_stored[grad_slots] = self._stored_slots(grad_slots, B, Hq)

@@ -52,18 +52,18 @@ def test_other_programs_keep_the_triton_kernels(mods):
     (dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal), "_tanh("),
     (dict(score_mod=fg.mods.softcap(20.0)), "_tanh("),
 ])
-def test_score_mods_read_per_head_at_most_have_a_warp_specialised_forward(mods, logits):
+def test_score_mods_read_per_head_at_most_have_warp_specialised_kernels(mods, logits):
     """Logits that are elementwise code of the score and the indices, reading captured tensors once per
-    (batch, head) at most: the Gluon forward evaluates them per tile (the Triton kernels' code under
-    ``gl``); the backward stays with the Triton kernels (no derivative in the Gluon one yet)."""
+    (batch, head) at most: the Gluon kernels evaluate them per tile (the Triton kernels' code under
+    ``gl``), the backward their derivative in the score too."""
     attn = fg.compile(**mods)
-    source = attn.source("fwd_ws")
-    assert logits in source and "tl." not in source and "def _tanh(x, FAST_MATH: gl.constexpr)" in source
-    assert "FAST_MATH = gl.constexpr(True)" in source  # (bf16/fp16 only: fast_math=None means the approximation)
-    assert "FAST_MATH = gl.constexpr(False)" in fg.compile(**mods, fast_math=False).source("fwd_ws")
-    with pytest.raises(ValueError, match="no warp-specialised kernels"):
-        attn.source("bwd_ws")
-    assert "the warp-specialised Gluon kernel, source('fwd_ws'); the backward: the Triton kernels" in attn.explain()
+    for which in ("fwd_ws", "bwd_ws"):
+        source = attn.source(which)
+        assert logits in source and "tl." not in source and "def _tanh(x, FAST_MATH: gl.constexpr)" in source
+        assert "FAST_MATH = gl.constexpr(True)" in source  # (bf16/fp16 only: fast_math=None means the approximation)
+        assert "FAST_MATH = gl.constexpr(False)" in fg.compile(**mods, fast_math=False).source(which)
+    assert "dscore = " in attn.source("bwd_ws") and "* dscore" in attn.source("bwd_ws")
+    assert "source('fwd_ws') and source('bwd_ws')" in attn.explain()
 
 
 def test_explain_names_the_warp_specialised_forward_and_its_last_use():
@@ -81,7 +81,7 @@ def test_the_warp_specialised_kernels_are_not_taken_off_hopper():
 
 WS_COMPILE_CASES = ["none,bfloat16,4,128", "causal,float16,2,128", "sliding300,bfloat16,4,128",
                     "causal,bfloat16,2,64"]  # (at 64 the backward's other dQ form; the forward is 128 only)
-WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128"]  # (forward only)
+WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def compiled_ws_modules(tmp_path_factory) -> dict:
     """Each case's module compiled for sm_90 in one child process (``tests/ws_compile.py``: Gluon
     does not compile where Triton was imported for its interpreter) with a fresh Triton cache."""
     cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES if not c.endswith(",64")]
-    cases += [f"{c},bwd" for c in WS_COMPILE_CASES]
+    cases += [f"{c},bwd" for c in WS_COMPILE_CASES + WS_MOD_CASES]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton")),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "ws_compile.py"), *cases], env=env,
@@ -99,10 +99,11 @@ def compiled_ws_modules(tmp_path_factory) -> dict:
 
 
 @gluon_hopper
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
 @pytest.mark.parametrize("case", WS_MOD_CASES)
-def test_the_gluon_forward_with_a_score_mod_compiles_for_sm90(case, compiled_ws_modules):
-    result = compiled_ws_modules[f"{case},fwd"]
-    assert result["shared"] <= 232448 and result["setmaxnreg"]
+def test_the_gluon_kernels_with_a_score_mod_compile_for_sm90(case, which, compiled_ws_modules):
+    result = compiled_ws_modules[f"{case},{which}"]
+    assert result["shared"] <= 232448 and result["setmaxnreg"] and result["tma_reduce"] == (which == "bwd")
 
 
 @gluon_hopper
@@ -138,7 +139,7 @@ def test_which_calls_take_the_warp_specialised_backward(monkeypatch):
 
     calls = []
 
-    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale):
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None):
         calls.append((module.attn_bwd_ws.fn.__name__, dlse is not None, scale))
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         with torch.enable_grad():  # (autograd runs backwards without)
@@ -204,8 +205,8 @@ def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
 
 
 def test_a_score_mod_forward_takes_the_captured_tensors(monkeypatch):
-    """The Gluon forward of a score_mod gets the captured tensors' arguments (``runtime.captured_args``)
-    and the backward of that call goes to the Triton kernels; plain logits get none."""
+    """The Gluon forward of a score_mod gets the captured tensors' arguments (``runtime.captured_args``);
+    plain logits get none. (The backward here is the Triton one: the fit rule is patched to refuse it.)"""
     from flashgen import api
 
     calls = []

@@ -40,14 +40,14 @@ def compile_case(case: str, folder: Path) -> dict:
     spec.loader.exec_module(module)
     q = torch.randn(2, 4, 512, d, dtype=dtype)
     k, v = torch.randn(2, hkv, 512, d, dtype=dtype), torch.randn(2, hkv, 512, d, dtype=dtype)
+    mods = None if attn.analysis.plain_logits else runtime.captured_args(attn.captured)
     launches: list = []
     with parallel.captured(launches):  # the launches' arguments, recorded instead of run
         if backward:  # (delta's Triton kernel first)
             runtime.ws_backward(module, q, k, v, torch.randn_like(q), torch.randn(2, 4, 512), torch.randn_like(q),
-                                None, 0.1)
+                                None, 0.1, mods)
         else:
-            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1,
-                               None if attn.analysis.plain_logits else runtime.captured_args(attn.captured))
+            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1, mods)
     kernel, args, kwargs = launches[-1]
     target = GPUTarget("cuda", 90, 32)
     src, options = parallel.launch_source(kernel, args, kwargs, target)  # (a Gluon source for a Gluon kernel)
