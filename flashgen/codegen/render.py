@@ -541,11 +541,7 @@ def _ws_logits(logits: Node) -> bool:
     score and the indices whose captured-tensor reads do not depend on q_idx or kv_idx (a value per
     batch entry or head, as ALiBi's slopes or a temperature; reads per entry, such as a bias or a
     relative-position table, stay with the Triton kernels)."""
-    def per_entry(n: Node) -> bool:
-        return ((n.op is Op.LOAD and (ir.depends_on(n, "q_idx") or ir.depends_on(n, "kv_idx")))
-                or (n.op is Op.INDEX and n.arg == ir.TILE_ORIGIN))
-
-    return not ir.uses(logits, per_entry)
+    return not ir.uses(logits, lambda n: n.op is Op.LOAD and (ir.depends_on(n, "q_idx") or ir.depends_on(n, "kv_idx")))
 
 
 def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False, logits: Node | None = None,
