@@ -164,10 +164,11 @@ class Attention:
 
     def _ws_source(self, backward: bool = False) -> KernelSource | None:
         """The warp-specialised Hopper forward or backward (Gluon), or None where the program is outside it."""
-        key = ("ws", backward, self.program.key)
+        key = ("ws", backward, self.program.key, self.fast_math is not False)  # (FAST_MATH is in the source)
         if key not in _sources:
             templates_here()
-            _sources[key] = render_ws(self.name, self.program.key, self.analysis, backward)
+            _sources[key] = render_ws(self.name, self.program.key, self.analysis, backward, self.program.logits,
+                                      tuple(c.ndim for c in self.program.captures), self.fast_math is not False)
         return _sources[key]
 
     def source(self, which: str = "fwd") -> str:
@@ -182,8 +183,9 @@ class Attention:
         if which in ("fwd_ws", "bwd_ws"):
             ws = self._ws_source(backward=which == "bwd_ws")
             if ws is None:
-                raise ValueError(f"{self.name}: no warp-specialised kernels (they cover plain logits with no mask or "
-                                 "a band of constant offsets that holds the diagonal, such as causal)")
+                raise ValueError(f"{self.name}: no warp-specialised kernels (they cover no mask or a band of "
+                                 "constant offsets that holds the diagonal, such as causal, with plain logits or "
+                                 "score_mods that read captured tensors per (batch, head) at most)")
             return ws.source
         if which == "bwd":
             slots = tuple(i for i, t in enumerate(self.captured) if t.is_floating_point() and t.requires_grad)
@@ -510,7 +512,8 @@ class Attention:
         ws = self._ws_source() if config is None and not self._retune and not capturing() else None
         if ws is not None and ws_fits(q, k, v):  # Hopper: the warp-specialised kernel
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-            ws_forward(load_module(ws), q, k, v, out, scratch, scale)
+            ws_forward(load_module(ws), q, k, v, out, scratch, scale,
+                       None if self.analysis.plain_logits else captured_args(self.captured))
             self.last_tiles = {"forward": "warp-specialised (Gluon)"}
             return out, lse
         shape = (B, Hq, Sq, Skv)
@@ -687,7 +690,8 @@ class Attention:
         ws = (self._ws_source(backward=True)
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
         if ws is not None and ws_fits(q, k, v, backward=True):  # Hopper: the warp-specialised kernel
-            dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse, dout.contiguous(), dlse, scale)
+            dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse, dout.contiguous(), dlse, scale,
+                                     None if self.analysis.plain_logits else captured_args(self.captured))
             self.last_tiles.update({"dQ, dK/dV": "warp-specialised (Gluon), one pass"})
             return dq, dk, dv, {}
         stored_slots = self._last_stored[grad_slots] = self._stored_slots(grad_slots, B, Hq)

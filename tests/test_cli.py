@@ -155,7 +155,9 @@ def test_show_warp_specialised_kernels(cache, capsys):
     rc, out, _ = cli(capsys, "show", "causal", "--ws", "--bwd")
     assert rc == 0 and "def attn_bwd_ws(" in out and "_tma_reduce_add(" in out
     assert out == fg.compile(mask_mod=fg.mods.causal).source("bwd_ws")
-    rc, out, err = cli(capsys, "show", "alibi", "--ws")
+    rc, out, _ = cli(capsys, "show", "alibi", "--ws", "--bwd")  # (a score_mod read per head)
+    assert rc == 0 and "def attn_bwd_ws(" in out and "_read(cap0 + (h)" in out
+    rc, out, err = cli(capsys, "show", "prefix_lm", "--ws")  # (a union: no band)
     assert rc != 0 and "no warp-specialised kernels" in err
 
 

@@ -561,6 +561,46 @@ def test_kept_launches_go_direct_and_follow_alignment_and_streams():
 # ---------------------------------------------------------------------------------------------
 # the warp-specialised forward (Gluon, Hopper)
 
+def assert_like_the_triton_forward(attn, out, q, k, v, **kwargs) -> None:
+    """``out``, from the Gluon forward, against the Triton forward of the same call."""
+    runtime.WS_FORWARD = False
+    try:
+        triton_out = attn(q, k, v, **kwargs)
+        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
+    finally:
+        runtime.WS_FORWARD = True
+    assert rel_err(out, triton_out) < 1e-2
+
+
+def assert_like_the_reference_and_the_triton_backward(mods: dict, dtype, hkv: int, d: int, seed: int) -> None:
+    """A call's gradients through out and lse (dlse too) take the Gluon backward and match float64 and
+    the Triton backward of the same call."""
+    q, k, v = make_qkv(2, 4, 384, d, hkv=hkv, dtype=dtype, seed=seed)
+    attn = fg.compile(**mods)
+    gqa = hkv != 4
+    dout, dlse = randn(2, 4, 384, d, dtype=dtype, seed=seed + 1), randn(2, 4, 384, seed=seed + 2)
+
+    def grads(fn, *qkv):
+        leaves = [t.detach().clone().requires_grad_() for t in qkv]
+        out, lse = fn(*leaves, enable_gqa=gqa, return_lse=True)
+        torch.autograd.backward((out, lse), (dout.to(out.dtype), dlse.to(lse.dtype)))
+        return [t.grad for t in leaves]
+
+    got = grads(attn, q, k, v)
+    assert attn.last_tiles["dQ, dK/dV"] == "warp-specialised (Gluon), one pass"
+    want = grads(lambda *a, **kw: fg.attention_reference(*a, **mods, **kw), *(t.double() for t in (q, k, v)))
+    runtime.WS_BACKWARD = False
+    try:
+        triton_grads = grads(attn, q, k, v)
+        assert "dQ, dK/dV" not in attn.last_tiles
+    finally:
+        runtime.WS_BACKWARD = True
+    for name, g, w, t in zip(("dq", "dk", "dv"), got, want, triton_grads):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, w) < 3e-2, name
+        assert rel_err(g, t) < 1e-2, name
+
+
 WS_CASES = [
     pytest.param(None, torch.bfloat16, 4, id="full-bf16"),
     pytest.param(fg.mods.causal, torch.bfloat16, 2, id="causal-gqa-bf16"),
@@ -586,13 +626,51 @@ def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(ma
     with torch.no_grad():
         _, ref_lse = fg.attention_reference(q, k, v, mask_mod=mask, enable_gqa=gqa, return_lse=True)
     assert (lse.double() - ref_lse).abs().max() < LSE_ATOL[dtype]
-    runtime.WS_FORWARD = False
-    try:
-        triton_out = attn(q, k, v, enable_gqa=gqa)
-        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
-    finally:
-        runtime.WS_FORWARD = True
-    assert rel_err(out, triton_out) < 1e-2
+    assert_like_the_triton_forward(attn, out, q, k, v, enable_gqa=gqa)
+
+
+WS_MOD_CASES = [
+    pytest.param(dict(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4)), mask_mod=fg.mods.causal), torch.bfloat16, 2,
+                 id="alibi-causal-gqa-bf16"),
+    pytest.param(dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal), torch.float16, 4,
+                 id="softcap-causal-fp16"),
+    pytest.param(dict(score_mod=fg.mods.softcap(20.0)), torch.bfloat16, 4, id="softcap-full-bf16"),
+    pytest.param(dict(score_mod=fg.score_mod(lambda s, b, h, q, kv: torch.where(q == 5, float("-inf"), s * 1.5))),
+                 torch.bfloat16, 4, id="a-row-all-inf"),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the warp-specialised forward needs a Hopper GPU")
+@pytest.mark.parametrize("mods, dtype, hkv", WS_MOD_CASES)
+def test_warp_specialised_forward_with_a_score_mod(mods, dtype, hkv, monkeypatch):
+    """Score_mods that read per (batch, head) at most run in the Gluon forward: out and lse against
+    float64 and against the Triton kernel; a row whose every logit is -inf gives 0 and -inf."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=81)
+    attn = fg.compile(**mods)
+    gqa = hkv != 4
+    out, lse = attn(q, k, v, return_lse=True, enable_gqa=gqa)
+    assert attn.last_tiles["forward"] == "warp-specialised (Gluon)"
+    assert torch.isfinite(out).all()
+    check(out, q, k, v, **mods, enable_gqa=gqa)
+    with torch.no_grad():
+        _, ref_lse = fg.attention_reference(q, k, v, **mods, enable_gqa=gqa, return_lse=True)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse.double() - ref_lse)[finite].abs().max() < LSE_ATOL[dtype]
+    assert_like_the_triton_forward(attn, out, q, k, v, enable_gqa=gqa)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the warp-specialised backward needs a Hopper GPU")
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("mods, dtype, hkv", WS_MOD_CASES)  # (the last: a row whose logits are all -inf)
+def test_warp_specialised_backward_with_a_score_mod(mods, dtype, hkv, d, monkeypatch):
+    """The Gluon backward of a score_mod (the logits' derivative in the score as a factor of dS), with
+    a loss that reads lse too: gradients against float64 and against the Triton kernels'."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    assert_like_the_reference_and_the_triton_backward(mods, dtype, hkv, d, seed=91)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -603,31 +681,7 @@ def test_warp_specialised_backward_matches_the_reference_and_the_triton_kernels(
     """The one-pass Gluon backward of full, causal and sliding-window attention at D = 128 and 64,
     with a loss that reads lse too (dlse): gradients against float64, and against the Triton kernels'."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)  # (these shapes are below its size rule)
-    q, k, v = make_qkv(2, 4, 384, d, hkv=hkv, dtype=dtype, seed=71)
-    attn = fg.compile(mask_mod=mask)
-    gqa = hkv != 4
-    dout = randn(2, 4, 384, d, dtype=dtype, seed=72)
-    dlse = randn(2, 4, 384, seed=73)
-
-    def grads(fn, *qkv):
-        leaves = [t.detach().clone().requires_grad_() for t in qkv]
-        out, lse = fn(*leaves, mask_mod=mask, enable_gqa=gqa, return_lse=True)
-        torch.autograd.backward((out, lse), (dout.to(out.dtype), dlse.to(lse.dtype)))
-        return [t.grad for t in leaves]
-
-    got = grads(lambda *a, mask_mod, **kw: attn(*a, **kw), q, k, v)
-    assert attn.last_tiles["dQ, dK/dV"] == "warp-specialised (Gluon), one pass"
-    want = grads(fg.attention_reference, *(t.double() for t in (q, k, v)))
-    runtime.WS_BACKWARD = False
-    try:
-        triton_grads = grads(lambda *a, mask_mod, **kw: attn(*a, **kw), q, k, v)
-        assert "dQ, dK/dV" not in attn.last_tiles
-    finally:
-        runtime.WS_BACKWARD = True
-    for name, g, w, t in zip(("dq", "dk", "dv"), got, want, triton_grads):
-        assert torch.isfinite(g).all(), name
-        assert rel_err(g, w) < 3e-2, name
-        assert rel_err(g, t) < 1e-2, name
+    assert_like_the_reference_and_the_triton_backward(dict(mask_mod=mask), dtype, hkv, d, seed=71)
 
 
 def test_warp_specialised_forward_leaves_other_calls_to_the_triton_kernel(monkeypatch):

@@ -36,8 +36,8 @@ def test_plain_logits_with_a_band_through_the_diagonal_have_warp_specialised_ker
 @pytest.mark.parametrize("mods", [
     dict(mask_mod=fg.mods.prefix_lm(100)),  # a union: no band
     dict(mask_mod=fg.mods.document(torch.zeros(64, dtype=torch.long))),  # reads a tensor: a block map
-    dict(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4)), mask_mod=fg.mods.causal),  # not plain logits
-    dict(bias=torch.randn(64, 64)),
+    dict(bias=torch.randn(64, 64)),  # a read per entry
+    dict(score_mod=fg.mods.relative_bias(torch.randn(4, 127))),  # a read per entry (along diagonals)
     dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: kv >= q + 3)),  # the diagonal outside the band
     dict(mask_mod=fg.mods.causal & fg.mask_mod(lambda b, h, q, kv: (q % 2) == (kv % 2))),  # a band and more
 ])
@@ -45,6 +45,25 @@ def test_other_programs_keep_the_triton_kernels(mods):
     for which in ("fwd_ws", "bwd_ws"):
         with pytest.raises(ValueError, match="no warp-specialised kernels"):
             fg.compile(**mods).source(which)
+
+
+@pytest.mark.parametrize("mods, logits", [
+    (dict(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4)), mask_mod=fg.mods.causal), "_read(cap0 + (h)"),
+    (dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal), "_tanh("),
+    (dict(score_mod=fg.mods.softcap(20.0)), "_tanh("),
+])
+def test_score_mods_read_per_head_at_most_have_warp_specialised_kernels(mods, logits):
+    """Logits that are elementwise code of the score and the indices, reading captured tensors once per
+    (batch, head) at most: the Gluon kernels evaluate them per tile (the Triton kernels' code under
+    ``gl``), the backward their derivative in the score too."""
+    attn = fg.compile(**mods)
+    for which in ("fwd_ws", "bwd_ws"):
+        source = attn.source(which)
+        assert logits in source and "tl." not in source and "def _tanh(x, FAST_MATH: gl.constexpr)" in source
+        assert "FAST_MATH = gl.constexpr(True)" in source  # (bf16/fp16 only: fast_math=None means the approximation)
+        assert "FAST_MATH = gl.constexpr(False)" in fg.compile(**mods, fast_math=False).source(which)
+    assert "dscore = " in attn.source("bwd_ws") and "* dscore" in attn.source("bwd_ws")
+    assert "source('fwd_ws') and source('bwd_ws')" in attn.explain()
 
 
 def test_explain_names_the_warp_specialised_forward_and_its_last_use():
@@ -62,19 +81,29 @@ def test_the_warp_specialised_kernels_are_not_taken_off_hopper():
 
 WS_COMPILE_CASES = ["none,bfloat16,4,128", "causal,float16,2,128", "sliding300,bfloat16,4,128",
                     "causal,bfloat16,2,64"]  # (at 64 the backward's other dQ form; the forward is 128 only)
+WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128"]
 
 
 @pytest.fixture(scope="module")
 def compiled_ws_modules(tmp_path_factory) -> dict:
     """Each case's module compiled for sm_90 in one child process (``tests/ws_compile.py``: Gluon
     does not compile where Triton was imported for its interpreter) with a fresh Triton cache."""
-    cases = [f"{c},fwd" for c in WS_COMPILE_CASES if not c.endswith(",64")] + [f"{c},bwd" for c in WS_COMPILE_CASES]
+    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES if not c.endswith(",64")]
+    cases += [f"{c},bwd" for c in WS_COMPILE_CASES + WS_MOD_CASES]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton")),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "ws_compile.py"), *cases], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return {r["case"]: r for r in map(json.loads, run.stdout.splitlines())}
+
+
+@gluon_hopper
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+@pytest.mark.parametrize("case", WS_MOD_CASES)
+def test_the_gluon_kernels_with_a_score_mod_compile_for_sm90(case, which, compiled_ws_modules):
+    result = compiled_ws_modules[f"{case},{which}"]
+    assert result["shared"] <= 232448 and result["setmaxnreg"] and result["tma_reduce"] == (which == "bwd")
 
 
 @gluon_hopper
@@ -110,7 +139,7 @@ def test_which_calls_take_the_warp_specialised_backward(monkeypatch):
 
     calls = []
 
-    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale):
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None):
         calls.append((module.attn_bwd_ws.fn.__name__, dlse is not None, scale))
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         with torch.enable_grad():  # (autograd runs backwards without)
@@ -147,7 +176,7 @@ def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
 
     calls = []
 
-    def fake_launch(module, q, k, v, out, lse, scale):
+    def fake_launch(module, q, k, v, out, lse, scale, mods=None):
         calls.append((module.attn_fwd_ws.fn.__name__, tuple(q.shape), lse.shape, scale))
         o, l_ = fg.attention_reference(q, k, v, mask_mod=fg.mods.causal, scale=scale, return_lse=True)
         out.copy_(o)
@@ -173,3 +202,29 @@ def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
     prefix(q, k, v)
     attn(*(t[..., :64].contiguous() for t in (q, k, v)))  # refused by the (patched) fit rule
     assert len(calls) == 2 and isinstance(prefix.last_tiles["forward"], runtime.Config)
+
+
+def test_a_score_mod_forward_takes_the_captured_tensors(monkeypatch):
+    """The Gluon forward of a score_mod gets the captured tensors' arguments (``runtime.captured_args``);
+    plain logits get none. (The backward here is the Triton one: the fit rule is patched to refuse it.)"""
+    from flashgen import api
+
+    calls = []
+    slopes = fg.mods.alibi_slopes(2)
+    mods = dict(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.causal)
+
+    def fake_launch(module, q, k, v, out, lse, scale, captured=None):
+        calls.append(captured)
+        o, l_ = fg.attention_reference(q, k, v, **mods, scale=scale, return_lse=True)
+        out.copy_(o)
+        lse.copy_(l_)
+
+    monkeypatch.setattr(api, "ws_forward", fake_launch)
+    monkeypatch.setattr(api, "ws_fits", lambda q, k, v, backward=False: not backward)
+    q, k, v = (torch.randn(1, 2, 64, 128, requires_grad=True) for _ in range(3))
+    attn = fg.compile(**mods)
+    attn(q, k, v).sum().backward()
+    assert len(calls) == 1 and calls[0][0] is slopes and calls[0][1:] == [2, 1]  # (pointer, size, stride)
+    assert "dQ, dK/dV" not in attn.last_tiles and "dQ" in attn.last_tiles  # the Triton backward
+    fg.compile(mask_mod=fg.mods.causal)(q, k, v)
+    assert calls[1] is None

@@ -3,7 +3,7 @@
 not compile in a process that imported Triton for its interpreter (its functions are then
 interpreted ones), and with a fresh Triton cache, so that nothing compiled earlier stands in.
 
-    python3 tests/ws_compile.py CASE...     (CASE: mask,dtype,hkv,d,fwd|bwd; mask none|causal|sliding300)
+    python3 tests/ws_compile.py CASE...     (CASE: mods,dtype,hkv,d,fwd|bwd; mods a key of MODS)
 """
 
 from __future__ import annotations
@@ -24,26 +24,30 @@ from triton.compiler import compile as triton_compile  # noqa: E402
 import flashgen as fg  # noqa: E402
 from flashgen import parallel, runtime  # noqa: E402
 
-MASKS = {"none": None, "causal": fg.mods.causal, "sliding300": fg.mods.sliding_window(300)}
+MODS = {"none": {}, "causal": dict(mask_mod=fg.mods.causal), "sliding300": dict(mask_mod=fg.mods.sliding_window(300)),
+        "alibi_causal": dict(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4)), mask_mod=fg.mods.causal),
+        "softcap_causal": dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal)}
 
 
 def compile_case(case: str, folder: Path) -> dict:
-    mask, dtype, hkv, d, which = case.split(",")
+    mods, dtype, hkv, d, which = case.split(",")
     dtype, hkv, d, backward = getattr(torch, dtype), int(hkv), int(d), which == "bwd"
     path = folder / f"ws_{len(list(folder.iterdir()))}.py"
-    path.write_text(fg.compile(mask_mod=MASKS[mask]).source("bwd_ws" if backward else "fwd_ws"))
+    attn = fg.compile(**MODS[mods])
+    path.write_text(attn.source("bwd_ws" if backward else "fwd_ws"))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     q = torch.randn(2, 4, 512, d, dtype=dtype)
     k, v = torch.randn(2, hkv, 512, d, dtype=dtype), torch.randn(2, hkv, 512, d, dtype=dtype)
+    mods = None if attn.analysis.plain_logits else runtime.captured_args(attn.captured)
     launches: list = []
     with parallel.captured(launches):  # the launches' arguments, recorded instead of run
         if backward:  # (delta's Triton kernel first)
             runtime.ws_backward(module, q, k, v, torch.randn_like(q), torch.randn(2, 4, 512), torch.randn_like(q),
-                                None, 0.1)
+                                None, 0.1, mods)
         else:
-            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1)
+            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1, mods)
     kernel, args, kwargs = launches[-1]
     target = GPUTarget("cuda", 90, 32)
     src, options = parallel.launch_source(kernel, args, kwargs, target)  # (a Gluon source for a Gluon kernel)

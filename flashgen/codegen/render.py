@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -521,12 +522,12 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
 
 
 def _ws_band(analysis: Analysis):
-    """The band of a program the warp-specialised kernels cover, or None: plain logits, and no mask or
-    a band of constant offsets that holds the diagonal (full, causal, sliding windows), so that every
-    row sees at least its own key. The launch checks the rest (``runtime.ws_fits``)."""
+    """The band of a program's mask that the warp-specialised kernels cover, or None: no mask or a
+    band of constant offsets that holds the diagonal (full, causal, sliding windows), so that every
+    row sees at least its own key, and no block map. The launch checks the rest (``runtime.ws_fits``)."""
     band = analysis.band
     residual = analysis.residual_mask
-    if not analysis.plain_logits or analysis.block_runs:
+    if analysis.block_runs:
         return None
     if analysis.has_mask and (band.is_trivial or not (residual.op is Op.CONST and residual.arg is True)):
         return None
@@ -535,16 +536,52 @@ def _ws_band(analysis: Analysis):
     return band
 
 
-def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False) -> KernelSource | None:
+def _ws_logits(logits: Node) -> bool:
+    """Whether the Gluon forward evaluates these (not plain) logits itself: elementwise code of the
+    score and the indices whose captured-tensor reads do not depend on q_idx or kv_idx (a value per
+    batch entry or head, as ALiBi's slopes or a temperature; reads per entry, such as a bias or a
+    relative-position table, stay with the Triton kernels)."""
+    return not ir.uses(logits, lambda n: n.op is Op.LOAD and (ir.depends_on(n, "q_idx") or ir.depends_on(n, "kv_idx")))
+
+
+def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False, logits: Node | None = None,
+              capture_ndims: tuple[int, ...] = (), fast_math: bool = True) -> KernelSource | None:
     """The warp-specialised forward (or backward) for Hopper GPUs (Gluon), or None where the program is
-    outside what they cover (``_ws_band``)."""
+    outside what they cover (``_ws_band``, ``_ws_logits``). Logits other than plain are evaluated per
+    tile, and in the backward their derivative in the score (``autodiff.gradients``); gradients of
+    captured tensors stay with the Triton kernels (the caller's rule). ``fast_math``: tanh and sigmoid
+    by the approximate instruction (the kernels are bf16 and fp16 only, where ``fast_math=None`` means it)."""
     band = _ws_band(analysis)
-    if band is None:
+    if band is None or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
         return None
+    captures = ()
+    tile_lines, logit_expr, dscore_expr = [], "", ""
+    if not analysis.plain_logits:
+        tile = _Emitter("t")
+        lowered = _lowered(logits)
+        tile_lines = _emit_tile(tile, lowered, {id(n): False for n in _ordered([lowered])})
+        logit_expr = tile.ref(lowered)
+        if backward:
+            score = next((n for n in lowered.toposort() if n.op is Op.SCORE), None)
+            dscore = _lowered(gradients(lowered, [score])[id(score)]) if score is not None else const(0.0)
+            tile_lines += _emit_tile(tile, dscore, {id(n): False for n in _ordered([dscore])})
+            dscore_expr = tile.ref(dscore)
+        tile_lines = [_gluon(line) for line in tile_lines]
+        captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
     template, kernel = ("attention_bwd_ws.py.jinja", "attn_bwd_ws") if backward else ("attention_fwd_ws.py.jinja",
                                                                                       "attn_fwd_ws")
-    source = _template(template).render(version=__version__, name=name, program_key=program_key[:16], band=band)
-    return KernelSource(name, source, kernel, (), hashlib.sha256(source.encode()).hexdigest())
+    listing = [x.strip() for x in format_program({"logits": logits if logits is not None else ir.score()}).splitlines()]
+    source = _template(template).render(
+        version=__version__, name=name, program_key=program_key[:16], band=band, gluon=True, listing=listing,
+        plain_logits=analysis.plain_logits, tile_logit_lines=tile_lines, logit_expr=logit_expr,
+        dscore_expr=dscore_expr, capture_params=[p for c in captures for p in c.params], fast_math=fast_math,
+        logits_broadcast=logits is not None and not ir.depends_on(logits, "score"))
+    return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest())
+
+
+def _gluon(line: str) -> str:
+    """A line of the emitter's Triton code in Gluon: the same elementwise functions under ``gl``."""
+    return re.sub(r"\btl\.", "gl.", line)
 
 
 def _all(*conditions: str) -> str:
