@@ -9,6 +9,7 @@ of that time is Triton compiling one kernel per (program, dtype, head dims, spec
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -629,13 +630,13 @@ def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(ma
     assert_like_the_triton_forward(attn, out, q, k, v, enable_gqa=gqa)
 
 
-WS_MOD_CASES = [
-    pytest.param(dict(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4)), mask_mod=fg.mods.causal), torch.bfloat16, 2,
-                 id="alibi-causal-gqa-bf16"),
-    pytest.param(dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal), torch.float16, 4,
+WS_MOD_CASES = [  # (mods built inside the test: the ALiBi slopes live on the GPU)
+    pytest.param(lambda: dict(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4, device=DEV)), mask_mod=fg.mods.causal),
+                 torch.bfloat16, 2, id="alibi-causal-gqa-bf16"),
+    pytest.param(lambda: dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal), torch.float16, 4,
                  id="softcap-causal-fp16"),
-    pytest.param(dict(score_mod=fg.mods.softcap(20.0)), torch.bfloat16, 4, id="softcap-full-bf16"),
-    pytest.param(dict(score_mod=fg.score_mod(lambda s, b, h, q, kv: torch.where(q == 5, float("-inf"), s * 1.5))),
+    pytest.param(lambda: dict(score_mod=fg.mods.softcap(20.0)), torch.bfloat16, 4, id="softcap-full-bf16"),
+    pytest.param(lambda: dict(score_mod=fg.score_mod(lambda s, b, h, q, kv: torch.where(q == 5, -math.inf, s * 1.5))),
                  torch.bfloat16, 4, id="a-row-all-inf"),
 ]
 
@@ -647,6 +648,7 @@ def test_warp_specialised_forward_with_a_score_mod(mods, dtype, hkv, monkeypatch
     """Score_mods that read per (batch, head) at most run in the Gluon forward: out and lse against
     float64 and against the Triton kernel; a row whose every logit is -inf gives 0 and -inf."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    mods = mods()
     q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=81)
     attn = fg.compile(**mods)
     gqa = hkv != 4
@@ -670,7 +672,7 @@ def test_warp_specialised_backward_with_a_score_mod(mods, dtype, hkv, d, monkeyp
     """The Gluon backward of a score_mod (the logits' derivative in the score as a factor of dS), with
     a loss that reads lse too: gradients against float64 and against the Triton kernels'."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
-    assert_like_the_reference_and_the_triton_backward(mods, dtype, hkv, d, seed=91)
+    assert_like_the_reference_and_the_triton_backward(mods(), dtype, hkv, d, seed=91)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
