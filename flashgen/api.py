@@ -168,7 +168,8 @@ class Attention:
         if key not in _sources:
             templates_here()
             _sources[key] = render_ws(self.name, self.program.key, self.analysis, backward, self.program.logits,
-                                      tuple(c.ndim for c in self.program.captures), self.fast_math is not False)
+                                      tuple(c.ndim for c in self.program.captures), self.fast_math is not False,
+                                      self.program.mask)
         return _sources[key]
 
     def source(self, which: str = "fwd") -> str:
@@ -183,9 +184,10 @@ class Attention:
         if which in ("fwd_ws", "bwd_ws"):
             ws = self._ws_source(backward=which == "bwd_ws")
             if ws is None:
-                raise ValueError(f"{self.name}: no warp-specialised kernels (they cover no mask or a band of "
-                                 "constant offsets that holds the diagonal, such as causal, with plain logits or "
-                                 "score_mods that read captured tensors per (batch, head) at most)")
+                raise ValueError(f"{self.name}: no warp-specialised kernels (they cover no mask, a band of "
+                                 "constant offsets that holds the diagonal, such as causal, or a mask with a block "
+                                 "map, with plain logits or score_mods that read captured tensors per (batch, head) "
+                                 "at most)")
             return ws.source
         if which == "bwd":
             slots = tuple(i for i, t in enumerate(self.captured) if t.is_floating_point() and t.requires_grad)
@@ -218,7 +220,9 @@ class Attention:
             notes = [*notes, "forward and backward on Hopper GPUs (bf16 or fp16, head dim 128, the backward 64 "
                              "too, lengths a multiple of 128, contiguous inputs): the warp-specialised Gluon "
                              "kernels, source('fwd_ws') and source('bwd_ws') (the backward where no captured "
-                             "tensor needs a gradient)"]
+                             "tensor needs a gradient"
+                             + (", and for a grouped call only if the block map is the same in every head"
+                                if self.analysis.block_runs else "") + ")"]
         if notes and self.low_rank_bias is None:
             lines.append("kernels:")
             lines += [f"  {note}" for note in notes]
@@ -512,8 +516,11 @@ class Attention:
         ws = self._ws_source() if config is None and not self._retune and not capturing() else None
         if ws is not None and ws_fits(q, k, v):  # Hopper: the warp-specialised kernel
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+            maps = self.analysis.block_runs  # (the tiles of a block map at 128 x 128)
             ws_forward(load_module(ws), q, k, v, out, scratch, scale,
-                       None if self.analysis.plain_logits else captured_args(self.captured))
+                       captured_args(self.captured) if maps or not self.analysis.plain_logits else None,
+                       self.analysis.plain_logits,
+                       self._runs_args((B, Hq, Sq, Skv), Config(128, 128), q.device) if maps else ())
             self.last_tiles = {"forward": "warp-specialised (Gluon)"}
             return out, lse
         shape = (B, Hq, Sq, Skv)
@@ -689,9 +696,15 @@ class Attention:
         lse = lse.contiguous()
         ws = (self._ws_source(backward=True)
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
-        if ws is not None and ws_fits(q, k, v, backward=True):  # Hopper: the warp-specialised kernel
+        maps = self.analysis.block_runs  # (the transposed map's tiles: 128 keys x 64 rows)
+        runs = (self._runs_args((B, Hq, Sq, Skv), Config(64, 128), q.device, transpose=True)
+                if ws is not None and maps and ws_fits(q, k, v, backward=True) else ())
+        # (the kernel visits the same query blocks in every head of a group: a map that varies by
+        # head takes the Triton kernels when heads share keys)
+        if ws is not None and ws_fits(q, k, v, backward=True) and (not runs or runs[2] == 0 or Hq == Hkv):
             dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse, dout.contiguous(), dlse, scale,
-                                     None if self.analysis.plain_logits else captured_args(self.captured))
+                                     captured_args(self.captured) if maps or not self.analysis.plain_logits else None,
+                                     self.analysis.plain_logits, runs)
             self.last_tiles.update({"dQ, dK/dV": "warp-specialised (Gluon), one pass"})
             return dq, dk, dv, {}
         stored_slots = self._last_stored[grad_slots] = self._stored_slots(grad_slots, B, Hq)

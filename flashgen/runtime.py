@@ -417,13 +417,15 @@ def _gluon_descriptor(t: torch.Tensor, block: list[int]):
 
 
 def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-               lse: torch.Tensor, scale: float, mods: list | None = None) -> None:
+               lse: torch.Tensor, scale: float, mods: list | None = None, plain: bool = True,
+               runs: tuple = ()) -> None:
     """Launch ``module.attn_fwd_ws`` (``ws_fits`` said yes): out and lse (contiguous [B, Hq, S, D]
-    and [B, Hq, S]) written in place. ``mods``: None for plain logits (``scale`` > 0 then), else the
-    captured tensors' arguments (``captured_args``) of a module that evaluates its logits."""
+    and [B, Hq, S]) written in place. ``mods``: None where the module evaluates no mod, else the
+    captured tensors' arguments (``captured_args``); ``plain``: the logits are plain (``scale`` > 0
+    then); ``runs``: the block map's runs and strides, for a module that visits its tiles."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
-    scales = (scale * LOG2E,) if mods is None else (LOG2E, scale, *mods)
+    scales = (scale * LOG2E if plain else LOG2E,) + ((scale, *mods) if mods is not None else ()) + tuple(runs)
     module.attn_fwd_ws[(S // 128, B * Hq)](_gluon_descriptor(q, [64, D]), _gluon_descriptor(k, [128, D]),
                                            _gluon_descriptor(v, [128, D]), out, lse, Hq, S, *scales,
                                            GROUP_SIZE=Hq // Hkv, STAGES=WS_STAGES, num_warps=4)
@@ -455,10 +457,11 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, sub: torch.Tensor | None = None) 
     return out
 
 
-def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float, mods: list | None = None) -> tuple:
+def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float, mods: list | None = None,
+                plain: bool = True, runs: tuple = ()) -> tuple:
     """dq, dk, dv from ``module.attn_bwd_ws`` (``ws_fits(..., backward=True)`` said yes for q, k, v;
     out, lse, dout and dlse (or None) contiguous): one pass, dQ added up in float32 and scaled after.
-    ``mods``: as for ``ws_forward``."""
+    ``mods``, ``plain``: as for ``ws_forward``; ``runs``: the transposed map's (128 keys x 64 rows)."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     delta = row_dots(dout, out, dlse)
@@ -467,7 +470,7 @@ def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float,
     module.attn_bwd_ws[(S // 128, B * Hkv)](
         *(_gluon_descriptor(t, [64, D]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk, dv,
         _gluon_descriptor(lse, [64]), _gluon_descriptor(delta, [64]), Hq, S,
-        *((scale * LOG2E, scale) if mods is None else (LOG2E, scale, *mods)),
+        scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs,
         GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, DQ_BUFFERS=WS_DQ_BUFFERS, num_warps=4)
     return torch.mul(dq_sum, scale, out=torch.empty_like(q)), dk, dv
 

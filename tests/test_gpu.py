@@ -573,9 +573,10 @@ def assert_like_the_triton_forward(attn, out, q, k, v, **kwargs) -> None:
     assert rel_err(out, triton_out) < 1e-2
 
 
-def assert_like_the_reference_and_the_triton_backward(mods: dict, dtype, hkv: int, d: int, seed: int) -> None:
-    """A call's gradients through out and lse (dlse too) take the Gluon backward and match float64 and
-    the Triton backward of the same call."""
+def assert_like_the_reference_and_the_triton_backward(mods: dict, dtype, hkv: int, d: int, seed: int,
+                                                     gluon: bool = True) -> None:
+    """A call's gradients through out and lse (dlse too) take the Gluon backward (or, ``gluon=False``,
+    leave it to the Triton kernels) and match float64 and the Triton backward of the same call."""
     q, k, v = make_qkv(2, 4, 384, d, hkv=hkv, dtype=dtype, seed=seed)
     attn = fg.compile(**mods)
     gqa = hkv != 4
@@ -588,7 +589,7 @@ def assert_like_the_reference_and_the_triton_backward(mods: dict, dtype, hkv: in
         return [t.grad for t in leaves]
 
     got = grads(attn, q, k, v)
-    assert attn.last_tiles["dQ, dK/dV"] == "warp-specialised (Gluon), one pass"
+    assert (attn.last_tiles.get("dQ, dK/dV") == "warp-specialised (Gluon), one pass") == gluon
     want = grads(lambda *a, **kw: fg.attention_reference(*a, **mods, **kw), *(t.double() for t in (q, k, v)))
     runtime.WS_BACKWARD = False
     try:
@@ -648,8 +649,13 @@ def test_warp_specialised_forward_with_a_score_mod(mods, dtype, hkv, monkeypatch
     """Score_mods that read per (batch, head) at most run in the Gluon forward: out and lse against
     float64 and against the Triton kernel; a row whose every logit is -inf gives 0 and -inf."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
-    mods = mods()
-    q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=81)
+    assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=81)
+
+
+def assert_like_the_reference_and_the_triton_forward(mods: dict, dtype, hkv: int, seed: int) -> None:
+    """A call at D = 128 takes the Gluon forward: out and lse against float64 and the Triton kernel;
+    rows whose every logit is -inf give 0 and an lse of -inf."""
+    q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=seed)
     attn = fg.compile(**mods)
     gqa = hkv != 4
     out, lse = attn(q, k, v, return_lse=True, enable_gqa=gqa)
@@ -673,6 +679,55 @@ def test_warp_specialised_backward_with_a_score_mod(mods, dtype, hkv, d, monkeyp
     a loss that reads lse too: gradients against float64 and against the Triton kernels'."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     assert_like_the_reference_and_the_triton_backward(mods(), dtype, hkv, d, seed=91)
+
+
+def _doc_ids(cuts: list[int], seed: int) -> torch.Tensor:
+    """Document ids [2, 384] on the GPU: documents ending at ``cuts`` in batch entry 0, at random
+    places (not multiples of 128) in entry 1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(2, 384, dtype=torch.int32)
+    for i, row in enumerate((cuts, sorted(torch.randperm(383, generator=g)[:5].add(1).tolist()))):
+        for cut in row:
+            ids[i, cut:] += 1
+    return ids.to(DEV)
+
+
+WS_MAP_CASES = [  # (mods built in the test: tensors on the GPU), dtype, KV heads, Gluon backward taken
+    pytest.param(lambda: dict(mask_mod=fg.mods.prefix_lm(200)), torch.bfloat16, 4, True, id="prefix200-bf16"),
+    pytest.param(lambda: dict(mask_mod=fg.mods.document(_doc_ids([128, 200, 256], 5)) & fg.mods.causal),
+                 torch.bfloat16, 2, True, id="document-causal-gqa-bf16"),
+    pytest.param(lambda: dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.document(_doc_ids([100, 300], 6))),
+                 torch.float16, 4, True, id="softcap-document-fp16"),
+    # key blocks that no row sees (one inside the others' hull) and rows that see no key
+    pytest.param(lambda: dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: ((kv // 128) % 3 != 1) & (q % 5 != 2)
+                                                     & (kv % 3 != 0))),
+                 torch.bfloat16, 4, True, id="gaps-and-empty-rows-bf16"),
+    # a map that varies by head: the backward's query blocks are shared by a group's heads
+    pytest.param(lambda: dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: kv <= q - 100 * h)), torch.bfloat16, 2,
+                 False, id="per-head-gqa-bf16"),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the warp-specialised kernels need a Hopper GPU")
+@pytest.mark.parametrize("mods, dtype, hkv, gluon_backward", WS_MAP_CASES)
+def test_warp_specialised_forward_with_a_block_map(mods, dtype, hkv, gluon_backward, monkeypatch):
+    """Masks beyond a band run in the Gluon forward over the tiles of a block map (128 x 128), the
+    mask evaluated outside its full runs: out and lse against float64 and the Triton kernel."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=83)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the warp-specialised kernels need a Hopper GPU")
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("mods, dtype, hkv, gluon_backward", WS_MAP_CASES)
+def test_warp_specialised_backward_with_a_block_map(mods, dtype, hkv, gluon_backward, d, monkeypatch):
+    """The Gluon backward over the transposed map's tiles (128 keys x 64 rows), with a loss that reads
+    lse too: gradients against float64 and the Triton kernels; a map that varies by head leaves a
+    grouped call to the Triton kernels."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    assert_like_the_reference_and_the_triton_backward(mods(), dtype, hkv, d, seed=93, gluon=gluon_backward)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),

@@ -33,13 +33,26 @@ def test_plain_logits_with_a_band_through_the_diagonal_have_warp_specialised_ker
         assert f"#   band   = {band}" in source and "gl.warp_specialize" in source
 
 
+@pytest.mark.parametrize("mods, mask", [
+    (dict(mask_mod=fg.mods.prefix_lm(100)), " = kv_idx < 100"),  # a union: no band
+    (dict(mask_mod=fg.mods.document(torch.zeros(64, dtype=torch.long))), "_read(cap0 + (kv_idx)"),  # reads a tensor
+    (dict(mask_mod=fg.mods.causal & fg.mask_mod(lambda b, h, q, kv: (q % 2) == (kv % 2))), "_floormod("),
+    (dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.prefix_lm(100)), " = kv_idx < 100"),
+])
+def test_masks_beyond_a_band_have_warp_specialised_kernels_over_a_block_map(mods, mask):
+    """Masks with a block map: the Gluon kernels visit the hull of each row's runs and evaluate the
+    mask (the Triton kernels' code under ``gl``) on tiles outside its full ones."""
+    for which in ("fwd_ws", "bwd_ws"):
+        source = fg.compile(**mods).source(which)
+        assert "#   tiles  = a block map's runs" in source and "def _runs_hull(rmap):" in source
+        assert mask in source and "tl." not in source and "gl.warp_specialize" in source
+    assert "only if the block map is the same in every head" in fg.compile(**mods).explain()
+
+
 @pytest.mark.parametrize("mods", [
-    dict(mask_mod=fg.mods.prefix_lm(100)),  # a union: no band
-    dict(mask_mod=fg.mods.document(torch.zeros(64, dtype=torch.long))),  # reads a tensor: a block map
     dict(bias=torch.randn(64, 64)),  # a read per entry
     dict(score_mod=fg.mods.relative_bias(torch.randn(4, 127))),  # a read per entry (along diagonals)
     dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: kv >= q + 3)),  # the diagonal outside the band
-    dict(mask_mod=fg.mods.causal & fg.mask_mod(lambda b, h, q, kv: (q % 2) == (kv % 2))),  # a band and more
 ])
 def test_other_programs_keep_the_triton_kernels(mods):
     for which in ("fwd_ws", "bwd_ws"):
@@ -71,7 +84,7 @@ def test_explain_names_the_warp_specialised_forward_and_its_last_use():
     assert "the warp-specialised Gluon kernels, source('fwd_ws') and source('bwd_ws')" in attn.explain()
     attn.last_tiles = {"forward": "warp-specialised (Gluon)"}  # what a call that took it records
     assert "forward warp-specialised (Gluon)" in attn.explain()
-    assert "warp-specialised" not in fg.compile(mask_mod=fg.mods.prefix_lm(4)).explain()
+    assert "warp-specialised" not in fg.compile(score_mod=fg.mods.relative_bias(torch.randn(4, 127))).explain()
 
 
 def test_the_warp_specialised_kernels_are_not_taken_off_hopper():
@@ -81,7 +94,8 @@ def test_the_warp_specialised_kernels_are_not_taken_off_hopper():
 
 WS_COMPILE_CASES = ["none,bfloat16,4,128", "causal,float16,2,128", "sliding300,bfloat16,4,128",
                     "causal,bfloat16,2,64"]  # (at 64 the backward's other dQ form; the forward is 128 only)
-WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128"]
+WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128", "prefix_lm,bfloat16,4,128",
+                "document_causal,bfloat16,2,128", "document_causal,bfloat16,2,64", "softcap_document,float16,4,128"]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +115,10 @@ def compiled_ws_modules(tmp_path_factory) -> dict:
 @gluon_hopper
 @pytest.mark.parametrize("which", ["fwd", "bwd"])
 @pytest.mark.parametrize("case", WS_MOD_CASES)
-def test_the_gluon_kernels_with_a_score_mod_compile_for_sm90(case, which, compiled_ws_modules):
+def test_the_gluon_kernels_with_mods_compile_for_sm90(case, which, compiled_ws_modules):
+    """Score_mods, and masks over a block map (``tests/ws_compile.py`` names them)."""
+    if case.endswith(",64") and which == "fwd":
+        pytest.skip("the warp-specialised forward covers head dim 128 only")
     result = compiled_ws_modules[f"{case},{which}"]
     assert result["shared"] <= 232448 and result["setmaxnreg"] and result["tma_reduce"] == (which == "bwd")
 
@@ -139,7 +156,7 @@ def test_which_calls_take_the_warp_specialised_backward(monkeypatch):
 
     calls = []
 
-    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None):
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=()):
         calls.append((module.attn_bwd_ws.fn.__name__, dlse is not None, scale))
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         with torch.enable_grad():  # (autograd runs backwards without)
@@ -176,7 +193,7 @@ def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
 
     calls = []
 
-    def fake_launch(module, q, k, v, out, lse, scale, mods=None):
+    def fake_launch(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=()):
         calls.append((module.attn_fwd_ws.fn.__name__, tuple(q.shape), lse.shape, scale))
         o, l_ = fg.attention_reference(q, k, v, mask_mod=fg.mods.causal, scale=scale, return_lse=True)
         out.copy_(o)
@@ -198,10 +215,10 @@ def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
     attn(q, k, v)
     assert len(calls) == 2 and isinstance(attn.last_tiles["forward"], runtime.Config)
     monkeypatch.setattr(attn, "_retune", False)
-    prefix = fg.compile(mask_mod=fg.mods.prefix_lm(8))
-    prefix(q, k, v)
+    other = fg.compile(score_mod=fg.mods.relative_bias(torch.randn(2, 127)))  # (a read per entry)
+    other(q, k, v)
     attn(*(t[..., :64].contiguous() for t in (q, k, v)))  # refused by the (patched) fit rule
-    assert len(calls) == 2 and isinstance(prefix.last_tiles["forward"], runtime.Config)
+    assert len(calls) == 2 and isinstance(other.last_tiles["forward"], runtime.Config)
 
 
 def test_a_score_mod_forward_takes_the_captured_tensors(monkeypatch):
@@ -213,7 +230,7 @@ def test_a_score_mod_forward_takes_the_captured_tensors(monkeypatch):
     slopes = fg.mods.alibi_slopes(2)
     mods = dict(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.causal)
 
-    def fake_launch(module, q, k, v, out, lse, scale, captured=None):
+    def fake_launch(module, q, k, v, out, lse, scale, captured=None, plain=True, runs=()):
         calls.append(captured)
         o, l_ = fg.attention_reference(q, k, v, **mods, scale=scale, return_lse=True)
         out.copy_(o)
@@ -228,3 +245,48 @@ def test_a_score_mod_forward_takes_the_captured_tensors(monkeypatch):
     assert "dQ, dK/dV" not in attn.last_tiles and "dQ" in attn.last_tiles  # the Triton backward
     fg.compile(mask_mod=fg.mods.causal)(q, k, v)
     assert calls[1] is None
+
+
+def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
+    """The forward gets the map at 128 x 128, the backward the transposed one at 128 keys x 64 rows
+    (with the mask's captured tensors and plain=True); a map that varies by head leaves a grouped
+    call's backward to the Triton kernels."""
+    from flashgen import api
+
+    calls = []
+
+    def reference(q, k, v, scale, mask, gqa):
+        return fg.attention_reference(q, k, v, mask_mod=mask, scale=scale, return_lse=True, enable_gqa=gqa)
+
+    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=()):
+        calls.append(("fwd", mods, plain, runs[0].tolist(), runs[1:]))
+        o, l_ = reference(q, k, v, scale, mask, q.shape[1] != k.shape[1])
+        out.copy_(o)
+        lse.copy_(l_)
+
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=()):
+        calls.append(("bwd", mods, plain, runs[0].tolist(), runs[1:]))
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            torch.autograd.backward(reference(*leaves, scale, mask, False)[0], dout.double())
+        return tuple(t.grad.to(q.dtype) for t in leaves)
+
+    monkeypatch.setattr(api, "ws_forward", fake_forward)
+    monkeypatch.setattr(api, "ws_backward", fake_backward)
+    monkeypatch.setattr(api, "ws_fits", lambda q, k, v, backward=False: True)
+    mask = fg.mods.prefix_lm(40)
+    q, k, v = (torch.randn(1, 1, 256, 64, requires_grad=True) for _ in range(3))
+    attn = fg.compile(mask_mod=mask)
+    attn(q, k, v).sum().backward()
+    # query block 0 sees key block 0 partly; 1 both, 0 whole and 1 partly (the diagonal)
+    assert calls[0] == ("fwd", [], True, [[[[[1, 0, 1], [0, 0, 0]], [[1, 1, 2], [1, 0, 1]]]]], (0, 0, 6, 3))
+    # key block 0: rows 0-127 partly (two blocks of 64), 128-255 whole; key block 1: rows 128-255 partly
+    assert calls[1] == ("bwd", [], True, [[[[[1, 0, 2], [1, 2, 4]], [[1, 2, 4], [0, 0, 0]]]]], (0, 0, 6, 3))
+    assert attn.last_tiles["dQ, dK/dV"] == "warp-specialised (Gluon), one pass"
+    calls.clear()
+    mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 10 * h)
+    attn = fg.compile(mask_mod=mask)
+    q = torch.randn(1, 2, 256, 64, requires_grad=True)
+    attn(q, k, v, enable_gqa=True).sum().backward()
+    assert [c[0] for c in calls] == ["fwd"] and calls[0][4][1] > 0  # (the map's head stride)
+    assert "dQ" in attn.last_tiles  # the Triton backward

@@ -26,7 +26,11 @@ from flashgen import parallel, runtime  # noqa: E402
 
 MODS = {"none": {}, "causal": dict(mask_mod=fg.mods.causal), "sliding300": dict(mask_mod=fg.mods.sliding_window(300)),
         "alibi_causal": dict(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4)), mask_mod=fg.mods.causal),
-        "softcap_causal": dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal)}
+        "softcap_causal": dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal),
+        "prefix_lm": dict(mask_mod=fg.mods.prefix_lm(200)),
+        "document_causal": dict(mask_mod=fg.mods.document(torch.arange(2 * 512).view(2, 512) // 200) & fg.mods.causal),
+        "softcap_document": dict(score_mod=fg.mods.softcap(30.0),
+                                 mask_mod=fg.mods.document(torch.arange(2 * 512).view(2, 512) // 200))}
 
 
 def compile_case(case: str, folder: Path) -> dict:
@@ -40,14 +44,17 @@ def compile_case(case: str, folder: Path) -> dict:
     spec.loader.exec_module(module)
     q = torch.randn(2, 4, 512, d, dtype=dtype)
     k, v = torch.randn(2, hkv, 512, d, dtype=dtype), torch.randn(2, hkv, 512, d, dtype=dtype)
-    mods = None if attn.analysis.plain_logits else runtime.captured_args(attn.captured)
+    plain, maps = attn.analysis.plain_logits, attn.analysis.block_runs
+    mods = runtime.captured_args(attn.captured) if maps or not plain else None
+    runs = torch.zeros(1, 1, 8, 2, 9, dtype=torch.int32)  # (a block map's runs: only their types count here)
+    runs = (runs, 0, 0, runs.stride(2), runs.stride(3)) if maps else ()
     launches: list = []
     with parallel.captured(launches):  # the launches' arguments, recorded instead of run
         if backward:  # (delta's Triton kernel first)
             runtime.ws_backward(module, q, k, v, torch.randn_like(q), torch.randn(2, 4, 512), torch.randn_like(q),
-                                None, 0.1, mods)
+                                None, 0.1, mods, plain, runs)
         else:
-            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1, mods)
+            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1, mods, plain, runs)
     kernel, args, kwargs = launches[-1]
     target = GPUTarget("cuda", 90, 32)
     src, options = parallel.launch_source(kernel, args, kwargs, target)  # (a Gluon source for a Gluon kernel)

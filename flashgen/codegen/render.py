@@ -545,19 +545,24 @@ def _ws_logits(logits: Node) -> bool:
 
 
 def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False, logits: Node | None = None,
-              capture_ndims: tuple[int, ...] = (), fast_math: bool = True) -> KernelSource | None:
+              capture_ndims: tuple[int, ...] = (), fast_math: bool = True, mask: Node | None = None
+              ) -> KernelSource | None:
     """The warp-specialised forward (or backward) for Hopper GPUs (Gluon), or None where the program is
     outside what they cover (``_ws_band``, ``_ws_logits``). Logits other than plain are evaluated per
     tile, and in the backward their derivative in the score (``autodiff.gradients``); gradients of
-    captured tensors stay with the Triton kernels (the caller's rule). ``fast_math``: tanh and sigmoid
+    captured tensors stay with the Triton kernels (the caller's rule). A mask beyond a band (given
+    ``mask``, the program's) takes the tiles of a block map at 128 x 128 (the backward: transposed,
+    128 keys x 64 rows), evaluated on tiles outside its full runs. ``fast_math``: tanh and sigmoid
     by the approximate instruction (the kernels are bf16 and fp16 only, where ``fast_math=None`` means it)."""
     band = _ws_band(analysis)
-    if band is None or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
+    maps = analysis.block_runs and mask is not None
+    if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
         return None
-    captures = ()
-    tile_lines, logit_expr, dscore_expr = [], "", ""
+    evaluated = maps or not analysis.plain_logits
+    captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims)) if evaluated else ()
+    tile = _Emitter("t")
+    tile_lines, logit_expr, dscore_expr, mask_lines, mask_expr = [], "", "", [], ""
     if not analysis.plain_logits:
-        tile = _Emitter("t")
         lowered = _lowered(logits)
         tile_lines = _emit_tile(tile, lowered, {id(n): False for n in _ordered([lowered])})
         logit_expr = tile.ref(lowered)
@@ -566,14 +571,20 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
             dscore = _lowered(gradients(lowered, [score])[id(score)]) if score is not None else const(0.0)
             tile_lines += _emit_tile(tile, dscore, {id(n): False for n in _ordered([dscore])})
             dscore_expr = tile.ref(dscore)
-        tile_lines = [_gluon(line) for line in tile_lines]
-        captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims))
+    if maps:
+        lowered_mask = _lowered(mask)
+        mask_lines = [_gluon(line) for line in _emit_tile(tile, lowered_mask,
+                                                          {id(n): False for n in _ordered([lowered_mask])})]
+        mask_expr = tile.ref(lowered_mask)
     template, kernel = ("attention_bwd_ws.py.jinja", "attn_bwd_ws") if backward else ("attention_fwd_ws.py.jinja",
                                                                                       "attn_fwd_ws")
-    listing = [x.strip() for x in format_program({"logits": logits if logits is not None else ir.score()}).splitlines()]
+    program = {"logits": logits if logits is not None else ir.score()} | ({"mask": mask} if maps else {})
+    listing = [x.strip() for x in format_program(program).splitlines()]
     source = _template(template).render(
-        version=__version__, name=name, program_key=program_key[:16], band=band, gluon=True, listing=listing,
-        plain_logits=analysis.plain_logits, tile_logit_lines=tile_lines, logit_expr=logit_expr,
+        version=__version__, name=name, program_key=program_key[:16], gluon=True, listing=listing,
+        band=band if band is not None else analysis.band, plain_logits=analysis.plain_logits, block_runs=maps,
+        tile_mask_lines=mask_lines,
+        mask_expr=mask_expr, tile_logit_lines=[_gluon(line) for line in tile_lines], logit_expr=logit_expr,
         dscore_expr=dscore_expr, capture_params=[p for c in captures for p in c.params], fast_math=fast_math,
         logits_broadcast=logits is not None and not ir.depends_on(logits, "score"))
     return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest())
