@@ -148,6 +148,7 @@ class Attention:
         self._plans: dict[tuple, tuple[Launch | tuple[Launch, Launch], tuple | None, tuple]] = {}
         self._last_stored: dict[tuple[int, ...], tuple[int, ...]] = {}  # grad slots -> the last backward's stored ones
         self._live: OrderedDict[tuple, LiveRuns] = OrderedDict()  # per shape and device: runs refilled in place
+        self._ws_dense: dict[tuple, bool] = {}  # per shape and device: a block map the Gluon kernels take
         self._staggered: dict = {}  # diagonal read -> (what its copies were built from, the copies, their index)
         self._op_id = next(_op_ids)  # how torch.compile's graphs name it (the flashgen::attention operators)
         _by_op_id[self._op_id] = self
@@ -367,6 +368,20 @@ class Attention:
                                  bool(self._kernel_source().diagonals))
         return first_fitting("fwd", default, device, D, Dv, dtype)
 
+    def _ws_map_fits(self, shape: tuple[int, int, int, int], device) -> bool:
+        """Whether the Gluon kernels take this call's block map: no map, or one with at least
+        ``SPARSE_OCCUPANCY`` of its 128 x 128 tiles non-empty, decided once per shape from the first
+        call's map (a rule of speed only). Sparser maps (16 documents in 8192 keys: 4 % of the tiles)
+        leave rows of a few tiles, where a Gluon program's fixed cost outweighs its speed per tile:
+        measured slower there than the Triton kernels (docs/benchmarks, 2026-11-30)."""
+        if not self.analysis.block_runs:
+            return True
+        key = (shape, str(device))
+        if key not in self._ws_dense:
+            counts = self.block_mask(*shape, (128, 128), device).counts()
+            self._ws_dense[key] = counts["partial"] + counts["full"] >= SPARSE_OCCUPANCY * sum(counts.values())
+        return self._ws_dense[key]
+
     def _runs_args(self, shape: tuple[int, int, int, int], cfg: Config, device, *, transpose: bool = False,
                    ragged_last: bool = False) -> tuple:
         """Kernel arguments for the block map's runs: tensor, then strides (0 along b, h when the
@@ -514,7 +529,7 @@ class Attention:
             return out, lse
         # (tuning measures the Triton kernel's tiles; with autotune on, calls it fits still take it)
         ws = self._ws_source() if config is None and not self._retune and not capturing() else None
-        if ws is not None and ws_fits(q, k, v):  # Hopper: the warp-specialised kernel
+        if ws is not None and ws_fits(q, k, v) and self._ws_map_fits((B, Hq, Sq, Skv), q.device):  # Hopper
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
             maps = self.analysis.block_runs  # (the tiles of a block map at 128 x 128)
             ws_forward(load_module(ws), q, k, v, out, scratch, scale,
@@ -697,11 +712,13 @@ class Attention:
         ws = (self._ws_source(backward=True)
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
         maps = self.analysis.block_runs  # (the transposed map's tiles: 128 keys x 64 rows)
+        if ws is not None and not (ws_fits(q, k, v, backward=True) and self._ws_map_fits((B, Hq, Sq, Skv), q.device)):
+            ws = None
         runs = (self._runs_args((B, Hq, Sq, Skv), Config(64, 128), q.device, transpose=True)
-                if ws is not None and maps and ws_fits(q, k, v, backward=True) else ())
+                if ws is not None and maps else ())
         # (the kernel visits the same query blocks in every head of a group: a map that varies by
         # head takes the Triton kernels when heads share keys)
-        if ws is not None and ws_fits(q, k, v, backward=True) and (not runs or runs[2] == 0 or Hq == Hkv):
+        if ws is not None and (not runs or runs[2] == 0 or Hq == Hkv):
             dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse, dout.contiguous(), dlse, scale,
                                      captured_args(self.captured) if maps or not self.analysis.plain_logits else None,
                                      self.analysis.plain_logits, runs)

@@ -757,7 +757,13 @@ def test_warp_specialised_forward_leaves_other_calls_to_the_triton_kernel(monkey
     q, k, v = (t[4:4 + n].view(1, 2, 256, 128) for t in flat)  # 8-byte aligned
     check(causal(q, k, v), q, k, v, mask_mod=fg.mods.causal)
     assert causal.last_tiles["forward"] != "warp-specialised (Gluon)"
-    prefix = fg.compile(mask_mod=fg.mods.prefix_lm(100))
+    table = randn(2, 511, seed=66)
+    other = fg.compile(score_mod=fg.mods.relative_bias(table))  # (a read per entry)
     q, k, v = make_qkv(1, 2, 256, 128, seed=67)
-    check(prefix(q, k, v), q, k, v, mask_mod=fg.mods.prefix_lm(100))
-    assert prefix.last_tiles["forward"] != "warp-specialised (Gluon)"
+    check(other(q, k, v), q, k, v, score_mod=fg.mods.relative_bias(table))
+    assert other.last_tiles["forward"] != "warp-specialised (Gluon)"
+    ids = torch.arange(2048, device=DEV) // 128  # 16 documents: 6 % of the tiles non-empty
+    sparse = fg.compile(mask_mod=fg.mods.document(ids))
+    q, k, v = make_qkv(1, 2, 2048, 128, seed=69)
+    check(sparse(q, k, v), q, k, v, mask_mod=fg.mods.document(ids))
+    assert sparse.last_tiles["forward"] != "warp-specialised (Gluon)"

@@ -290,3 +290,9 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     attn(q, k, v, enable_gqa=True).sum().backward()
     assert [c[0] for c in calls] == ["fwd"] and calls[0][4][1] > 0  # (the map's head stride)
     assert "dQ" in attn.last_tiles  # the Triton backward
+    calls.clear()
+    mask = fg.mods.document(torch.arange(2048) // 128)  # 16 documents: 6 % of the 128 x 128 tiles non-empty
+    q, k, v = (torch.randn(1, 1, 2048, 64, requires_grad=True) for _ in range(3))
+    attn = fg.compile(mask_mod=mask)
+    attn(q, k, v).sum().backward()
+    assert calls == [] and "dQ" in attn.last_tiles  # the Triton kernels, both ways
