@@ -61,6 +61,7 @@ from .runtime import (
     ws_backward,
     ws_fits,
     ws_forward,
+    ws_tile_args,
 )
 from .settings import settings
 from .spec import Mod
@@ -217,7 +218,13 @@ class Attention:
                          f"rounded to bf16 beside q and k, move a logit by at most "
                          f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})")
         notes = lowering_notes(self.program.logits, self.program.mask)
-        if self._ws_source() is not None:  # (a low-rank bias runs another program: _ws_source is for this one)
+        if self._ws_source() is None:  # (a low-rank bias runs another program: _ws_source is for this one)
+            pass
+        elif self._ws_source(backward=True) is None:
+            notes = [*notes, "forward on Hopper GPUs (bf16 or fp16, head dim 128, lengths a multiple of 128, "
+                             "contiguous inputs, a bf16 or fp16 bias read in range with whole rows of keys): the "
+                             "warp-specialised Gluon kernel, source('fwd_ws'); the backward: the Triton kernels"]
+        else:
             notes = [*notes, "forward and backward on Hopper GPUs (bf16 or fp16, head dim 128, the backward 64 "
                              "too, lengths a multiple of 128, contiguous inputs): the warp-specialised Gluon "
                              "kernels, source('fwd_ws') and source('bwd_ws') (the backward where no captured "
@@ -529,13 +536,19 @@ class Attention:
             return out, lse
         # (tuning measures the Triton kernel's tiles; with autotune on, calls it fits still take it)
         ws = self._ws_source() if config is None and not self._retune and not capturing() else None
+        tile = ()
+        if ws is not None and ws.tile_reads and ws_fits(q, k, v):  # (a dense bias: by TMA, its reads in range)
+            read = ws.tile_reads[0]
+            in_range = not self._launch_constants(q.dtype, D, Dv, (B, Hq, Sq, Skv))["CHECK_READS"]
+            tile = ws_tile_args(read, self.captured[read.slot]) if in_range else None
+            ws = ws if tile is not None else None
         if ws is not None and ws_fits(q, k, v) and self._ws_map_fits((B, Hq, Sq, Skv), q.device):  # Hopper
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
             maps = self.analysis.block_runs  # (the tiles of a block map at 128 x 128)
             ws_forward(load_module(ws), q, k, v, out, scratch, scale,
                        captured_args(self.captured) if maps or not self.analysis.plain_logits else None,
                        self.analysis.plain_logits,
-                       self._runs_args((B, Hq, Sq, Skv), Config(128, 128), q.device) if maps else ())
+                       self._runs_args((B, Hq, Sq, Skv), Config(128, 128), q.device) if maps else (), tile)
             self.last_tiles = {"forward": "warp-specialised (Gluon)"}
             return out, lse
         shape = (B, Hq, Sq, Skv)

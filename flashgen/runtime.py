@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .analysis import Diagonal
+from .analysis import Diagonal, TileRead
 from .codegen.render import LOG2E, STAGGER, KernelSource, use_template_cache
 from .ir import Node, Op, toposort
 from .lowrank import head_blocks
@@ -422,19 +422,46 @@ def _gluon_layout(block: tuple[int, ...], dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
+def ws_tile_args(read: TileRead, t: torch.Tensor) -> tuple | None:
+    """The Gluon forward's arguments for a tensor read in [q, kv] tiles (a dense bias; its reads
+    proved in range): a TMA descriptor of ``t`` as rows of keys (blocks of 128 x 128) and the row
+    of (b, h, q = 0) there as ``lead_b * b + lead_h * h + lead``; or None where TMA cannot read it
+    so: a dtype other than bf16 or fp16, keys not contiguous, rows not 16-byte aligned, or strides
+    of other dimensions that are not whole rows."""
+    row = t.stride(read.q_dim)
+    if (t.dtype not in (torch.bfloat16, torch.float16) or t.stride(read.kv_dim) != 1 or row <= 0
+            or row * t.element_size() % 16 or t.data_ptr() % 16
+            or any(t.stride(d) % row for d, _ in read.others)):
+        return None
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    rows = 1 + sum((t.shape[d] - 1) * t.stride(d) // row for d in range(t.dim()) if d != read.kv_dim)
+    lead = {"b": 0, "h": 0, "": 0}
+    for d, x in read.others:
+        if isinstance(x, str):
+            lead[x] += t.stride(d) // row
+        else:
+            lead[""] += x * t.stride(d) // row
+    block = (128, 128)
+    desc = TensorDescriptor(t, [rows, t.shape[read.kv_dim]], [row, 1], list(block), _gluon_layout(block, t.dtype))
+    return desc, lead["b"], lead["h"], lead[""]
+
+
 def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, scale: float, mods: list | None = None, plain: bool = True,
-               runs: tuple = ()) -> None:
+               runs: tuple = (), tile: tuple = ()) -> None:
     """Launch ``module.attn_fwd_ws`` (``ws_fits`` said yes): out and lse (contiguous [B, Hq, S, D]
     and [B, Hq, S]) written in place. ``mods``: None where the module evaluates no mod, else the
     captured tensors' arguments (``captured_args``); ``plain``: the logits are plain (``scale`` > 0
-    then); ``runs``: the block map's runs and strides, for a module that visits its tiles."""
+    then); ``runs``: the block map's runs and strides, for a module that visits its tiles; ``tile``:
+    ``ws_tile_args``'s, for a module that reads a tensor in [q, kv] tiles (two stages then: its
+    tiles take the shared memory of the third)."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
-    scales = (scale * LOG2E if plain else LOG2E,) + ((scale, *mods) if mods is not None else ()) + tuple(runs)
+    scales = (scale * LOG2E if plain else LOG2E,) + ((scale, *mods) if mods is not None else ()) + runs + tile
     module.attn_fwd_ws[(S // 128, B * Hq)](_gluon_descriptor(q, [64, D]), _gluon_descriptor(k, [128, D]),
                                            _gluon_descriptor(v, [128, D]), out, lse, Hq, S, *scales,
-                                           GROUP_SIZE=Hq // Hkv, STAGES=WS_STAGES, num_warps=4)
+                                           GROUP_SIZE=Hq // Hkv, STAGES=2 if tile else WS_STAGES, num_warps=4)
 
 
 @triton.jit

@@ -708,6 +708,30 @@ WS_MAP_CASES = [  # (mods built in the test: tensors on the GPU), dtype, KV head
 ]
 
 
+WS_BIAS_CASES = [  # (built in the test: on the GPU)
+    pytest.param(lambda: dict(bias=randn(4, 384, 384, seed=3), mask_mod=fg.mods.causal), torch.bfloat16, 4,
+                 id="bias-HSS-causal-bf16"),
+    pytest.param(lambda: dict(bias=randn(2, 4, 384, 384, dtype=torch.float16, seed=4)), torch.float16, 2,
+                 id="bias-BHSS-gqa-fp16"),
+    pytest.param(lambda: dict(bias=randn(384, 384, seed=5).expand(2, 4, 384, 384)), torch.bfloat16, 4,
+                 id="bias-broadcast-bf16"),
+    pytest.param(lambda: dict(bias=randn(4, 384, 384, seed=6), mask_mod=fg.mods.prefix_lm(100)), torch.bfloat16, 4,
+                 id="bias-prefix-bf16"),  # (a block map too)
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the warp-specialised kernels need a Hopper GPU")
+@pytest.mark.parametrize("mods, dtype, hkv", WS_BIAS_CASES)
+def test_warp_specialised_forward_with_a_dense_bias(mods, dtype, hkv, monkeypatch):
+    """A dense bias (bf16 or fp16) in the Gluon forward, its tiles loaded by TMA: out and lse against
+    float64 and the Triton kernel, and the Triton backward from its lse."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    mods = mods()
+    assert_like_the_reference_and_the_triton_forward(mods, dtype, hkv, seed=85)
+    assert_like_the_reference_and_the_triton_backward(mods, dtype, hkv, 128, seed=95, gluon=False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="the warp-specialised kernels need a Hopper GPU")
 @pytest.mark.parametrize("mods, dtype, hkv, gluon_backward", WS_MAP_CASES)

@@ -49,8 +49,51 @@ def test_masks_beyond_a_band_have_warp_specialised_kernels_over_a_block_map(mods
     assert "only if the block map is the same in every head" in fg.compile(**mods).explain()
 
 
+def test_a_dense_bias_has_a_warp_specialised_forward_that_loads_its_tiles_by_tma():
+    """A read in [q, kv] tiles: the Gluon forward's producer loads it with K (two stages), the consumers
+    add it from shared memory; the backward stays with the Triton kernels."""
+    attn = fg.compile(bias=torch.randn(4, 64, 64), mask_mod=fg.mods.causal)
+    source = attn.source("fwd_ws")
+    assert "t0 = tile0.to(gl.float32)" in source and "tl." not in source
+    assert "tma.async_copy_global_to_shared(t_desc, [t_row, kv_start + j * BLOCK_N]" in source
+    with pytest.raises(ValueError, match="no warp-specialised kernels"):
+        attn.source("bwd_ws")
+
+
+@pytest.mark.parametrize("shape, index, lead", [
+    ((3, 40, 48), "h", (0, 40, 0)),  # [H, Sq, Skv]: shared by the batch
+    ((2, 3, 40, 48), "bh", (120, 40, 0)),
+    ((2, 3, 40, 48), "b1", (120, 0, 40)),  # a constant index: head 1
+])
+def test_ws_tile_args_place_each_batch_entry_and_head_on_rows_of_keys(shape, index, lead):
+    """``runtime.ws_tile_args``: the descriptor reads the tensor as rows of keys; row
+    lead_b * b + lead_h * h + lead + q holds entry [b, h, q, :] of the read."""
+    from flashgen.analysis import TileRead
+
+    t = torch.randn(*shape, dtype=torch.bfloat16)
+    others = tuple((d, {"b": "b", "h": "h", "1": 1}[x]) for d, x in enumerate(index))
+    desc, *got = runtime.ws_tile_args(TileRead(0, t.dim() - 2, t.dim() - 1, others), t)
+    assert tuple(got) == lead
+    rows = t.as_strided(desc.shape, desc.strides)  # what the descriptor reads
+    assert list(desc.shape) == [t.numel() // shape[-1], shape[-1]] and list(desc.block_shape) == [128, 128]
+    for b, h, q in ((0, 0, 0), (1, 2, 39), (1, 0, 7), (0, 2, 17)):
+        at = {"b": b, "h": h, "1": 1}
+        entry = t[tuple(at[x] for x in index)][q]
+        assert torch.equal(rows[lead[0] * b + lead[1] * h + lead[2] + q], entry)
+
+
+def test_ws_tile_args_refuse_what_tma_cannot_read():
+    from flashgen.analysis import TileRead
+
+    read = TileRead(0, 1, 2, ((0, "h"),))
+    assert runtime.ws_tile_args(read, torch.randn(3, 40, 48)) is None  # float32: tiles too large
+    assert runtime.ws_tile_args(read, torch.randn(3, 48, 40, dtype=torch.bfloat16).transpose(1, 2)) is None
+    assert runtime.ws_tile_args(read, torch.randn(3, 40, 52, dtype=torch.bfloat16)[..., :44]) is None  # 104 B rows
+    assert runtime.ws_tile_args(read, torch.randn(3, 40, 48, dtype=torch.bfloat16).expand(3, 40, 48)) is not None
+    assert runtime.ws_tile_args(read, torch.randn(1, 40, 48, dtype=torch.bfloat16).expand(3, 40, 48)) is not None
+
+
 @pytest.mark.parametrize("mods", [
-    dict(bias=torch.randn(64, 64)),  # a read per entry
     dict(score_mod=fg.mods.relative_bias(torch.randn(4, 127))),  # a read per entry (along diagonals)
     dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: kv >= q + 3)),  # the diagonal outside the band
 ])
@@ -94,6 +137,7 @@ def test_the_warp_specialised_kernels_are_not_taken_off_hopper():
 
 WS_COMPILE_CASES = ["none,bfloat16,4,128", "causal,float16,2,128", "sliding300,bfloat16,4,128",
                     "causal,bfloat16,2,64"]  # (at 64 the backward's other dQ form; the forward is 128 only)
+WS_FWD_CASES = ["dense_bias_causal,bfloat16,2,128"]  # (the forward only)
 WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128", "prefix_lm,bfloat16,4,128",
                 "document_causal,bfloat16,2,128", "document_causal,bfloat16,2,64", "softcap_document,float16,4,128"]
 
@@ -102,7 +146,7 @@ WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128", "
 def compiled_ws_modules(tmp_path_factory) -> dict:
     """Each case's module compiled for sm_90 in one child process (``tests/ws_compile.py``: Gluon
     does not compile where Triton was imported for its interpreter) with a fresh Triton cache."""
-    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES if not c.endswith(",64")]
+    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_FWD_CASES if not c.endswith(",64")]
     cases += [f"{c},bwd" for c in WS_COMPILE_CASES + WS_MOD_CASES]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton")),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -114,8 +158,10 @@ def compiled_ws_modules(tmp_path_factory) -> dict:
 
 @gluon_hopper
 @pytest.mark.parametrize("which", ["fwd", "bwd"])
-@pytest.mark.parametrize("case", WS_MOD_CASES)
+@pytest.mark.parametrize("case", WS_MOD_CASES + WS_FWD_CASES)
 def test_the_gluon_kernels_with_mods_compile_for_sm90(case, which, compiled_ws_modules):
+    if case in WS_FWD_CASES and which == "bwd":
+        pytest.skip("the warp-specialised backward reads no [q, kv] tiles of a tensor")
     """Score_mods, and masks over a block map (``tests/ws_compile.py`` names them)."""
     if case.endswith(",64") and which == "fwd":
         pytest.skip("the warp-specialised forward covers head dim 128 only")
@@ -193,7 +239,7 @@ def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
 
     calls = []
 
-    def fake_launch(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=()):
+    def fake_launch(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
         calls.append((module.attn_fwd_ws.fn.__name__, tuple(q.shape), lse.shape, scale))
         o, l_ = fg.attention_reference(q, k, v, mask_mod=fg.mods.causal, scale=scale, return_lse=True)
         out.copy_(o)
@@ -230,7 +276,7 @@ def test_a_score_mod_forward_takes_the_captured_tensors(monkeypatch):
     slopes = fg.mods.alibi_slopes(2)
     mods = dict(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.causal)
 
-    def fake_launch(module, q, k, v, out, lse, scale, captured=None, plain=True, runs=()):
+    def fake_launch(module, q, k, v, out, lse, scale, captured=None, plain=True, runs=(), tile=()):
         calls.append(captured)
         o, l_ = fg.attention_reference(q, k, v, **mods, scale=scale, return_lse=True)
         out.copy_(o)
@@ -258,7 +304,7 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     def reference(q, k, v, scale, mask, gqa):
         return fg.attention_reference(q, k, v, mask_mod=mask, scale=scale, return_lse=True, enable_gqa=gqa)
 
-    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=()):
+    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
         calls.append(("fwd", mods, plain, runs[0].tolist(), runs[1:]))
         o, l_ = reference(q, k, v, scale, mask, q.shape[1] != k.shape[1])
         out.copy_(o)
@@ -296,3 +342,28 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     attn = fg.compile(mask_mod=mask)
     attn(q, k, v).sum().backward()
     assert calls == [] and "dQ" in attn.last_tiles  # the Triton kernels, both ways
+
+
+@pytest.mark.parametrize("dtype, taken", [(torch.bfloat16, True), (torch.float32, False)])
+def test_a_dense_bias_call_passes_its_tiles_to_the_gluon_forward(dtype, taken, monkeypatch):
+    """A bf16 bias [H, S, S]: the Gluon forward gets its descriptor and row placement, and the backward
+    is the Triton kernels'; a float32 one (tiles too large for the shared memory left) takes the
+    Triton forward."""
+    from flashgen import api
+
+    bias = torch.randn(2, 128, 128, dtype=dtype)
+    calls = []
+
+    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
+        calls.append((plain, tile[1:], tile[0].base.data_ptr() == bias.data_ptr()))
+        o, l_ = fg.attention_reference(q, k, v, bias=bias, scale=scale, return_lse=True)
+        out.copy_(o)
+        lse.copy_(l_)
+
+    monkeypatch.setattr(api, "ws_forward", fake_forward)
+    monkeypatch.setattr(api, "ws_fits", lambda q, k, v, backward=False: True)
+    q, k, v = (torch.randn(1, 2, 128, 64, requires_grad=True) for _ in range(3))
+    attn = fg.compile(bias=bias)
+    attn(q, k, v).sum().backward()
+    assert calls == ([(False, (0, 128, 0), True)] if taken else [])
+    assert "dQ" in attn.last_tiles  # the Triton backward

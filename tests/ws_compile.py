@@ -29,6 +29,7 @@ MODS = {"none": {}, "causal": dict(mask_mod=fg.mods.causal), "sliding300": dict(
         "softcap_causal": dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal),
         "prefix_lm": dict(mask_mod=fg.mods.prefix_lm(200)),
         "document_causal": dict(mask_mod=fg.mods.document(torch.arange(2 * 512).view(2, 512) // 200) & fg.mods.causal),
+        "dense_bias_causal": dict(bias=torch.randn(4, 512, 512, dtype=torch.bfloat16), mask_mod=fg.mods.causal),
         "softcap_document": dict(score_mod=fg.mods.softcap(30.0),
                                  mask_mod=fg.mods.document(torch.arange(2 * 512).view(2, 512) // 200))}
 
@@ -48,13 +49,16 @@ def compile_case(case: str, folder: Path) -> dict:
     mods = runtime.captured_args(attn.captured) if maps or not plain else None
     runs = torch.zeros(1, 1, 8, 2, 9, dtype=torch.int32)  # (a block map's runs: only their types count here)
     runs = (runs, 0, 0, runs.stride(2), runs.stride(3)) if maps else ()
+    reads = attn._ws_source(backward).tile_reads  # (a dense bias: its tiles by TMA)
+    tile = runtime.ws_tile_args(reads[0], attn.captured[reads[0].slot]) if reads else ()
     launches: list = []
     with parallel.captured(launches):  # the launches' arguments, recorded instead of run
         if backward:  # (delta's Triton kernel first)
             runtime.ws_backward(module, q, k, v, torch.randn_like(q), torch.randn(2, 4, 512), torch.randn_like(q),
                                 None, 0.1, mods, plain, runs)
         else:
-            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1, mods, plain, runs)
+            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1, mods, plain, runs,
+                               tile)
     kernel, args, kwargs = launches[-1]
     target = GPUTarget("cuda", 90, 32)
     src, options = parallel.launch_source(kernel, args, kwargs, target)  # (a Gluon source for a Gluon kernel)

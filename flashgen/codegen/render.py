@@ -96,13 +96,15 @@ class _Emitter:
     """Turns IR nodes into named lines of Triton code. With ``tiles`` (a dict it fills), reads in
     [q, kv] tiles (``analysis.tile_read_of``: a dense bias) come from TMA descriptors ``tile{k}`` at
     the tile's first row and column (``tile_q0``, ``tile_kv0``) where the launch's TILE_TMA allows,
-    transposed for the [kv, q] tiles of the dK/dV pass (``transposed``)."""
+    transposed for the [kv, q] tiles of the dK/dV pass (``transposed``); with ``loaded``, from the
+    tiles ``tile{k}`` themselves, in registers already (the Gluon kernels load them)."""
 
-    def __init__(self, prefix: str, tiles: dict[TileRead, int] | None = None, transposed: bool = False):
+    def __init__(self, prefix: str, tiles: dict[TileRead, int] | None = None, transposed: bool = False,
+                 loaded: bool = False):
         self.prefix = prefix
         self.names: dict[int, str] = {}
         self.lines: list[str] = []
-        self.tiles, self.transposed = tiles, transposed
+        self.tiles, self.transposed, self.loaded = tiles, transposed, loaded
 
     def ref(self, node: Node) -> str:
         if id(node) in self.names:
@@ -137,6 +139,8 @@ class _Emitter:
             if tile is None:
                 return _load(n, r)
             k = self.tiles.setdefault(tile, len(self.tiles))
+            if self.loaded:
+                return f"tile{k}.to(tl.float32)"
             block = f"tile{k}.load([tile_q0, tile_kv0])"
             block = f"tl.trans({block})" if self.transposed else block
             return f"({block}.to(tl.float32) if TILE_TMA else {_load(n, r)})"
@@ -536,12 +540,15 @@ def _ws_band(analysis: Analysis):
     return band
 
 
-def _ws_logits(logits: Node) -> bool:
-    """Whether the Gluon forward evaluates these (not plain) logits itself: elementwise code of the
+def _ws_logits(logits: Node, backward: bool) -> bool:
+    """Whether the Gluon kernels evaluate these (not plain) logits themselves: elementwise code of the
     score and the indices whose captured-tensor reads do not depend on q_idx or kv_idx (a value per
-    batch entry or head, as ALiBi's slopes or a temperature; reads per entry, such as a bias or a
-    relative-position table, stay with the Triton kernels)."""
-    return not ir.uses(logits, lambda n: n.op is Op.LOAD and (ir.depends_on(n, "q_idx") or ir.depends_on(n, "kv_idx")))
+    batch entry or head, as ALiBi's slopes or a temperature), except, in the forward, one read in
+    [q, kv] tiles (``analysis.tile_read_of``: a dense bias), which its producer loads by TMA. Other
+    reads per entry (a relative-position table) stay with the Triton kernels."""
+    per_entry = [n for n in logits.toposort()
+                 if n.op is Op.LOAD and (ir.depends_on(n, "q_idx") or ir.depends_on(n, "kv_idx"))]
+    return not per_entry or not backward and len(per_entry) == 1 and tile_read_of(per_entry[0]) is not None
 
 
 def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False, logits: Node | None = None,
@@ -556,11 +563,11 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     by the approximate instruction (the kernels are bf16 and fp16 only, where ``fast_math=None`` means it)."""
     band = _ws_band(analysis)
     maps = analysis.block_runs and mask is not None
-    if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
+    if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits, backward)):
         return None
     evaluated = maps or not analysis.plain_logits
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims)) if evaluated else ()
-    tile = _Emitter("t")
+    tile = _Emitter("t", tiles={}, loaded=True)
     tile_lines, logit_expr, dscore_expr, mask_lines, mask_expr = [], "", "", [], ""
     if not analysis.plain_logits:
         lowered = _lowered(logits)
@@ -571,11 +578,11 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
             dscore = _lowered(gradients(lowered, [score])[id(score)]) if score is not None else const(0.0)
             tile_lines += _emit_tile(tile, dscore, {id(n): False for n in _ordered([dscore])})
             dscore_expr = tile.ref(dscore)
-    if maps:
-        lowered_mask = _lowered(mask)
-        mask_lines = [_gluon(line) for line in _emit_tile(tile, lowered_mask,
+    if maps:  # (its own names: a float read in it is no tile)
+        lowered_mask, masks = _lowered(mask), _Emitter("m")
+        mask_lines = [_gluon(line) for line in _emit_tile(masks, lowered_mask,
                                                           {id(n): False for n in _ordered([lowered_mask])})]
-        mask_expr = tile.ref(lowered_mask)
+        mask_expr = masks.ref(lowered_mask)
     template, kernel = ("attention_bwd_ws.py.jinja", "attn_bwd_ws") if backward else ("attention_fwd_ws.py.jinja",
                                                                                       "attn_fwd_ws")
     program = {"logits": logits if logits is not None else ir.score()} | ({"mask": mask} if maps else {})
@@ -586,8 +593,10 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
         tile_mask_lines=mask_lines,
         mask_expr=mask_expr, tile_logit_lines=[_gluon(line) for line in tile_lines], logit_expr=logit_expr,
         dscore_expr=dscore_expr, capture_params=[p for c in captures for p in c.params], fast_math=fast_math,
-        logits_broadcast=logits is not None and not ir.depends_on(logits, "score"))
-    return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest())
+        logits_broadcast=logits is not None and not ir.depends_on(logits, "score"), tile_read=bool(tile.tiles),
+        batch_inner=bool(tile.tiles) and _reads_batch_shared_tiles([_lowered(logits)]))
+    return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest(),
+                        tile_reads=tuple(tile.tiles))
 
 
 def _gluon(line: str) -> str:
