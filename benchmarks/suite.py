@@ -38,6 +38,9 @@ into ``DIR/suite.md`` (a table per shape and pass, stamped with its runs) and ``
 JSON; the report's table leaves it out). Its records scatter as any other's (up to 4% for identical kernels):
 ``ab_loads.py`` interleaves the two for a finer comparison.
 
+``--ab-ws``: also flashgen with its Triton kernels only (``flashgen-triton``: the warp-specialised Gluon kernels
+off for its calls), for the Gluon kernels' gain on every variant in one run; the report leaves it out too.
+
 ``--rounds N``: the implementations are timed in turn, N rounds; each record keeps every round's time and its ``ms``
 is their median, and the report's flashgen/flex column adds the range of the per-round ratios. A single pass
 (the default) scattered by up to 4% for identical kernels on the H200 (PERFLOG, tenth session).
@@ -81,10 +84,13 @@ from bench_forward import (  # noqa: E402 - one definition of the masks, documen
 DEFAULT_SHAPES = "4x16x8192x128,8x16x4096x64"
 SMOKE_SHAPES = "1x2x128x32"
 PASSES = ("fwd", "fwd+bwd")
-IMPLS = ("flashgen", "flex", "cudnn", "flash", "flashgen-ptr")
+IMPLS = ("flashgen", "flex", "cudnn", "flash", "flashgen-ptr", "flashgen-triton")
 # --ab-tma: also time flashgen with its streamed tiles through pointer loads ("flashgen-ptr";
 # flashgen.runtime.TMA = False for that implementation's calls), against its TMA loads, same process
 AB_TMA = False
+# --ab-ws: also time flashgen with its Triton kernels only ("flashgen-triton"; runtime.WS_FORWARD and
+# WS_BACKWARD off for that implementation's calls), against the warp-specialised Gluon ones
+AB_WS = False
 # --rounds: time the implementations in turn this many times (each record keeps every round's time;
 # the report gives the range of the per-round flashgen/flex ratios next to the ratio of medians)
 ROUNDS = 1
@@ -132,6 +138,7 @@ class Record:
     checks: dict[str, float | str] = field(default_factory=dict)  # flashgen's relative errors
     error: str | None = None
     rounds_ms: list[float] | None = None  # --rounds: each round's time (``ms`` is their median)
+    kernels: dict[str, str] = field(default_factory=dict)  # flashgen's: attn.last_tiles after the timing
 
 
 def build_cases(heads: int, seq_len: int, device: str, bias_dtype: torch.dtype, wanted: list[str],
@@ -227,8 +234,13 @@ def implementations(case: Case, q, k, v, device: str, peers: bool, flex) -> tupl
         errors["flashgen"] = err
     else:
         calls["flashgen"] = lambda: attn(q, k, v)
+        calls["flashgen"].attn = attn  # (its last_tiles name the kernels timed)
         if AB_TMA:
             calls["flashgen-ptr"] = lambda: attn(q, k, v)
+        if AB_WS:
+            other = fg.compile(**var.fg_kwargs)  # (its own last_tiles)
+            calls["flashgen-triton"] = lambda: other(q, k, v)
+            calls["flashgen-triton"].attn = other
     if not peers:
         return calls, errors
     if flex is None:
@@ -261,19 +273,24 @@ def implementations(case: Case, q, k, v, device: str, peers: bool, flex) -> tupl
 
 
 def with_loads(name: str, fn: Callable) -> Callable:
-    """``fn``, run with flashgen's pointer loads for the "flashgen-ptr" implementation (a module
-    switch, so that the backward, which autograd runs on a thread of its own, sees it too)."""
-    if name != "flashgen-ptr":
+    """``fn``, run with flashgen's pointer loads for the "flashgen-ptr" implementation, with its
+    Triton kernels only for "flashgen-triton" (module switches, so that the backward, which autograd
+    runs on a thread of its own, sees them too)."""
+    if name not in ("flashgen-ptr", "flashgen-triton"):
         return fn
+    switches = ("TMA",) if name == "flashgen-ptr" else ("WS_FORWARD", "WS_BACKWARD")
 
     def run():
         from flashgen import runtime
 
-        saved, runtime.TMA = runtime.TMA, False
+        saved = [getattr(runtime, s) for s in switches]
+        for s in switches:
+            setattr(runtime, s, False)
         try:
             return fn()
         finally:
-            runtime.TMA = saved
+            for s, value in zip(switches, saved):
+                setattr(runtime, s, value)
 
     return run
 
@@ -373,13 +390,16 @@ def measure(case: Case, q, k, v, dout, pass_name: str, device: str, peers: bool,
                 rounds[name].append(ms)
     records = []
     for name in IMPLS:
+        attn = getattr(calls.get(name), "attn", None)
+        kernels = {k: str(v) for k, v in attn.last_tiles.items()} if attn is not None else {}
         mine = checks if name == "flashgen" else {}
         if name in errors:
             records.append(Record(**common, impl=name, checks=mine, error=errors[name]))
         elif name in calls:
             ms = statistics.median(rounds[name])
             records.append(Record(**common, impl=name, ms=ms, tflops=tflops(flop, ms), peak_gib=peaks.get(name),
-                                  checks=mine, rounds_ms=rounds[name] if ROUNDS > 1 else None))
+                                  checks=mine, rounds_ms=rounds[name] if ROUNDS > 1 else None,
+                                  kernels=kernels))
     return records
 
 
@@ -427,8 +447,10 @@ def summary(records: list[Record]) -> str:
     cells = [f"{r.impl} error: {r.error}" if r.error else f"{r.impl} {r.ms:.4g} ms {r.tflops:.4g} TF/s"
              for r in records]
     checks = next((r.checks for r in records if r.impl == "flashgen"), {})
+    kernels = next((r.kernels for r in records if r.impl == "flashgen"), {})
     return "  " + " | ".join(cells) + "\n  checks: " + ", ".join(
-        f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in checks.items())
+        f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in checks.items()) + (
+        "\n  kernels: " + "; ".join(f"{k} {v}" for k, v in kernels.items()) if kernels else "")
 
 
 def run_shape(shape, variants: list[str], passes: list[str], device: str, peers: bool, flex,
@@ -467,8 +489,9 @@ def cmd_run(args) -> int:
     print(f"flashgen suite: {header['gpu']}, torch {header['torch']}, triton {header['triton']}, {header['date']}")
     peers = not (args.smoke or getattr(args, "flashgen_only", False))
     flex = compiled_flex() if peers else None
-    global AB_TMA, ROUNDS
+    global AB_TMA, AB_WS, ROUNDS
     AB_TMA = getattr(args, "ab_tma", False)  # (a Namespace built by hand has no such field)
+    AB_WS = getattr(args, "ab_ws", False)
     ROUNDS = max(1, getattr(args, "rounds", 1))
     records = []
     out = Path(args.out)
@@ -641,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--smoke", action="store_true", help="tiny shapes, flashgen only; runs without a GPU")
     r.add_argument("--flashgen-only", action="store_true", help="time flashgen alone (no flex, no SDPA)")
     r.add_argument("--ab-tma", action="store_true", help="also flashgen with pointer loads (flashgen-ptr)")
+    r.add_argument("--ab-ws", action="store_true",
+                   help="also flashgen with its Triton kernels only, no Gluon ones (flashgen-triton)")
     r.add_argument("--rounds", type=int, default=1, help="time the implementations in turn, N rounds (default 1)")
     rep = sub.add_parser("report", help="merge DIR/suite-*.json into DIR/suite.md and DIR/suite.png")
     rep.add_argument("dir", nargs="?", default="docs/benchmarks")
