@@ -3,7 +3,7 @@ in a fresh process with an empty cache, and the host time per forward call and p
 (forward and backward) once warm, with the Gluon kernels (``runtime.WS_FORWARD`` and
 ``runtime.WS_BACKWARD``) and with the Triton ones.
 
-    PYTHONPATH=. python3 benchmarks/ws_host.py [--shape 1x16x4096x128]
+    PYTHONPATH=. python3 benchmarks/ws_host.py [--shape 1x16x4096x128] [--profile]
 """
 
 from __future__ import annotations
@@ -40,6 +40,15 @@ for _ in range(100):
     attn(q, k, v).backward(g)
     step.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
+if len(sys.argv) > 4:  # --profile: where a warm training step's host time goes
+    import cProfile, pstats
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(30):
+        attn(q, k, v).backward(g)
+        torch.cuda.synchronize()
+    profile.disable()
+    pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(25)
 with torch.no_grad():
     host = []
     for _ in range(300):
@@ -56,17 +65,22 @@ print(json.dumps({"first_call_s": first, "host_us": statistics.median(host[50:])
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="1x16x4096x128")
+    p.add_argument("--profile", action="store_true", help="print cProfile's top functions of a warm training step")
     args = p.parse_args(argv)
     for width in (777, 778):  # (new variants: nothing cached)
         for ws in ("1", "0"):
             with tempfile.TemporaryDirectory() as cache:
                 env = dict(os.environ, FLASHGEN_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
-                done = subprocess.run([sys.executable, "-c", CHILD, ws, args.shape, str(width + int(ws) * 10)],
+                done = subprocess.run([sys.executable, "-c", CHILD, ws, args.shape, str(width + int(ws) * 10),
+                                       *(["profile"] if args.profile else [])],
                                       env=env, capture_output=True, text=True)
                 if done.returncode != 0:
                     print(done.stderr[-2000:])
                     return 1
-                r = json.loads(done.stdout.strip().splitlines()[-1])
+                lines = done.stdout.strip().splitlines()
+                if args.profile:
+                    print("\n".join(lines[:-1]))
+                r = json.loads(lines[-1])
                 print(f"{'gluon' if ws == '1' else 'triton'} kernels ({r['kernels']}): first fwd+bwd call "
                       f"{r['first_call_s']:.2f} s, host per forward call {r['host_us']:.0f} us, per training "
                       f"step {r['step_host_us']:.0f} us")

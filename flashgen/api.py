@@ -376,13 +376,12 @@ class Attention:
         return first_fitting("fwd", default, device, D, Dv, dtype)
 
     def _ws_map_fits(self, shape: tuple[int, int, int, int], device) -> bool:
-        """Whether the Gluon forward takes this call's block map: no map, or one with at least
+        """Whether the Gluon kernels take this call's block map: no map, or one with at least
         ``SPARSE_OCCUPANCY`` of its 128 x 128 tiles non-empty, decided once per shape from the first
         call's map (a rule of speed only). Sparser maps (16 documents in 8192 keys: 4 % of the tiles)
         leave rows of a few tiles, where a Gluon program's fixed cost outweighs its speed per tile:
-        the forward measured 6 % slower there than the Triton kernel, while the backward, whose
-        programs each do more (five products per tile), measured 2 % (D = 128) and 10 % (D = 64)
-        faster, so it takes any map (H200, 2026-11-30, PERFLOG)."""
+        there the forward measured 6 % slower than the Triton kernel (D = 128), the backward no
+        faster at D = 128 and up to 1.75x slower at D = 64 (H200, 2026-11-30, PERFLOG)."""
         if not self.analysis.block_runs:
             return True
         key = (shape, str(device))
@@ -727,7 +726,7 @@ class Attention:
         ws = (self._ws_source(backward=True)
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
         maps = self.analysis.block_runs  # (the transposed map's tiles: 128 keys x 64 rows)
-        if ws is not None and not ws_fits(q, k, v, backward=True):
+        if ws is not None and not (ws_fits(q, k, v, backward=True) and self._ws_map_fits((B, Hq, Sq, Skv), q.device)):
             ws = None
         runs = (self._runs_args((B, Hq, Sq, Skv), Config(64, 128), q.device, transpose=True)
                 if ws is not None and maps else ())

@@ -341,7 +341,7 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     q, k, v = (torch.randn(1, 1, 2048, 64, requires_grad=True) for _ in range(3))
     attn = fg.compile(mask_mod=mask)
     attn(q, k, v).sum().backward()
-    assert [c[0] for c in calls] == ["bwd"]  # the Triton forward, the Gluon backward
+    assert calls == [] and "dQ" in attn.last_tiles  # the Triton kernels, both ways
 
 
 @pytest.mark.parametrize("dtype, taken", [(torch.bfloat16, True), (torch.float32, False)])
