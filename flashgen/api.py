@@ -229,7 +229,8 @@ class Attention:
                              "too, lengths a multiple of 128, contiguous inputs): the warp-specialised Gluon "
                              "kernels, source('fwd_ws') and source('bwd_ws') (the backward where no captured "
                              "tensor needs a gradient"
-                             + (", and for a grouped call only if the block map is the same in every head"
+                             + ("; a block map only where at least 10% of its tiles are non-empty, and for a "
+                                "grouped call's backward only if it is the same in every head"
                                 if self.analysis.block_runs else "") + ")"]
         if notes and self.low_rank_bias is None:
             lines.append("kernels:")
