@@ -391,6 +391,34 @@ class Attention:
             self._ws_dense[key] = counts["partial"] + counts["full"] >= SPARSE_OCCUPANCY * sum(counts.values())
         return self._ws_dense[key]
 
+    def _ws_args(self, ws: KernelSource | None, q, k, v, backward: bool) -> tuple | None:
+        """The arguments of ``runtime.ws_forward`` (or ``ws_backward``) past the scale for this call of
+        the Gluon module ``ws``: the captured tensors' (for mods it evaluates), whether the logits are
+        plain, the block map's runs (128 x 128; the backward's transposed, 128 keys x 64 rows) and the
+        dense bias's TMA arguments (the forward). None where the call takes the Triton kernels: no
+        module, ``ws_fits`` says no, a map under 10% full (``_ws_map_fits``), a bias TMA cannot read
+        or whose reads are not proved in range, or (the backward) a map that varies by head in a
+        grouped call, since the kernel visits the same query blocks in every head of a group."""
+        B, Hq, S, D = q.shape
+        shape = (B, Hq, S, S)
+        if ws is None or not ws_fits(q, k, v, backward=backward) or not self._ws_map_fits(shape, q.device):
+            return None
+        tile = ()
+        if ws.tile_reads:  # (the forward's only)
+            read = ws.tile_reads[0]
+            if self._launch_constants(q.dtype, D, v.shape[-1], shape)["CHECK_READS"]:
+                return None
+            tile = ws_tile_args(read, self.captured[read.slot])
+            if tile is None:
+                return None
+        maps = self.analysis.block_runs
+        runs = self._runs_args(shape, Config(64, 128) if backward else Config(128, 128), q.device,
+                               transpose=backward) if maps else ()
+        if backward and runs and runs[2] != 0 and Hq != k.shape[1]:
+            return None
+        mods = captured_args(self.captured) if maps or not self.analysis.plain_logits else None
+        return (mods, self.analysis.plain_logits, runs) + (() if backward else (tile,))
+
     def _runs_args(self, shape: tuple[int, int, int, int], cfg: Config, device, *, transpose: bool = False,
                    ragged_last: bool = False) -> tuple:
         """Kernel arguments for the block map's runs: tensor, then strides (0 along b, h when the
@@ -538,19 +566,10 @@ class Attention:
             return out, lse
         # (tuning measures the Triton kernel's tiles; with autotune on, calls it fits still take it)
         ws = self._ws_source() if config is None and not self._retune and not capturing() else None
-        tile = ()
-        if ws is not None and ws.tile_reads and ws_fits(q, k, v):  # (a dense bias: by TMA, its reads in range)
-            read = ws.tile_reads[0]
-            in_range = not self._launch_constants(q.dtype, D, Dv, (B, Hq, Sq, Skv))["CHECK_READS"]
-            tile = ws_tile_args(read, self.captured[read.slot]) if in_range else None
-            ws = ws if tile is not None else None
-        if ws is not None and ws_fits(q, k, v) and self._ws_map_fits((B, Hq, Sq, Skv), q.device):  # Hopper
+        ws_args = self._ws_args(ws, q, k, v, backward=False)
+        if ws_args is not None:  # Hopper: the warp-specialised kernel
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-            maps = self.analysis.block_runs  # (the tiles of a block map at 128 x 128)
-            ws_forward(load_module(ws), q, k, v, out, scratch, scale,
-                       captured_args(self.captured) if maps or not self.analysis.plain_logits else None,
-                       self.analysis.plain_logits,
-                       self._runs_args((B, Hq, Sq, Skv), Config(128, 128), q.device) if maps else (), tile)
+            ws_forward(load_module(ws), q, k, v, out, scratch, scale, *ws_args)
             self.last_tiles = {"forward": "warp-specialised (Gluon)"}
             return out, lse
         shape = (B, Hq, Sq, Skv)
@@ -726,17 +745,10 @@ class Attention:
         lse = lse.contiguous()
         ws = (self._ws_source(backward=True)
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
-        maps = self.analysis.block_runs  # (the transposed map's tiles: 128 keys x 64 rows)
-        if ws is not None and not (ws_fits(q, k, v, backward=True) and self._ws_map_fits((B, Hq, Sq, Skv), q.device)):
-            ws = None
-        runs = (self._runs_args((B, Hq, Sq, Skv), Config(64, 128), q.device, transpose=True)
-                if ws is not None and maps else ())
-        # (the kernel visits the same query blocks in every head of a group: a map that varies by
-        # head takes the Triton kernels when heads share keys)
-        if ws is not None and (not runs or runs[2] == 0 or Hq == Hkv):
+        ws_args = self._ws_args(ws, q, k, v, backward=True)
+        if ws_args is not None:  # Hopper: the warp-specialised kernel
             dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse, dout.contiguous(), dlse, scale,
-                                     captured_args(self.captured) if maps or not self.analysis.plain_logits else None,
-                                     self.analysis.plain_logits, runs)
+                                     *ws_args)
             self.last_tiles.update({"dQ, dK/dV": "warp-specialised (Gluon), one pass"})
             return dq, dk, dv, {}
         stored_slots = self._last_stored[grad_slots] = self._stored_slots(grad_slots, B, Hq)
