@@ -392,15 +392,13 @@ class Attention:
         return self._ws_dense[key]
 
     def _ws_args(self, ws: KernelSource | None, q, k, v, backward: bool) -> tuple | None:
-        """The arguments of ``runtime.ws_forward`` (or ``ws_backward``) past the scale for this call of
-        the Gluon module ``ws``: the captured tensors' (for mods it evaluates), whether the logits are
-        plain, the block map's runs (128 x 128; the backward's transposed, 128 keys x 64 rows) and the
-        dense bias's TMA arguments (the forward). None where the call takes the Triton kernels: no
-        module, ``ws_fits`` says no, a map under 10% full (``_ws_map_fits``), a bias TMA cannot read
-        or whose reads are not proved in range, or (the backward) a map that varies by head in a
-        grouped call, since the kernel visits the same query blocks in every head of a group."""
+        """``runtime.ws_forward``'s (or ``ws_backward``'s) arguments past the scale for this call of the
+        Gluon module ``ws`` (captured tensors' for mods it evaluates, plain logits or not, block map
+        runs, the forward's dense-bias TMA arguments), or None where the Triton kernels take the call:
+        ``ws_fits`` says no, a map under 10% full, a bias TMA cannot read or not proved in range, or in
+        a grouped backward a map that varies by head (the kernel visits one set of query blocks)."""
         B, Hq, S, D = q.shape
-        shape = (B, Hq, S, S)
+        shape, maps = (B, Hq, S, S), self.analysis.block_runs
         if ws is None or not ws_fits(q, k, v, backward=backward) or not self._ws_map_fits(shape, q.device):
             return None
         tile = ()
@@ -411,7 +409,6 @@ class Attention:
             tile = ws_tile_args(read, self.captured[read.slot])
             if tile is None:
                 return None
-        maps = self.analysis.block_runs
         runs = self._runs_args(shape, Config(64, 128) if backward else Config(128, 128), q.device,
                                transpose=backward) if maps else ()
         if backward and runs and runs[2] != 0 and Hq != k.shape[1]:
