@@ -568,11 +568,12 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     evaluated = maps or not analysis.plain_logits
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims)) if evaluated else ()
     tile = _Emitter("t", tiles={}, loaded=True)
-    tile_lines, logit_expr, dscore_expr, mask_lines, mask_expr = [], "", "", [], ""
+    tile_lines, logit_expr, dscore_expr, mask_lines, mask_expr, batch_inner = [], "", "", [], "", False
     if not analysis.plain_logits:
         lowered = _lowered(logits)
         tile_lines = _emit_tile(tile, lowered, {id(n): False for n in _ordered([lowered])})
         logit_expr = tile.ref(lowered)
+        batch_inner = bool(tile.tiles) and _reads_batch_shared_tiles([lowered])  # (launched batch-inner)
         if backward:
             score = next((n for n in lowered.toposort() if n.op is Op.SCORE), None)
             dscore = _lowered(gradients(lowered, [score])[id(score)]) if score is not None else const(0.0)
@@ -590,11 +591,10 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     source = _template(template).render(
         version=__version__, name=name, program_key=program_key[:16], gluon=True, listing=listing,
         band=band if band is not None else analysis.band, plain_logits=analysis.plain_logits, block_runs=maps,
-        tile_mask_lines=mask_lines,
-        mask_expr=mask_expr, tile_logit_lines=[_gluon(line) for line in tile_lines], logit_expr=logit_expr,
-        dscore_expr=dscore_expr, capture_params=[p for c in captures for p in c.params], fast_math=fast_math,
-        logits_broadcast=logits is not None and not ir.depends_on(logits, "score"), tile_read=bool(tile.tiles),
-        batch_inner=bool(tile.tiles) and _reads_batch_shared_tiles([_lowered(logits)]))
+        tile_mask_lines=mask_lines, mask_expr=mask_expr, tile_logit_lines=[_gluon(line) for line in tile_lines],
+        logit_expr=logit_expr, dscore_expr=dscore_expr, capture_params=[p for c in captures for p in c.params],
+        fast_math=fast_math, logits_broadcast=logits is not None and not ir.depends_on(logits, "score"),
+        tile_read=bool(tile.tiles), batch_inner=batch_inner)
     return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest(),
                         tile_reads=tuple(tile.tiles))
 
