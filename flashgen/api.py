@@ -185,6 +185,9 @@ class Attention:
             return self._kernel_source().source
         if which in ("fwd_ws", "bwd_ws"):
             ws = self._ws_source(backward=which == "bwd_ws")
+            if ws is None and which == "bwd_ws" and self._ws_source() is not None:
+                raise ValueError(f"{self.name}: no warp-specialised backward: it does not read a tensor in [q, kv] "
+                                 "tiles (a dense bias) yet; the forward has one, source('fwd_ws')")
             if ws is None:
                 raise ValueError(f"{self.name}: no warp-specialised kernels (they cover no mask, a band of "
                                  "constant offsets that holds the diagonal, such as causal, or a mask with a block "
