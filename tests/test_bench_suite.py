@@ -32,21 +32,25 @@ def suite(*args: str) -> subprocess.CompletedProcess:
 
 def test_smoke_run_and_report(tmp_path):
     suite("run", "--smoke", "--variants", "causal,document,dilated", "--passes", "fwd", "--rounds", "2",
-          "--out", str(tmp_path))
+          "--ab-ws", "--out", str(tmp_path))
     (path,) = tmp_path.glob("suite-*.json")
     run = json.loads(path.read_text())
     assert {"date", "gpu", "torch", "triton", "flashgen"} <= set(run["header"])
     records = {(r["variant"], r["pass_name"], r["impl"]): r for r in run["records"]}
-    assert set(records) == {(v, "fwd", "flashgen") for v in ("causal", "document", "dilated")}
+    assert set(records) == {(v, "fwd", impl) for v in ("causal", "document", "dilated")
+                            for impl in ("flashgen", "flashgen-triton")}  # (--ab-ws: the Gluon kernels off)
     for r in records.values():
         assert r["error"] is None and r["ms"] > 0 and r["tflops"] > 0 and 0 < r["density"] < 1
         assert len(r["rounds_ms"]) == 2 and min(r["rounds_ms"]) <= r["ms"] <= max(r["rounds_ms"])
-        (name, err), = r["checks"].items()
-        assert name.startswith("out_vs_reference") and err < 2e-2
+        assert r["kernels"]["forward"].startswith("Config(")  # (what ran: the Triton kernel, in the interpreter)
+        if r["impl"] == "flashgen":
+            (name, err), = r["checks"].items()
+            assert name.startswith("out_vs_reference") and err < 2e-2
 
     suite("report", str(tmp_path))
     md = (tmp_path / "suite.md").read_text()
     assert "| causal |" in md and "| causal document (16 docs) |" in md and run["header"]["date"] in md
+    assert "flashgen-triton" not in md and "†" not in md  # (the A/B arm stays in the JSON)
 
 
 def test_merge_keeps_the_newest_record(tmp_path):
