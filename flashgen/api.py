@@ -364,9 +364,9 @@ class Attention:
             return "window"
         if a.block_runs:
             cfg = first_fitting("fwd", default_config(device, D, Dv, dtype), device, D, Dv, dtype)
-            counts = self.block_mask(*shape, (cfg.block_m, cfg.block_n), device).counts()
-            if (counts["partial"] + counts["full"] < SPARSE_OCCUPANCY * sum(counts.values())
-                    or counts["partial"] > counts["full"]):
+            bm = self.block_mask(*shape, (cfg.block_m, cfg.block_n), device)
+            counts = bm.counts()
+            if bm.sparser_than(SPARSE_OCCUPANCY) or counts["partial"] > counts["full"]:
                 return "sparse"
         return "dense"
 
@@ -390,8 +390,7 @@ class Attention:
             return True
         key = (shape, str(device))
         if key not in self._ws_dense:
-            counts = self.block_mask(*shape, (128, 128), device).counts()
-            self._ws_dense[key] = counts["partial"] + counts["full"] >= SPARSE_OCCUPANCY * sum(counts.values())
+            self._ws_dense[key] = not self.block_mask(*shape, (128, 128), device).sparser_than(SPARSE_OCCUPANCY)
         return self._ws_dense[key]
 
     def _ws_args(self, ws: KernelSource | None, q, k, v, backward: bool) -> tuple | None:

@@ -525,6 +525,11 @@ class BlockMask:
             self._counts = {name: totals[s] for s, name in ((EMPTY, "empty"), (PARTIAL, "partial"), (FULL, "full"))}
         return dict(self._counts)
 
+    def sparser_than(self, fraction: float) -> bool:
+        """Whether fewer than ``fraction`` of its tiles are non-empty."""
+        c = self.counts()
+        return c["partial"] + c["full"] < fraction * sum(c.values())
+
     def _grouped(self, rows: int, cols: int, b: int, h: int) -> torch.Tensor:
         """States [rows, cols] of batch ``b``, head ``h``: the map itself when it has that size, else
         of groups of tiles (each group classified as one box: its own class)."""
