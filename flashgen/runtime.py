@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -401,6 +402,36 @@ def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = 
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)))  # (TMA's alignment)
 
 
+_KEPT: OrderedDict = OrderedDict()  # kept_launch's Launches, by kernel, grid, constexprs and argument kinds
+
+
+def kept_launch(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
+    """Launch ``kernel`` (Triton or Gluon) through a kept :class:`Launch`: Triton's launcher the first
+    time for each (kernel, grid, constexprs, argument kinds), the compiled kernel directly after
+    that, skipping Triton's binding and specialisation (~50 µs of host time per launch). Argument
+    kinds: tensors by dtype and device (``Launch`` checks their alignment per call), integers by
+    value (Triton specialises them), TMA descriptors by block, dtype, shape and strides."""
+    key = (kernel, grid, tuple(constexprs.items()), tuple(_kind(a) for a in args))
+    launch = _KEPT.get(key)
+    if launch is None:
+        launch = _KEPT[key] = Launch(None, kernel, grid, (), constexprs)
+        if len(_KEPT) > 256:  # (many shapes)
+            _KEPT.popitem(last=False)
+    launch(*args)
+
+
+def _kind(a) -> tuple:
+    if isinstance(a, torch.Tensor):
+        return "t", a.dtype, a.device
+    if isinstance(a, (bool, int)):
+        return "i", type(a), a
+    if isinstance(a, float):
+        return ("f",)
+    if hasattr(a, "block_shape"):  # a TMA descriptor
+        return "d", tuple(a.block_shape), a.base.dtype, tuple(a.shape), tuple(a.strides)
+    return "o", a
+
+
 def _gluon_descriptor(t: torch.Tensor, block: list[int]):
     """A TMA descriptor for Gluon kernels over the contiguous ``t`` viewed as rows of its last
     dimension (1-D for a 1-D block), in tiles of ``block`` with that block's default shared layout
@@ -459,9 +490,10 @@ def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     scales = (scale * LOG2E if plain else LOG2E,) + ((scale, *mods) if mods is not None else ()) + runs + tile
-    module.attn_fwd_ws[(S // 128, B * Hq)](_gluon_descriptor(q, [64, D]), _gluon_descriptor(k, [128, D]),
-                                           _gluon_descriptor(v, [128, D]), out, lse, Hq, S, *scales,
-                                           GROUP_SIZE=Hq // Hkv, STAGES=2 if tile else WS_STAGES, num_warps=4)
+    kept_launch(module.attn_fwd_ws, (S // 128, B * Hq),
+                (_gluon_descriptor(q, [64, D]), _gluon_descriptor(k, [128, D]), _gluon_descriptor(v, [128, D]), out,
+                 lse, Hq, S, *scales),
+                dict(GROUP_SIZE=Hq // Hkv, STAGES=2 if tile else WS_STAGES, num_warps=4))
 
 
 @triton.jit
@@ -485,8 +517,8 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, sub: torch.Tensor | None = None) 
     rows, D = a.numel() // a.shape[-1], a.shape[-1]
     out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
     if rows:
-        _row_dots[(triton.cdiv(rows, 32),)](a, b, sub if sub is not None else out, out, rows, D=D, BLOCK=32,
-                                            SUB=sub is not None)
+        kept_launch(_row_dots, (triton.cdiv(rows, 32),), (a, b, sub if sub is not None else out, out, rows),
+                    dict(D=D, BLOCK=32, SUB=sub is not None))
     return out
 
 
@@ -500,11 +532,11 @@ def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float,
     delta = row_dots(dout, out, dlse)
     dq_sum = torch.zeros((B, Hq, S, D), dtype=torch.float32, device=q.device)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    module.attn_bwd_ws[(S // 128, B * Hkv)](
-        *(_gluon_descriptor(t, [64, D]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk, dv,
-        _gluon_descriptor(lse, [64]), _gluon_descriptor(delta, [64]), Hq, S,
-        scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs,
-        GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, DQ_BUFFERS=WS_DQ_BUFFERS, num_warps=4)
+    kept_launch(module.attn_bwd_ws, (S // 128, B * Hkv),
+                (*(_gluon_descriptor(t, [64, D]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk,
+                 dv, _gluon_descriptor(lse, [64]), _gluon_descriptor(delta, [64]), Hq, S,
+                 scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs),
+                dict(GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, DQ_BUFFERS=WS_DQ_BUFFERS, num_warps=4))
     return torch.mul(dq_sum, scale, out=torch.empty_like(q)), dk, dv
 
 

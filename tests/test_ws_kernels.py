@@ -367,3 +367,27 @@ def test_a_dense_bias_call_passes_its_tiles_to_the_gluon_forward(dtype, taken, m
     attn(q, k, v).sum().backward()
     assert calls == ([(False, (0, 128, 0), True)] if taken else [])
     assert "dQ" in attn.last_tiles  # the Triton backward
+
+
+def test_kept_launches_are_keyed_by_what_triton_specialises(monkeypatch):
+    """``runtime.kept_launch``: one Launch per kernel, grid, constexprs and argument kinds (tensor
+    dtypes, integer values, descriptor blocks, shapes and strides); floats and tensor contents do not
+    make a new one."""
+    class Kernel:  # records its launches, as a Triton kernel whose launches are captured
+        def __init__(self):
+            self.calls = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+    monkeypatch.setattr(runtime, "_KEPT", type(runtime._KEPT)())
+    kernel = Kernel()
+    a, b = torch.randn(4), torch.randn(4)
+    runtime.kept_launch(kernel, (2,), (a, 3, 0.5), dict(X=1))
+    runtime.kept_launch(kernel, (2,), (b, 3, 0.25), dict(X=1))
+    assert len(runtime._KEPT) == 1 and [c[1][0] for c in kernel.calls] == [a, b]
+    runtime.kept_launch(kernel, (2,), (a, 4, 0.5), dict(X=1))  # another integer
+    runtime.kept_launch(kernel, (2,), (a.half(), 3, 0.5), dict(X=1))  # another dtype
+    runtime.kept_launch(kernel, (3,), (a, 3, 0.5), dict(X=1))  # another grid
+    runtime.kept_launch(kernel, (2,), (a, 3, 0.5), dict(X=2))  # another constexpr
+    assert len(runtime._KEPT) == 5 and kernel.calls[-1] == ((2,), (a, 3, 0.5), dict(X=2))
