@@ -386,6 +386,12 @@ def _gluon_hopper() -> bool:
     return True
 
 
+@functools.cache
+def _sm90(index: int | None) -> bool:
+    """Whether CUDA device ``index`` (None: the current one) is a Hopper GPU (sm_90): asked once per device."""
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
 def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> bool:
     """Whether a call can take the warp-specialised forward (or backward): a Hopper GPU (sm_90), bf16
     or fp16, head dims of 128 (the backward: 64 too; the forward at 64 measured no faster than the
@@ -396,7 +402,7 @@ def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = 
         return False
     Sq, D = q.shape[-2:]
     Skv, Dv = v.shape[-2:]
-    return (torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype in (torch.bfloat16, torch.float16)
+    return (_sm90(q.device.index) and q.dtype in (torch.bfloat16, torch.float16)
             and D == Dv and D in ((64, 128) if backward else (128,)) and Sq == Skv and Sq % 128 == 0
             and 4 * q.shape[:2].numel() * Sq * Sq * D >= WS_MIN_FLOPS
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)))  # (TMA's alignment)
