@@ -63,7 +63,8 @@ def main() -> None:
                     runtime.WS_FORWARD = runtime.WS_BACKWARD = on
                     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                         call()
-                        row[arm] = dict(gpu=triton.testing.do_bench(call), wall=wall(call), tiles=dict(attn.last_tiles))
+                        row[arm] = dict(gpu=triton.testing.do_bench(call), wall=wall(call),
+                                        tiles={name_: str(c) for name_, c in attn.last_tiles.items()})
                 runtime.WS_FORWARD = runtime.WS_BACKWARD = True
                 rows.append(row)
     print(f"{'shape':>16} {'variant':>7} {'mode':>8} | {'gluon gpu':>9} {'triton gpu':>10} | "

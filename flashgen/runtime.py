@@ -364,6 +364,7 @@ def load_module(ks: KernelSource) -> ModuleType:
 
 WS_FORWARD = True  # False: the Triton forward everywhere (for A/B timing, and a way out)
 WS_BACKWARD = True  # the same for the backward
+WS_FORWARD_HEAD_DIMS = (128,)  # the forward's (64 runs too: benchmarks/ab_ws_forward.py, PERFLOG)
 WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x8192x128, PERFLOG)
 # the backward's Q/dO buffers, and dQ tiles in flight per consumer group (shared memory allows 3 and
 # 1, or 2 and 2); chosen by benchmarks/ab_ws_backward.py (PERFLOG)
@@ -403,7 +404,7 @@ def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = 
     Sq, D = q.shape[-2:]
     Skv, Dv = v.shape[-2:]
     return (_sm90(q.device.index) and q.dtype in (torch.bfloat16, torch.float16)
-            and D == Dv and D in ((64, 128) if backward else (128,)) and Sq == Skv and Sq % 128 == 0
+            and D == Dv and D in ((64, 128) if backward else WS_FORWARD_HEAD_DIMS) and Sq == Skv and Sq % 128 == 0
             and 4 * q.shape[:2].numel() * Sq * Sq * D >= WS_MIN_FLOPS
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)))  # (TMA's alignment)
 
