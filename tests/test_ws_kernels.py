@@ -56,6 +56,15 @@ def test_a_dense_bias_has_a_warp_specialised_forward_that_loads_its_tiles_by_tma
     source = attn.source("fwd_ws")
     assert "t0 = tile0.to(gl.float32)" in source and "tl." not in source
     assert "tma.async_copy_global_to_shared(t_desc, [t_row, kv_start + j * BLOCK_N]" in source
+    # K and the tile leave their stage once both groups have their logits (kt_empty), before the
+    # P V products free V's: the producer's next K load does not wait for those
+    producer = source[source.index("def _producer"):source.index("def _logits")]
+    assert producer.index("mbarrier.wait(kt_empty.index(s)") < producer.index("k_bars.index(s), k_smem.index(s)")
+    assert producer.index("k_smem.index(s))") < producer.index("mbarrier.wait(empty_bars.index(s)")
+    loop = source[source.index("for j in range(1, n_kv)"):]
+    assert loop.index("s = _logits(") < loop.index("mbarrier.arrive(kt_empty.index(sj)") < loop.index(
+        "acc = warpgroup_mma_wait(0, deps=[o_tok])")
+    assert "kt_empty" not in fg.compile(mask_mod=fg.mods.causal).source("fwd_ws")  # (plain kernels: one release)
     with pytest.raises(ValueError, match=r"no warp-specialised backward: .* the forward has one, source\('fwd_ws'\)"):
         attn.source("bwd_ws")
 
