@@ -185,9 +185,6 @@ class Attention:
             return self._kernel_source().source
         if which in ("fwd_ws", "bwd_ws"):
             ws = self._ws_source(backward=which == "bwd_ws")
-            if ws is None and which == "bwd_ws" and self._ws_source() is not None:
-                raise ValueError(f"{self.name}: no warp-specialised backward: it does not read a tensor in [q, kv] "
-                                 "tiles (a dense bias) yet; the forward has one, source('fwd_ws')")
             if ws is None:
                 raise ValueError(f"{self.name}: no warp-specialised kernels (they cover no mask, a band of "
                                  "constant offsets that holds the diagonal, such as causal, or a mask with a block "
@@ -396,7 +393,7 @@ class Attention:
     def _ws_args(self, ws: KernelSource | None, q, k, v, backward: bool) -> tuple | None:
         """``runtime.ws_forward``'s (or ``ws_backward``'s) arguments past the scale for this call of the
         Gluon module ``ws`` (captured tensors' for mods it evaluates, plain logits or not, block map
-        runs, the forward's dense-bias TMA arguments), or None where the Triton kernels take the call:
+        runs, a dense bias's TMA arguments), or None where the Triton kernels take the call:
         ``ws_fits`` says no, a map under 10% full, a bias TMA cannot read or not proved in range, or in
         a grouped backward a map that varies by head (the kernel visits one set of query blocks)."""
         B, Hq, S, D = q.shape
@@ -404,11 +401,11 @@ class Attention:
         if ws is None or not ws_fits(q, k, v, backward=backward) or not self._ws_map_fits(shape, q.device):
             return None
         tile = ()
-        if ws.tile_reads:  # (the forward's only)
+        if ws.tile_reads:
             read = ws.tile_reads[0]
             if self._launch_constants(q.dtype, D, v.shape[-1], shape)["CHECK_READS"]:
                 return None
-            tile = ws_tile_args(read, self.captured[read.slot])
+            tile = ws_tile_args(read, self.captured[read.slot], (64, 128) if backward else (128, 128))
             if tile is None:
                 return None
         runs = self._runs_args(shape, Config(64, 128) if backward else Config(128, 128), q.device,
@@ -416,7 +413,7 @@ class Attention:
         if backward and runs and runs[2] != 0 and Hq != k.shape[1]:
             return None
         mods = captured_args(self.captured) if maps or not self.analysis.plain_logits else None
-        return (mods, self.analysis.plain_logits, runs) + (() if backward else (tile,))
+        return mods, self.analysis.plain_logits, runs, tile
 
     def _runs_args(self, shape: tuple[int, int, int, int], cfg: Config, device, *, transpose: bool = False,
                    ragged_last: bool = False) -> tuple:

@@ -460,12 +460,12 @@ def _gluon_layout(block: tuple[int, ...], dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
-def ws_tile_args(read: TileRead, t: torch.Tensor) -> tuple | None:
-    """The Gluon forward's arguments for a tensor read in [q, kv] tiles (a dense bias; its reads
-    proved in range): a TMA descriptor of ``t`` as rows of keys (blocks of 128 x 128) and the row
-    of (b, h, q = 0) there as ``lead_b * b + lead_h * h + lead``; or None where TMA cannot read it
-    so: a dtype other than bf16 or fp16, keys not contiguous, rows not 16-byte aligned, or strides
-    of other dimensions that are not whole rows."""
+def ws_tile_args(read: TileRead, t: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple | None:
+    """The Gluon kernels' arguments for a tensor read in [q, kv] tiles (a dense bias; its reads
+    proved in range): a TMA descriptor of ``t`` as rows of keys (blocks of ``block``: 128 x 128 for
+    the forward, 64 x 128 for the backward) and the row of (b, h, q = 0) there as ``lead_b * b +
+    lead_h * h + lead``; or None where TMA cannot read it so: a dtype other than bf16 or fp16, keys
+    not contiguous, rows not 16-byte aligned, or strides of other dimensions that are not whole rows."""
     row = t.stride(read.q_dim)
     if (t.dtype not in (torch.bfloat16, torch.float16) or t.stride(read.kv_dim) != 1 or row <= 0
             or row * t.element_size() % 16 or t.data_ptr() % 16
@@ -480,7 +480,6 @@ def ws_tile_args(read: TileRead, t: torch.Tensor) -> tuple | None:
             lead[x] += t.stride(d) // row
         else:
             lead[""] += x * t.stride(d) // row
-    block = (128, 128)
     desc = TensorDescriptor(t, [rows, t.shape[read.kv_dim]], [row, 1], list(block), _gluon_layout(block, t.dtype))
     return desc, lead["b"], lead["h"], lead[""]
 
@@ -530,10 +529,12 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, sub: torch.Tensor | None = None) 
 
 
 def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float, mods: list | None = None,
-                plain: bool = True, runs: tuple = ()) -> tuple:
+                plain: bool = True, runs: tuple = (), tile: tuple = ()) -> tuple:
     """dq, dk, dv from ``module.attn_bwd_ws`` (``ws_fits(..., backward=True)`` said yes for q, k, v;
     out, lse, dout and dlse (or None) contiguous): one pass, dQ added up in float32 and scaled after.
-    ``mods``, ``plain``: as for ``ws_forward``; ``runs``: the transposed map's (128 keys x 64 rows)."""
+    ``mods``, ``plain``: as for ``ws_forward``; ``runs``: the transposed map's (128 keys x 64 rows);
+    ``tile``: ``ws_tile_args``'s at blocks of 64 x 128, for a module that reads a tensor in [q, kv]
+    tiles."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     delta = row_dots(dout, out, dlse)
@@ -542,8 +543,9 @@ def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float,
     kept_launch(module.attn_bwd_ws, (S // 128, B * Hkv),
                 (*(_gluon_descriptor(t, [64, D]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk,
                  dv, _gluon_descriptor(lse, [64]), _gluon_descriptor(delta, [64]), Hq, S,
-                 scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs),
-                dict(GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, DQ_BUFFERS=WS_DQ_BUFFERS, num_warps=4))
+                 scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs, *tile),
+                dict(GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, num_warps=4,
+                     DQ_BUFFERS=1 if tile and D == 128 else WS_DQ_BUFFERS))  # (the tile's ring: a dQ buffer's room)
     return torch.mul(dq_sum, scale, out=torch.empty_like(q)), dk, dv
 
 

@@ -49,9 +49,9 @@ def test_masks_beyond_a_band_have_warp_specialised_kernels_over_a_block_map(mods
     assert "at least 10% of its tiles are non-empty" in fg.compile(**mods).explain()
 
 
-def test_a_dense_bias_has_a_warp_specialised_forward_that_loads_its_tiles_by_tma():
-    """A read in [q, kv] tiles: the Gluon forward's producer loads it with K (two stages), the consumers
-    add it from shared memory; the backward stays with the Triton kernels."""
+def test_a_dense_bias_has_warp_specialised_kernels_that_load_its_tiles_by_tma():
+    """A read in [q, kv] tiles: the Gluon forward's producer loads it with K (two stages), the
+    backward's with Q_i; the consumers add it from shared memory (the backward's transposed)."""
     attn = fg.compile(bias=torch.randn(4, 64, 64), mask_mod=fg.mods.causal)
     source = attn.source("fwd_ws")
     assert "t0 = tile0.to(gl.float32)" in source and "tl." not in source
@@ -65,8 +65,10 @@ def test_a_dense_bias_has_a_warp_specialised_forward_that_loads_its_tiles_by_tma
     assert loop.index("s = _logits(") < loop.index("mbarrier.arrive(kt_empty.index(sj)") < loop.index(
         "acc = warpgroup_mma_wait(0, deps=[o_tok])")
     assert "kt_empty" not in fg.compile(mask_mod=fg.mods.causal).source("fwd_ws")  # (plain kernels: one release)
-    with pytest.raises(ValueError, match=r"no warp-specialised backward: .* the forward has one, source\('fwd_ws'\)"):
-        attn.source("bwd_ws")
+    backward = attn.source("bwd_ws")
+    assert "t0 = tile0.to(gl.float32)" in backward and "tl." not in backward
+    assert "tma.async_copy_global_to_shared(t_desc, [t_row, kv_lo], q_bars.index(s), t_smem.index(s))" in backward
+    assert "t_smem.index(s).slice(WG * HALF, HALF, dim=1).permute((1, 0)).load(st_layout)" in backward
 
 
 @pytest.mark.parametrize("shape, index, lead", [
@@ -146,16 +148,16 @@ def test_the_warp_specialised_kernels_are_not_taken_off_hopper():
 
 WS_COMPILE_CASES = ["none,bfloat16,4,128", "causal,float16,2,128", "sliding300,bfloat16,4,128",
                     "causal,bfloat16,2,64"]  # (at 64 the backward's other dQ form; the forward is 128 only)
-WS_FWD_CASES = ["dense_bias_causal,bfloat16,2,128"]  # (the forward only)
 WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128", "prefix_lm,bfloat16,4,128",
-                "document_causal,bfloat16,2,128", "document_causal,bfloat16,2,64", "softcap_document,float16,4,128"]
+                "document_causal,bfloat16,2,128", "document_causal,bfloat16,2,64", "softcap_document,float16,4,128",
+                "dense_bias_causal,bfloat16,2,128", "dense_bias_causal,float16,4,64"]
 
 
 @pytest.fixture(scope="module")
 def compiled_ws_modules(tmp_path_factory) -> dict:
     """Each case's module compiled for sm_90 in one child process (``tests/ws_compile.py``: Gluon
     does not compile where Triton was imported for its interpreter) with a fresh Triton cache."""
-    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_FWD_CASES if not c.endswith(",64")]
+    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES if not c.endswith(",64")]
     cases += [f"{c},bwd" for c in WS_COMPILE_CASES + WS_MOD_CASES]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton")),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -167,11 +169,9 @@ def compiled_ws_modules(tmp_path_factory) -> dict:
 
 @gluon_hopper
 @pytest.mark.parametrize("which", ["fwd", "bwd"])
-@pytest.mark.parametrize("case", WS_MOD_CASES + WS_FWD_CASES)
+@pytest.mark.parametrize("case", WS_MOD_CASES)
 def test_the_gluon_kernels_with_mods_compile_for_sm90(case, which, compiled_ws_modules):
-    if case in WS_FWD_CASES and which == "bwd":
-        pytest.skip("the warp-specialised backward reads no [q, kv] tiles of a tensor")
-    """Score_mods, and masks over a block map (``tests/ws_compile.py`` names them)."""
+    """Score_mods, masks over a block map and dense biases (``tests/ws_compile.py`` names them)."""
     if case.endswith(",64") and which == "fwd":
         pytest.skip("the warp-specialised forward covers head dim 128 only")
     result = compiled_ws_modules[f"{case},{which}"]
@@ -211,7 +211,7 @@ def test_which_calls_take_the_warp_specialised_backward(monkeypatch):
 
     calls = []
 
-    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=()):
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=()):
         calls.append((module.attn_bwd_ws.fn.__name__, dlse is not None, scale))
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         with torch.enable_grad():  # (autograd runs backwards without)
@@ -319,7 +319,7 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
         out.copy_(o)
         lse.copy_(l_)
 
-    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=()):
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=()):
         calls.append(("bwd", mods, plain, runs[0].tolist(), runs[1:]))
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         with torch.enable_grad():
@@ -354,28 +354,47 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype, taken", [(torch.bfloat16, True), (torch.float32, False)])
-def test_a_dense_bias_call_passes_its_tiles_to_the_gluon_forward(dtype, taken, monkeypatch):
-    """A bf16 bias [H, S, S]: the Gluon forward gets its descriptor and row placement, and the backward
-    is the Triton kernels'; a float32 one (tiles too large for the shared memory left) takes the
-    Triton forward."""
+def test_a_dense_bias_call_passes_its_tiles_to_the_gluon_kernels(dtype, taken, monkeypatch):
+    """A bf16 bias [H, S, S]: the Gluon forward gets its descriptor (blocks of 128 x 128) and row
+    placement, the Gluon backward its own (64 x 128), unless the bias needs a gradient (the Triton
+    kernels then); a float32 one (tiles too large for the shared memory left) takes the Triton kernels."""
     from flashgen import api
 
     bias = torch.randn(2, 128, 128, dtype=dtype)
     calls = []
 
     def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
-        calls.append((plain, tile[1:], tile[0].base.data_ptr() == bias.data_ptr()))
+        calls.append(("fwd", plain, tile[0].block_shape, tile[1:], tile[0].base.data_ptr() == bias.data_ptr()))
         o, l_ = fg.attention_reference(q, k, v, bias=bias, scale=scale, return_lse=True)
         out.copy_(o)
         lse.copy_(l_)
 
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=()):
+        calls.append(("bwd", plain, tile[0].block_shape, tile[1:], tile[0].base.data_ptr() == bias.data_ptr()))
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            o = fg.attention_reference(*leaves, bias=bias.double(), scale=scale)
+            o.backward(dout.double())
+        return tuple(t.grad.to(q.dtype) for t in leaves)
+
     monkeypatch.setattr(api, "ws_forward", fake_forward)
+    monkeypatch.setattr(api, "ws_backward", fake_backward)
     monkeypatch.setattr(api, "ws_fits", lambda q, k, v, backward=False: True)
     q, k, v = (torch.randn(1, 2, 128, 64, requires_grad=True) for _ in range(3))
     attn = fg.compile(bias=bias)
     attn(q, k, v).sum().backward()
-    assert calls == ([(False, (0, 128, 0), True)] if taken else [])
-    assert "dQ" in attn.last_tiles  # the Triton backward
+    assert calls == ([("fwd", False, [128, 128], (0, 128, 0), True), ("bwd", False, [64, 128], (0, 128, 0), True)]
+                     if taken else [])
+    assert ("dQ" in attn.last_tiles) != taken  # (else the Gluon backward's entry)
+    if taken:
+        want = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        fg.attention_reference(*want, bias=bias.double()).sum().backward()
+        for got, w in zip((q, k, v), want):
+            torch.testing.assert_close(got.grad.double(), w.grad, rtol=1e-4, atol=1e-5)
+        calls.clear()
+        learnable = bias.clone().requires_grad_()
+        fg.compile(bias=learnable)(q, k, v).sum().backward()
+        assert [c[0] for c in calls] == ["fwd"] and learnable.grad is not None  # (dbias: the Triton kernels)
 
 
 def test_kept_launches_are_keyed_by_what_triton_specialises(monkeypatch):

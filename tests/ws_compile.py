@@ -50,12 +50,13 @@ def compile_case(case: str, folder: Path) -> dict:
     runs = torch.zeros(1, 1, 8, 2, 9, dtype=torch.int32)  # (a block map's runs: only their types count here)
     runs = (runs, 0, 0, runs.stride(2), runs.stride(3)) if maps else ()
     reads = attn._ws_source(backward).tile_reads  # (a dense bias: its tiles by TMA)
-    tile = runtime.ws_tile_args(reads[0], attn.captured[reads[0].slot]) if reads else ()
+    tile = runtime.ws_tile_args(reads[0], attn.captured[reads[0].slot], (64, 128) if backward else (128, 128)
+                                ) if reads else ()
     launches: list = []
     with parallel.captured(launches):  # the launches' arguments, recorded instead of run
         if backward:  # (delta's Triton kernel first)
             runtime.ws_backward(module, q, k, v, torch.randn_like(q), torch.randn(2, 4, 512), torch.randn_like(q),
-                                None, 0.1, mods, plain, runs)
+                                None, 0.1, mods, plain, runs, tile)
         else:
             runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1, mods, plain, runs,
                                tile)

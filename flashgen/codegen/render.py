@@ -540,15 +540,15 @@ def _ws_band(analysis: Analysis):
     return band
 
 
-def _ws_logits(logits: Node, backward: bool) -> bool:
+def _ws_logits(logits: Node) -> bool:
     """Whether the Gluon kernels evaluate these (not plain) logits themselves: elementwise code of the
     score and the indices whose captured-tensor reads do not depend on q_idx or kv_idx (a value per
-    batch entry or head, as ALiBi's slopes or a temperature), except, in the forward, one read in
-    [q, kv] tiles (``analysis.tile_read_of``: a dense bias), which its producer loads by TMA. Other
-    reads per entry (a relative-position table) stay with the Triton kernels."""
+    batch entry or head, as ALiBi's slopes or a temperature), and at most one read in [q, kv] tiles
+    (``analysis.tile_read_of``: a dense bias), which their producers load by TMA. Other reads per
+    entry (a relative-position table) stay with the Triton kernels."""
     per_entry = [n for n in logits.toposort()
                  if n.op is Op.LOAD and (ir.depends_on(n, "q_idx") or ir.depends_on(n, "kv_idx"))]
-    return not per_entry or not backward and len(per_entry) == 1 and tile_read_of(per_entry[0]) is not None
+    return not per_entry or len(per_entry) == 1 and tile_read_of(per_entry[0]) is not None
 
 
 def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False, logits: Node | None = None,
@@ -563,7 +563,7 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     by the approximate instruction (the kernels are bf16 and fp16 only, where ``fast_math=None`` means it)."""
     band = _ws_band(analysis)
     maps = analysis.block_runs and mask is not None
-    if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits, backward)):
+    if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
         return None
     evaluated = maps or not analysis.plain_logits
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims)) if evaluated else ()
