@@ -218,17 +218,13 @@ class Attention:
                          f"rounded to bf16 beside q and k, move a logit by at most "
                          f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})")
         notes = lowering_notes(self.program.logits, self.program.mask)
-        if self._ws_source() is None:  # (a low-rank bias runs another program: _ws_source is for this one)
-            pass
-        elif self._ws_source(backward=True) is None:
-            notes = [*notes, "forward on Hopper GPUs (bf16 or fp16, head dim 128, lengths a multiple of 128, "
-                             "contiguous inputs, a bf16 or fp16 bias read in range with whole rows of keys): the "
-                             "warp-specialised Gluon kernel, source('fwd_ws'); the backward: the Triton kernels"]
-        else:
+        ws = self._ws_source()  # (a low-rank bias runs another program: _ws_source is for this one)
+        if ws is not None:
             notes = [*notes, "forward and backward on Hopper GPUs (bf16 or fp16, head dim 128, the backward 64 "
-                             "too, lengths a multiple of 128, contiguous inputs): the warp-specialised Gluon "
-                             "kernels, source('fwd_ws') and source('bwd_ws') (the backward where no captured "
-                             "tensor needs a gradient"
+                             "too, lengths a multiple of 128, contiguous inputs"
+                             + (", a bf16 or fp16 bias read in range with whole rows of keys" if ws.tile_reads
+                                else "") + "): the warp-specialised Gluon kernels, source('fwd_ws') and "
+                             "source('bwd_ws') (the backward where no captured tensor needs a gradient"
                              + ("; a block map only where at least 10% of its tiles are non-empty, and for a "
                                 "grouped call's backward only if it is the same in every head"
                                 if self.analysis.block_runs else "") + ")"]
