@@ -65,12 +65,21 @@ class LowRankBias:
         return f"LowRankBias(rank={self.rank}, phi_q={list(self.phi_q.shape)}, phi_k={list(self.phi_k.shape)}{err})"
 
 
+# slices whose shorter side is at most this take the full SVD; longer ones a randomized one, whose
+# cost grows with the rank found instead of the length (a full SVD of 16 slices of 8192 x 8192 takes
+# minutes on an H200)
+EXACT_SVD_MAX = 2048
+
+
 def low_rank(bias: torch.Tensor, tol: float = 1e-2, max_rank: int | None = None) -> LowRankBias:
     """Truncated SVD of a dense bias ``[B|1, H|1, Sq, Skv]`` (or with fewer leading dims, such as
     ``[H, Sq, Skv]``, as ``bias=`` takes it) per (batch, head): the smallest rank
     R (the same for every (batch, head)) with relative Frobenius error ``‖bias − φ_q φ_kᵀ‖ / ‖bias‖
     <= tol`` over the whole tensor, capped at ``max_rank`` (a warning says when the cap leaves the
-    error above ``tol``). Approximate by design: flashgen never takes this path on its own."""
+    error above ``tol``). Approximate by design: flashgen never takes this path on its own.
+    Slices longer than ``EXACT_SVD_MAX`` on both sides take a randomized SVD (a range finder with
+    power iterations, widened until the rank is found), whose reported error is measured on the
+    factors themselves; its rank may exceed the optimum by a little where singular values cluster."""
     if not isinstance(bias, torch.Tensor) or not 2 <= bias.dim() <= 4 or not bias.is_floating_point():
         raise ValueError(f"low_rank: bias must be a floating-point tensor [B|1, H|1, Sq, Skv] (leading dims may be "
                          f"left out), got {getattr(bias, 'dtype', type(bias).__name__)} "
@@ -81,6 +90,16 @@ def low_rank(bias: torch.Tensor, tol: float = 1e-2, max_rank: int | None = None)
     if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
         raise ValueError(f"low_rank: max_rank must be a positive int or None, got {max_rank!r}")
     work = bias.detach().to(torch.float64 if bias.device.type == "cpu" else torch.float32)
+    lr = (_sketched_low_rank(work, tol, max_rank, bias.dtype) if min(work.shape[-2:]) > EXACT_SVD_MAX
+          else _exact_low_rank(work, tol, max_rank, bias.dtype))
+    if max_rank is not None and lr.error > tol:
+        warnings.warn(f"low_rank: max_rank={max_rank} leaves a relative error of {lr.error:.3g} > tol={tol}",
+                      stacklevel=2)
+    return lr
+
+
+def _exact_low_rank(work: torch.Tensor, tol: float, max_rank: int | None, dtype) -> LowRankBias:
+    """``low_rank`` by the full SVD of each slice."""
     u, s, vh = torch.linalg.svd(work, full_matrices=False)  # [.., Sq, K], [.., K], [.., K, Skv]
     energy = (s**2).sum(dim=(0, 1))  # per singular index, summed over (batch, head)
     total = float(energy.sum())
@@ -97,12 +116,58 @@ def low_rank(bias: torch.Tensor, tol: float = 1e-2, max_rank: int | None = None)
     rank = min(rank, s.shape[-1])
     # the discarded energy summed directly (total - kept would cancel to ~1e-8 of the total)
     error = float((s[..., rank:] ** 2).sum().sqrt() / (s**2).sum().sqrt()) if total else 0.0
-    if max_rank is not None and error > tol:
-        warnings.warn(f"low_rank: max_rank={max_rank} leaves a relative error of {error:.3g} > tol={tol}", stacklevel=2)
+    return _factors(u, s, vh, rank, error, dtype)
+
+
+def _factors(u, s, vh, rank: int, error: float, dtype) -> LowRankBias:
+    """The LowRankBias of the first ``rank`` singular triplets (the singular values split evenly)."""
     root = s[..., :rank].sqrt()
-    phi_q = (u[..., :rank] * root[..., None, :]).to(bias.dtype)
-    phi_k = (vh[..., :rank, :].transpose(-1, -2) * root[..., None, :]).to(bias.dtype)
+    phi_q = (u[..., :rank] * root[..., None, :]).to(dtype)
+    phi_k = (vh[..., :rank, :].transpose(-1, -2) * root[..., None, :]).to(dtype)
     return LowRankBias(phi_q.contiguous(), phi_k.contiguous(), error)
+
+
+def _sketched_low_rank(work: torch.Tensor, tol: float, max_rank: int | None, dtype) -> LowRankBias:
+    """``low_rank`` for long slices: the top singular triplets of each slice from a randomized range
+    finder (Halko, Martinsson and Tropp: two power iterations, 8 columns of oversampling) with
+    ``width`` columns, doubled until some rank within ``width - 8`` meets ``tol`` (or the cap or the
+    slice's size is reached). The error of keeping r triplets is the sketch's own residual ‖a − q qᵀa‖²
+    (formed slice by slice) plus the singular values past r, both summed directly: exact for these
+    factors, with no cancellation."""
+    n = min(work.shape[-2:])
+    total = float(work.square().sum())
+    width = 32
+    while True:
+        width = min(width, n)
+        u, s, vh, residual = _sketched_svd(work, width)
+        usable = width if width == n else width - 8  # (the last columns: oversampling)
+        if max_rank is not None:
+            usable = min(usable, max_rank)
+        energy = (s**2).sum(dim=(0, 1)).double()
+        past = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # past[r]: the energy of values r, r + 1, ...
+        tail = ((residual + torch.cat([past, past.new_zeros(1)])[1:usable + 1]) / total).sqrt() if total else None
+        within = torch.nonzero(tail <= tol) if tail is not None else torch.zeros(1, 1, dtype=torch.long)
+        if within.numel() or usable == n or usable == max_rank:
+            break
+        width *= 2
+    rank = int(within[0]) + 1 if within.numel() else usable
+    return _factors(u, s, vh, rank, float(tail[rank - 1]) if tail is not None else 0.0, dtype)
+
+
+def _sketched_svd(a: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Approximate leading singular triplets of each slice of ``a [.., m, n]``: ``width`` of them from
+    a Gaussian sketch (seeded: the same input gives the same factors) and two power iterations; and
+    ‖a − q qᵀa‖² over all slices, q the sketch's orthonormal range."""
+    gen = torch.Generator(device=a.device).manual_seed(0)
+    y = a @ torch.randn(*a.shape[:-2], a.shape[-1], width, generator=gen, device=a.device, dtype=a.dtype)
+    for _ in range(2):  # (power iterations: the spectrum's tail weighs less in the range found)
+        y = a @ (a.transpose(-1, -2) @ torch.linalg.qr(y).Q)
+    q = torch.linalg.qr(y).Q  # [.., m, width]
+    b = q.transpose(-1, -2) @ a
+    residual = sum(float((ai - qi @ bi).square().sum())  # (one slice at a time: m x n each)
+                   for ai, qi, bi in zip(*(x.reshape(-1, *x.shape[-2:]) for x in (a, q, b))))
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    return q @ ub, s, vh, residual
 
 
 def factor_bias(fn, rank: int, B: int, H: int, Sq: int, Skv: int, device, *, oversample: int = 8,

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from test_fuzz import FUZZ, examples
 
 import flashgen as fg
-from flashgen import api
+from flashgen import api, factors
 
 # per-head coefficients whose values admit no exact cancellation against the dyadic coefficients below
 SLOPES = torch.tensor([0.7310585786300049, -1.2599210498948732, 0.3183098861837907], dtype=torch.float64)
@@ -419,7 +419,16 @@ def exact_rank(shape_q, shape_k, rank, dtype=torch.float32, seed=0):
     return (a @ b.transpose(-1, -2)).to(dtype)
 
 
-def test_low_rank_picks_the_smallest_rank_within_tol():
+@pytest.fixture(params=["exact", "sketched"])
+def svd_path(request, monkeypatch):
+    """fg.low_rank's two paths on the same small inputs: the full SVD, and the randomized one that
+    slices longer than ``factors.EXACT_SVD_MAX`` take (the threshold lowered here)."""
+    if request.param == "sketched":
+        monkeypatch.setattr(factors, "EXACT_SVD_MAX", 8)
+    return request.param
+
+
+def test_low_rank_picks_the_smallest_rank_within_tol(svd_path):
     bias = exact_rank((2, 2, 32, 1), (2, 2, 24, 1), 3)
     bias = bias + 1e-4 * bias.std() * torch.randn(bias.shape, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
@@ -435,7 +444,7 @@ def test_low_rank_picks_the_smallest_rank_within_tol():
     assert "error=" in repr(lr) and "rank=3" in repr(lr)
 
 
-def test_low_rank_of_an_exact_rank_2_float32_bias():
+def test_low_rank_of_an_exact_rank_2_float32_bias(svd_path):
     bias = exact_rank((2, 3, 30, 1), (2, 3, 20, 1), 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -444,7 +453,7 @@ def test_low_rank_of_an_exact_rank_2_float32_bias():
     assert rel_err(lr.dense(), bias) < 1e-6
 
 
-def test_low_rank_of_exact_rank_2_float64_biases_with_a_tiny_tol():
+def test_low_rank_of_exact_rank_2_float64_biases_with_a_tiny_tol(svd_path):
     for seed in range(8):
         bias = exact_rank((2, 3, 30, 1), (2, 3, 20, 1), 2, dtype=torch.float64, seed=seed)
         with warnings.catch_warnings():
@@ -454,7 +463,7 @@ def test_low_rank_of_exact_rank_2_float64_biases_with_a_tiny_tol():
         assert lr.error <= 1e-9, f"seed {seed}: reported error {lr.error:.2e}, true {rel_err(lr.dense(), bias):.2e}"
 
 
-def test_low_rank_max_rank_warns():
+def test_low_rank_max_rank_warns(svd_path):
     bias = exact_rank((1, 2, 24, 1), (1, 2, 24, 1), 3)
     with pytest.warns(UserWarning, match=r"max_rank=2 leaves a relative error"):
         lr = fg.low_rank(bias, tol=1e-3, max_rank=2)
@@ -467,7 +476,7 @@ def test_low_rank_max_rank_warns():
 
 
 @pytest.mark.parametrize("lead", [(1, 3), (2, 1)], ids=["1xH", "Bx1"])
-def test_low_rank_broadcast_shapes(lead):
+def test_low_rank_broadcast_shapes(lead, svd_path):
     bias = exact_rank((*lead, 20, 1), (*lead, 28, 1), 2) + 0.3
     lr = fg.low_rank(bias, tol=1e-5)
     assert lr.phi_q.shape == (*lead, 20, lr.rank) and lr.phi_k.shape == (*lead, 28, lr.rank)
@@ -475,7 +484,7 @@ def test_low_rank_broadcast_shapes(lead):
     assert rel_err(lr.dense(), bias) <= 1e-5
 
 
-def test_low_rank_takes_a_bias_without_leading_dims():
+def test_low_rank_takes_a_bias_without_leading_dims(svd_path):
     # [H, Sq, Skv], as bias= takes it: factors [1, H, S, R], the same as for [1, H, Sq, Skv]
     u, w = torch.randn(3, 20, 2, dtype=torch.float64), torch.randn(3, 24, 2, dtype=torch.float64)
     bias = u @ w.transpose(-1, -2)
@@ -483,6 +492,20 @@ def test_low_rank_takes_a_bias_without_leading_dims():
     assert lr.rank == 2 and lr.phi_q.shape == (1, 3, 20, 2) and lr.phi_k.shape == (1, 3, 24, 2)
     assert rel_err(lr.dense()[0], bias) <= 1e-8
     assert fg.low_rank(bias[0], tol=1e-8).phi_q.shape == (1, 1, 20, 2)
+
+
+@pytest.mark.parametrize("rank", [12, 40])
+def test_sketched_low_rank_widens_until_it_finds_the_rank(rank, monkeypatch):
+    """Slices of 300 x 260 past the threshold: the randomized SVD starts 32 columns wide and doubles
+    (rank 40 needs 64); it finds the full SVD's rank, and its reported error is the factors' own."""
+    bias = exact_rank((1, 2, 300, 1), (1, 2, 260, 1), rank)
+    bias = bias + 1e-3 * bias.std() * torch.randn(bias.shape, generator=torch.Generator().manual_seed(2))
+    exact = fg.low_rank(bias, tol=1e-2)
+    monkeypatch.setattr(factors, "EXACT_SVD_MAX", 64)
+    sketched = fg.low_rank(bias, tol=1e-2)
+    assert sketched.rank == exact.rank == rank
+    assert sketched.error <= 1e-2 and abs(sketched.error - rel_err(sketched.dense(), bias)) < 1e-9
+    assert abs(sketched.error - exact.error) < 1e-6
 
 
 @pytest.mark.parametrize("args, match", [
