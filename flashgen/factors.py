@@ -79,7 +79,7 @@ def low_rank(bias: torch.Tensor, tol: float = 1e-2, max_rank: int | None = None)
     error above ``tol``). Approximate by design: flashgen never takes this path on its own.
     Slices longer than ``EXACT_SVD_MAX`` on both sides take a randomized SVD (a range finder with
     power iterations, widened until the rank is found), whose reported error is measured on the
-    factors themselves; its rank may exceed the optimum by a little where singular values cluster."""
+    factors themselves; its rank may exceed the full SVD's where singular values cluster near tol."""
     if not isinstance(bias, torch.Tensor) or not 2 <= bias.dim() <= 4 or not bias.is_floating_point():
         raise ValueError(f"low_rank: bias must be a floating-point tensor [B|1, H|1, Sq, Skv] (leading dims may be "
                          f"left out), got {getattr(bias, 'dtype', type(bias).__name__)} "
