@@ -1,8 +1,9 @@
 """Dense bias tensor vs its low-rank factors (FlashBias), next to FlexAttention, on a GPU.
 
-    PYTHONPATH=. python3 benchmarks/bench_lowrank.py [--seq-len 4096] [--rank 16]
+    PYTHONPATH=. python3 benchmarks/bench_lowrank.py [--seq-len 4096] [--rank 16] [--bias-dtype fp32]
 
-bf16, B=4, H=16, D=128. The bias [H, S, S] is a smooth rank-R field plus 1% noise (float32);
+bf16, B=4, H=16, D=128. The bias [H, S, S] is a smooth rank-R field plus 1% noise (bf16 by default,
+as the suite's dense bias; fp32 with ``--bias-dtype fp32``, as before the nineteenth session);
 ``fg.low_rank(bias, tol=0.05)`` factors it. Timed with ``triton.testing.do_bench`` (median):
 flashgen with the dense bias tensor (read tile by tile), flashgen with the factors (plain
 attention with head dim D + R), FlexAttention with a score_mod reading the dense bias. Accuracy:
@@ -23,6 +24,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--bias-dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--backward", action="store_true", help="also time forward+backward (q, k, v gradients; the "
                    "bias and factors frozen), at 3.5x the forward's FLOPs")
     args = p.parse_args()
@@ -39,6 +41,7 @@ def main() -> int:
     w = torch.randn(1, H, S, R, device="cuda", generator=g) / R**0.5
     bias = u @ w.transpose(-1, -2)
     bias = bias + 0.01 * bias.std() * torch.randn(bias.shape, device="cuda", generator=g)
+    bias = bias.to(torch.bfloat16 if args.bias_dtype == "bf16" else torch.float32)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     lr = fg.low_rank(bias, tol=0.05)
     dense = fg.compile(bias=bias)
@@ -56,7 +59,8 @@ def main() -> int:
     n = 256
     ref = fg.attention_reference(q[:1, :1, :n], k[:1, :1], v[:1, :1], bias=bias[:1, :1, :n])
     flops = 4 * B * H * S * S * D
-    print(f"B={B} H={H} S={S} D={D} bf16; low_rank: rank {lr.rank}, factorisation error {lr.error:.2e}")
+    print(f"B={B} H={H} S={S} D={D} bf16, bias {args.bias_dtype}; low_rank: rank {lr.rank}, factorisation error "
+          f"{lr.error:.2e}")
     for name, fn in rows:
         with torch.no_grad():
             out = fn()
