@@ -90,68 +90,30 @@ def low_rank(bias: torch.Tensor, tol: float = 1e-2, max_rank: int | None = None)
     if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
         raise ValueError(f"low_rank: max_rank must be a positive int or None, got {max_rank!r}")
     work = bias.detach().to(torch.float64 if bias.device.type == "cpu" else torch.float32)
-    lr = (_sketched_low_rank(work, tol, max_rank, bias.dtype) if min(work.shape[-2:]) > EXACT_SVD_MAX
-          else _exact_low_rank(work, tol, max_rank, bias.dtype))
-    if max_rank is not None and lr.error > tol:
-        warnings.warn(f"low_rank: max_rank={max_rank} leaves a relative error of {lr.error:.3g} > tol={tol}",
-                      stacklevel=2)
-    return lr
-
-
-def _exact_low_rank(work: torch.Tensor, tol: float, max_rank: int | None, dtype) -> LowRankBias:
-    """``low_rank`` by the full SVD of each slice."""
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)  # [.., Sq, K], [.., K], [.., K, Skv]
-    energy = (s**2).sum(dim=(0, 1))  # per singular index, summed over (batch, head)
-    total = float(energy.sum())
-    if total == 0.0:
-        rank = 1
-    else:
-        # tail[r]: the error when keeping r values, from the discarded values themselves
-        tail = torch.stack([energy[r:].sum() for r in range(energy.numel())]).div(total).sqrt()
-        tail = torch.cat([tail, tail.new_zeros(1)])
-        rank = int(torch.nonzero(tail <= tol)[0]) if bool((tail <= tol).any()) else s.shape[-1]
-        rank = max(rank, 1)
-    if max_rank is not None:
-        rank = min(rank, max_rank)
-    rank = min(rank, s.shape[-1])
-    # the discarded energy summed directly (total - kept would cancel to ~1e-8 of the total)
-    error = float((s[..., rank:] ** 2).sum().sqrt() / (s**2).sum().sqrt()) if total else 0.0
-    return _factors(u, s, vh, rank, error, dtype)
-
-
-def _factors(u, s, vh, rank: int, error: float, dtype) -> LowRankBias:
-    """The LowRankBias of the first ``rank`` singular triplets (the singular values split evenly)."""
-    root = s[..., :rank].sqrt()
-    phi_q = (u[..., :rank] * root[..., None, :]).to(dtype)
-    phi_k = (vh[..., :rank, :].transpose(-1, -2) * root[..., None, :]).to(dtype)
-    return LowRankBias(phi_q.contiguous(), phi_k.contiguous(), error)
-
-
-def _sketched_low_rank(work: torch.Tensor, tol: float, max_rank: int | None, dtype) -> LowRankBias:
-    """``low_rank`` for long slices: the top singular triplets of each slice from a randomized range
-    finder (Halko, Martinsson and Tropp: two power iterations, 8 columns of oversampling) with
-    ``width`` columns, doubled until some rank within ``width - 8`` meets ``tol`` (or the cap or the
-    slice's size is reached). The error of keeping r triplets is the sketch's own residual ‖a − q qᵀa‖²
-    (formed slice by slice) plus the singular values past r, both summed directly: exact for these
-    factors, with no cancellation."""
-    n = min(work.shape[-2:])
-    total = float(work.square().sum())
-    width = 32
+    n, total = min(work.shape[-2:]), float(work.square().sum())
+    # the smallest rank within tol, from the full SVD, or from sketches widened until one holds it;
+    # the error of keeping r triplets: the sketch's own residual ‖a − q qᵀa‖² (0 for the full SVD)
+    # plus the values past r, each summed directly (``total - kept`` would cancel to ~1e-8 of it)
+    width = n if n <= EXACT_SVD_MAX else 32
     while True:
         width = min(width, n)
-        u, s, vh, residual = _sketched_svd(work, width)
-        usable = width if width == n else width - 8  # (the last columns: oversampling)
-        if max_rank is not None:
-            usable = min(usable, max_rank)
-        energy = (s**2).sum(dim=(0, 1)).double()
-        past = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # past[r]: the energy of values r, r + 1, ...
-        tail = ((residual + torch.cat([past, past.new_zeros(1)])[1:usable + 1]) / total).sqrt() if total else None
+        u, s, vh, residual = (*torch.linalg.svd(work, full_matrices=False), 0.0) if n <= EXACT_SVD_MAX else (
+            _sketched_svd(work, width))
+        usable = min(width if width == n else width - 8, max_rank or n)  # (a sketch's last 8: oversampling)
+        past = torch.flip(torch.cumsum(torch.flip((s.double() ** 2).sum(dim=(0, 1)), [0]), 0), [0])
+        tail = ((residual + torch.cat([past[1:], past.new_zeros(1)])[:usable]) / total).sqrt() if total else None
         within = torch.nonzero(tail <= tol) if tail is not None else torch.zeros(1, 1, dtype=torch.long)
-        if within.numel() or usable == n or usable == max_rank:
+        if within.numel() or usable in (n, max_rank):
             break
         width *= 2
     rank = int(within[0]) + 1 if within.numel() else usable
-    return _factors(u, s, vh, rank, float(tail[rank - 1]) if tail is not None else 0.0, dtype)
+    error = float(tail[rank - 1]) if tail is not None else 0.0
+    if max_rank is not None and error > tol:
+        warnings.warn(f"low_rank: max_rank={max_rank} leaves a relative error of {error:.3g} > tol={tol}", stacklevel=2)
+    root = s[..., :rank].sqrt()
+    phi_q = (u[..., :rank] * root[..., None, :]).to(bias.dtype)
+    phi_k = (vh[..., :rank, :].transpose(-1, -2) * root[..., None, :]).to(bias.dtype)
+    return LowRankBias(phi_q.contiguous(), phi_k.contiguous(), error)
 
 
 def _sketched_svd(a: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:

@@ -77,7 +77,10 @@ DEPENDS = {
 # (``runtime.ws_tile_args``, the emitter's loaded tiles; ~6042), and their dispatch in one rule
 # for both directions (``Attention._ws_args``; ~6053), and source("bwd_ws")'s error for a dense
 # bias (~6058), and the Gluon kernels' kept launches (``runtime.kept_launch``; ~6085).
-SIZE_BUDGET = 6090
+# 6090 until the Gluon backward read a dense bias too (``ws_backward``'s tile, ``ws_tile_args``'s
+# block, ``runtime._sm90``) and ``fg.low_rank`` took a randomized SVD for long slices
+# (``factors._sketched_svd``, one rank rule for both; ~6104).
+SIZE_BUDGET = 6110
 
 
 def module_name(path: Path) -> str:
