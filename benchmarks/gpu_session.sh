@@ -2,7 +2,8 @@
 # One device call's worth of verification, in priority order, each step under its own time limit so
 # that a slow step cannot eat the whole call (the GPU suite alone ran past 9 minutes once).
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh OUT_DIR [STEP ...]   (on the GPU machine, repo root)
-# Steps: gpu-forward gpu-backward bench-forward bench-backward bench-lowrank startup host doc-rebuild proto-ws
+# Steps: gpu-forward gpu-backward bench-forward bench-backward bench-lowrank bench-lowrank-8k startup host
+# doc-rebuild proto-ws
 # ab-loads ab-table-grads ab-stored-grads suite
 # (default: all, up to ~25 minutes: name a subset to stay inside one 10-minute device call). Logs go
 # to OUT_DIR; the suite's JSON to OUT_DIR/suite (copy it to docs/benchmarks/ and run
@@ -29,6 +30,7 @@ step gpu-backward "${GPU_BACKWARD_LIMIT:-330}" python3 -m pytest -m gpu -q -p no
 step bench-forward 200 python3 benchmarks/bench_forward.py --out "$out/fwd"
 step bench-backward 200 python3 benchmarks/bench_backward.py --out "$out/bwd"
 step bench-lowrank 90 python3 benchmarks/bench_lowrank.py
+step bench-lowrank-8k 300 python3 benchmarks/bench_lowrank.py --seq-len 8192 --backward  # (#5's shape)
 step startup "${STARTUP_LIMIT:-120}" python3 benchmarks/startup.py
 step host 120 python3 benchmarks/host_overhead.py
 step doc-rebuild 150 python3 benchmarks/doc_rebuild.py --profile
