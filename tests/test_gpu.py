@@ -37,6 +37,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den else num
 
 
+# the warp-specialised (Gluon) kernels' tests: sm_90 only
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="the warp-specialised kernels need a Hopper GPU")
+
+
 def randn(*shape, dtype=torch.bfloat16, seed=0, scale=1.0) -> torch.Tensor:
     g = torch.Generator(device=DEV).manual_seed(seed)
     return (torch.randn(*shape, device=DEV, dtype=torch.float32, generator=g) * scale).to(dtype)
@@ -612,8 +617,7 @@ WS_CASES = [
 ]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the warp-specialised forward needs a Hopper GPU")
+@hopper
 @pytest.mark.parametrize("mask, dtype, hkv", WS_CASES)
 def test_warp_specialised_forward_matches_the_reference_and_the_triton_kernel(mask, dtype, hkv, monkeypatch):
     """Full, causal and sliding-window forwards at D = 128 take the Gluon kernel on Hopper: out and
@@ -642,8 +646,7 @@ WS_MOD_CASES = [  # (mods built inside the test: the ALiBi slopes live on the GP
 ]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the warp-specialised forward needs a Hopper GPU")
+@hopper
 @pytest.mark.parametrize("mods, dtype, hkv", WS_MOD_CASES)
 def test_warp_specialised_forward_with_a_score_mod(mods, dtype, hkv, monkeypatch):
     """Score_mods that read per (batch, head) at most run in the Gluon forward: out and lse against
@@ -670,8 +673,7 @@ def assert_like_the_reference_and_the_triton_forward(mods: dict, dtype, hkv: int
     assert_like_the_triton_forward(attn, out, q, k, v, enable_gqa=gqa)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the warp-specialised backward needs a Hopper GPU")
+@hopper
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("mods, dtype, hkv", WS_MOD_CASES)  # (the last: a row whose logits are all -inf)
 def test_warp_specialised_backward_with_a_score_mod(mods, dtype, hkv, d, monkeypatch):
@@ -720,8 +722,7 @@ WS_BIAS_CASES = [  # (built in the test: on the GPU)
 ]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the warp-specialised kernels need a Hopper GPU")
+@hopper
 @pytest.mark.parametrize("mods, dtype, hkv", WS_BIAS_CASES)
 def test_warp_specialised_forward_with_a_dense_bias(mods, dtype, hkv, monkeypatch):
     """A dense bias (bf16 or fp16) in the Gluon forward, its tiles loaded by TMA: out and lse against
@@ -730,8 +731,7 @@ def test_warp_specialised_forward_with_a_dense_bias(mods, dtype, hkv, monkeypatc
     assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=85)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the warp-specialised kernels need a Hopper GPU")
+@hopper
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("mods, dtype, hkv", WS_BIAS_CASES)
 def test_warp_specialised_backward_with_a_dense_bias(mods, dtype, hkv, d, monkeypatch):
@@ -741,8 +741,7 @@ def test_warp_specialised_backward_with_a_dense_bias(mods, dtype, hkv, d, monkey
     assert_like_the_reference_and_the_triton_backward(mods(), dtype, hkv, d, seed=95)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the warp-specialised kernels need a Hopper GPU")
+@hopper
 @pytest.mark.parametrize("mods, dtype, hkv, gluon_backward", WS_MAP_CASES)
 def test_warp_specialised_forward_with_a_block_map(mods, dtype, hkv, gluon_backward, monkeypatch):
     """Masks beyond a band run in the Gluon forward over the tiles of a block map (128 x 128), the
@@ -751,8 +750,7 @@ def test_warp_specialised_forward_with_a_block_map(mods, dtype, hkv, gluon_backw
     assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=83)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the warp-specialised kernels need a Hopper GPU")
+@hopper
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("mods, dtype, hkv, gluon_backward", WS_MAP_CASES)
 def test_warp_specialised_backward_with_a_block_map(mods, dtype, hkv, gluon_backward, d, monkeypatch):
@@ -763,8 +761,7 @@ def test_warp_specialised_backward_with_a_block_map(mods, dtype, hkv, gluon_back
     assert_like_the_reference_and_the_triton_backward(mods(), dtype, hkv, d, seed=93, gluon=gluon_backward)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the warp-specialised backward needs a Hopper GPU")
+@hopper
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("mask, dtype, hkv", WS_CASES)
 def test_warp_specialised_backward_matches_the_reference_and_the_triton_kernels(mask, dtype, hkv, d, monkeypatch):
