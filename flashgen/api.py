@@ -30,6 +30,7 @@ from .maps import LiveRuns
 from .parallel import capturing, compile_concurrently
 from .runtime import (
     SPARSE_OCCUPANCY,
+    WS_EXTRA_QK,
     Config,
     Launch,
     backward_tma,
@@ -164,14 +165,18 @@ class Attention:
             _sources[self.program.key] = ks
         return ks
 
-    def _ws_source(self, backward: bool = False) -> KernelSource | None:
-        """The warp-specialised Hopper forward or backward (Gluon), or None where the program is outside it."""
-        key = ("ws", backward, self.program.key, self.fast_math is not False)  # (FAST_MATH is in the source)
+    def _ws_source(self, backward: bool = False, extra: int = 0) -> KernelSource | None:
+        """The warp-specialised Hopper forward or backward (Gluon), or None where the program is outside
+        it; ``extra``: how many columns q and k have past v's head dim (``runtime.WS_EXTRA_QK`` or 0:
+        a low-rank bias's factors; the forward only)."""
+        if extra and (backward or extra != WS_EXTRA_QK):
+            return None
+        key = ("ws", backward, self.program.key, self.fast_math is not False, extra)  # (FAST_MATH is in the source)
         if key not in _sources:
             templates_here()
             _sources[key] = render_ws(self.name, self.program.key, self.analysis, backward, self.program.logits,
                                       tuple(c.ndim for c in self.program.captures), self.fast_math is not False,
-                                      self.program.mask)
+                                      self.program.mask, extra_qk=bool(extra))
         return _sources[key]
 
     def source(self, which: str = "fwd") -> str:
@@ -214,9 +219,13 @@ class Attention:
             lr = self.low_rank_bias
             err = f", factorisation error {lr.error:.2e}" if lr.error is not None else ""
             lines.append(f"  low-rank bias:  fg.LowRankBias of rank {lr.rank}{err}: runs as plain attention with "
-                         f"head dim D + {lr.rank} (q' = [scale q, phi_q], k' = [k, phi_k], scale 1); the factors, "
+                         f"head dim D + {lr.rank} (q' = [scale q, phi_q], k' = [k, phi_k], scale 1; the factors "
+                         f"padded with zeros to a multiple of 16); the factors, "
                          f"rounded to bf16 beside q and k, move a logit by at most "
-                         f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})")
+                         f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})"
+                         + ("; on Hopper GPUs at D = 128 and rank 16 or less, the forward is the warp-specialised "
+                            "Gluon kernel with a second product over the factors' columns" if lr.rank <= WS_EXTRA_QK
+                            else ""))
         notes = lowering_notes(self.program.logits, self.program.mask)
         ws = self._ws_source()  # (a low-rank bias runs another program: _ws_source is for this one)
         if ws is not None:
@@ -557,7 +566,7 @@ class Attention:
                 lse.fill_(float("-inf"))
             return out, lse
         # (tuning measures the Triton kernel's tiles; with autotune on, calls it fits still take it)
-        ws = self._ws_source() if config is None and not self._retune and not capturing() else None
+        ws = self._ws_source(extra=D - Dv) if config is None and not self._retune and not capturing() else None
         ws_args = self._ws_args(ws, q, k, v, backward=False)
         if ws_args is not None:  # Hopper: the warp-specialised kernel
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
@@ -735,7 +744,7 @@ class Attention:
                     {slot: torch.zeros_like(self.captured[slot]) for slot in grad_slots})
         dlse = dlse.float().contiguous() if dlse is not None else None
         lse = lse.contiguous()
-        ws = (self._ws_source(backward=True)
+        ws = (self._ws_source(backward=True, extra=D - Dv)
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
         ws_args = self._ws_args(ws, q, k, v, backward=True)
         if ws_args is not None:  # Hopper: the warp-specialised kernel
@@ -1030,8 +1039,12 @@ def _with_factors(lr: LowRankBias, q, k, v, scale: float):
         k, v = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
         Hkv = Hq
     r = fq.shape[-1]
-    q2 = torch.cat([q * scale, fq.to(q.dtype).expand(B, Hq, Sq, r)], dim=-1)
-    k2 = torch.cat([k, fk.to(k.dtype).expand(B, Hkv, Skv, r)], dim=-1)
+    # zero columns up to a multiple of 16 of factors (the tensor cores' K step; what the Gluon forward
+    # takes), where the head stays within MAX_HEAD_DIM
+    n = -r % 16 if q.shape[-1] + r + -r % 16 <= MAX_HEAD_DIM else 0
+    pad = [torch.zeros((), dtype=q.dtype, device=q.device).expand(*t.shape[:3], n) for t in (q, k)]
+    q2 = torch.cat([q * scale, fq.to(q.dtype).expand(B, Hq, Sq, r), pad[0]], dim=-1)
+    k2 = torch.cat([k, fk.to(k.dtype).expand(B, Hkv, Skv, r), pad[1]], dim=-1)
     return q2, k2, v
 
 

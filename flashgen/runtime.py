@@ -365,6 +365,8 @@ def load_module(ks: KernelSource) -> ModuleType:
 WS_FORWARD = True  # False: the Triton forward everywhere (for A/B timing, and a way out)
 WS_BACKWARD = True  # the same for the backward
 WS_FORWARD_HEAD_DIMS = (128,)  # the forward's (64 runs too: benchmarks/ab_ws_forward.py, PERFLOG)
+# the columns q and k may have past v's head dim in the forward (a low-rank bias's factors, padded)
+WS_EXTRA_QK = 16
 WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x8192x128, PERFLOG)
 # the backward's Q/dO buffers, and dQ tiles in flight per consumer group (shared memory allows 3 and
 # 1, or 2 and 2); chosen by benchmarks/ab_ws_backward.py (PERFLOG)
@@ -404,8 +406,9 @@ def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = 
     Sq, D = q.shape[-2:]
     Skv, Dv = v.shape[-2:]
     return (_sm90(q.device.index) and q.dtype in (torch.bfloat16, torch.float16)
-            and D == Dv and D in ((64, 128) if backward else WS_FORWARD_HEAD_DIMS) and Sq == Skv and Sq % 128 == 0
-            and 4 * q.shape[:2].numel() * Sq * Sq * D >= WS_MIN_FLOPS
+            and D - Dv in ((0,) if backward else (0, WS_EXTRA_QK)) and Dv in ((64, 128) if backward
+                                                                       else WS_FORWARD_HEAD_DIMS)
+            and Sq == Skv and Sq % 128 == 0 and 4 * q.shape[:2].numel() * Sq * Sq * Dv >= WS_MIN_FLOPS
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)))  # (TMA's alignment)
 
 
@@ -492,14 +495,16 @@ def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     captured tensors' arguments (``captured_args``); ``plain``: the logits are plain (``scale`` > 0
     then); ``runs``: the block map's runs and strides, for a module that visits its tiles; ``tile``:
     ``ws_tile_args``'s, for a module that reads a tensor in [q, kv] tiles (two stages then: its
-    tiles take the shared memory of the third)."""
+    tiles take the shared memory of the third). q and k may have ``WS_EXTRA_QK`` columns past v's
+    head dim (a module rendered with ``extra_qk``; two stages then too)."""
     B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Dv = k.shape[1], v.shape[-1]
     scales = (scale * LOG2E if plain else LOG2E,) + ((scale, *mods) if mods is not None else ()) + runs + tile
+    extra = (_gluon_descriptor(q, [64, D - Dv]), _gluon_descriptor(k, [128, D - Dv])) if D != Dv else ()
     kept_launch(module.attn_fwd_ws, (S // 128, B * Hq),
-                (_gluon_descriptor(q, [64, D]), _gluon_descriptor(k, [128, D]), _gluon_descriptor(v, [128, D]), out,
-                 lse, Hq, S, *scales),
-                dict(GROUP_SIZE=Hq // Hkv, STAGES=2 if tile else WS_STAGES, num_warps=4))
+                (_gluon_descriptor(q, [64, Dv]), _gluon_descriptor(k, [128, Dv]), _gluon_descriptor(v, [128, Dv]), out,
+                 lse, Hq, S, *scales, *extra),
+                dict(GROUP_SIZE=Hq // Hkv, STAGES=2 if tile or extra else WS_STAGES, num_warps=4))
 
 
 @triton.jit

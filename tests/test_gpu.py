@@ -731,6 +731,39 @@ def test_warp_specialised_forward_with_a_dense_bias(mods, dtype, hkv, monkeypatc
     assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=85)
 
 
+WS_LOW_RANK_CASES = [  # (built in the test: on the GPU; fp16: in bf16, scale·q's rounding alone moves
+    # the lse by ~1.1e-3 against float64, past LSE_ATOL, whatever the kernel)
+    pytest.param(lambda: dict(bias=fg.LowRankBias(randn(1, 4, 384, 16, seed=7, scale=0.25),
+                                                  randn(1, 4, 384, 16, seed=8, scale=0.25)), mask_mod=fg.mods.causal),
+                 torch.float16, 4, id="rank16-causal-fp16"),
+    pytest.param(lambda: dict(bias=fg.LowRankBias(randn(2, 4, 384, 5, seed=9), randn(2, 2, 384, 5, seed=10))),
+                 torch.float16, 2, id="rank5-gqa-fp16"),  # (key factors per KV head; 11 zero columns)
+]
+
+
+@hopper
+@pytest.mark.parametrize("mods, dtype, hkv", WS_LOW_RANK_CASES)
+def test_warp_specialised_forward_with_a_low_rank_bias(mods, dtype, hkv, monkeypatch):
+    """A LowRankBias's factors as 16 more columns of q and k, a second product per S tile in the Gluon
+    forward: out and lse against float64 and the Triton kernel; the backward the Triton kernels'."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=87)
+    assert_like_the_reference_and_the_triton_backward(mods(), dtype, hkv, 128, seed=97, gluon=False)
+
+
+@hopper
+def test_warp_specialised_forward_with_a_low_rank_bias_in_bf16(monkeypatch):
+    """The same in bf16: out against float64 (TOL) and the Triton kernel on the same q', k'."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    mods = WS_LOW_RANK_CASES[0].values[0]()
+    q, k, v = make_qkv(2, 4, 384, 128, dtype=torch.bfloat16, seed=89)
+    attn = fg.compile(**mods)
+    out = attn(q, k, v)
+    assert attn.last_tiles["forward"] == "warp-specialised (Gluon)"
+    check(out, q, k, v, **mods)
+    assert_like_the_triton_forward(attn, out, q, k, v)
+
+
 @hopper
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("mods, dtype, hkv", WS_BIAS_CASES)

@@ -153,11 +153,14 @@ WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128", "
                 "dense_bias_causal,bfloat16,2,128", "dense_bias_causal,float16,4,64"]
 
 
+WS_EXTRA_CASES = ["none,bfloat16,4,144:128", "causal,float16,2,144:128"]  # (q, k 16 columns wider: the forward)
+
+
 @pytest.fixture(scope="module")
 def compiled_ws_modules(tmp_path_factory) -> dict:
     """Each case's module compiled for sm_90 in one child process (``tests/ws_compile.py``: Gluon
     does not compile where Triton was imported for its interpreter) with a fresh Triton cache."""
-    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES if not c.endswith(",64")]
+    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_EXTRA_CASES if not c.endswith(",64")]
     cases += [f"{c},bwd" for c in WS_COMPILE_CASES + WS_MOD_CASES]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton")),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -189,6 +192,58 @@ def test_the_generated_gluon_module_compiles_for_sm90(case, backward, compiled_w
     assert result["shared"] <= 232448  # an H100/H200's shared memory per block
     assert result["setmaxnreg"]  # the partitions' register split
     assert result["tma_reduce"] == backward  # the backward's dQ through TMA reductions
+
+
+@gluon_hopper
+@pytest.mark.parametrize("case", WS_EXTRA_CASES)
+def test_the_gluon_forward_with_extra_qk_columns_compiles_for_sm90(case, compiled_ws_modules):
+    """q and k 16 columns wider than v (a low-rank bias's factors): two K/V stages, within the
+    shared memory."""
+    result = compiled_ws_modules[f"{case},fwd"]
+    assert result["shared"] <= 232448 and result["setmaxnreg"] and not result["tma_reduce"]
+
+
+def test_extra_qk_columns_take_a_second_product_in_the_gluon_forward():
+    """A low-rank bias's factors as 16 more columns of q and k: the forward's S tiles add a K = 16
+    product over them (their own descriptors and buffers); the backward stays with the Triton kernels."""
+    attn = fg.compile(mask_mod=fg.mods.causal)
+    source = attn._ws_source(extra=16).source
+    assert source.count("s_tok = warpgroup_mma(qx, kx_smem.index(") == 2  # (the first tile's, the loop's)
+    assert "tma.async_copy_global_to_shared(kx_desc, [kv, HEAD_D], k_bars.index(s), kx_smem.index(s))" in source
+    assert "qx_desc" not in attn._ws_source().source
+    assert attn._ws_source(backward=True, extra=16) is None and attn._ws_source(extra=8) is None
+
+
+def test_a_low_rank_bias_call_takes_the_gluon_forward_with_its_factors_as_columns(monkeypatch):
+    """``fg.LowRankBias`` of rank 5: q' = [scale·q, φ_q, 0…] and k' = [k, φ_k, 0…], 16 columns past v's
+    head dim, reach the Gluon forward (scale 1); the backward is the Triton kernels'; results match
+    the float64 reference with the bias φ_q φ_kᵀ."""
+    from flashgen import api
+
+    calls = []
+
+    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
+        calls.append((module.attn_fwd_ws.fn.__name__, q.shape[-1], k.shape[-1], v.shape[-1], scale, plain))
+        o, l_ = fg.attention_reference(q.double(), k.double(), v.double(), mask_mod=fg.mods.causal, scale=scale,
+                                       return_lse=True)
+        out.copy_(o)
+        lse.copy_(l_)
+
+    monkeypatch.setattr(api, "ws_forward", fake_forward)
+    monkeypatch.setattr(api, "ws_fits", lambda q, k, v, backward=False: not backward)
+    q, k, v = (torch.randn(1, 2, 128, 128, requires_grad=True) for _ in range(3))
+    fq, fk = torch.randn(1, 2, 128, 5), torch.randn(1, 2, 128, 5)
+    attn = fg.compile(bias=fg.LowRankBias(fq, fk), mask_mod=fg.mods.causal)
+    out = attn(q, k, v, scale=0.1)
+    out.sum().backward()
+    assert calls == [("attn_fwd_ws", 144, 144, 128, 1.0, True)] and "dQ" in attn.last_tiles
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = fg.attention_reference(*leaves, bias=(fq @ fk.transpose(-1, -2)).double(), mask_mod=fg.mods.causal,
+                                  scale=0.1)
+    want.sum().backward()
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    for got, w in zip((q, k, v), leaves):
+        torch.testing.assert_close(got.grad.double(), w.grad, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("dlse", [False, True])
