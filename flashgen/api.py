@@ -168,8 +168,8 @@ class Attention:
     def _ws_source(self, backward: bool = False, extra: int = 0) -> KernelSource | None:
         """The warp-specialised Hopper forward or backward (Gluon), or None where the program is outside
         it; ``extra``: how many columns q and k have past v's head dim (``runtime.WS_EXTRA_QK`` or 0:
-        a low-rank bias's factors; the forward only)."""
-        if extra and (backward or extra != WS_EXTRA_QK):
+        a low-rank bias's factors; in the backward only frozen ones, whose gradients it leaves out)."""
+        if extra and (extra != WS_EXTRA_QK or backward and not self._frozen_factors()):
             return None
         key = ("ws", backward, self.program.key, self.fast_math is not False, extra)  # (FAST_MATH is in the source)
         if key not in _sources:
@@ -178,6 +178,11 @@ class Attention:
                                       tuple(c.ndim for c in self.program.captures), self.fast_math is not False,
                                       self.program.mask, extra_qk=bool(extra))
         return _sources[key]
+
+    def _frozen_factors(self) -> bool:
+        """Whether q and k's columns past v's head dim are a LowRankBias's factors that need no gradient."""
+        lr = self.low_rank_bias
+        return lr is not None and not (lr.phi_q.requires_grad or lr.phi_k.requires_grad)
 
     def source(self, which: str = "fwd") -> str:
         """The generated Triton source: ``"fwd"`` (forward kernel) or ``"bwd"`` (the dK/dV and dQ

@@ -365,7 +365,7 @@ def load_module(ks: KernelSource) -> ModuleType:
 WS_FORWARD = True  # False: the Triton forward everywhere (for A/B timing, and a way out)
 WS_BACKWARD = True  # the same for the backward
 WS_FORWARD_HEAD_DIMS = (128,)  # the forward's (64 runs too: benchmarks/ab_ws_forward.py, PERFLOG)
-# the columns q and k may have past v's head dim in the forward (a low-rank bias's factors, padded)
+# the columns q and k may have past v's head dim (a low-rank bias's factors, padded with zeros)
 WS_EXTRA_QK = 16
 WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x8192x128, PERFLOG)
 # the backward's Q/dO buffers, and dQ tiles in flight per consumer group (shared memory allows 3 and
@@ -406,8 +406,7 @@ def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = 
     Sq, D = q.shape[-2:]
     Skv, Dv = v.shape[-2:]
     return (_sm90(q.device.index) and q.dtype in (torch.bfloat16, torch.float16)
-            and D - Dv in ((0,) if backward else (0, WS_EXTRA_QK)) and Dv in ((64, 128) if backward
-                                                                       else WS_FORWARD_HEAD_DIMS)
+            and D - Dv in (0, WS_EXTRA_QK) and Dv in ((64, 128) if backward else WS_FORWARD_HEAD_DIMS)
             and Sq == Skv and Sq % 128 == 0 and 4 * q.shape[:2].numel() * Sq * Sq * Dv >= WS_MIN_FLOPS
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)))  # (TMA's alignment)
 
@@ -539,19 +538,26 @@ def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float,
     out, lse, dout and dlse (or None) contiguous): one pass, dQ added up in float32 and scaled after.
     ``mods``, ``plain``: as for ``ws_forward``; ``runs``: the transposed map's (128 keys x 64 rows);
     ``tile``: ``ws_tile_args``'s at blocks of 64 x 128, for a module that reads a tensor in [q, kv]
-    tiles."""
+    tiles. q and k may have ``WS_EXTRA_QK`` columns past v's head dim (a module rendered with
+    ``extra_qk``): their gradients come back as zeros (frozen factors of a low-rank bias)."""
     B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Dv = k.shape[1], v.shape[-1]
     delta = row_dots(dout, out, dlse)
-    dq_sum = torch.zeros((B, Hq, S, D), dtype=torch.float32, device=q.device)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq_sum = torch.zeros((B, Hq, S, Dv), dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(v), torch.empty_like(v)
+    extra = (_gluon_descriptor(q, [64, D - Dv]), _gluon_descriptor(k, [64, D - Dv])) if D != Dv else ()
     kept_launch(module.attn_bwd_ws, (S // 128, B * Hkv),
-                (*(_gluon_descriptor(t, [64, D]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk,
+                (*(_gluon_descriptor(t, [64, Dv]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk,
                  dv, _gluon_descriptor(lse, [64]), _gluon_descriptor(delta, [64]), Hq, S,
-                 scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs, *tile),
-                dict(GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, num_warps=4,
-                     DQ_BUFFERS=1 if tile and D == 128 else WS_DQ_BUFFERS))  # (the tile's ring: a dQ buffer's room)
-    return torch.mul(dq_sum, scale, out=torch.empty_like(q)), dk, dv
+                 scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs, *tile, *extra),
+                dict(GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, num_warps=4,  # (tiles' rings: a dQ buffer's room)
+                     DQ_BUFFERS=1 if (tile or extra) and Dv == 128 else WS_DQ_BUFFERS))
+    if not extra:
+        return torch.mul(dq_sum, scale, out=torch.empty_like(q)), dk, dv
+    dq_full, dk_full = torch.zeros_like(q), torch.zeros_like(k)  # (the extra columns' gradients: zeros)
+    dq_full[..., :Dv] = dq_sum * scale
+    dk_full[..., :Dv] = dk
+    return dq_full, dk_full, dv
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ MODS = {"none": {}, "causal": dict(mask_mod=fg.mods.causal), "sliding300": dict(
         "prefix_lm": dict(mask_mod=fg.mods.prefix_lm(200)),
         "document_causal": dict(mask_mod=fg.mods.document(torch.arange(2 * 512).view(2, 512) // 200) & fg.mods.causal),
         "dense_bias_causal": dict(bias=torch.randn(4, 512, 512, dtype=torch.bfloat16), mask_mod=fg.mods.causal),
+        # (its program: causal, plain; compiled with q and k 16 columns wider, the factors' place)
+        "low_rank_causal": dict(bias=fg.LowRankBias(torch.randn(1, 4, 512, 16), torch.randn(1, 4, 512, 16)),
+                                mask_mod=fg.mods.causal),
         "softcap_document": dict(score_mod=fg.mods.softcap(30.0),
                                  mask_mod=fg.mods.document(torch.arange(2 * 512).view(2, 512) // 200))}
 

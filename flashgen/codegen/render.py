@@ -561,8 +561,8 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     ``mask``, the program's) takes the tiles of a block map at 128 x 128 (the backward: transposed,
     128 keys x 64 rows), evaluated on tiles outside its full runs. ``fast_math``: tanh and sigmoid
     by the approximate instruction (the kernels are bf16 and fp16 only, where ``fast_math=None`` means it).
-    ``extra_qk``: the forward for q and k with columns past v's head dim (a low-rank bias's factors,
-    FlashBias), a second product over them per S tile."""
+    ``extra_qk``: for q and k with columns past v's head dim (a low-rank bias's factors, FlashBias): a
+    second product over them per S tile (the backward computes no gradients for them)."""
     band = _ws_band(analysis)
     maps = analysis.block_runs and mask is not None
     if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
