@@ -750,8 +750,7 @@ def test_warp_specialised_forward_with_a_low_rank_bias(mods, dtype, hkv, monkeyp
     assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=87)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the warp-specialised kernels need a Hopper GPU")
+@hopper
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("mods, dtype, hkv", WS_LOW_RANK_CASES)
 def test_warp_specialised_backward_with_a_low_rank_bias(mods, dtype, hkv, d, monkeypatch):
