@@ -442,9 +442,9 @@ def _kind(a) -> tuple:
 
 
 def _gluon_descriptor(t: torch.Tensor, block: list[int]):
-    """A TMA descriptor for Gluon kernels over the contiguous ``t`` viewed as rows of its last
-    dimension (1-D for a 1-D block), in tiles of ``block`` with that block's default shared layout
-    (unswizzled for 1-D)."""
+    """A TMA descriptor for Gluon kernels over ``t`` (contiguous, or the last columns of a
+    contiguous tensor) viewed as rows of its last dimension (1-D for a 1-D block), in tiles of
+    ``block`` with that block's default shared layout (unswizzled for 1-D)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     view = t.view(-1) if len(block) == 1 else t.view(-1, t.shape[-1])
@@ -488,18 +488,21 @@ def ws_tile_args(read: TileRead, t: torch.Tensor, block: tuple[int, int] = (128,
 
 def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, scale: float, mods: list | None = None, plain: bool = True,
-               runs: tuple = (), tile: tuple = ()) -> None:
+               runs: tuple = (), tile: tuple = (), factors: tuple = ()) -> None:
     """Launch ``module.attn_fwd_ws`` (``ws_fits`` said yes): out and lse (contiguous [B, Hq, S, D]
     and [B, Hq, S]) written in place. ``mods``: None where the module evaluates no mod, else the
     captured tensors' arguments (``captured_args``); ``plain``: the logits are plain (``scale`` > 0
     then); ``runs``: the block map's runs and strides, for a module that visits its tiles; ``tile``:
     ``ws_tile_args``'s, for a module that reads a tensor in [q, kv] tiles (two stages then: its
-    tiles take the shared memory of the third). q and k may have ``WS_EXTRA_QK`` columns past v's
-    head dim (a module rendered with ``extra_qk``; two stages then too)."""
+    tiles take the shared memory of the third). For a module rendered with ``extra_qk`` (two
+    stages too: three of K or of V measured no faster), q and k have ``WS_EXTRA_QK`` columns past
+    v's head dim, or those columns come apart as ``factors`` ([B, Hq, S, WS_EXTRA_QK] and
+    [B, Hkv, S, WS_EXTRA_QK]: no copy of q and k with them)."""
     B, Hq, S, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     scales = (scale * LOG2E if plain else LOG2E,) + ((scale, *mods) if mods is not None else ()) + runs + tile
-    extra = (_gluon_descriptor(q, [64, D - Dv]), _gluon_descriptor(k, [128, D - Dv])) if D != Dv else ()
+    factors = (q[..., Dv:], k[..., Dv:]) if D != Dv else factors
+    extra = tuple(_gluon_descriptor(t, [rows, t.shape[-1]]) for t, rows in zip(factors, (64, 128)))
     kept_launch(module.attn_fwd_ws, (S // 128, B * Hq),
                 (_gluon_descriptor(q, [64, Dv]), _gluon_descriptor(k, [128, Dv]), _gluon_descriptor(v, [128, Dv]), out,
                  lse, Hq, S, *scales, *extra),
@@ -545,7 +548,7 @@ def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float,
     delta = row_dots(dout, out, dlse)
     dq_sum = torch.zeros((B, Hq, S, Dv), dtype=torch.float32, device=q.device)
     dk, dv = torch.empty_like(v), torch.empty_like(v)
-    extra = (_gluon_descriptor(q, [64, D - Dv]), _gluon_descriptor(k, [64, D - Dv])) if D != Dv else ()
+    extra = tuple(_gluon_descriptor(t[..., Dv:], [64, D - Dv]) for t in (q, k)) if D != Dv else ()
     kept_launch(module.attn_bwd_ws, (S // 128, B * Hkv),
                 (*(_gluon_descriptor(t, [64, Dv]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk,
                  dv, _gluon_descriptor(lse, [64]), _gluon_descriptor(delta, [64]), Hq, S,

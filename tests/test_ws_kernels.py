@@ -213,7 +213,7 @@ def test_extra_qk_columns_take_a_second_product_in_the_gluon_kernels():
     attn = fg.compile(mask_mod=fg.mods.causal)
     source = attn._ws_source(extra=16).source
     assert source.count("s_tok = warpgroup_mma(qx, kx_smem.index(") == 2  # (the first tile's, the loop's)
-    assert "tma.async_copy_global_to_shared(kx_desc, [kv, HEAD_D], k_bars.index(s), kx_smem.index(s))" in source
+    assert "tma.async_copy_global_to_shared(kx_desc, [kv, 0], k_bars.index(s), kx_smem.index(s))" in source
     assert "qx_desc" not in attn._ws_source().source
     assert attn._ws_source(backward=True, extra=16) is None and attn._ws_source(extra=8) is None
     factors = [torch.randn(1, 2, 64, 5) for _ in range(2)]
@@ -226,16 +226,19 @@ def test_extra_qk_columns_take_a_second_product_in_the_gluon_kernels():
 
 @pytest.mark.parametrize("learnable", [False, True])
 def test_a_low_rank_bias_call_takes_the_gluon_kernels_with_its_factors_as_columns(learnable, monkeypatch):
-    """``fg.LowRankBias`` of rank 5: q' = [scale·q, φ_q, 0…] and k' = [k, φ_k, 0…], 16 columns past v's
-    head dim, reach the Gluon forward (scale 1) and, with frozen factors, the Gluon backward, whose
-    gradients for those columns are zeros; learnable factors take the Triton backward. Results match
-    the float64 reference with the bias φ_q φ_kᵀ."""
+    """``fg.LowRankBias`` of rank 5: q' = [q, φ_q / scale, 0…] and k' = [k, φ_k, 0…], 16 columns past
+    v's head dim, reach the Gluon forward (with the call's scale) and, with frozen factors, the Gluon
+    backward, whose gradients for those columns are zeros; learnable factors take the Triton
+    backward. Without gradients, the forward takes q and k as they are and the factors apart.
+    Results match the float64 reference with the bias φ_q φ_kᵀ."""
     from flashgen import api
 
     calls = []
 
-    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
-        calls.append(("fwd", q.shape[-1], k.shape[-1], v.shape[-1], scale, plain))
+    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=(), factors=()):
+        calls.append(("fwd", q.shape[-1], k.shape[-1], v.shape[-1], scale, plain) + tuple(f.shape for f in factors))
+        if factors:  # (the factors apart: the kernel's extra columns)
+            q, k = torch.cat([q, factors[0]], dim=-1), torch.cat([k, factors[1]], dim=-1)
         o, l_ = fg.attention_reference(q.double(), k.double(), v.double(), mask_mod=fg.mods.causal, scale=scale,
                                        return_lse=True)
         out.copy_(o)
@@ -259,7 +262,7 @@ def test_a_low_rank_bias_call_takes_the_gluon_kernels_with_its_factors_as_column
     attn = fg.compile(bias=fg.LowRankBias(fq, fk), mask_mod=fg.mods.causal)
     out = attn(q, k, v, scale=0.1)
     out.sum().backward()
-    assert calls == [("fwd", 144, 144, 128, 1.0, True)] + ([] if learnable else [("bwd", 144, 144, 128, 1.0, True)])
+    assert calls == [("fwd", 144, 144, 128, 0.1, True)] + ([] if learnable else [("bwd", 144, 144, 128, 0.1, True)])
     assert ("dQ" in attn.last_tiles) == learnable
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     want = fg.attention_reference(*leaves, bias=(fq @ fk.transpose(-1, -2)).double(), mask_mod=fg.mods.causal,
@@ -269,6 +272,11 @@ def test_a_low_rank_bias_call_takes_the_gluon_kernels_with_its_factors_as_column
     for got, w in zip((q, k, v), leaves):
         torch.testing.assert_close(got.grad.double(), w.grad, rtol=1e-3, atol=1e-4)
     assert (fq.grad is not None) == learnable
+    with torch.no_grad():  # no gradients: q and k as they are, the factors apart (no copy of q and k)
+        calls.clear()
+        alone = attn(q, k, v, scale=0.1)
+    assert calls == [("fwd", 128, 128, 128, 0.1, True, (1, 2, 128, 16), (1, 2, 128, 16))]
+    torch.testing.assert_close(alone.double(), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dlse", [False, True])
@@ -328,7 +336,7 @@ def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
 
     calls = []
 
-    def fake_launch(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
+    def fake_launch(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=(), factors=()):
         calls.append((module.attn_fwd_ws.fn.__name__, tuple(q.shape), lse.shape, scale))
         o, l_ = fg.attention_reference(q, k, v, mask_mod=fg.mods.causal, scale=scale, return_lse=True)
         out.copy_(o)
@@ -365,7 +373,7 @@ def test_a_score_mod_forward_takes_the_captured_tensors(monkeypatch):
     slopes = fg.mods.alibi_slopes(2)
     mods = dict(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.causal)
 
-    def fake_launch(module, q, k, v, out, lse, scale, captured=None, plain=True, runs=(), tile=()):
+    def fake_launch(module, q, k, v, out, lse, scale, captured=None, plain=True, runs=(), tile=(), factors=()):
         calls.append(captured)
         o, l_ = fg.attention_reference(q, k, v, **mods, scale=scale, return_lse=True)
         out.copy_(o)
@@ -393,7 +401,7 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     def reference(q, k, v, scale, mask, gqa):
         return fg.attention_reference(q, k, v, mask_mod=mask, scale=scale, return_lse=True, enable_gqa=gqa)
 
-    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
+    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=(), factors=()):
         calls.append(("fwd", mods, plain, runs[0].tolist(), runs[1:]))
         o, l_ = reference(q, k, v, scale, mask, q.shape[1] != k.shape[1])
         out.copy_(o)
@@ -443,7 +451,7 @@ def test_a_dense_bias_call_passes_its_tiles_to_the_gluon_kernels(dtype, taken, m
     bias = torch.randn(2, 128, 128, dtype=dtype)
     calls = []
 
-    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
+    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=(), factors=()):
         calls.append(("fwd", plain, tile[0].block_shape, tile[1:], tile[0].base.data_ptr() == bias.data_ptr()))
         o, l_ = fg.attention_reference(q, k, v, bias=bias, scale=scale, return_lse=True)
         out.copy_(o)
