@@ -30,6 +30,7 @@ from .maps import LiveRuns
 from .parallel import capturing, compile_concurrently
 from .runtime import (
     SPARSE_OCCUPANCY,
+    WS_EXTRA_QK,
     Config,
     Launch,
     backward_tma,
@@ -114,6 +115,7 @@ class Attention:
         self.autotune = settings().autotune if autotune is None else autotune
         self.last_tuning: dict[str, list[dict]] = {}  # family -> trials of the last tuning run
         self._retune = False
+        self._columns: tuple | None = None  # _kept_columns's (key, columns)
         self._tuned_configs: dict[tuple, Config] = {}  # tuning key -> configuration, for this process
         # a LowRankBias is not traced: its factors become extra head dims of q and k at call time
         self.low_rank_bias = bias if isinstance(bias, LowRankBias) else None
@@ -125,7 +127,7 @@ class Attention:
         self.analysis: Analysis = analyze(self.program.logits, self.program.mask)
         if self.low_rank_bias is not None and score_mod is not None and not self.analysis.bias.additive:
             raise ValueError("a LowRankBias with a score_mod that is not of the form score + f(b, h, q_idx, kv_idx) "
-                             "is not supported: the factors enter the score itself (q' = [scale q, phi_q]), so the "
+                             "is not supported: the factors enter the score itself (q' = [q, phi_q / scale]), so the "
                              "score_mod would see score + bias. Pass the bias as a tensor or a traced bias instead")
         self.name = identifier(self.program.name)
         self._mods = (score_mod, mask_mod, None if isinstance(bias, (LowRankBias, torch.Tensor)) else bias)
@@ -164,15 +166,24 @@ class Attention:
             _sources[self.program.key] = ks
         return ks
 
-    def _ws_source(self, backward: bool = False) -> KernelSource | None:
-        """The warp-specialised Hopper forward or backward (Gluon), or None where the program is outside it."""
-        key = ("ws", backward, self.program.key, self.fast_math is not False)  # (FAST_MATH is in the source)
+    def _ws_source(self, backward: bool = False, extra: int = 0) -> KernelSource | None:
+        """The warp-specialised Hopper forward or backward (Gluon), or None where the program is outside
+        it; ``extra``: how many columns q and k have past v's head dim (``runtime.WS_EXTRA_QK`` or 0:
+        a low-rank bias's factors; in the backward only frozen ones, whose gradients it leaves out)."""
+        if extra and (extra != WS_EXTRA_QK or backward and not self._frozen_factors()):
+            return None
+        key = ("ws", backward, self.program.key, self.fast_math is not False, extra)  # (FAST_MATH is in the source)
         if key not in _sources:
             templates_here()
             _sources[key] = render_ws(self.name, self.program.key, self.analysis, backward, self.program.logits,
                                       tuple(c.ndim for c in self.program.captures), self.fast_math is not False,
-                                      self.program.mask)
+                                      self.program.mask, extra_qk=bool(extra))
         return _sources[key]
+
+    def _frozen_factors(self) -> bool:
+        """Whether q and k's columns past v's head dim are a LowRankBias's factors that need no gradient."""
+        lr = self.low_rank_bias
+        return lr is not None and not (lr.phi_q.requires_grad or lr.phi_k.requires_grad)
 
     def source(self, which: str = "fwd") -> str:
         """The generated Triton source: ``"fwd"`` (forward kernel) or ``"bwd"`` (the dK/dV and dQ
@@ -214,9 +225,13 @@ class Attention:
             lr = self.low_rank_bias
             err = f", factorisation error {lr.error:.2e}" if lr.error is not None else ""
             lines.append(f"  low-rank bias:  fg.LowRankBias of rank {lr.rank}{err}: runs as plain attention with "
-                         f"head dim D + {lr.rank} (q' = [scale q, phi_q], k' = [k, phi_k], scale 1); the factors, "
+                         f"head dim D + {lr.rank} (q' = [q, phi_q / scale], k' = [k, phi_k]; the factors "
+                         f"padded with zeros to a multiple of 16); the factors, "
                          f"rounded to bf16 beside q and k, move a logit by at most "
-                         f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})")
+                         f"{lr.rounding_bound(torch.bfloat16):.3g} (fp16 {lr.rounding_bound(torch.float16):.3g})"
+                         + ("; on Hopper GPUs at D = 128 and rank 16 or less, the forward is the warp-specialised "
+                            "Gluon kernel with a second product over the factors' columns" if lr.rank <= WS_EXTRA_QK
+                            else ""))
         notes = lowering_notes(self.program.logits, self.program.mask)
         ws = self._ws_source()  # (a low-rank bias runs another program: _ws_source is for this one)
         if ws is not None:
@@ -458,9 +473,16 @@ class Attention:
             inner = self._factored_attention(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device, q.dtype)
             if inner is not None:
                 return inner(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, config=config)
-        if self.low_rank_bias is not None:
-            q, k, v = _with_factors(self.low_rank_bias, q, k, v, scale)
-            scale = 1.0
+        lr = self.low_rank_bias
+        if lr is not None:
+            if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
+                    t.requires_grad for t in (q, k, v, lr.phi_q, lr.phi_k))):
+                # no gradients: the factors go to the kernels beside q and k (the Gluon forward
+                # reads them in place; the Triton one as q's and k's last columns)
+                k, v = _factor_keys(lr, q, k, v)
+                out, lse = self._forward(q, k, v, scale, return_lse, config, factors=self._kept_columns(q, k, scale))
+                return (out, lse) if return_lse else out
+            q, k, v = _with_factors(lr, q, k, v, scale)
         if torch.compiler.is_compiling():  # one opaque operator in the graph (Dynamo would trace the launches)
             out, lse = _compiled_call(self, q, k, v, scale)
             return (out, lse) if return_lse else out
@@ -470,6 +492,16 @@ class Attention:
         else:
             out, lse = self._forward(q, k, v, scale, return_lse, config)
         return (out, lse) if return_lse else out
+
+    def _kept_columns(self, q, k, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The low-rank bias's columns of q and k (``_factor_columns``), kept for later calls with
+        the same factors (data and version), shapes, dtype and scale."""
+        lr = self.low_rank_bias
+        key = (q.shape, k.shape, q.dtype, q.device, scale,
+               *((f.data_ptr(), f._version, f.shape, f.stride()) for f in (lr.phi_q, lr.phi_k)))
+        if self._columns is None or self._columns[0] != key:
+            self._columns = (key, _factor_columns(lr, q, k, scale))
+        return self._columns[1]
 
     def _lowers_to_factors(self, head_dim: int, dtype: torch.dtype) -> bool:
         """Whether this call runs the traced bias as factors (FlashBias), by ``bias_lowering`` and
@@ -542,9 +574,10 @@ class Attention:
         return plan
 
     def _forward(self, q, k, v, scale: float, want_lse: bool, config: Config | None,
-                 grad_slots: tuple[int, ...] | None = None):
+                 grad_slots: tuple[int, ...] | None = None, factors: tuple = ()):
         """``grad_slots``: the captured tensors a backward will pass gradients to, when one will
-        follow (its kernels then compile with the forward's on a first call)."""
+        follow (its kernels then compile with the forward's on a first call); ``factors``: a
+        LowRankBias's columns of q and k, given apart (``_factor_columns``)."""
         B, Hq, Sq, D = q.shape
         _, Hkv, Skv, Dv = v.shape
         out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
@@ -557,13 +590,17 @@ class Attention:
                 lse.fill_(float("-inf"))
             return out, lse
         # (tuning measures the Triton kernel's tiles; with autotune on, calls it fits still take it)
-        ws = self._ws_source() if config is None and not self._retune and not capturing() else None
+        extra = factors[0].shape[-1] if factors else D - Dv
+        ws = self._ws_source(extra=extra) if config is None and not self._retune and not capturing() else None
         ws_args = self._ws_args(ws, q, k, v, backward=False)
         if ws_args is not None:  # Hopper: the warp-specialised kernel
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-            ws_forward(load_module(ws), q, k, v, out, scratch, scale, *ws_args)
+            ws_forward(load_module(ws), q, k, v, out, scratch, scale, *ws_args, factors=factors)
             self.last_tiles = {"forward": "warp-specialised (Gluon)"}
             return out, lse
+        if factors:  # the Triton kernel: plain attention on the wider q' and k'
+            q, k = torch.cat([q, factors[0]], dim=-1), torch.cat([k, factors[1]], dim=-1)
+            D = q.shape[-1]
         shape = (B, Hq, Sq, Skv)
         ks = self._kernel_source()
         capture_args = self._capture_args(Sq, Skv, ks)
@@ -735,7 +772,7 @@ class Attention:
                     {slot: torch.zeros_like(self.captured[slot]) for slot in grad_slots})
         dlse = dlse.float().contiguous() if dlse is not None else None
         lse = lse.contiguous()
-        ws = (self._ws_source(backward=True)
+        ws = (self._ws_source(backward=True, extra=D - Dv)
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
         ws_args = self._ws_args(ws, q, k, v, backward=True)
         if ws_args is not None:  # Hopper: the warp-specialised kernel
@@ -1007,9 +1044,17 @@ def _grad_slots(attn: Attention, wanted) -> tuple[int, ...]:
 
 
 def _with_factors(lr: LowRankBias, q, k, v, scale: float):
-    """FlashBias: ``q' = [scale · q, phi_q]``, ``k' = [k, phi_k]`` (attention with scale 1 on
-    these equals attention on q, k with the bias phi_q phi_kᵀ added). Per-query-head key factors
-    under grouped-query attention repeat k and v to the query heads."""
+    """FlashBias: ``q' = [q, phi_q / scale]``, ``k' = [k, phi_k]`` (attention with the same scale
+    on these equals attention on q, k with the bias phi_q phi_kᵀ added), and v; see
+    :func:`_factor_columns`."""
+    k, v = _factor_keys(lr, q, k, v)
+    fq, fk = _factor_columns(lr, q, k, scale)
+    return torch.cat([q, fq], dim=-1), torch.cat([k, fk], dim=-1), v
+
+
+def _factor_keys(lr: LowRankBias, q, k, v):
+    """k and v for a LowRankBias's call (its factors checked against q and k): per-query-head key
+    factors under grouped-query attention repeat k and v to the query heads."""
     B, Hq, Sq, _ = q.shape
     _, Hkv, Skv, _ = k.shape
     fq, fk = lr.phi_q, lr.phi_k
@@ -1028,11 +1073,29 @@ def _with_factors(lr: LowRankBias, q, k, v, scale: float):
         raise ValueError("LowRankBias: " + "; ".join(problems))
     if fk.shape[1] not in (1, Hkv):  # per query head: give every query head its own keys
         k, v = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
-        Hkv = Hq
-    r = fq.shape[-1]
-    q2 = torch.cat([q * scale, fq.to(q.dtype).expand(B, Hq, Sq, r)], dim=-1)
-    k2 = torch.cat([k, fk.to(k.dtype).expand(B, Hkv, Skv, r)], dim=-1)
-    return q2, k2, v
+    return k, v
+
+
+def _factor_columns(lr: LowRankBias, q, k, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns a LowRankBias adds to q and k (k from ``_factor_keys``): ``phi_q / scale`` and
+    ``phi_k`` in q's dtype, broadcast to q's and k's batch and heads (contiguous) and padded with
+    zero columns to a multiple of 16 (the tensor cores' K step) where the head stays within
+    MAX_HEAD_DIM. Column r of the two is multiplied by 2^e_r and 2^-e_r (the bias unchanged, and
+    exactly so: powers of two), e_r balancing their largest entries, so that dividing by the scale
+    cannot overflow float16 where the bias's terms do not."""
+    B, Hq, Sq, _ = q.shape
+    _, Hkv, Skv, _ = k.shape
+    with torch.no_grad():  # (column maxima: 0 for empty factors)
+        aq, ak = (torch.zeros(f.shape[-1], device=f.device) if f.numel() == 0 else
+                  f.detach().abs().float().flatten(0, -2).amax(0) for f in (lr.phi_q, lr.phi_k))
+        aq = aq / scale
+        e = torch.where((aq > 0) & (ak > 0), torch.round(0.5 * torch.log2(ak / aq)), 0.0)
+        c = torch.exp2(e)
+    r = lr.phi_q.shape[-1]
+    n = -r % 16 if q.shape[-1] + r + -r % 16 <= MAX_HEAD_DIM else 0
+    fq = torch.nn.functional.pad((lr.phi_q.float() * (c / scale)).to(q.dtype).expand(B, Hq, Sq, r), (0, n))
+    fk = torch.nn.functional.pad((lr.phi_k.float() / c).to(k.dtype).expand(B, Hkv, Skv, r), (0, n))
+    return fq.contiguous(), fk.contiguous()
 
 
 def _cdiv(a: int, b: int) -> int:

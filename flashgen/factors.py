@@ -1,7 +1,7 @@
 """Biases given as low-rank factors: ``fg.LowRankBias(phi_q, phi_k)`` and ``fg.low_rank``.
 
 ``bias[b, h, i, j] = Σ_r phi_q[b, h, i, r] · phi_k[b, h, j, r]``. Attention with such a bias is
-plain attention on ``q' = [scale · q, phi_q]`` and ``k' = [k, phi_k]`` with scale 1 (FlashBias):
+plain attention on ``q' = [q, phi_q / scale]`` and ``k' = [k, phi_k]`` (FlashBias):
 the bias costs R more columns of the q·kᵀ product instead of an Sq x Skv read.
 """
 

@@ -365,6 +365,8 @@ def load_module(ks: KernelSource) -> ModuleType:
 WS_FORWARD = True  # False: the Triton forward everywhere (for A/B timing, and a way out)
 WS_BACKWARD = True  # the same for the backward
 WS_FORWARD_HEAD_DIMS = (128,)  # the forward's (64 runs too: benchmarks/ab_ws_forward.py, PERFLOG)
+# the columns q and k may have past v's head dim (a low-rank bias's factors, padded with zeros)
+WS_EXTRA_QK = 16
 WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x8192x128, PERFLOG)
 # the backward's Q/dO buffers, and dQ tiles in flight per consumer group (shared memory allows 3 and
 # 1, or 2 and 2); chosen by benchmarks/ab_ws_backward.py (PERFLOG)
@@ -404,8 +406,8 @@ def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = 
     Sq, D = q.shape[-2:]
     Skv, Dv = v.shape[-2:]
     return (_sm90(q.device.index) and q.dtype in (torch.bfloat16, torch.float16)
-            and D == Dv and D in ((64, 128) if backward else WS_FORWARD_HEAD_DIMS) and Sq == Skv and Sq % 128 == 0
-            and 4 * q.shape[:2].numel() * Sq * Sq * D >= WS_MIN_FLOPS
+            and D - Dv in (0, WS_EXTRA_QK) and Dv in ((64, 128) if backward else WS_FORWARD_HEAD_DIMS)
+            and Sq == Skv and Sq % 128 == 0 and 4 * q.shape[:2].numel() * Sq * Sq * Dv >= WS_MIN_FLOPS
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)))  # (TMA's alignment)
 
 
@@ -440,9 +442,9 @@ def _kind(a) -> tuple:
 
 
 def _gluon_descriptor(t: torch.Tensor, block: list[int]):
-    """A TMA descriptor for Gluon kernels over the contiguous ``t`` viewed as rows of its last
-    dimension (1-D for a 1-D block), in tiles of ``block`` with that block's default shared layout
-    (unswizzled for 1-D)."""
+    """A TMA descriptor for Gluon kernels over ``t`` (contiguous, or the last columns of a
+    contiguous tensor) viewed as rows of its last dimension (1-D for a 1-D block), in tiles of
+    ``block`` with that block's default shared layout (unswizzled for 1-D)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     view = t.view(-1) if len(block) == 1 else t.view(-1, t.shape[-1])
@@ -486,20 +488,25 @@ def ws_tile_args(read: TileRead, t: torch.Tensor, block: tuple[int, int] = (128,
 
 def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, scale: float, mods: list | None = None, plain: bool = True,
-               runs: tuple = (), tile: tuple = ()) -> None:
+               runs: tuple = (), tile: tuple = (), factors: tuple = ()) -> None:
     """Launch ``module.attn_fwd_ws`` (``ws_fits`` said yes): out and lse (contiguous [B, Hq, S, D]
     and [B, Hq, S]) written in place. ``mods``: None where the module evaluates no mod, else the
     captured tensors' arguments (``captured_args``); ``plain``: the logits are plain (``scale`` > 0
     then); ``runs``: the block map's runs and strides, for a module that visits its tiles; ``tile``:
     ``ws_tile_args``'s, for a module that reads a tensor in [q, kv] tiles (two stages then: its
-    tiles take the shared memory of the third)."""
+    tiles take the shared memory of the third). For a module rendered with ``extra_qk`` (two
+    stages too: three of K or of V measured no faster), q and k have ``WS_EXTRA_QK`` columns past
+    v's head dim, or those columns come apart as ``factors`` ([B, Hq, S, WS_EXTRA_QK] and
+    [B, Hkv, S, WS_EXTRA_QK]: no copy of q and k with them)."""
     B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Dv = k.shape[1], v.shape[-1]
     scales = (scale * LOG2E if plain else LOG2E,) + ((scale, *mods) if mods is not None else ()) + runs + tile
+    factors = (q[..., Dv:], k[..., Dv:]) if D != Dv else factors
+    extra = tuple(_gluon_descriptor(t, [rows, t.shape[-1]]) for t, rows in zip(factors, (64, 128)))
     kept_launch(module.attn_fwd_ws, (S // 128, B * Hq),
-                (_gluon_descriptor(q, [64, D]), _gluon_descriptor(k, [128, D]), _gluon_descriptor(v, [128, D]), out,
-                 lse, Hq, S, *scales),
-                dict(GROUP_SIZE=Hq // Hkv, STAGES=2 if tile else WS_STAGES, num_warps=4))
+                (_gluon_descriptor(q, [64, Dv]), _gluon_descriptor(k, [128, Dv]), _gluon_descriptor(v, [128, Dv]), out,
+                 lse, Hq, S, *scales, *extra),
+                dict(GROUP_SIZE=Hq // Hkv, STAGES=2 if tile or extra else WS_STAGES, num_warps=4))
 
 
 @triton.jit
@@ -534,19 +541,26 @@ def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float,
     out, lse, dout and dlse (or None) contiguous): one pass, dQ added up in float32 and scaled after.
     ``mods``, ``plain``: as for ``ws_forward``; ``runs``: the transposed map's (128 keys x 64 rows);
     ``tile``: ``ws_tile_args``'s at blocks of 64 x 128, for a module that reads a tensor in [q, kv]
-    tiles."""
+    tiles. q and k may have ``WS_EXTRA_QK`` columns past v's head dim (a module rendered with
+    ``extra_qk``): their gradients come back as zeros (frozen factors of a low-rank bias)."""
     B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Dv = k.shape[1], v.shape[-1]
     delta = row_dots(dout, out, dlse)
-    dq_sum = torch.zeros((B, Hq, S, D), dtype=torch.float32, device=q.device)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq_sum = torch.zeros((B, Hq, S, Dv), dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(v), torch.empty_like(v)
+    extra = tuple(_gluon_descriptor(t[..., Dv:], [64, D - Dv]) for t in (q, k)) if D != Dv else ()
     kept_launch(module.attn_bwd_ws, (S // 128, B * Hkv),
-                (*(_gluon_descriptor(t, [64, D]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk,
+                (*(_gluon_descriptor(t, [64, Dv]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk,
                  dv, _gluon_descriptor(lse, [64]), _gluon_descriptor(delta, [64]), Hq, S,
-                 scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs, *tile),
-                dict(GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, num_warps=4,
-                     DQ_BUFFERS=1 if tile and D == 128 else WS_DQ_BUFFERS))  # (the tile's ring: a dQ buffer's room)
-    return torch.mul(dq_sum, scale, out=torch.empty_like(q)), dk, dv
+                 scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs, *tile, *extra),
+                dict(GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, num_warps=4,  # (tiles' rings: a dQ buffer's room)
+                     DQ_BUFFERS=1 if (tile or extra) and Dv == 128 else WS_DQ_BUFFERS))
+    if not extra:
+        return torch.mul(dq_sum, scale, out=torch.empty_like(q)), dk, dv
+    dq_full, dk_full = torch.zeros_like(q), torch.zeros_like(k)  # (the extra columns' gradients: zeros)
+    dq_full[..., :Dv] = dq_sum * scale
+    dk_full[..., :Dv] = dk
+    return dq_full, dk_full, dv
 
 
 # ---------------------------------------------------------------------------------------------

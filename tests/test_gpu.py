@@ -655,22 +655,23 @@ def test_warp_specialised_forward_with_a_score_mod(mods, dtype, hkv, monkeypatch
     assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=81)
 
 
-def assert_like_the_reference_and_the_triton_forward(mods: dict, dtype, hkv: int, seed: int) -> None:
+def assert_like_the_reference_and_the_triton_forward(mods: dict, dtype, hkv: int, seed: int,
+                                                    scale: float | None = None) -> None:
     """A call at D = 128 takes the Gluon forward: out and lse against float64 and the Triton kernel;
     rows whose every logit is -inf give 0 and an lse of -inf."""
     q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=seed)
     attn = fg.compile(**mods)
     gqa = hkv != 4
-    out, lse = attn(q, k, v, return_lse=True, enable_gqa=gqa)
+    out, lse = attn(q, k, v, return_lse=True, enable_gqa=gqa, scale=scale)
     assert attn.last_tiles["forward"] == "warp-specialised (Gluon)"
     assert torch.isfinite(out).all()
-    check(out, q, k, v, **mods, enable_gqa=gqa)
+    check(out, q, k, v, **mods, enable_gqa=gqa, scale=scale)
     with torch.no_grad():
-        _, ref_lse = fg.attention_reference(q, k, v, **mods, enable_gqa=gqa, return_lse=True)
+        _, ref_lse = fg.attention_reference(q, k, v, **mods, enable_gqa=gqa, return_lse=True, scale=scale)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert (lse.double() - ref_lse)[finite].abs().max() < LSE_ATOL[dtype]
-    assert_like_the_triton_forward(attn, out, q, k, v, enable_gqa=gqa)
+    assert_like_the_triton_forward(attn, out, q, k, v, enable_gqa=gqa, scale=scale)
 
 
 @hopper
@@ -729,6 +730,49 @@ def test_warp_specialised_forward_with_a_dense_bias(mods, dtype, hkv, monkeypatc
     float64 and the Triton kernel."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=85)
+
+
+WS_LOW_RANK_CASES = [  # (built in the test: on the GPU; fp16, with bf16 factors: exact in fp16)
+    pytest.param(lambda: dict(bias=fg.LowRankBias(randn(1, 4, 384, 16, seed=7, scale=0.25),
+                                                  randn(1, 4, 384, 16, seed=8, scale=0.25)), mask_mod=fg.mods.causal),
+                 torch.float16, 4, id="rank16-causal-fp16"),
+    pytest.param(lambda: dict(bias=fg.LowRankBias(randn(2, 4, 384, 5, seed=9), randn(2, 2, 384, 5, seed=10))),
+                 torch.float16, 2, id="rank5-gqa-fp16"),  # (key factors per KV head; 11 zero columns)
+]
+
+
+@hopper
+@pytest.mark.parametrize("mods, dtype, hkv", WS_LOW_RANK_CASES)
+def test_warp_specialised_forward_with_a_low_rank_bias(mods, dtype, hkv, monkeypatch):
+    """A LowRankBias's factors as 16 more columns of q and k, a second product per S tile in the Gluon
+    forward: out and lse against float64 and the Triton kernel. The scale is a power of two, so
+    that phi_q / scale (the columns the kernel reads) is exact and the lse's tolerance measures the
+    kernel, not that rounding (in fp16, up to 2.8e-2 with these rank-5 factors at 128 ** -0.5)."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=87, scale=0.125)
+
+
+@hopper
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("mods, dtype, hkv", WS_LOW_RANK_CASES)
+def test_warp_specialised_backward_with_a_low_rank_bias(mods, dtype, hkv, d, monkeypatch):
+    """Frozen factors in the Gluon backward (a second product per Sᵀ tile, no gradients for their
+    columns): gradients of q, k, v through out and lse against float64 and the Triton kernels."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    assert_like_the_reference_and_the_triton_backward(mods(), dtype, hkv, d, seed=97)
+
+
+@hopper
+def test_warp_specialised_forward_with_a_low_rank_bias_in_bf16(monkeypatch):
+    """The same in bf16: out against float64 (TOL) and the Triton kernel on the same q', k'."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    mods = WS_LOW_RANK_CASES[0].values[0]()
+    q, k, v = make_qkv(2, 4, 384, 128, dtype=torch.bfloat16, seed=89)
+    attn = fg.compile(**mods)
+    out = attn(q, k, v)
+    assert attn.last_tiles["forward"] == "warp-specialised (Gluon)"
+    check(out, q, k, v, **mods)
+    assert_like_the_triton_forward(attn, out, q, k, v)
 
 
 @hopper

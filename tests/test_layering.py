@@ -79,8 +79,13 @@ DEPENDS = {
 # bias (~6058), and the Gluon kernels' kept launches (``runtime.kept_launch``; ~6085).
 # 6090 until the Gluon backward read a dense bias too (``ws_backward``'s tile, ``ws_tile_args``'s
 # block, ``runtime._sm90``) and ``fg.low_rank`` took a randomized SVD for long slices
-# (``factors._sketched_svd``, one rank rule for both; ~6104).
-SIZE_BUDGET = 6110
+# (``factors._sketched_svd``, one rank rule for both; ~6104); 6110 until the Gluon kernels took
+# q and k wider than v by 16 columns, a low-rank bias's factors (``runtime.WS_EXTRA_QK``, the extra
+# descriptors in ``ws_forward`` and ``ws_backward``, ``Attention._frozen_factors``; ~6131). 6135
+# until calls without gradients gave the Gluon forward a low-rank bias's columns apart from q and k,
+# kept across calls and balanced by powers of two against float16's range (``_factor_keys``,
+# ``_factor_columns``, ``Attention._kept_columns``; ~6174).
+SIZE_BUDGET = 6180
 
 
 def module_name(path: Path) -> str:

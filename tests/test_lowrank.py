@@ -292,6 +292,45 @@ def test_low_rank_bias_gqa(key_heads):
                    ref_phi_k=(lambda t: t.repeat_interleave(2, dim=1)) if per_kv_head else (lambda t: t))
 
 
+@requires_interpreter
+def test_factor_columns_stay_within_float16_where_phi_q_over_the_scale_would_not():
+    """phi_q / scale alone is past float16's range here (3e4 * 16 ** 0.5 = 1.2e5) while the bias's
+    terms are small: the columns the kernels read are balanced by powers of two (the bias exactly
+    unchanged), so the output is finite and within float16's tolerance, without gradients (the
+    factors beside q and k) and with them (as q's and k's last columns)."""
+    q, k, v = rand(1, 2, S, D), rand(1, 2, S, D), rand(1, 2, S, D)
+    phi_q, phi_k = rand(1, 2, S, R) * 3e4, rand(1, 2, S, R) * 1e-4
+    ref = fg.attention_reference(q.double(), k.double(), v.double(), bias=fg.LowRankBias(phi_q.double(),
+                                                                                         phi_k.double()))
+    attn = fg.compile(bias=fg.LowRankBias(phi_q, phi_k))
+    fq, fk = api._factor_columns(attn.low_rank_bias, q.half(), k.half(), D**-0.5)
+    assert fq.abs().max() < 100 and fk.abs().max() < 100
+    with torch.no_grad():
+        out = attn(q.half(), k.half(), v.half())
+    q16 = q.half().requires_grad_()
+    for got in (out, attn(q16, k.half(), v.half())):
+        assert torch.isfinite(got).all() and rel_err(got, ref) < TOLERANCES[torch.float16]
+
+
+@requires_interpreter
+def test_factor_columns_are_kept_for_calls_with_the_same_factors(monkeypatch):
+    calls = []
+    build = api._factor_columns
+    monkeypatch.setattr(api, "_factor_columns", lambda *a: calls.append(1) or build(*a))
+    q, k, v = rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, D)
+    phi_q, phi_k = rand(B, H, S, R, scale=0.7), rand(1, H, S, R, scale=0.7)
+    attn = fg.compile(bias=fg.LowRankBias(phi_q, phi_k))
+    first, again = attn(q, k, v), attn(q, k, v)
+    assert len(calls) == 1 and torch.equal(first, again)
+    attn(q, k, v, scale=0.5)  # another scale: other columns
+    assert len(calls) == 2
+    phi_q.mul_(-1.0)  # the factors changed in place: built again
+    changed = attn(q, k, v)
+    assert len(calls) == 3
+    ref = fg.attention_reference(q, k, v, bias=fg.LowRankBias(phi_q, phi_k))
+    assert rel_err(changed, ref) < 1e-4
+
+
 def test_reference_accepts_per_kv_head_key_factors():
     q, k, v = rand(1, 4, 8, D), rand(1, 2, 8, D), rand(1, 2, 8, D)
     phi_q, phi_k = rand(1, 4, 8, R), rand(1, 2, 8, R)

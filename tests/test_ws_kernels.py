@@ -153,12 +153,15 @@ WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128", "
                 "dense_bias_causal,bfloat16,2,128", "dense_bias_causal,float16,4,64"]
 
 
+WS_EXTRA_CASES = ["low_rank_causal,bfloat16,4,144:128", "low_rank_causal,float16,2,80:64"]  # (q, k 16 columns wider)
+
+
 @pytest.fixture(scope="module")
 def compiled_ws_modules(tmp_path_factory) -> dict:
     """Each case's module compiled for sm_90 in one child process (``tests/ws_compile.py``: Gluon
     does not compile where Triton was imported for its interpreter) with a fresh Triton cache."""
-    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES if not c.endswith(",64")]
-    cases += [f"{c},bwd" for c in WS_COMPILE_CASES + WS_MOD_CASES]
+    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_EXTRA_CASES if not c.endswith("64")]
+    cases += [f"{c},bwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_EXTRA_CASES]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton")),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "ws_compile.py"), *cases], env=env,
@@ -189,6 +192,91 @@ def test_the_generated_gluon_module_compiles_for_sm90(case, backward, compiled_w
     assert result["shared"] <= 232448  # an H100/H200's shared memory per block
     assert result["setmaxnreg"]  # the partitions' register split
     assert result["tma_reduce"] == backward  # the backward's dQ through TMA reductions
+
+
+@gluon_hopper
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+@pytest.mark.parametrize("case", WS_EXTRA_CASES)
+def test_the_gluon_kernels_with_extra_qk_columns_compile_for_sm90(case, which, compiled_ws_modules):
+    """q and k 16 columns wider than v (a low-rank bias's factors): within the shared memory (the
+    forward with two K/V stages, the backward with one dQ buffer at head dim 128)."""
+    if case.endswith("64") and which == "fwd":
+        pytest.skip("the warp-specialised forward covers head dim 128 only")
+    result = compiled_ws_modules[f"{case},{which}"]
+    assert result["shared"] <= 232448 and result["setmaxnreg"] and result["tma_reduce"] == (which == "bwd")
+
+
+def test_extra_qk_columns_take_a_second_product_in_the_gluon_kernels():
+    """A low-rank bias's factors as 16 more columns of q and k: the forward's S tiles and the
+    backward's Sᵀ tiles add a K = 16 product over them (their own descriptors and buffers); the
+    backward only where the factors are frozen (it computes no gradients for those columns)."""
+    attn = fg.compile(mask_mod=fg.mods.causal)
+    source = attn._ws_source(extra=16).source
+    assert source.count("s_tok = warpgroup_mma(qx, kx_smem.index(") == 2  # (the first tile's, the loop's)
+    assert "tma.async_copy_global_to_shared(kx_desc, [kv, 0], k_bars.index(s), kx_smem.index(s))" in source
+    assert "qx_desc" not in attn._ws_source().source
+    assert attn._ws_source(backward=True, extra=16) is None and attn._ws_source(extra=8) is None
+    factors = [torch.randn(1, 2, 64, 5) for _ in range(2)]
+    frozen = fg.compile(bias=fg.LowRankBias(*factors), mask_mod=fg.mods.causal)
+    backward = frozen._ws_source(backward=True, extra=16).source
+    assert "st_tok = warpgroup_mma(kx, qx_smem.index(s).permute((1, 0)), st_tok, is_async=True)" in backward
+    learnable = fg.compile(bias=fg.LowRankBias(factors[0].requires_grad_(), factors[1]), mask_mod=fg.mods.causal)
+    assert learnable._ws_source(backward=True, extra=16) is None
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_a_low_rank_bias_call_takes_the_gluon_kernels_with_its_factors_as_columns(learnable, monkeypatch):
+    """``fg.LowRankBias`` of rank 5: q' = [q, φ_q / scale, 0…] and k' = [k, φ_k, 0…], 16 columns past
+    v's head dim, reach the Gluon forward (with the call's scale) and, with frozen factors, the Gluon
+    backward, whose gradients for those columns are zeros; learnable factors take the Triton
+    backward. Without gradients, the forward takes q and k as they are and the factors apart.
+    Results match the float64 reference with the bias φ_q φ_kᵀ."""
+    from flashgen import api
+
+    calls = []
+
+    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=(), factors=()):
+        calls.append(("fwd", q.shape[-1], k.shape[-1], v.shape[-1], scale, plain) + tuple(f.shape for f in factors))
+        if factors:  # (the factors apart: the kernel's extra columns)
+            q, k = torch.cat([q, factors[0]], dim=-1), torch.cat([k, factors[1]], dim=-1)
+        o, l_ = fg.attention_reference(q.double(), k.double(), v.double(), mask_mod=fg.mods.causal, scale=scale,
+                                       return_lse=True)
+        out.copy_(o)
+        lse.copy_(l_)
+
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=()):
+        calls.append(("bwd", q.shape[-1], k.shape[-1], v.shape[-1], scale, plain))
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            fg.attention_reference(*leaves, mask_mod=fg.mods.causal, scale=scale).backward(dout.double())
+        dq, dk, dv = (t.grad.to(q.dtype) for t in leaves)
+        dq[..., v.shape[-1]:] = 0  # (what the kernel gives the factors' columns)
+        dk[..., v.shape[-1]:] = 0
+        return dq, dk, dv
+
+    monkeypatch.setattr(api, "ws_forward", fake_forward)
+    monkeypatch.setattr(api, "ws_backward", fake_backward)
+    monkeypatch.setattr(api, "ws_fits", lambda q, k, v, backward=False: True)
+    q, k, v = (torch.randn(1, 2, 128, 128, requires_grad=True) for _ in range(3))
+    fq, fk = torch.randn(1, 2, 128, 5, requires_grad=learnable), torch.randn(1, 2, 128, 5)
+    attn = fg.compile(bias=fg.LowRankBias(fq, fk), mask_mod=fg.mods.causal)
+    out = attn(q, k, v, scale=0.1)
+    out.sum().backward()
+    assert calls == [("fwd", 144, 144, 128, 0.1, True)] + ([] if learnable else [("bwd", 144, 144, 128, 0.1, True)])
+    assert ("dQ" in attn.last_tiles) == learnable
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = fg.attention_reference(*leaves, bias=(fq @ fk.transpose(-1, -2)).double(), mask_mod=fg.mods.causal,
+                                  scale=0.1)
+    want.sum().backward()
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    for got, w in zip((q, k, v), leaves):
+        torch.testing.assert_close(got.grad.double(), w.grad, rtol=1e-3, atol=1e-4)
+    assert (fq.grad is not None) == learnable
+    with torch.no_grad():  # no gradients: q and k as they are, the factors apart (no copy of q and k)
+        calls.clear()
+        alone = attn(q, k, v, scale=0.1)
+    assert calls == [("fwd", 128, 128, 128, 0.1, True, (1, 2, 128, 16), (1, 2, 128, 16))]
+    torch.testing.assert_close(alone.double(), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dlse", [False, True])
@@ -248,7 +336,7 @@ def test_which_calls_take_the_warp_specialised_forward(monkeypatch):
 
     calls = []
 
-    def fake_launch(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
+    def fake_launch(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=(), factors=()):
         calls.append((module.attn_fwd_ws.fn.__name__, tuple(q.shape), lse.shape, scale))
         o, l_ = fg.attention_reference(q, k, v, mask_mod=fg.mods.causal, scale=scale, return_lse=True)
         out.copy_(o)
@@ -285,7 +373,7 @@ def test_a_score_mod_forward_takes_the_captured_tensors(monkeypatch):
     slopes = fg.mods.alibi_slopes(2)
     mods = dict(score_mod=fg.mods.alibi(slopes), mask_mod=fg.mods.causal)
 
-    def fake_launch(module, q, k, v, out, lse, scale, captured=None, plain=True, runs=(), tile=()):
+    def fake_launch(module, q, k, v, out, lse, scale, captured=None, plain=True, runs=(), tile=(), factors=()):
         calls.append(captured)
         o, l_ = fg.attention_reference(q, k, v, **mods, scale=scale, return_lse=True)
         out.copy_(o)
@@ -313,7 +401,7 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     def reference(q, k, v, scale, mask, gqa):
         return fg.attention_reference(q, k, v, mask_mod=mask, scale=scale, return_lse=True, enable_gqa=gqa)
 
-    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
+    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=(), factors=()):
         calls.append(("fwd", mods, plain, runs[0].tolist(), runs[1:]))
         o, l_ = reference(q, k, v, scale, mask, q.shape[1] != k.shape[1])
         out.copy_(o)
@@ -363,7 +451,7 @@ def test_a_dense_bias_call_passes_its_tiles_to_the_gluon_kernels(dtype, taken, m
     bias = torch.randn(2, 128, 128, dtype=dtype)
     calls = []
 
-    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=()):
+    def fake_forward(module, q, k, v, out, lse, scale, mods=None, plain=True, runs=(), tile=(), factors=()):
         calls.append(("fwd", plain, tile[0].block_shape, tile[1:], tile[0].base.data_ptr() == bias.data_ptr()))
         o, l_ = fg.attention_reference(q, k, v, bias=bias, scale=scale, return_lse=True)
         out.copy_(o)

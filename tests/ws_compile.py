@@ -3,7 +3,8 @@
 not compile in a process that imported Triton for its interpreter (its functions are then
 interpreted ones), and with a fresh Triton cache, so that nothing compiled earlier stands in.
 
-    python3 tests/ws_compile.py CASE...     (CASE: mods,dtype,hkv,d,fwd|bwd; mods a key of MODS)
+    python3 tests/ws_compile.py CASE...     (CASE: mods,dtype,hkv,d,fwd|bwd; mods a key of MODS; d the
+                                             head dim, or q and k's:v's, as 144:128)
 """
 
 from __future__ import annotations
@@ -30,21 +31,25 @@ MODS = {"none": {}, "causal": dict(mask_mod=fg.mods.causal), "sliding300": dict(
         "prefix_lm": dict(mask_mod=fg.mods.prefix_lm(200)),
         "document_causal": dict(mask_mod=fg.mods.document(torch.arange(2 * 512).view(2, 512) // 200) & fg.mods.causal),
         "dense_bias_causal": dict(bias=torch.randn(4, 512, 512, dtype=torch.bfloat16), mask_mod=fg.mods.causal),
+        # (its program: causal, plain; compiled with q and k 16 columns wider, the factors' place)
+        "low_rank_causal": dict(bias=fg.LowRankBias(torch.randn(1, 4, 512, 16), torch.randn(1, 4, 512, 16)),
+                                mask_mod=fg.mods.causal),
         "softcap_document": dict(score_mod=fg.mods.softcap(30.0),
                                  mask_mod=fg.mods.document(torch.arange(2 * 512).view(2, 512) // 200))}
 
 
 def compile_case(case: str, folder: Path) -> dict:
     mods, dtype, hkv, d, which = case.split(",")
-    dtype, hkv, d, backward = getattr(torch, dtype), int(hkv), int(d), which == "bwd"
+    d, dv = (int(x) for x in d.split(":")) if ":" in d else (int(d), int(d))  # (q and k's, v's)
+    dtype, hkv, backward = getattr(torch, dtype), int(hkv), which == "bwd"
     path = folder / f"ws_{len(list(folder.iterdir()))}.py"
     attn = fg.compile(**MODS[mods])
-    path.write_text(attn.source("bwd_ws" if backward else "fwd_ws"))
+    path.write_text(attn._ws_source(backward, extra=d - dv).source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     q = torch.randn(2, 4, 512, d, dtype=dtype)
-    k, v = torch.randn(2, hkv, 512, d, dtype=dtype), torch.randn(2, hkv, 512, d, dtype=dtype)
+    k, v = torch.randn(2, hkv, 512, d, dtype=dtype), torch.randn(2, hkv, 512, dv, dtype=dtype)
     plain, maps = attn.analysis.plain_logits, attn.analysis.block_runs
     mods = runtime.captured_args(attn.captured) if maps or not plain else None
     runs = torch.zeros(1, 1, 8, 2, 9, dtype=torch.int32)  # (a block map's runs: only their types count here)
@@ -58,8 +63,8 @@ def compile_case(case: str, folder: Path) -> dict:
             runtime.ws_backward(module, q, k, v, torch.randn_like(q), torch.randn(2, 4, 512), torch.randn_like(q),
                                 None, 0.1, mods, plain, runs, tile)
         else:
-            runtime.ws_forward(module, q, k, v, torch.empty_like(q), torch.empty(2, 4, 512), 0.1, mods, plain, runs,
-                               tile)
+            runtime.ws_forward(module, q, k, v, torch.empty(2, 4, 512, dv, dtype=dtype), torch.empty(2, 4, 512), 0.1,
+                               mods, plain, runs, tile)
     kernel, args, kwargs = launches[-1]
     target = GPUTarget("cuda", 90, 32)
     src, options = parallel.launch_source(kernel, args, kwargs, target)  # (a Gluon source for a Gluon kernel)
