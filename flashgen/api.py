@@ -599,7 +599,7 @@ class Attention:
             self.last_tiles = {"forward": "warp-specialised (Gluon)"}
             return out, lse
         if factors:  # the Triton kernel: plain attention on the wider q' and k'
-            q, k = torch.cat([q, factors[0]], dim=-1), torch.cat([k, factors[1]], dim=-1)
+            q, k = _with_columns(q, k, factors)
             D = q.shape[-1]
         shape = (B, Hq, Sq, Skv)
         ks = self._kernel_source()
@@ -1048,8 +1048,12 @@ def _with_factors(lr: LowRankBias, q, k, v, scale: float):
     on these equals attention on q, k with the bias phi_q phi_kᵀ added), and v; see
     :func:`_factor_columns`."""
     k, v = _factor_keys(lr, q, k, v)
-    fq, fk = _factor_columns(lr, q, k, scale)
-    return torch.cat([q, fq], dim=-1), torch.cat([k, fk], dim=-1), v
+    return *_with_columns(q, k, _factor_columns(lr, q, k, scale)), v
+
+
+def _with_columns(q, k, columns: tuple[torch.Tensor, torch.Tensor]):
+    """q and k with a low-rank bias's columns (``_factor_columns``) appended."""
+    return torch.cat([q, columns[0]], dim=-1), torch.cat([k, columns[1]], dim=-1)
 
 
 def _factor_keys(lr: LowRankBias, q, k, v):
