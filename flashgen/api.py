@@ -409,10 +409,7 @@ class Attention:
         a grouped backward a map that varies by head (the kernel visits one set of query blocks)."""
         B, Hq, S, D = q.shape
         shape, maps = (B, Hq, S, S), self.analysis.block_runs
-        if ws is None or not ws_fits(q, k, v, backward=backward):
-            return None
-        sparse = not self._ws_map_fits(shape, q.device)
-        if sparse and not (backward and runtime.WS_PERSISTENT != "never"):
+        if ws is None or not ws_fits(q, k, v, backward=backward) or not self._ws_map_fits(shape, q.device):
             return None
         tile = ()
         if ws.tile_reads:
@@ -779,9 +776,8 @@ class Attention:
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
         ws_args = self._ws_args(ws, q, k, v, backward=True)
         if ws_args is not None:  # Hopper: the warp-specialised kernel
-            persistent = runtime.WS_PERSISTENT == "all" or not self._ws_map_fits((B, Hq, Sq, Skv), q.device)
             dq, dk, dv = ws_backward(load_module(ws), q, k, v, out.contiguous(), lse, dout.contiguous(), dlse, scale,
-                                     *ws_args, persistent=persistent)
+                                     *ws_args)
             self.last_tiles.update({"dQ, dK/dV": "warp-specialised (Gluon), one pass"})
             return dq, dk, dv, {}
         stored_slots = self._last_stored[grad_slots] = self._stored_slots(grad_slots, B, Hq)

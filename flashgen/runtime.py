@@ -372,11 +372,6 @@ WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x
 # 1, or 2 and 2); chosen by benchmarks/ab_ws_backward.py (PERFLOG)
 WS_BACKWARD_STAGES = 2
 WS_DQ_BUFFERS = 2
-# which Gluon backward calls run persistent (``ws_backward``): "sparse", those of block maps with fewer
-# than SPARSE_OCCUPANCY of their tiles non-empty (rows of a few query blocks: a document mask's), which
-# take the Triton backward otherwise; "all"; or "never" (benchmarks/ab_ws_persistent.py, PERFLOG)
-WS_PERSISTENT = "sparse"
-WS_PROGRAMS: int | None = None  # a persistent launch's programs (None: one per SM; tests take a few)
 # the least work (4·B·H·S²·D) it takes: ~0.2 ms of forward. Its launch goes through Gluon's launcher
 # (130-250 µs of host time per call on the H200 host, against 35-67 µs for the Triton kernel's kept
 # launches; benchmarks/ws_host.py), which smaller calls would wait on
@@ -392,12 +387,6 @@ def _gluon_hopper() -> bool:
     except ImportError:
         return False
     return True
-
-
-@functools.cache
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
-                                            ).multi_processor_count
 
 
 @functools.cache
@@ -547,26 +536,23 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, sub: torch.Tensor | None = None) 
 
 
 def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float, mods: list | None = None,
-                plain: bool = True, runs: tuple = (), tile: tuple = (), persistent: bool = False) -> tuple:
+                plain: bool = True, runs: tuple = (), tile: tuple = ()) -> tuple:
     """dq, dk, dv from ``module.attn_bwd_ws`` (``ws_fits(..., backward=True)`` said yes for q, k, v;
     out, lse, dout and dlse (or None) contiguous): one pass, dQ added up in float32 and scaled after.
     ``mods``, ``plain``: as for ``ws_forward``; ``runs``: the transposed map's (128 keys x 64 rows);
     ``tile``: ``ws_tile_args``'s at blocks of 64 x 128, for a module that reads a tensor in [q, kv]
-    tiles; ``persistent``: one program per SM (``WS_PROGRAMS``), each taking rows of keys in turn,
-    else one per row. q and k may have ``WS_EXTRA_QK`` columns past v's head dim (a module rendered
-    with ``extra_qk``): their gradients come back as zeros (frozen factors of a low-rank bias)."""
+    tiles. q and k may have ``WS_EXTRA_QK`` columns past v's head dim (a module rendered with
+    ``extra_qk``): their gradients come back as zeros (frozen factors of a low-rank bias)."""
     B, Hq, S, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     delta = row_dots(dout, out, dlse)
     dq_sum = torch.zeros((B, Hq, S, Dv), dtype=torch.float32, device=q.device)
     dk, dv = torch.empty_like(v), torch.empty_like(v)
     extra = tuple(_gluon_descriptor(t[..., Dv:], [64, D - Dv]) for t in (q, k)) if D != Dv else ()
-    items = S // 128 * B * Hkv  # rows of 128 keys of one (batch, KV head)
-    programs = min(items, WS_PROGRAMS or _sm_count(q.device.index)) if persistent else items
-    kept_launch(module.attn_bwd_ws, (programs,),
+    kept_launch(module.attn_bwd_ws, (S // 128, B * Hkv),
                 (*(_gluon_descriptor(t, [64, Dv]) for t in (q, k, v, dout)), _gluon_descriptor(dq_sum, [64, 64]), dk,
                  dv, _gluon_descriptor(lse, [64]), _gluon_descriptor(delta, [64]), Hq, S,
-                 scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs, *tile, *extra, B * Hkv),
+                 scale * LOG2E if plain else LOG2E, scale, *(mods or ()), *runs, *tile, *extra),
                 dict(GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, num_warps=4,  # (tiles' rings: a dQ buffer's room)
                      DQ_BUFFERS=1 if (tile or extra) and Dv == 128 else WS_DQ_BUFFERS))
     if not extra:

@@ -815,61 +815,6 @@ def test_warp_specialised_backward_matches_the_reference_and_the_triton_kernels(
     assert_like_the_reference_and_the_triton_backward(dict(mask_mod=mask), dtype, hkv, d, seed=71)
 
 
-WS_PERSISTENT_CASES = [  # (mods built in the test: tensors on the GPU), dtype, KV heads
-    pytest.param(lambda: dict(), torch.bfloat16, 4, id="full-bf16"),
-    pytest.param(lambda: dict(mask_mod=fg.mods.causal), torch.bfloat16, 2, id="causal-gqa-bf16"),
-    pytest.param(lambda: dict(mask_mod=fg.mods.sliding_window(200)), torch.float16, 4, id="sliding200-fp16"),
-    pytest.param(lambda: dict(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4, device=DEV)), mask_mod=fg.mods.causal),
-                 torch.bfloat16, 4, id="alibi-causal-bf16"),
-    pytest.param(lambda: dict(mask_mod=fg.mods.document(_doc_ids([128, 200, 256], 5)) & fg.mods.causal),
-                 torch.bfloat16, 4, id="document-causal-bf16"),
-    pytest.param(lambda: dict(bias=randn(4, 384, 384, seed=3), mask_mod=fg.mods.causal), torch.bfloat16, 4,
-                 id="bias-causal-bf16"),
-]
-
-
-@hopper
-@pytest.mark.parametrize("d", [128, 64])
-@pytest.mark.parametrize("mods, dtype, hkv", WS_PERSISTENT_CASES)
-def test_persistent_warp_specialised_backward(mods, dtype, hkv, d, monkeypatch):
-    """The Gluon backward with 5 persistent programs for 24 rows of keys (rows of different lengths
-    taken in turn: K and V reloaded, the ring's phases carried from row to row): gradients against
-    float64 and the Triton kernels."""
-    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
-    monkeypatch.setattr(runtime, "WS_PERSISTENT", "all")
-    monkeypatch.setattr(runtime, "WS_PROGRAMS", 5)
-    assert_like_the_reference_and_the_triton_backward(mods(), dtype, hkv, d, seed=97)
-
-
-@hopper
-@pytest.mark.parametrize("d", [128, 64])
-def test_sparse_block_maps_take_the_persistent_gluon_backward(d, monkeypatch):
-    """A map with under SPARSE_OCCUPANCY of its 128 x 128 tiles non-empty (documents of 64 tokens: the
-    diagonal's tiles, 1/16) leaves the forward to the Triton kernel and takes the persistent Gluon
-    backward; with WS_PERSISTENT = "never" the Triton kernels take the backward too."""
-    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
-    doc = torch.arange(2048, device=DEV) // 64
-    mods = dict(mask_mod=fg.mods.document(doc) & fg.mods.causal)
-    q, k, v = make_qkv(1, 2, 2048, d, seed=99)
-    attn = fg.compile(**mods)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = attn(*leaves)
-    assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
-    dout = randn(1, 2, 2048, d, dtype=q.dtype, seed=98)
-    out.backward(dout)
-    assert attn.last_tiles["dQ, dK/dV"] == "warp-specialised (Gluon), one pass"
-    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    fg.attention_reference(*ref, **mods).backward(dout.double())
-    monkeypatch.setattr(runtime, "WS_PERSISTENT", "never")
-    tri = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    attn(*tri).backward(dout)
-    assert "dQ, dK/dV" not in attn.last_tiles
-    for name, g, w, t in zip(("dq", "dk", "dv"), leaves, ref, tri):
-        assert torch.isfinite(g.grad).all(), name
-        assert rel_err(g.grad, w.grad) < 3e-2, name
-        assert rel_err(g.grad, t.grad) < 1e-2, name
-
-
 def test_warp_specialised_forward_leaves_other_calls_to_the_triton_kernel(monkeypatch):
     """Small calls, lengths that are not multiples of 128, misaligned inputs and mods outside plain
     logits with a band go through the Triton kernel, still right."""

@@ -247,8 +247,7 @@ def test_a_low_rank_bias_call_takes_the_gluon_kernels_with_its_factors_as_column
         out.copy_(o)
         lse.copy_(l_)
 
-    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=(),
-                      persistent=False):
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=()):
         calls.append(("bwd", q.shape[-1], k.shape[-1], v.shape[-1], scale, plain))
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         with torch.enable_grad():
@@ -303,8 +302,7 @@ def test_which_calls_take_the_warp_specialised_backward(monkeypatch):
 
     calls = []
 
-    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=(),
-                      persistent=False):
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=()):
         calls.append((module.attn_bwd_ws.fn.__name__, dlse is not None, scale))
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         with torch.enable_grad():  # (autograd runs backwards without)
@@ -412,9 +410,8 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
         out.copy_(o)
         lse.copy_(l_)
 
-    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=(),
-                      persistent=False):
-        calls.append(("bwd", mods, plain, runs[0].tolist(), runs[1:], persistent))
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=()):
+        calls.append(("bwd", mods, plain, runs[0].tolist(), runs[1:]))
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         with torch.enable_grad():
             torch.autograd.backward(reference(*leaves, scale, mask, False)[0], dout.double())
@@ -430,7 +427,7 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     # query block 0 sees key block 0 partly; 1 both, 0 whole and 1 partly (the diagonal)
     assert calls[0] == ("fwd", [], True, [[[[[1, 0, 1], [0, 0, 0]], [[1, 1, 2], [1, 0, 1]]]]], (0, 0, 6, 3))
     # key block 0: rows 0-127 partly (two blocks of 64), 128-255 whole; key block 1: rows 128-255 partly
-    assert calls[1] == ("bwd", [], True, [[[[[1, 0, 2], [1, 2, 4]], [[1, 2, 4], [0, 0, 0]]]]], (0, 0, 6, 3), False)
+    assert calls[1] == ("bwd", [], True, [[[[[1, 0, 2], [1, 2, 4]], [[1, 2, 4], [0, 0, 0]]]]], (0, 0, 6, 3))
     assert attn.last_tiles["dQ, dK/dV"] == "warp-specialised (Gluon), one pass"
     calls.clear()
     mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 10 * h)
@@ -443,11 +440,6 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     mask = fg.mods.document(torch.arange(2048) // 128)  # 16 documents: 6 % of the 128 x 128 tiles non-empty
     q, k, v = (torch.randn(1, 1, 2048, 64, requires_grad=True) for _ in range(3))
     attn = fg.compile(mask_mod=mask)
-    attn(q, k, v).sum().backward()
-    # the Triton forward, the persistent Gluon backward (runtime.WS_PERSISTENT = "sparse")
-    assert [(c[0], c[-1]) for c in calls] == [("bwd", True)] and "dQ" not in attn.last_tiles
-    calls.clear()
-    monkeypatch.setattr(runtime, "WS_PERSISTENT", "never")
     attn(q, k, v).sum().backward()
     assert calls == [] and "dQ" in attn.last_tiles  # the Triton kernels, both ways
 
@@ -468,8 +460,7 @@ def test_a_dense_bias_call_passes_its_tiles_to_the_gluon_kernels(dtype, taken, m
         out.copy_(o)
         lse.copy_(l_)
 
-    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=(),
-                      persistent=False):
+    def fake_backward(module, q, k, v, out, lse, dout, dlse, scale, mods=None, plain=True, runs=(), tile=()):
         calls.append(("bwd", plain, tile[0].block_shape, tile[1:], tile[0].base.data_ptr() == bias.data_ptr()))
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         with torch.enable_grad():
