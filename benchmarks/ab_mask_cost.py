@@ -1,0 +1,127 @@
+"""What a block map's partial tiles cost in mask code: a variant timed with its kernels as generated
+and with the mask's ``where`` dropped from their source (the same tiles visited, the mask's reads
+and compares gone: wrong outputs, timed only), for the Triton kernels and for the Gluon ones (which
+sparse maps do not take by default: ``Attention._ws_map_fits`` is overridden here). Forward and
+forward+backward, arms interleaved in one process, next to flex (PERFLOG, twenty-first session).
+
+    PYTHONPATH=. python3 benchmarks/ab_mask_cost.py [--variants document] [--shape 4x16x8192x128] [--rounds 3]
+
+The arms that keep their mask are checked against each other (out and gradients, relative error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import suite  # noqa: E402
+
+import flashgen as fg  # noqa: E402
+from flashgen import runtime  # noqa: E402
+
+MASK_WHERE = re.compile(r'^(\s*)(s|st) = (tl|gl)\.where\(([tm]\d+), (s|st), float\("-inf"\)\)$', re.M)
+DROP = {"now": False}
+_load_module = runtime.load_module
+
+
+def _patched_load_module(ks):
+    if DROP["now"]:
+        source, n = MASK_WHERE.subn(r"\1\2 = \2  # (mask dropped: timing only)", ks.source)
+        if n:
+            ks = dataclasses.replace(ks, source=source, key=hashlib.sha256(source.encode()).hexdigest())
+    return _load_module(ks)
+
+
+runtime.load_module = _patched_load_module
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default="document", help=f"of: {', '.join(suite.VARIANTS)}")
+    p.add_argument("--shape", default="4x16x8192x128")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("ab_mask_cost: no CUDA device")
+        return 0
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    flex = torch.compile(flex_attention)
+    B, H, S, D = suite.parse_shape(args.shape)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+    rows = []
+    for name in suite.parse_list(args.variants, suite.VARIANTS, "variants"):
+        var = suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name].variant
+        mask = create_block_mask(var.flex_mask, None, None, S, S, device="cuda") if var.flex_mask else None
+        arms = {}
+        for kernels in ("triton", "gluon"):
+            for drop in (False, True):
+                attn = fg.compile(**var.fg_kwargs)
+                if kernels == "gluon":
+                    attn._ws_dense[((B, H, S, S), str(q.device))] = True  # (sparse maps take the Gluon kernels)
+
+                def fwd(attn=attn, drop=drop):
+                    DROP["now"] = drop
+                    try:
+                        with torch.no_grad():
+                            return attn(q, k, v)
+                    finally:
+                        DROP["now"] = False
+
+                def both(attn=attn, drop=drop):
+                    DROP["now"] = drop
+                    try:
+                        out = attn(q, k, v)
+                        out.backward(dout)
+                        return out
+                    finally:
+                        DROP["now"] = False
+
+                arms[kernels + ("-nomask" if drop else "")] = (attn, fwd, both)
+        arms["flex"] = (None, lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score, block_mask=mask),
+                        lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score,
+                                                        block_mask=mask).backward(dout))
+        results, used = {}, {}
+        for arm, (attn, _, both) in arms.items():
+            for t in (q, k, v):
+                t.grad = None
+            out = both()
+            results[arm] = [out.detach() if out is not None else None] + [t.grad.clone() for t in (q, k, v)]
+            used[arm] = dict(attn.last_tiles) if attn is not None else {}
+        errs = {arm: max(rel(a, b) for a, b in zip(results[arm], results["triton"]) if a is not None)
+                for arm in ("gluon",)}
+        times = {arm: ([], []) for arm in arms}
+        for _ in range(args.rounds):
+            for arm, (_, fwd, both) in arms.items():
+                times[arm][0].append(suite.time_ms(fwd, [], "cuda"))
+                times[arm][1].append(suite.time_ms(both, [q, k, v], "cuda"))
+        flops = 4 * B * H * suite.count_kept(var.fg_kwargs.get("mask_mod"), S, S, "cuda") * D
+        for arm, (tf, tb) in times.items():
+            f, b = statistics.median(tf), statistics.median(tb)
+            rows.append((name, arm, f, flops / f / 1e9, b, 3.5 * flops / b / 1e9, b - f, used[arm]))
+        print(f"{name}: gluon against triton (out, dq, dk, dv) {errs['gluon']:.1e}", flush=True)
+        assert errs["gluon"] < 2e-2, errs
+    print(f"\n# {args.shape} bf16, median of {args.rounds} interleaved rounds (nomask: wrong outputs, timing only)")
+    print(f"{'variant':<10} {'arm':<14} {'fwd ms':>7} {'TF/s':>6} {'f+b ms':>7} {'TF/s':>6} {'bwd ms':>7}  kernels")
+    for name, arm, f, ftf, b, btf, bw, kern in rows:
+        kinds = ", ".join(f"{k}: {v}" for k, v in kern.items())
+        print(f"{name:<10} {arm:<14} {f:7.3f} {ftf:6.1f} {b:7.3f} {btf:6.1f} {bw:7.3f}  {kinds[:70]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
