@@ -48,11 +48,25 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def kernel_times(fn) -> str:
+    """The CUDA kernels of one call of ``fn`` (after one warm call): name and µs, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    return "\n".join(f"  {t:9.1f}  {k[:90]}" for k, t in rows[:12]) + f"\n  {sum(t for _, t in rows):9.1f}  (sum)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="document", help=f"of: {', '.join(suite.VARIANTS)}")
     p.add_argument("--shape", default="4x16x8192x128")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="each arm's CUDA kernels in one fwd+bwd (torch.profiler)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("ab_mask_cost: no CUDA device")
@@ -104,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             used[arm] = dict(attn.last_tiles) if attn is not None else {}
         errs = {arm: max(rel(a, b) for a, b in zip(results[arm], results["triton"]) if a is not None)
                 for arm in ("gluon",)}
+        if args.profile:
+            for arm in ("triton", "gluon", "flex"):
+                print(f"## {name}, {arm}: CUDA kernels of one fwd+bwd (µs)")
+                print(kernel_times(arms[arm][2]), flush=True)
         times = {arm: ([], []) for arm in arms}
         for _ in range(args.rounds):
             for arm, (_, fwd, both) in arms.items():
