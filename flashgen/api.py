@@ -405,11 +405,14 @@ class Attention:
         """``runtime.ws_forward``'s (or ``ws_backward``'s) arguments past the scale for this call of the
         Gluon module ``ws`` (captured tensors' for mods it evaluates, plain logits or not, block map
         runs, a dense bias's TMA arguments), or None where the Triton kernels take the call:
-        ``ws_fits`` says no, a map under 10% full, a bias TMA cannot read or not proved in range, or in
+        ``ws_fits`` says no, a map under 10% full (the backward's too unless
+        ``runtime.WS_SPARSE_BACKWARD``), a bias TMA cannot read or not proved in range, or in
         a grouped backward a map that varies by head (the kernel visits one set of query blocks)."""
         B, Hq, S, D = q.shape
         shape, maps = (B, Hq, S, S), self.analysis.block_runs
-        if ws is None or not ws_fits(q, k, v, backward=backward) or not self._ws_map_fits(shape, q.device):
+        if ws is None or not ws_fits(q, k, v, backward=backward):
+            return None
+        if not self._ws_map_fits(shape, q.device) and not (backward and runtime.WS_SPARSE_BACKWARD):
             return None
         tile = ()
         if ws.tile_reads:

@@ -372,6 +372,10 @@ WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x
 # 1, or 2 and 2); chosen by benchmarks/ab_ws_backward.py (PERFLOG)
 WS_BACKWARD_STAGES = 2
 WS_DQ_BUFFERS = 2
+# the Gluon backward for block maps with fewer than SPARSE_OCCUPANCY of their tiles non-empty (rows of a
+# few query blocks: a document mask's), whose forward stays on the Triton kernel
+# (benchmarks/ab_sparse_backward.py, PERFLOG)
+WS_SPARSE_BACKWARD = False
 # the least work (4·B·H·S²·D) it takes: ~0.2 ms of forward. Its launch goes through Gluon's launcher
 # (130-250 µs of host time per call on the H200 host, against 35-67 µs for the Triton kernel's kept
 # launches; benchmarks/ws_host.py), which smaller calls would wait on
@@ -510,7 +514,8 @@ def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 
 @triton.jit
-def _row_dots(a, b, sub, out, rows, D: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
+def _row_dots(a, b, sub, out, zeros, rows, D: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+              ZEROS: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = r < rows
     offs = r.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
@@ -521,32 +526,56 @@ def _row_dots(a, b, sub, out, rows, D: tl.constexpr, BLOCK: tl.constexpr, SUB: t
         d = tl.load(sub + r, mask=keep, other=0.0)
         dot -= tl.where((d == d) & (tl.abs(d) != float("inf")), d, 0.0)
     tl.store(out + r, dot, mask=keep)
+    if ZEROS:  # the same rows of a float32 buffer, zeroed in this pass rather than in one of its own
+        tl.store(zeros + offs, tl.zeros([BLOCK, D], tl.float32), mask=keep[:, None])
 
 
-def row_dots(a: torch.Tensor, b: torch.Tensor, sub: torch.Tensor | None = None) -> torch.Tensor:
+def row_dots(a: torch.Tensor, b: torch.Tensor, sub: torch.Tensor | None = None,
+             zeros: torch.Tensor | None = None) -> torch.Tensor:
     """rowsum(a · b) - sub in float32 for contiguous [..., D] ``a`` and ``b`` (D a power of two) and
     ``sub`` of their leading shape, its non-finite entries taken as 0: the backward's
-    delta = rowsum(dO · O) - dlse."""
+    delta = rowsum(dO · O) - dlse. ``zeros``: a contiguous float32 tensor of a's shape, set to 0
+    in the same pass (the Gluon backward's dQ sums)."""
     rows, D = a.numel() // a.shape[-1], a.shape[-1]
     out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
+    if zeros is not None:
+        assert zeros.shape == a.shape and zeros.dtype == torch.float32 and zeros.is_contiguous()
     if rows:
-        kept_launch(_row_dots, (triton.cdiv(rows, 32),), (a, b, sub if sub is not None else out, out, rows),
-                    dict(D=D, BLOCK=32, SUB=sub is not None))
+        kept_launch(_row_dots, (triton.cdiv(rows, 32),),
+                    (a, b, sub if sub is not None else out, out, zeros if zeros is not None else out, rows),
+                    dict(D=D, BLOCK=32, SUB=sub is not None, ZEROS=zeros is not None))
     return out
+
+
+@triton.jit
+def _cast(src, dst, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = i < n
+    tl.store(dst + i, tl.load(src + i, mask=keep).to(dst.dtype.element_ty, fp_downcast_rounding="rtne"), mask=keep)
+
+
+def cast(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous tensor's entries in ``dtype``: one vectorised pass (PyTorch's mixed-dtype
+    elementwise kernels run unvectorised, ~3 TB/s from float32 to bf16 on the H200)."""
+    dst = torch.empty(src.shape, dtype=dtype, device=src.device)
+    if src.numel():
+        kept_launch(_cast, (triton.cdiv(src.numel(), 4096),), (src, dst, src.numel()), dict(BLOCK=4096))
+    return dst
 
 
 def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float, mods: list | None = None,
                 plain: bool = True, runs: tuple = (), tile: tuple = ()) -> tuple:
     """dq, dk, dv from ``module.attn_bwd_ws`` (``ws_fits(..., backward=True)`` said yes for q, k, v;
-    out, lse, dout and dlse (or None) contiguous): one pass, dQ added up in float32 and scaled after.
+    out, lse, dout and dlse (or None) contiguous): one pass, dQ's tiles scaled and added up in a
+    float32 buffer (zeroed by delta's pass), then cast.
     ``mods``, ``plain``: as for ``ws_forward``; ``runs``: the transposed map's (128 keys x 64 rows);
     ``tile``: ``ws_tile_args``'s at blocks of 64 x 128, for a module that reads a tensor in [q, kv]
     tiles. q and k may have ``WS_EXTRA_QK`` columns past v's head dim (a module rendered with
     ``extra_qk``): their gradients come back as zeros (frozen factors of a low-rank bias)."""
     B, Hq, S, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
-    delta = row_dots(dout, out, dlse)
-    dq_sum = torch.zeros((B, Hq, S, Dv), dtype=torch.float32, device=q.device)
+    dq_sum = torch.empty((B, Hq, S, Dv), dtype=torch.float32, device=q.device)
+    delta = row_dots(dout, out, dlse, zeros=dq_sum)
     dk, dv = torch.empty_like(v), torch.empty_like(v)
     extra = tuple(_gluon_descriptor(t[..., Dv:], [64, D - Dv]) for t in (q, k)) if D != Dv else ()
     kept_launch(module.attn_bwd_ws, (S // 128, B * Hkv),
@@ -556,9 +585,9 @@ def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float,
                 dict(GROUP_SIZE=Hq // Hkv, STAGES=WS_BACKWARD_STAGES, num_warps=4,  # (tiles' rings: a dQ buffer's room)
                      DQ_BUFFERS=1 if (tile or extra) and Dv == 128 else WS_DQ_BUFFERS))
     if not extra:
-        return torch.mul(dq_sum, scale, out=torch.empty_like(q)), dk, dv
+        return cast(dq_sum, q.dtype), dk, dv
     dq_full, dk_full = torch.zeros_like(q), torch.zeros_like(k)  # (the extra columns' gradients: zeros)
-    dq_full[..., :Dv] = dq_sum * scale
+    dq_full[..., :Dv] = dq_sum
     dk_full[..., :Dv] = dk
     return dq_full, dk_full, dv
 

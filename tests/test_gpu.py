@@ -815,6 +815,41 @@ def test_warp_specialised_backward_matches_the_reference_and_the_triton_kernels(
     assert_like_the_reference_and_the_triton_backward(dict(mask_mod=mask), dtype, hkv, d, seed=71)
 
 
+@hopper
+@pytest.mark.parametrize("d", [128, 64])
+def test_sparse_block_maps_backward_in_gluon_when_asked(d, monkeypatch):
+    """A map with under SPARSE_OCCUPANCY of its 128 x 128 tiles non-empty (documents of 64 tokens:
+    the diagonal's tiles, 1/16) leaves the forward to the Triton kernel; its backward takes the
+    Gluon kernel with ``runtime.WS_SPARSE_BACKWARD`` and the Triton ones without: both right."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    mods = dict(mask_mod=fg.mods.document(torch.arange(2048, device=DEV) // 64) & fg.mods.causal)
+    q, k, v = make_qkv(1, 2, 2048, d, seed=99)
+    dout = randn(1, 2, 2048, d, dtype=q.dtype, seed=98)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    fg.attention_reference(*ref, **mods).backward(dout.double())
+    attn = fg.compile(**mods)
+    got = {}
+    for gluon in (True, False):
+        monkeypatch.setattr(runtime, "WS_SPARSE_BACKWARD", gluon)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        attn(*leaves).backward(dout)
+        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
+        assert (attn.last_tiles.get("dQ, dK/dV") == "warp-specialised (Gluon), one pass") == gluon
+        got[gluon] = [t.grad for t in leaves]
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert torch.isfinite(got[True][i]).all(), name
+        assert rel_err(got[True][i], ref[i].grad) < 3e-2, name
+        assert rel_err(got[True][i], got[False][i]) < 1e-2, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_is_torchs_rounding_on_the_gpu(dtype):
+    """``runtime.cast`` (the Gluon backward's dQ) rounds float32 as torch does: bit for bit."""
+    src = torch.randn(3, 5000, device=DEV) * torch.logspace(-8, 4, 5000, device=DEV)
+    got, want = runtime.cast(src, dtype), src.to(dtype)
+    assert torch.equal(got, want)
+
+
 def test_warp_specialised_forward_leaves_other_calls_to_the_triton_kernel(monkeypatch):
     """Small calls, lengths that are not multiples of 128, misaligned inputs and mods outside plain
     logits with a band go through the Triton kernel, still right."""

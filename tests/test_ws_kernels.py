@@ -289,9 +289,27 @@ def test_row_dots_is_the_backward_delta(dlse):
     if dlse:  # (a fully masked row's dlse may be +-inf or NaN: it counts as 0, as in the Triton backward)
         sub[0, 0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
     want = (a.double() * b.double()).sum(-1) - (sub.double().nan_to_num(0.0, 0.0, 0.0) if dlse else 0)
-    got = runtime.row_dots(a, b, sub)
+    zeros = torch.randn(2, 3, 40, 64)  # (the Gluon backward's dQ sums, zeroed in the same pass)
+    got = runtime.row_dots(a, b, sub, zeros=zeros)
     assert got.dtype == torch.float32 and got.shape == (2, 3, 40)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(zeros, torch.zeros_like(zeros))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_rounds_as_torch_does(dtype):
+    """Exactly torch's rounding (to nearest even) in fp16; in bf16 within one unit in the last place:
+    Triton's interpreter truncates there (the GPU rounds to nearest even: test_gpu.py checks it)."""
+    src = torch.randn(3, 5000) * torch.logspace(-8, 4, 5000)  # (more than one block; ragged)
+    src[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    got = runtime.cast(src, dtype)
+    want = src.to(dtype)
+    assert got.dtype == dtype and got.shape == src.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = want.isfinite()
+    assert torch.equal(got[~finite & ~want.isnan()], want[~finite & ~want.isnan()])
+    ulp = 0.0 if dtype == torch.float16 else 2.0 ** -7
+    assert ((got[finite].double() - want[finite].double()).abs() <= ulp * want[finite].double().abs()).all()
 
 
 def test_which_calls_take_the_warp_specialised_backward(monkeypatch):
@@ -442,6 +460,9 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     attn = fg.compile(mask_mod=mask)
     attn(q, k, v).sum().backward()
     assert calls == [] and "dQ" in attn.last_tiles  # the Triton kernels, both ways
+    monkeypatch.setattr(runtime, "WS_SPARSE_BACKWARD", True)  # (the backward in Gluon, the forward not)
+    attn(q, k, v).sum().backward()
+    assert [c[0] for c in calls] == ["bwd"] and "dQ" not in attn.last_tiles
 
 
 @pytest.mark.parametrize("dtype, taken", [(torch.bfloat16, True), (torch.float32, False)])

@@ -59,13 +59,14 @@ def compile_case(case: str, folder: Path) -> dict:
                                 ) if reads else ()
     launches: list = []
     with parallel.captured(launches):  # the launches' arguments, recorded instead of run
-        if backward:  # (delta's Triton kernel first)
-            runtime.ws_backward(module, q, k, v, torch.randn_like(q), torch.randn(2, 4, 512), torch.randn_like(q),
-                                None, 0.1, mods, plain, runs, tile)
+        if backward:  # (delta's Triton kernel first, dQ's cast after)
+            out = torch.randn(2, 4, 512, dv, dtype=dtype)  # (and dout: v's head dim)
+            runtime.ws_backward(module, q, k, v, out, torch.randn(2, 4, 512), torch.randn_like(out), None, 0.1, mods,
+                                plain, runs, tile)
         else:
             runtime.ws_forward(module, q, k, v, torch.empty(2, 4, 512, dv, dtype=dtype), torch.empty(2, 4, 512), 0.1,
                                mods, plain, runs, tile)
-    kernel, args, kwargs = launches[-1]
+    kernel, args, kwargs = next(launch for launch in launches if "GROUP_SIZE" in launch[2])  # (not delta's, dQ's cast)
     target = GPUTarget("cuda", 90, 32)
     src, options = parallel.launch_source(kernel, args, kwargs, target)  # (a Gluon source for a Gluon kernel)
     compiled = triton_compile(src, target=target, options=options.__dict__)

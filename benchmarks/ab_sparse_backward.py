@@ -1,0 +1,96 @@
+"""Sparse block maps' backward in the Triton kernels or the Gluon one (``runtime.WS_SPARSE_BACKWARD``;
+the forward stays Triton either way), A/B: whole forward+backward calls, arms interleaved for
+``--rounds`` rounds on the same buffers, next to flex (PERFLOG, twenty-first session).
+
+    PYTHONPATH=. python3 benchmarks/ab_sparse_backward.py [--variants document] [--shape 4x16x8192x128]
+        [--rounds 3] [--profile]
+
+The arms' gradients are checked against each other (relative error, printed; above 1e-2 fails).
+``--profile`` prints each arm's CUDA kernels in one call (``ab_mask_cost.kernel_times``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import suite  # noqa: E402
+from ab_mask_cost import kernel_times, rel  # noqa: E402
+
+import flashgen as fg  # noqa: E402
+from flashgen import runtime  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default="document", help=f"of: {', '.join(suite.VARIANTS)}")
+    p.add_argument("--shape", default="4x16x8192x128")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("ab_sparse_backward: no CUDA device")
+        return 0
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    flex = torch.compile(flex_attention)
+    B, H, S, D = suite.parse_shape(args.shape)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+    saved = runtime.WS_SPARSE_BACKWARD
+    rows = []
+    for name in suite.parse_list(args.variants, suite.VARIANTS, "variants"):
+        var = suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name].variant
+        attn = fg.compile(**var.fg_kwargs)
+        mask = create_block_mask(var.flex_mask, None, None, S, S, device="cuda") if var.flex_mask else None
+
+        def call(gluon: bool, attn=attn):
+            def run():
+                runtime.WS_SPARSE_BACKWARD = gluon  # (read by each backward call)
+                try:
+                    attn(q, k, v).backward(dout)
+                finally:
+                    runtime.WS_SPARSE_BACKWARD = saved
+            return run
+
+        arms = {"triton": call(False), "gluon": call(True),
+                "flex": lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score,
+                                                        block_mask=mask).backward(dout)}
+        grads, kernels = {}, {}
+        for arm in ("triton", "gluon"):
+            for t in (q, k, v):
+                t.grad = None
+            arms[arm]()
+            kernels[arm] = ", ".join(f"{k}: {v}" for k, v in attn.last_tiles.items())
+            grads[arm] = [t.grad.clone() for t in (q, k, v)]
+        err = max(rel(a, b) for a, b in zip(grads["gluon"], grads["triton"]))
+        if args.profile:
+            for arm in ("triton", "gluon"):
+                print(f"## {name} {args.shape}, {arm} backward: CUDA kernels of one fwd+bwd (µs)")
+                print(kernel_times(arms[arm]), flush=True)
+        times: dict[str, list[float]] = {arm: [] for arm in arms}
+        for _ in range(args.rounds):
+            for arm, fn in arms.items():
+                times[arm].append(suite.time_ms(fn, [q, k, v], "cuda"))
+        flops = 3.5 * 4 * B * H * suite.count_kept(var.fg_kwargs.get("mask_mod"), S, S, "cuda") * D
+        flex_ms = statistics.median(times["flex"])
+        for arm, ts in times.items():
+            ms = statistics.median(ts)
+            rows.append((name, arm, ms, flops / ms / 1e9, flex_ms / ms, err if arm == "gluon" else None,
+                         kernels.get(arm, "")))
+        assert err < 1e-2, err
+    print(f"\n# {args.shape} bf16 forward+backward, median of {args.rounds} interleaved rounds")
+    print(f"{'variant':<10} {'backward':>8} {'ms':>8} {'TF/s':>7} {'x flex':>7} {'grad err':>9}  kernels")
+    for name, arm, ms, tf, ratio, e, kern in rows:
+        print(f"{name:<10} {arm:>8} {ms:8.3f} {tf:7.1f} {ratio:7.2f} {'' if e is None else f'{e:.1e}':>9}  {kern[:80]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
