@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in (q, k, v):
                 t.grad = None
             arms[arm]()
-            kernels[arm] = ", ".join(f"{k}: {v}" for k, v in attn.last_tiles.items())
+            kernels[arm] = ", ".join(f"{kind}: {cfg}" for kind, cfg in attn.last_tiles.items())
             grads[arm] = [t.grad.clone() for t in (q, k, v)]
         err = max(rel(a, b) for a, b in zip(grads["gluon"], grads["triton"]))
         if args.profile:
