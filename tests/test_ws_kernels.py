@@ -289,11 +289,9 @@ def test_row_dots_is_the_backward_delta(dlse):
     if dlse:  # (a fully masked row's dlse may be +-inf or NaN: it counts as 0, as in the Triton backward)
         sub[0, 0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
     want = (a.double() * b.double()).sum(-1) - (sub.double().nan_to_num(0.0, 0.0, 0.0) if dlse else 0)
-    zeros = torch.randn(2, 3, 40, 64)  # (the Gluon backward's dQ sums, zeroed in the same pass)
-    got = runtime.row_dots(a, b, sub, zeros=zeros)
+    got = runtime.row_dots(a, b, sub)
     assert got.dtype == torch.float32 and got.shape == (2, 3, 40)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    assert torch.equal(zeros, torch.zeros_like(zeros))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
