@@ -6,7 +6,7 @@ the forward stays Triton either way), A/B: whole forward+backward calls, arms in
         [--rounds 3] [--profile]
 
 The arms' gradients are checked against each other (relative error, printed; above 1e-2 fails).
-``--profile`` prints each arm's CUDA kernels in one call (``ab_mask_cost.kernel_times``).
+``--profile`` prints each arm's CUDA kernels in one call (``ab_ablate.kernel_times``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite  # noqa: E402
-from ab_mask_cost import kernel_times, rel  # noqa: E402
+from ab_ablate import kernel_times, rel  # noqa: E402
 
 import flashgen as fg  # noqa: E402
 from flashgen import runtime  # noqa: E402

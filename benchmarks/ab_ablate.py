@@ -1,12 +1,17 @@
-"""What a block map's partial tiles cost in mask code: a variant timed with its kernels as generated
-and with the mask's ``where`` dropped from their source (the same tiles visited, the mask's reads
-and compares gone: wrong outputs, timed only), for the Triton kernels and for the Gluon ones (which
-sparse maps do not take by default: ``Attention._ws_map_fits`` is overridden here). Forward and
-forward+backward, arms interleaved in one process, next to flex (PERFLOG, twenty-first session).
+"""What a piece of the generated kernels costs: a variant timed with its kernels as generated and
+with that piece dropped from their source (the same tiles visited; wrong outputs, timed only), for
+the Triton kernels and for the Gluon ones (which sparse maps do not take by default:
+``Attention._ws_map_fits`` is overridden for them). Forward and forward+backward, arms interleaved
+in one process, next to flex (PERFLOG, twenty-first session; its call 4 ran this as
+``ab_mask_cost.py``, the ``mask`` arms).
 
-    PYTHONPATH=. python3 benchmarks/ab_mask_cost.py [--variants document] [--shape 4x16x8192x128] [--rounds 3]
+    PYTHONPATH=. python3 benchmarks/ab_ablate.py [--variants document] [--shape 4x16x8192x128]
+        [--arms triton,triton:mask,gluon,gluon:mask,gluon:dq_reduce] [--rounds 3] [--profile]
 
-The arms that keep their mask are checked against each other (out and gradients, relative error).
+Pieces (``DROPS``): ``mask``, the mask's ``where`` (its reads and compares go with it);
+``dq_reduce``, the Gluon backward's TMA reduction of each dQ tile into the float32 buffer. An arm
+whose piece is not in its kernels' source is refused. The ``triton`` and ``gluon`` arms are checked
+against each other (out and gradients, relative error).
 """
 
 from __future__ import annotations
@@ -28,15 +33,22 @@ import suite  # noqa: E402
 import flashgen as fg  # noqa: E402
 from flashgen import runtime  # noqa: E402
 
-MASK_WHERE = re.compile(r'^(\s*)(s|st) = (tl|gl)\.where\(([tm]\d+), (s|st), float\("-inf"\)\)$', re.M)
-DROP = {"now": False}
+DROPS = {  # piece -> (the lines that are it, what stands in for them)
+    "mask": (re.compile(r'^(\s*)(s|st) = (tl|gl)\.where\(([tm]\d+), (s|st), float\("-inf"\)\)$', re.M),
+             r"\1\2 = \2  # (mask dropped: timing only)"),
+    "dq_reduce": (re.compile(r"^(\s*)_tma_reduce_add\(dqa_desc, .*\)$", re.M),
+                  r"\1pass  # (dQ's reduction dropped: timing only)"),
+}
+DROP = {"now": None, "done": set()}  # the piece dropped by the call running now; pieces found in a source
 _load_module = runtime.load_module
 
 
 def _patched_load_module(ks):
     if DROP["now"]:
-        source, n = MASK_WHERE.subn(r"\1\2 = \2  # (mask dropped: timing only)", ks.source)
+        pattern, stand_in = DROPS[DROP["now"]]
+        source, n = pattern.subn(stand_in, ks.source)
         if n:
+            DROP["done"].add(DROP["now"])
             ks = dataclasses.replace(ks, source=source, key=hashlib.sha256(source.encode()).hexdigest())
     return _load_module(ks)
 
@@ -65,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="document", help=f"of: {', '.join(suite.VARIANTS)}")
     p.add_argument("--shape", default="4x16x8192x128")
+    p.add_argument("--arms", default="triton,triton:mask,gluon,gluon:mask,gluon:dq_reduce")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="each arm's CUDA kernels in one fwd+bwd (torch.profiler)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("ab_mask_cost: no CUDA device")
+        print("ab_ablate: no CUDA device")
         return 0
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)
@@ -82,30 +95,31 @@ def main(argv: list[str] | None = None) -> int:
         var = suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name].variant
         mask = create_block_mask(var.flex_mask, None, None, S, S, device="cuda") if var.flex_mask else None
         arms = {}
-        for kernels in ("triton", "gluon"):
-            for drop in (False, True):
-                attn = fg.compile(**var.fg_kwargs)
-                if kernels == "gluon":
-                    attn._ws_dense[((B, H, S, S), str(q.device))] = True  # (sparse maps take the Gluon kernels)
+        for arm in args.arms.split(","):
+            kernels, _, drop = arm.partition(":")
+            assert kernels in ("triton", "gluon") and (not drop or drop in DROPS), arm
+            attn = fg.compile(**var.fg_kwargs)
+            if kernels == "gluon":
+                attn._ws_dense[((B, H, S, S), str(q.device))] = True  # (sparse maps take the Gluon kernels)
 
-                def fwd(attn=attn, drop=drop):
-                    DROP["now"] = drop
-                    try:
-                        with torch.no_grad():
-                            return attn(q, k, v)
-                    finally:
-                        DROP["now"] = False
+            def fwd(attn=attn, drop=drop or None):
+                DROP["now"] = drop
+                try:
+                    with torch.no_grad():
+                        return attn(q, k, v)
+                finally:
+                    DROP["now"] = None
 
-                def both(attn=attn, drop=drop):
-                    DROP["now"] = drop
-                    try:
-                        out = attn(q, k, v)
-                        out.backward(dout)
-                        return out
-                    finally:
-                        DROP["now"] = False
+            def both(attn=attn, drop=drop or None):
+                DROP["now"] = drop
+                try:
+                    out = attn(q, k, v)
+                    out.backward(dout)
+                    return out
+                finally:
+                    DROP["now"] = None
 
-                arms[kernels + ("-nomask" if drop else "")] = (attn, fwd, both)
+            arms[arm] = (attn, fwd, both)
         arms["flex"] = (None, lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score, block_mask=mask),
                         lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score,
                                                         block_mask=mask).backward(dout))
@@ -113,13 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         for arm, (attn, _, both) in arms.items():
             for t in (q, k, v):
                 t.grad = None
+            DROP["done"].clear()
             out = both()
+            drop = arm.partition(":")[2]
+            assert not drop or drop in DROP["done"], f"{arm}: no {drop} in its kernels' source"
             results[arm] = [out.detach() if out is not None else None] + [t.grad.clone() for t in (q, k, v)]
             used[arm] = dict(attn.last_tiles) if attn is not None else {}
-        errs = {arm: max(rel(a, b) for a, b in zip(results[arm], results["triton"]) if a is not None)
-                for arm in ("gluon",)}
+        if "triton" in results and "gluon" in results:
+            err = max(rel(a, b) for a, b in zip(results["gluon"], results["triton"]) if a is not None)
+            print(f"{name}: gluon against triton (out, dq, dk, dv) {err:.1e}", flush=True)
+            assert err < 2e-2, err
         if args.profile:
-            for arm in ("triton", "gluon", "flex"):
+            for arm in arms:
                 print(f"## {name}, {arm}: CUDA kernels of one fwd+bwd (µs)")
                 print(kernel_times(arms[arm][2]), flush=True)
         times = {arm: ([], []) for arm in arms}
@@ -131,13 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         for arm, (tf, tb) in times.items():
             f, b = statistics.median(tf), statistics.median(tb)
             rows.append((name, arm, f, flops / f / 1e9, b, 3.5 * flops / b / 1e9, b - f, used[arm]))
-        print(f"{name}: gluon against triton (out, dq, dk, dv) {errs['gluon']:.1e}", flush=True)
-        assert errs["gluon"] < 2e-2, errs
-    print(f"\n# {args.shape} bf16, median of {args.rounds} interleaved rounds (nomask: wrong outputs, timing only)")
-    print(f"{'variant':<10} {'arm':<14} {'fwd ms':>7} {'TF/s':>6} {'f+b ms':>7} {'TF/s':>6} {'bwd ms':>7}  kernels")
+    print(f"\n# {args.shape} bf16, median of {args.rounds} interleaved rounds (arms with a drop: timing only)")
+    print(f"{'variant':<10} {'arm':<16} {'fwd ms':>7} {'TF/s':>6} {'f+b ms':>7} {'TF/s':>6} {'bwd ms':>7}  kernels")
     for name, arm, f, ftf, b, btf, bw, kern in rows:
-        kinds = ", ".join(f"{k}: {v}" for k, v in kern.items())
-        print(f"{name:<10} {arm:<14} {f:7.3f} {ftf:6.1f} {b:7.3f} {btf:6.1f} {bw:7.3f}  {kinds[:70]}")
+        kinds = ", ".join(f"{kind}: {cfg}" for kind, cfg in kern.items())
+        print(f"{name:<10} {arm:<16} {f:7.3f} {ftf:6.1f} {b:7.3f} {btf:6.1f} {bw:7.3f}  {kinds[:70]}")
     return 0
 
 
