@@ -73,6 +73,15 @@ def kernel_times(fn) -> str:
     return "\n".join(f"  {t:9.1f}  {k[:90]}" for k, t in rows[:12]) + f"\n  {sum(t for _, t in rows):9.1f}  (sum)"
 
 
+def inputs(shape: str) -> tuple:
+    """flex compiled, the shape's (B, H, S, D), bf16 q, k, v that require grad, and dout, on the GPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+    B, H, S, D = suite.parse_shape(shape)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    return torch.compile(flex_attention), (B, H, S, D), (q, k, v), torch.randn_like(q)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="document", help=f"of: {', '.join(suite.VARIANTS)}")
@@ -84,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("ab_ablate: no CUDA device")
         return 0
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    flex = torch.compile(flex_attention)
-    B, H, S, D = suite.parse_shape(args.shape)
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    dout = torch.randn_like(q)
+    from torch.nn.attention.flex_attention import create_block_mask
+    flex, (B, H, S, D), (q, k, v), dout = inputs(args.shape)
     rows = []
     for name in suite.parse_list(args.variants, suite.VARIANTS, "variants"):
         var = suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name].variant

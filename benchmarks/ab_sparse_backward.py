@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite  # noqa: E402
-from ab_ablate import kernel_times, rel  # noqa: E402
+from ab_ablate import inputs, kernel_times, rel  # noqa: E402
 
 import flashgen as fg  # noqa: E402
 from flashgen import runtime  # noqa: E402
@@ -37,12 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("ab_sparse_backward: no CUDA device")
         return 0
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    flex = torch.compile(flex_attention)
-    B, H, S, D = suite.parse_shape(args.shape)
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    dout = torch.randn_like(q)
+    from torch.nn.attention.flex_attention import create_block_mask
+    flex, (B, H, S, D), (q, k, v), dout = inputs(args.shape)
     saved = runtime.WS_SPARSE_BACKWARD
     rows = []
     for name in suite.parse_list(args.variants, suite.VARIANTS, "variants"):
