@@ -1,12 +1,13 @@
 """What a piece of the generated kernels costs: a variant timed with its kernels as generated and
 with that piece dropped from their source (the same tiles visited; wrong outputs, timed only), for
-the Triton kernels and for the Gluon ones (which sparse maps do not take by default:
-``Attention._ws_map_fits`` is overridden for them). Forward and forward+backward, arms interleaved
-in one process, next to flex (PERFLOG, twenty-first session; its call 4 ran this as
-``ab_mask_cost.py``, the ``mask`` arms).
+the Triton kernels (``runtime.WS_FORWARD`` and ``WS_BACKWARD`` off in their calls) and for the Gluon
+ones (which sparse maps take at head dim 128 only: ``Attention._ws_map_fits`` is overridden).
+Forward and forward+backward, arms interleaved in one process, next to flex (PERFLOG, twenty-first
+session, whose call 4 ran this as ``ab_mask_cost.py``, the ``mask`` arms; before the twenty-second
+the Gluon arms ran unpatched Gluon kernels, and ``triton`` the default dispatch).
 
     PYTHONPATH=. python3 benchmarks/ab_ablate.py [--variants document] [--shape 4x16x8192x128]
-        [--arms triton,triton:mask,gluon,gluon:mask,gluon:dq_reduce] [--rounds 3] [--profile]
+        [--arms triton,triton:mask,gluon,gluon:mask,gluon:dq_reduce] [--docs 1,16] [--rounds 3] [--profile]
 
 Pieces (``DROPS``): ``mask``, the mask's ``where`` (its reads and compares go with it);
 ``dq_reduce``, the Gluon backward's TMA reduction of each dQ tile into the float32 buffer. An arm
@@ -29,9 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite  # noqa: E402
+from bench_forward import build_variants  # noqa: E402
 
 import flashgen as fg  # noqa: E402
-from flashgen import runtime  # noqa: E402
+from flashgen import api, runtime  # noqa: E402
 
 DROPS = {  # piece -> (the lines that are it, what stands in for them)
     "mask": (re.compile(r'^(\s*)(s|st) = (tl|gl)\.where\(([tm]\d+), (s|st), float\("-inf"\)\)$', re.M),
@@ -54,6 +56,7 @@ def _patched_load_module(ks):
 
 
 runtime.load_module = _patched_load_module
+api.load_module = _patched_load_module  # (the Gluon kernels' launches import it by name)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="document", help=f"of: {', '.join(suite.VARIANTS)}")
     p.add_argument("--shape", default="4x16x8192x128")
     p.add_argument("--arms", default="triton,triton:mask,gluon,gluon:mask,gluon:dq_reduce")
+    p.add_argument("--docs", default="16", help="document counts for the document variant, e.g. 1,16 (one "
+                   "document: causal through a block map's runs)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="each arm's CUDA kernels in one fwd+bwd (torch.profiler)")
     args = p.parse_args(argv)
@@ -96,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     from torch.nn.attention.flex_attention import create_block_mask
     flex, (B, H, S, D), (q, k, v), dout = inputs(args.shape)
     rows = []
+    named = []
     for name in suite.parse_list(args.variants, suite.VARIANTS, "variants"):
-        var = suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name].variant
+        if name != "document":
+            named.append((name, suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name].variant))
+            continue
+        for n in map(int, args.docs.split(",")):
+            var = next(v for v in build_variants(fg, H, "cuda", seq_len=S, num_docs=n) if v.key == name)
+            named.append((f"document/{n}", var))
+    for name, var in named:
         mask = create_block_mask(var.flex_mask, None, None, S, S, device="cuda") if var.flex_mask else None
         arms = {}
         for arm in args.arms.split(","):
@@ -107,22 +119,22 @@ def main(argv: list[str] | None = None) -> int:
             if kernels == "gluon":
                 attn._ws_dense[((B, H, S, S), str(q.device))] = True  # (sparse maps take the Gluon kernels)
 
-            def fwd(attn=attn, drop=drop or None):
-                DROP["now"] = drop
+            def fwd(attn=attn, drop=drop or None, ws=kernels == "gluon"):
+                DROP["now"], runtime.WS_FORWARD, runtime.WS_BACKWARD = drop, ws, ws
                 try:
                     with torch.no_grad():
                         return attn(q, k, v)
                 finally:
-                    DROP["now"] = None
+                    DROP["now"], runtime.WS_FORWARD, runtime.WS_BACKWARD = None, True, True
 
-            def both(attn=attn, drop=drop or None):
-                DROP["now"] = drop
+            def both(attn=attn, drop=drop or None, ws=kernels == "gluon"):
+                DROP["now"], runtime.WS_FORWARD, runtime.WS_BACKWARD = drop, ws, ws
                 try:
                     out = attn(q, k, v)
                     out.backward(dout)
                     return out
                 finally:
-                    DROP["now"] = None
+                    DROP["now"], runtime.WS_FORWARD, runtime.WS_BACKWARD = None, True, True
 
             arms[arm] = (attn, fwd, both)
         arms["flex"] = (None, lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score, block_mask=mask),
@@ -156,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             f, b = statistics.median(tf), statistics.median(tb)
             rows.append((name, arm, f, flops / f / 1e9, b, 3.5 * flops / b / 1e9, b - f, used[arm]))
     print(f"\n# {args.shape} bf16, median of {args.rounds} interleaved rounds (arms with a drop: timing only)")
-    print(f"{'variant':<10} {'arm':<16} {'fwd ms':>7} {'TF/s':>6} {'f+b ms':>7} {'TF/s':>6} {'bwd ms':>7}  kernels")
+    print(f"{'variant':<12} {'arm':<16} {'fwd ms':>7} {'TF/s':>6} {'f+b ms':>7} {'TF/s':>6} {'bwd ms':>7}  kernels")
     for name, arm, f, ftf, b, btf, bw, kern in rows:
         kinds = ", ".join(f"{kind}: {cfg}" for kind, cfg in kern.items())
-        print(f"{name:<10} {arm:<16} {f:7.3f} {ftf:6.1f} {b:7.3f} {btf:6.1f} {bw:7.3f}  {kinds[:70]}")
+        print(f"{name:<12} {arm:<16} {f:7.3f} {ftf:6.1f} {b:7.3f} {btf:6.1f} {bw:7.3f}  {kinds[:70]}")
     return 0
 
 

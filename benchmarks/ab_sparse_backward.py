@@ -1,6 +1,8 @@
-"""Sparse block maps' backward in the Triton kernels or the Gluon one (``runtime.WS_SPARSE_BACKWARD``;
-the forward stays Triton either way), A/B: whole forward+backward calls, arms interleaved for
-``--rounds`` rounds on the same buffers, next to flex (PERFLOG, twenty-first session).
+"""Sparse block maps in the Triton kernels or the Gluon ones (``runtime.WS_SPARSE_HEAD_DIMS``), A/B:
+``triton`` (both ways), ``gluon`` (both ways where the Gluon forward covers the head dim) and
+``gluon-bwd`` (the Triton forward, the Gluon backward); whole forward+backward calls, arms
+interleaved for ``--rounds`` rounds on the same buffers, next to flex (PERFLOG, twenty-first and
+twenty-second sessions).
 
     PYTHONPATH=. python3 benchmarks/ab_sparse_backward.py [--variants document] [--shape 4x16x8192x128]
         [--rounds 3] [--profile]
@@ -39,36 +41,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from torch.nn.attention.flex_attention import create_block_mask
     flex, (B, H, S, D), (q, k, v), dout = inputs(args.shape)
-    saved = runtime.WS_SPARSE_BACKWARD
+    saved = runtime.WS_SPARSE_HEAD_DIMS, runtime.WS_FORWARD
     rows = []
     for name in suite.parse_list(args.variants, suite.VARIANTS, "variants"):
         var = suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name].variant
         attn = fg.compile(**var.fg_kwargs)
         mask = create_block_mask(var.flex_mask, None, None, S, S, device="cuda") if var.flex_mask else None
 
-        def call(gluon: bool, attn=attn):
+        def call(gluon: bool, forward: bool = True, attn=attn):
             def run():
-                runtime.WS_SPARSE_BACKWARD = gluon  # (read by each backward call)
-                try:
+                runtime.WS_SPARSE_HEAD_DIMS, runtime.WS_FORWARD = ((D,) if gluon else ()), forward
+                try:  # (read by each call)
                     attn(q, k, v).backward(dout)
                 finally:
-                    runtime.WS_SPARSE_BACKWARD = saved
+                    runtime.WS_SPARSE_HEAD_DIMS, runtime.WS_FORWARD = saved
             return run
 
-        arms = {"triton": call(False), "gluon": call(True),
+        arms = {"triton": call(False), "gluon": call(True), "gluon-bwd": call(True, forward=False),
                 "flex": lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score,
                                                         block_mask=mask).backward(dout)}
         grads, kernels = {}, {}
-        for arm in ("triton", "gluon"):
+        for arm in ("triton", "gluon", "gluon-bwd"):
             for t in (q, k, v):
                 t.grad = None
             arms[arm]()
             kernels[arm] = ", ".join(f"{kind}: {cfg}" for kind, cfg in attn.last_tiles.items())
             grads[arm] = [t.grad.clone() for t in (q, k, v)]
-        err = max(rel(a, b) for a, b in zip(grads["gluon"], grads["triton"]))
+        err = max(rel(a, b) for arm in ("gluon", "gluon-bwd") for a, b in zip(grads[arm], grads["triton"]))
         if args.profile:
-            for arm in ("triton", "gluon"):
-                print(f"## {name} {args.shape}, {arm} backward: CUDA kernels of one fwd+bwd (µs)")
+            for arm in ("triton", "gluon", "gluon-bwd"):
+                print(f"## {name} {args.shape}, {arm}: CUDA kernels of one fwd+bwd (µs)")
                 print(kernel_times(arms[arm]), flush=True)
         times: dict[str, list[float]] = {arm: [] for arm in arms}
         for _ in range(args.rounds):
@@ -78,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         flex_ms = statistics.median(times["flex"])
         for arm, ts in times.items():
             ms = statistics.median(ts)
-            rows.append((name, arm, ms, flops / ms / 1e9, flex_ms / ms, err if arm == "gluon" else None,
+            rows.append((name, arm, ms, flops / ms / 1e9, flex_ms / ms, err if arm.startswith("gluon") else None,
                          kernels.get(arm, "")))
         assert err < 1e-2, err
     print(f"\n# {args.shape} bf16 forward+backward, median of {args.rounds} interleaved rounds")
-    print(f"{'variant':<10} {'backward':>8} {'ms':>8} {'TF/s':>7} {'x flex':>7} {'grad err':>9}  kernels")
+    print(f"{'variant':<10} {'arm':>9} {'ms':>8} {'TF/s':>7} {'x flex':>7} {'grad err':>9}  kernels")
     for name, arm, ms, tf, ratio, e, kern in rows:
-        print(f"{name:<10} {arm:>8} {ms:8.3f} {tf:7.1f} {ratio:7.2f} {'' if e is None else f'{e:.1e}':>9}  {kern[:80]}")
+        print(f"{name:<10} {arm:>9} {ms:8.3f} {tf:7.1f} {ratio:7.2f} {'' if e is None else f'{e:.1e}':>9}  {kern[:80]}")
     return 0
 
 

@@ -166,19 +166,26 @@ class Attention:
             _sources[self.program.key] = ks
         return ks
 
-    def _ws_source(self, backward: bool = False, extra: int = 0) -> KernelSource | None:
+    def _ws_source(self, backward: bool = False, extra: int = 0, check_reads: bool = True) -> KernelSource | None:
         """The warp-specialised Hopper forward or backward (Gluon), or None where the program is outside
         it; ``extra``: how many columns q and k have past v's head dim (``runtime.WS_EXTRA_QK`` or 0:
-        a low-rank bias's factors; in the backward only frozen ones, whose gradients it leaves out)."""
+        a low-rank bias's factors; in the backward only frozen ones, whose gradients it leaves out);
+        ``check_reads``: the module constant CHECK_READS (False: a launch proved its reads in range)."""
         if extra and (extra != WS_EXTRA_QK or backward and not self._frozen_factors()):
             return None
-        key = ("ws", backward, self.program.key, self.fast_math is not False, extra)  # (FAST_MATH is in the source)
+        key = ("ws", backward, self.program.key, self.fast_math is not False, extra, check_reads)  # (in the source)
         if key not in _sources:
             templates_here()
             _sources[key] = render_ws(self.name, self.program.key, self.analysis, backward, self.program.logits,
                                       tuple(c.ndim for c in self.program.captures), self.fast_math is not False,
-                                      self.program.mask, extra_qk=bool(extra))
+                                      self.program.mask, extra_qk=bool(extra), check_reads=check_reads)
         return _sources[key]
+
+    def _ws_launch_source(self, backward: bool, extra: int, q, v, Skv: int) -> KernelSource | None:
+        """``_ws_source`` for a launch: no bounds masks where its shape proves the reads in range (their
+        indices had spilled a document mask's backward consumers into local memory)."""
+        constants = self._launch_constants(q.dtype, q.shape[-1], v.shape[-1], (*q.shape[:3], Skv))
+        return self._ws_source(backward, extra, constants["CHECK_READS"])
 
     def _frozen_factors(self) -> bool:
         """Whether q and k's columns past v's head dim are a LowRankBias's factors that need no gradient."""
@@ -387,14 +394,13 @@ class Attention:
                                  bool(self._kernel_source().diagonals))
         return first_fitting("fwd", default, device, D, Dv, dtype)
 
-    def _ws_map_fits(self, shape: tuple[int, int, int, int], device) -> bool:
-        """Whether the Gluon kernels take this call's block map: no map, or one with at least
-        ``SPARSE_OCCUPANCY`` of its 128 x 128 tiles non-empty, decided once per shape from the first
-        call's map (a rule of speed only). Sparser maps (16 documents in 8192 keys: 4 % of the tiles)
-        leave rows of a few tiles, where a Gluon program's fixed cost outweighs its speed per tile:
-        there the forward measured 6 % slower than the Triton kernel (D = 128), the backward no
-        faster at D = 128 and up to 1.75x slower at D = 64 (H200, 2026-11-30, PERFLOG)."""
-        if not self.analysis.block_runs:
+    def _ws_map_fits(self, shape: tuple[int, int, int, int], device, Dv: int) -> bool:
+        """Whether the Gluon kernels take this call's block map: no map, v's head dim in
+        ``runtime.WS_SPARSE_HEAD_DIMS``, or a map with at least ``SPARSE_OCCUPANCY`` of its 128 x 128
+        tiles non-empty, decided once per shape from the first call's map (a rule of speed only).
+        Sparser maps (16 documents in 8192 keys: 4 % of the tiles) leave rows of a few tiles, where at
+        D = 64 the Gluon backward measured 1.3-1.5x slower than the Triton kernels (H200, PERFLOG)."""
+        if not self.analysis.block_runs or Dv in runtime.WS_SPARSE_HEAD_DIMS:
             return True
         key = (shape, str(device))
         if key not in self._ws_dense:
@@ -405,14 +411,14 @@ class Attention:
         """``runtime.ws_forward``'s (or ``ws_backward``'s) arguments past the scale for this call of the
         Gluon module ``ws`` (captured tensors' for mods it evaluates, plain logits or not, block map
         runs, a dense bias's TMA arguments), or None where the Triton kernels take the call:
-        ``ws_fits`` says no, a map under 10% full (the backward's too unless
-        ``runtime.WS_SPARSE_BACKWARD``), a bias TMA cannot read or not proved in range, or in
+        ``ws_fits`` says no, a map under 10% full at a head dim outside
+        ``runtime.WS_SPARSE_HEAD_DIMS``, a bias TMA cannot read or not proved in range, or in
         a grouped backward a map that varies by head (the kernel visits one set of query blocks)."""
         B, Hq, S, D = q.shape
         shape, maps = (B, Hq, S, S), self.analysis.block_runs
         if ws is None or not ws_fits(q, k, v, backward=backward):
             return None
-        if not self._ws_map_fits(shape, q.device) and not (backward and runtime.WS_SPARSE_BACKWARD):
+        if not self._ws_map_fits(shape, q.device, v.shape[-1]):
             return None
         tile = ()
         if ws.tile_reads:
@@ -594,7 +600,8 @@ class Attention:
             return out, lse
         # (tuning measures the Triton kernel's tiles; with autotune on, calls it fits still take it)
         extra = factors[0].shape[-1] if factors else D - Dv
-        ws = self._ws_source(extra=extra) if config is None and not self._retune and not capturing() else None
+        ws = (self._ws_launch_source(False, extra, q, v, Skv) if config is None and not self._retune and not capturing()
+              else None)
         ws_args = self._ws_args(ws, q, k, v, backward=False)
         if ws_args is not None:  # Hopper: the warp-specialised kernel
             scratch = lse if lse is not None else torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
@@ -775,7 +782,7 @@ class Attention:
                     {slot: torch.zeros_like(self.captured[slot]) for slot in grad_slots})
         dlse = dlse.float().contiguous() if dlse is not None else None
         lse = lse.contiguous()
-        ws = (self._ws_source(backward=True, extra=D - Dv)
+        ws = (self._ws_launch_source(True, D - Dv, q, v, Skv)
               if not grad_slots and not self.deterministic and not self._retune and not capturing() else None)
         ws_args = self._ws_args(ws, q, k, v, backward=True)
         if ws_args is not None:  # Hopper: the warp-specialised kernel

@@ -372,10 +372,11 @@ WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x
 # 1, or 2 and 2); chosen by benchmarks/ab_ws_backward.py (PERFLOG)
 WS_BACKWARD_STAGES = 2
 WS_DQ_BUFFERS = 2
-# the Gluon backward for block maps with fewer than SPARSE_OCCUPANCY of their tiles non-empty (rows of a
-# few query blocks: a document mask's), whose forward stays on the Triton kernel
-# (benchmarks/ab_sparse_backward.py, PERFLOG)
-WS_SPARSE_BACKWARD = False
+# v's head dims at which block maps with fewer than SPARSE_OCCUPANCY of their tiles non-empty (rows of
+# a few query blocks: a document mask's) take the Gluon kernels, the forward where WS_FORWARD_HEAD_DIMS
+# has it: 16 documents at 4x16x8192x128 1.750 ms fwd+bwd against 1.946 for the Triton kernels; at 64
+# the Gluon backward measured 1.3-1.5x slower (H200, benchmarks/ab_sparse_backward.py, PERFLOG)
+WS_SPARSE_HEAD_DIMS = (128,)
 # the least work (4·B·H·S²·D) it takes: ~0.2 ms of forward. Its launch goes through Gluon's launcher
 # (130-250 µs of host time per call on the H200 host, against 35-67 µs for the Triton kernel's kept
 # launches; benchmarks/ws_host.py), which smaller calls would wait on

@@ -817,10 +817,11 @@ def test_warp_specialised_backward_matches_the_reference_and_the_triton_kernels(
 
 @hopper
 @pytest.mark.parametrize("d", [128, 64])
-def test_sparse_block_maps_backward_in_gluon_when_asked(d, monkeypatch):
+def test_sparse_block_maps_take_the_gluon_kernels_at_the_head_dims_listed(d, monkeypatch):
     """A map with under SPARSE_OCCUPANCY of its 128 x 128 tiles non-empty (documents of 64 tokens:
-    the diagonal's tiles, 1/16) leaves the forward to the Triton kernel; its backward takes the
-    Gluon kernel with ``runtime.WS_SPARSE_BACKWARD`` and the Triton ones without: both right."""
+    the diagonal's tiles, 1/16) takes the Gluon kernels where ``runtime.WS_SPARSE_HEAD_DIMS`` lists
+    v's head dim (the forward where the Gluon forward covers it) and the Triton ones elsewhere:
+    both right, and alike."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     mods = dict(mask_mod=fg.mods.document(torch.arange(2048, device=DEV) // 64) & fg.mods.causal)
     q, k, v = make_qkv(1, 2, 2048, d, seed=99)
@@ -830,10 +831,11 @@ def test_sparse_block_maps_backward_in_gluon_when_asked(d, monkeypatch):
     attn = fg.compile(**mods)
     got = {}
     for gluon in (True, False):
-        monkeypatch.setattr(runtime, "WS_SPARSE_BACKWARD", gluon)
+        monkeypatch.setattr(runtime, "WS_SPARSE_HEAD_DIMS", (d,) if gluon else ())
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         attn(*leaves).backward(dout)
-        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
+        forward = gluon and d in runtime.WS_FORWARD_HEAD_DIMS
+        assert (attn.last_tiles["forward"] == "warp-specialised (Gluon)") == forward
         assert (attn.last_tiles.get("dQ, dK/dV") == "warp-specialised (Gluon), one pass") == gluon
         got[gluon] = [t.grad for t in leaves]
     for i, name in enumerate(("dq", "dk", "dv")):

@@ -49,6 +49,24 @@ def test_masks_beyond_a_band_have_warp_specialised_kernels_over_a_block_map(mods
     assert "at least 10% of its tiles are non-empty" in fg.compile(**mods).explain()
 
 
+@pytest.mark.parametrize("n, checked", [(256, False), (200, True)])
+def test_a_launch_drops_the_gluon_kernels_bounds_masks_where_the_reads_are_proved_in_range(n, checked):
+    """Document ids that cover the sequence are read without bounds masks (CHECK_READS False in the
+    module a launch takes: the masks' indices had spilled the backward consumers' registers); ids
+    shorter than it keep them; ``source()`` shows the checked form."""
+    attn = fg.compile(mask_mod=fg.mods.document(torch.arange(n) // 64) & fg.mods.causal)
+    q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
+    def code(source: str) -> list[str]:  # (the header names the variant that rendered the program first)
+        return [line for line in source.splitlines() if not line.startswith("#")]
+
+    for backward in (False, True):
+        source = attn._ws_launch_source(backward, 0, q, q, 256).source
+        shown = attn.source("bwd_ws" if backward else "fwd_ws")
+        assert f"CHECK_READS = gl.constexpr({checked})" in source and "CHECK_READS = gl.constexpr(True)" in shown
+        unchecked = source.replace("CHECK_READS = gl.constexpr(False)", "CHECK_READS = gl.constexpr(True)")
+        assert code(unchecked) == code(shown)
+
+
 def test_a_dense_bias_has_warp_specialised_kernels_that_load_its_tiles_by_tma():
     """A read in [q, kv] tiles: the Gluon forward's producer loads it with K (two stages), the
     backward's with Q_i; the consumers add it from shared memory (the backward's transposed)."""
@@ -457,10 +475,17 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     q, k, v = (torch.randn(1, 1, 2048, 64, requires_grad=True) for _ in range(3))
     attn = fg.compile(mask_mod=mask)
     attn(q, k, v).sum().backward()
-    assert calls == [] and "dQ" in attn.last_tiles  # the Triton kernels, both ways
-    monkeypatch.setattr(runtime, "WS_SPARSE_BACKWARD", True)  # (the backward in Gluon, the forward not)
+    assert calls == [] and "dQ" in attn.last_tiles  # at head dim 64 the Triton kernels, both ways
+    monkeypatch.setattr(runtime, "WS_SPARSE_HEAD_DIMS", (64,))
     attn(q, k, v).sum().backward()
-    assert [c[0] for c in calls] == ["bwd"] and "dQ" not in attn.last_tiles
+    assert [c[0] for c in calls] == ["fwd", "bwd"] and "dQ" not in attn.last_tiles
+    calls.clear()
+    q, k, v = (torch.randn(1, 1, 2048, 128, requires_grad=True) for _ in range(3))
+    attn(q, k, v).sum().backward()  # (128 not in the head dims now)
+    assert calls == [] and "dQ" in attn.last_tiles
+    monkeypatch.setattr(runtime, "WS_SPARSE_HEAD_DIMS", (128,))  # (the default)
+    attn(q, k, v).sum().backward()
+    assert [c[0] for c in calls] == ["fwd", "bwd"] and "dQ" not in attn.last_tiles
 
 
 @pytest.mark.parametrize("dtype, taken", [(torch.bfloat16, True), (torch.float32, False)])

@@ -553,7 +553,7 @@ def _ws_logits(logits: Node) -> bool:
 
 def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False, logits: Node | None = None,
               capture_ndims: tuple[int, ...] = (), fast_math: bool = True, mask: Node | None = None,
-              extra_qk: bool = False) -> KernelSource | None:
+              extra_qk: bool = False, check_reads: bool = True) -> KernelSource | None:
     """The warp-specialised forward (or backward) for Hopper GPUs (Gluon), or None where the program is
     outside what they cover (``_ws_band``, ``_ws_logits``). Logits other than plain are evaluated per
     tile, and in the backward their derivative in the score (``autodiff.gradients``); gradients of
@@ -562,7 +562,8 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     128 keys x 64 rows), evaluated on tiles outside its full runs. ``fast_math``: tanh and sigmoid
     by the approximate instruction (the kernels are bf16 and fp16 only, where ``fast_math=None`` means it).
     ``extra_qk``: for q and k with columns past v's head dim (a low-rank bias's factors, FlashBias): a
-    second product over them per S tile (the backward computes no gradients for them)."""
+    second product over them per S tile (the backward computes no gradients for them).
+    ``check_reads``: captured-tensor reads masked by their bounds (False: a launch proved them in range)."""
     band = _ws_band(analysis)
     maps = analysis.block_runs and mask is not None
     if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
@@ -596,7 +597,7 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
         tile_mask_lines=mask_lines, mask_expr=mask_expr, tile_logit_lines=[_gluon(line) for line in tile_lines],
         logit_expr=logit_expr, dscore_expr=dscore_expr, capture_params=[p for c in captures for p in c.params],
         fast_math=fast_math, logits_broadcast=logits is not None and not ir.depends_on(logits, "score"),
-        tile_read=bool(tile.tiles), batch_inner=batch_inner, extra_qk=extra_qk)
+        tile_read=bool(tile.tiles), batch_inner=batch_inner, extra_qk=extra_qk, check_reads=check_reads)
     return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest(),
                         tile_reads=tuple(tile.tiles))
 
