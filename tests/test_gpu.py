@@ -853,8 +853,9 @@ def test_cast_is_torchs_rounding_on_the_gpu(dtype):
 
 
 def test_warp_specialised_forward_leaves_other_calls_to_the_triton_kernel(monkeypatch):
-    """Small calls, lengths that are not multiples of 128, misaligned inputs and mods outside plain
-    logits with a band go through the Triton kernel, still right."""
+    """Small calls, lengths that are not multiples of 128, misaligned inputs, mods outside plain
+    logits with a band, and sparse maps at head dims outside ``WS_SPARSE_HEAD_DIMS`` go through the
+    Triton kernel, still right."""
     causal = fg.compile(mask_mod=fg.mods.causal)
     q, k, v = make_qkv(1, 2, 256, 128, seed=68)  # below runtime.WS_MIN_FLOPS: the launch's host time would bound it
     check(causal(q, k, v), q, k, v, mask_mod=fg.mods.causal)
@@ -876,5 +877,6 @@ def test_warp_specialised_forward_leaves_other_calls_to_the_triton_kernel(monkey
     ids = torch.arange(2048, device=DEV) // 128  # 16 documents: 6 % of the tiles non-empty
     sparse = fg.compile(mask_mod=fg.mods.document(ids))
     q, k, v = make_qkv(1, 2, 2048, 128, seed=69)
+    monkeypatch.setattr(runtime, "WS_SPARSE_HEAD_DIMS", ())  # (sparse maps take it at the head dims listed)
     check(sparse(q, k, v), q, k, v, mask_mod=fg.mods.document(ids))
     assert sparse.last_tiles["forward"] != "warp-specialised (Gluon)"
