@@ -701,6 +701,9 @@ WS_MAP_CASES = [  # (mods built in the test: tensors on the GPU), dtype, KV head
                  torch.bfloat16, 2, True, id="document-causal-gqa-bf16"),
     pytest.param(lambda: dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.document(_doc_ids([100, 300], 6))),
                  torch.float16, 4, True, id="softcap-document-fp16"),
+    # a band bounded on both sides beside a read: its clauses evaluated only on tiles across its edges
+    pytest.param(lambda: dict(mask_mod=fg.mods.sliding_window(150) & fg.mods.document(_doc_ids([200, 300], 7))),
+                 torch.bfloat16, 4, True, id="sliding150-document-bf16"),
     # key blocks that no row sees (one inside the others' hull) and rows that see no key
     pytest.param(lambda: dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: ((kv // 128) % 3 != 1) & (q % 5 != 2)
                                                      & (kv % 3 != 0))),

@@ -49,6 +49,24 @@ def test_masks_beyond_a_band_have_warp_specialised_kernels_over_a_block_map(mods
     assert "at least 10% of its tiles are non-empty" in fg.compile(**mods).explain()
 
 
+@pytest.mark.parametrize("mods, band", [
+    (dict(mask_mod=fg.mods.document(torch.arange(64) // 8) & fg.mods.causal), ("(kv_idx - q_idx <= 0)",)),
+    (dict(mask_mod=fg.mods.sliding_window(100) & fg.mods.document(torch.arange(64) // 8)),
+     ("(kv_idx - q_idx >= -99) & (kv_idx - q_idx <= 0)",)),
+    (dict(mask_mod=fg.mods.prefix_lm(100)), ()),  # (a union: no band clauses)
+])
+def test_a_block_maps_band_clauses_are_evaluated_only_on_tiles_across_the_bands_edges(mods, band):
+    """A map's mask that is a band and more (documents within a causal or sliding window): the
+    Gluon kernels evaluate the rest per entry on partial tiles, and the band's clauses only where
+    the tile crosses its edges; a mask without band clauses is evaluated whole."""
+    attn = fg.compile(**mods)
+    for which in ("fwd_ws", "bwd_ws"):
+        source = attn.source(which)
+        s = "s" if which == "fwd_ws" else "st"
+        assert all(f"{s} = gl.where({clauses}, {s}, float(\"-inf\"))" in source for clauses in band)
+        assert ("the mask's band clauses" in source) == bool(band)
+
+
 @pytest.mark.parametrize("n, checked", [(256, False), (200, True)])
 def test_a_launch_drops_the_gluon_kernels_bounds_masks_where_the_reads_are_proved_in_range(n, checked):
     """Document ids that cover the sequence are read without bounds masks (CHECK_READS False in the

@@ -582,8 +582,12 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
             dscore = _lowered(gradients(lowered, [score])[id(score)]) if score is not None else const(0.0)
             tile_lines += _emit_tile(tile, dscore, {id(n): False for n in _ordered([dscore])})
             dscore_expr = tile.ref(dscore)
+    # a block map's mask with band clauses: the rest per entry, the band's only on tiles across its edges
+    residual = analysis.residual_mask
+    split = maps and not analysis.band.is_trivial and not (residual.op is Op.CONST and residual.arg is True)
+    mask_band = analysis.band if split else None
     if maps:  # (its own names: a float read in it is no tile)
-        lowered_mask, masks = _lowered(mask), _Emitter("m")
+        lowered_mask, masks = _lowered(residual if split else mask), _Emitter("m")
         mask_lines = [_gluon(line) for line in _emit_tile(masks, lowered_mask,
                                                           {id(n): False for n in _ordered([lowered_mask])})]
         mask_expr = masks.ref(lowered_mask)
@@ -594,6 +598,7 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     source = _template(template).render(
         version=__version__, name=name, program_key=program_key[:16], gluon=True, listing=listing,
         band=band if band is not None else analysis.band, plain_logits=analysis.plain_logits, block_runs=maps,
+        mask_band=mask_band,
         tile_mask_lines=mask_lines, mask_expr=mask_expr, tile_logit_lines=[_gluon(line) for line in tile_lines],
         logit_expr=logit_expr, dscore_expr=dscore_expr, capture_params=[p for c in captures for p in c.params],
         fast_math=fast_math, logits_broadcast=logits is not None and not ir.depends_on(logits, "score"),
