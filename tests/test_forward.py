@@ -64,6 +64,25 @@ def test_both_edges_of_a_band_in_one_loop(Sq, Skv, below, above):
     check_against_reference(q, k, v, mask_mod=band)
 
 
+@pytest.mark.parametrize("mask", [
+    lambda ids: fg.mods.document(ids) & fg.mods.causal,
+    lambda ids: fg.mods.sliding_window(23) & fg.mods.document(ids),
+    lambda ids: fg.mask_mod(lambda b, h, q, kv: (kv <= q) & (q - kv < 40) & ((q - kv) % 2 == 0)),  # dilated
+])
+@pytest.mark.parametrize("config", [None, fg.Config(16, 16)])
+def test_a_block_map_with_band_clauses_is_right_on_tiles_below_across_and_inside_the_band(mask, config):
+    """A mask that is a band and more runs over a block map, right on tiles below, across and inside
+    the band (the Gluon kernels evaluate its band clauses only across its edges; the Triton kernel on
+    every partial tile, measured faster for documents at D = 64: PERFLOG, twenty-second session)."""
+    ids = torch.tensor([0] * 37 + [1] * 50 + [2] * 63)  # (edges inside tiles)
+    mods = dict(mask_mod=mask(ids))
+    attn = fg.compile(**mods)
+    q, k, v = rand(2, 2, 150, 32), rand(2, 2, 150, 32), rand(2, 2, 150, 32)
+    out, lse = attn(q, k, v, return_lse=True, config=config)
+    ref, ref_lse = fg.attention_reference(q, k, v, **mods, return_lse=True)
+    assert rel_err(out, ref) < 1e-4 and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+
+
 def test_power_of_two_floor_division_and_remainder_of_negative_indices():
     """``//`` and ``%`` by powers of two floor like Python's for negative dividends too (q - kv
     below the diagonal, kv - q above it)."""
