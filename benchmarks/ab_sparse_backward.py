@@ -35,41 +35,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="4x16x8192x128")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--stages", default="", help="more Gluon arms at other (Q/dO stages, dQ buffers), as 3x1,2x1")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("ab_sparse_backward: no CUDA device")
         return 0
     from torch.nn.attention.flex_attention import create_block_mask
     flex, (B, H, S, D), (q, k, v), dout = inputs(args.shape)
-    saved = runtime.WS_SPARSE_HEAD_DIMS, runtime.WS_FORWARD
+    knobs = ("WS_SPARSE_HEAD_DIMS", "WS_FORWARD", "WS_BACKWARD_STAGES", "WS_DQ_BUFFERS")
+    saved = {knob: getattr(runtime, knob) for knob in knobs}
     rows = []
     for name in suite.parse_list(args.variants, suite.VARIANTS, "variants"):
         var = suite.build_cases(H, S, "cuda", torch.bfloat16, [name])[name].variant
         attn = fg.compile(**var.fg_kwargs)
         mask = create_block_mask(var.flex_mask, None, None, S, S, device="cuda") if var.flex_mask else None
 
-        def call(gluon: bool, forward: bool = True, attn=attn):
-            def run():
+        def call(gluon: bool, forward: bool = True, stages: tuple[int, int] | None = None, attn=attn):
+            def run():  # (the knobs are read by each call)
                 runtime.WS_SPARSE_HEAD_DIMS, runtime.WS_FORWARD = ((D,) if gluon else ()), forward
-                try:  # (read by each call)
+                runtime.WS_BACKWARD_STAGES, runtime.WS_DQ_BUFFERS = stages or (saved["WS_BACKWARD_STAGES"],
+                                                                             saved["WS_DQ_BUFFERS"])
+                try:
                     attn(q, k, v).backward(dout)
                 finally:
-                    runtime.WS_SPARSE_HEAD_DIMS, runtime.WS_FORWARD = saved
+                    for knob, value in saved.items():
+                        setattr(runtime, knob, value)
             return run
 
-        arms = {"triton": call(False), "gluon": call(True), "gluon-bwd": call(True, forward=False),
-                "flex": lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score,
-                                                        block_mask=mask).backward(dout)}
+        arms = {"triton": call(False), "gluon": call(True), "gluon-bwd": call(True, forward=False)}
+        for spec in filter(None, args.stages.split(",")):
+            stages, buffers = map(int, spec.split("x"))
+            arms[f"gluon-s{stages}b{buffers}"] = call(True, stages=(stages, buffers))
+        ours = list(arms)
+        arms["flex"] = lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score,
+                                                       block_mask=mask).backward(dout)
         grads, kernels = {}, {}
-        for arm in ("triton", "gluon", "gluon-bwd"):
+        for arm in ours:
             for t in (q, k, v):
                 t.grad = None
             arms[arm]()
             kernels[arm] = ", ".join(f"{kind}: {cfg}" for kind, cfg in attn.last_tiles.items())
             grads[arm] = [t.grad.clone() for t in (q, k, v)]
-        err = max(rel(a, b) for arm in ("gluon", "gluon-bwd") for a, b in zip(grads[arm], grads["triton"]))
+        err = max(rel(a, b) for arm in ours[1:] for a, b in zip(grads[arm], grads["triton"]))
         if args.profile:
-            for arm in ("triton", "gluon", "gluon-bwd"):
+            for arm in ours:
                 print(f"## {name} {args.shape}, {arm}: CUDA kernels of one fwd+bwd (µs)")
                 print(kernel_times(arms[arm]), flush=True)
         times: dict[str, list[float]] = {arm: [] for arm in arms}
@@ -84,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                          kernels.get(arm, "")))
         assert err < 1e-2, err
     print(f"\n# {args.shape} bf16 forward+backward, median of {args.rounds} interleaved rounds")
-    print(f"{'variant':<10} {'arm':>9} {'ms':>8} {'TF/s':>7} {'x flex':>7} {'grad err':>9}  kernels")
+    print(f"{'variant':<10} {'arm':>12} {'ms':>8} {'TF/s':>7} {'x flex':>7} {'grad err':>9}  kernels")
     for name, arm, ms, tf, ratio, e, kern in rows:
-        print(f"{name:<10} {arm:>9} {ms:8.3f} {tf:7.1f} {ratio:7.2f} {'' if e is None else f'{e:.1e}':>9}  {kern[:80]}")
+        err = "" if e is None else f"{e:.1e}"
+        print(f"{name:<10} {arm:>12} {ms:8.3f} {tf:7.1f} {ratio:7.2f} {err:>9}  {kern[:78]}")
     return 0
 
 
