@@ -416,9 +416,7 @@ class Attention:
         a grouped backward a map that varies by head (the kernel visits one set of query blocks)."""
         B, Hq, S, D = q.shape
         shape, maps = (B, Hq, S, S), self.analysis.block_runs
-        if ws is None or not ws_fits(q, k, v, backward=backward):
-            return None
-        if not self._ws_map_fits(shape, q.device, v.shape[-1]):
+        if ws is None or not ws_fits(q, k, v, backward=backward) or not self._ws_map_fits(shape, q.device, v.shape[-1]):
             return None
         tile = ()
         if ws.tile_reads:
