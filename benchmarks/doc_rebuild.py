@@ -73,12 +73,32 @@ def breakdown(kept, bench) -> None:
                       f"bounds {bench(bounds) * 1e3:.1f} us, with block_runs {bench(refill) * 1e3:.1f} us")
 
 
+def kernels(name: str, fn, n: int = 20) -> None:
+    """The CUDA kernels of ``fn`` (torch.profiler), us per call, and the span of one call on the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    span = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) / n if events else 0
+    busy = sum(e.device_time for e in events) / n
+    print(f"== {name}: CUDA kernels, us per call "
+          f"(busy {busy:.1f} us; a call spans {span:.1f} us on the GPU) ==")
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]:
+        print(f"  {e.device_time_total / n:8.1f}  x{e.count / n:.0f}  {e.key[:80]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="4x16x8192x128")
     p.add_argument("--docs", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="also a cProfile of flashgen's steps whose ids change")
     p.add_argument("--breakdown", action="store_true", help="also each refill kernel's GPU time, per map")
+    p.add_argument("--kernels", action="store_true",
+                   help="also the CUDA kernels (torch.profiler, us per call) of a refill and of flex's "
+                        "create_block_mask")
     p.add_argument("--ab-graphs", type=int, default=0, metavar="ROUNDS",
                    help="also steps with changing ids and refills alone, refills replayed as CUDA graphs or "
                         "launched one by one (maps.GRAPHS), alternating for ROUNDS rounds")
@@ -111,13 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     fg_step(False)  # the first step compiles (or loads) the attention and block-map kernels
     torch.cuda.synchronize()
     print(f"flashgen's first step: {time.perf_counter() - t0:.2f} s")
-    rows = [("flashgen, ids stay put", bench(lambda: fg_step(False))),
-            ("flashgen, ids change every step", bench(lambda: fg_step(True)))]
-    # the refill alone: host time to issue it (no synchronisation) and its GPU time
-    kept = [live for _, live, _ in attn._plans.values() if live is not None]
+    rounds = {False: [], True: []}  # (alternating, so that a drift of the clocks shows in both)
+    for _ in range(3):
+        for change in (False, True):
+            rounds[change].append(bench(lambda change=change: fg_step(change)))
+    rows = [(f"flashgen, ids {'change every step' if change else 'stay put'}", statistics.median(ms),
+             ", ".join(f"{x:.3f}" for x in ms)) for change, ms in rounds.items()]
+    # the refill alone: host time to issue it (no synchronisation) and its GPU time; every map the
+    # calls asked for (the Triton kernels' kept launches and the Gluon kernels' calls alike)
+    kept = [(live, tuple(live._runs)) for live in attn._live.values()]
     if kept:
-        def refill():
-            doc.add_(0)
+        def refill():  # (the ids' version bumped without a kernel: new values, as far as the maps can tell)
+            torch.autograd.graph.increment_version(doc)
             for live, keys in kept:
                 live.refresh(keys)
 
@@ -132,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         maps = len({key for _, keys in kept for key in keys})
         print(f"refill of the kept runs ({maps} maps): host {issued * 1e3:.3f} ms to issue, "
               f"GPU {bench(refill):.3f} ms (median)")
+    if args.kernels:
+        kernels("flashgen's step, ids stay put", lambda: fg_step(False), n=5)
+    if kept and args.kernels:
+        kernels("flashgen's refill", refill)
     if kept and args.breakdown:
         breakdown(kept, bench)
     if kept and args.ab_graphs:
@@ -160,22 +189,24 @@ def main(argv: list[str] | None = None) -> int:
             return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
         fixed = create_block_mask(mask, None, None, S, S, device="cuda")
-        rows.append(("flex, block mask built once", bench(lambda: flex(q, k, v, block_mask=fixed).backward(dout))))
+        rows.append(("flex, block mask built once", bench(lambda: flex(q, k, v, block_mask=fixed).backward(dout)), ""))
         def flex_step():
             step[0] += 1
             doc.copy_(batches[step[0] % 2])
             flex(q, k, v, block_mask=build(mask, None, None, S, S, device="cuda")).backward(dout)
 
-        rows.append(("flex, ids change, compiled create_block_mask every step", bench(flex_step)))
+        rows.append(("flex, ids change, compiled create_block_mask every step", bench(flex_step), ""))
         build_ms = bench(lambda: build(mask, None, None, S, S, device="cuda"))
         print(f"flex's compiled create_block_mask alone: {build_ms:.3f} ms (median)")
+        if args.kernels:
+            kernels("flex's compiled create_block_mask", lambda: build(mask, None, None, S, S, device="cuda"))
         with torch.no_grad():  # the refilled runs against flex's mask of the same ids
             want = flex(q, k, v, block_mask=create_block_mask(mask, None, None, S, S, device="cuda")).float()
             err = float((attn(q, k, v).float() - want).norm() / want.norm())
         print(f"flashgen after {step[0]} changes of the ids vs flex, relative error: {err:.2e}")
     print(f"causal document mask ({args.docs} documents), {args.shape}, bf16, fwd+bwd, median ms per step")
-    for name, ms in rows:
-        print(f"  {name:<46} {ms:8.3f}")
+    for name, ms, spread in rows:
+        print(f"  {name:<46} {ms:8.3f}" + (f"  (rounds {spread})" if spread else ""))
     return 0
 
 

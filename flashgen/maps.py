@@ -37,10 +37,12 @@ class LiveRuns:
     value of the tensors can outgrow it. :meth:`refresh` refills the buffers when the tensors'
     versions change: ``block_states`` bounds the mask over each tile by interval arithmetic (the
     tensors' values by their min/max over the tile's index range; reads by ``q_idx`` or
-    ``kv_idx`` alone bounded once per block by ``block_summaries``) and evaluates it entry by
-    entry, as the attention kernels do on partial tiles, only where the bounds leave a tile open,
-    so the map is exact (with ``exact=False`` open tiles stay partial: the bounds alone,
-    conservative); ``block_runs`` lists each row's runs."""
+    ``kv_idx`` alone bounded once per block by ``block_summaries``); where the bounds leave a tile
+    open, a visible and a hidden entry among 16 sampled prove it partial, and only where they do
+    not is the mask evaluated on every entry, as the attention kernels do on partial tiles, so the
+    map is exact (with ``exact=False`` open tiles stay partial: the bounds alone, conservative);
+    ``block_runs`` lists each row's runs. The states are kept at 64 x 64 tiles (:meth:`base`): the
+    maps of larger tiles combine them, so a step's forward and backward maps bound the mask once."""
 
     def __init__(self, source: KernelSource, mask: Node, captured: list[torch.Tensor],
                  shape: tuple[int, int, int, int], device: torch.device, check_reads: bool, *, exact: bool = True):
@@ -52,8 +54,9 @@ class LiveRuns:
         self._constants = dict(IDX_T=index_type(captured), CHECK_READS=check_reads, FAST_MATH=False,
                                EXACT=exact, num_warps=4)  # (the states' launches)
         self._slots = self._module.SLOTS.value  # reads bounded once per block (``block_summaries``)
-        self._states: dict[tuple[int, int], list] = {}  # tile size -> [states, launch, summaries, launch]
-        self._runs: dict[tuple, tuple] = {}  # (tile size, transpose, ragged_last) -> runs, their launch, arguments
+        self._states: dict[tuple[int, int], list] = {}  # base tile size -> [states, launch, summaries, launch]
+        # (tile size, transpose, ragged_last) -> runs, their launch, its arguments, the base tile size
+        self._runs: dict[tuple, tuple] = {}
         self._fresh: set = set()  # tile sizes and keys filled for ``_versions``
         # refills seen once (None), then recorded, for the captured tensors' "addresses" in the graphs
         self._graphs: dict = {}
@@ -61,27 +64,41 @@ class LiveRuns:
         # states' launches specialise on, when last filled
         self._versions = self._layout = None
 
+    @staticmethod
+    def base(block: tuple[int, int]) -> tuple[int, int]:
+        """The tiles whose states a map at ``block`` tiles is made from: one bounding of the mask at
+        64 x 64 serves every tile size of multiples of 64 (the forward's and the backward's maps)."""
+        return math.gcd(block[0], 64), math.gcd(block[1], 64)
+
     def fits(self, block: tuple[int, int]) -> bool:
-        """Whether the map at ``block`` tiles is small enough to keep here (~9 bytes per tile)."""
-        return math.prod(self.dims) * -(-self.shape[2] // block[0]) * -(-self.shape[3] // block[1]) * 9 <= _MAX_BYTES
+        """Whether the map at ``block`` tiles is small enough to keep here (~8 bytes per tile of runs,
+        one of states and 16 per block of bounds at its base tiles)."""
+        base = self.base(block)
+        tiles = [math.prod(self.dims) * -(-self.shape[2] // bm) * -(-self.shape[3] // bn) for bm, bn in (block, base)]
+        return tiles[0] * 8 + tiles[1] <= _MAX_BYTES
 
     def runs(self, block: tuple[int, int], *, transpose: bool = False, ragged_last: bool = False) -> torch.Tensor:
         """The runs buffer of one map, filled for the current values of the tensors the mask reads."""
         block = tuple(block)
         key = (block, transpose, ragged_last)
         if key not in self._runs:
-            grid = (-(-self.shape[2] // block[0]), -(-self.shape[3] // block[1]))
-            if block not in self._states:
-                self._states[block] = [torch.empty(*self.dims, *grid, dtype=torch.int8, device=self.device), None,
-                                       torch.empty(math.prod(self.dims), self._slots, 2, max(grid), dtype=torch.float64,
-                                                   device=self.device), None]
-            states = self._states[block][0]
-            rows, cols = grid[::-1] if transpose else grid
+            base = self.base(block)
+            grid = (-(-self.shape[2] // base[0]), -(-self.shape[3] // base[1]))  # (of the states)
+            if base not in self._states:
+                self._states[base] = [torch.empty(*self.dims, *grid, dtype=torch.int8, device=self.device), None,
+                                      torch.empty(math.prod(self.dims), self._slots, 2, max(grid), dtype=torch.float64,
+                                                  device=self.device), None]
+            states = self._states[base][0]
+            fold = (block[0] // base[0], block[1] // base[1])
+            rows, cols = (-(-n // b) for n, b in zip(self.shape[2:], block))
+            if transpose:
+                (rows, cols), grid, fold = (cols, rows), grid[::-1], fold[::-1]
             runs = torch.empty(*self.dims, rows, 2, 1 + 2 * -(-cols // 2), dtype=torch.int32, device=self.device)
             sb, sh, sr, sc = states.stride()
-            launch = Launch(None, self._module.block_runs, (rows, *self.dims), (), dict(CHUNK=256, num_warps=4))
+            launch = Launch(None, self._module.block_runs, (rows, *self.dims), (),
+                            dict(CHUNK=256, FR=fold[0], FC=fold[1], num_warps=4))
             self._runs[key] = (runs, launch, (states, sb, sh, *((sc, sr) if transpose else (sr, sc)), runs,
-                                              *runs.stride()[:4], cols, int(ragged_last)))
+                                              *runs.stride()[:4], cols, int(ragged_last), *grid), base)
         self.refresh((key,))
         return self._runs[key][0]
 
@@ -98,15 +115,18 @@ class LiveRuns:
         return Launch(None, self._module.block_states, (-(-rows // per), chunks, maps), (), constants)
 
     def _summaries_launch(self, block: tuple[int, int]) -> Launch:
-        """``block_summaries``'s launch for one tile size: the bounds of R = 16 blocks per program."""
-        constants = dict(BM=block[0], BN=block[1], R=16, num_warps=4, RANGE_M=triton.next_power_of_2(block[0]),
+        """``block_summaries``'s launch for one tile size: the bounds of R blocks per program, R from 1
+        (a latency-bound launch of a few dozen programs) to 16 (thousands of blocks)."""
+        blocks = self._states[block][2].shape[-1]
+        r = max(1, min(16, triton.next_power_of_2(blocks * math.prod(self.dims)) // 1024))
+        constants = dict(BM=block[0], BN=block[1], R=r, num_warps=4, RANGE_M=triton.next_power_of_2(block[0]),
                          RANGE_N=triton.next_power_of_2(block[1]))  # (a tile's index range fits)
-        grid = (-(-self._states[block][2].shape[-1] // 16), math.prod(self.dims))
+        grid = (-(-blocks // r), math.prod(self.dims))
         return Launch(None, self._module.block_summaries, grid, (), constants)
 
     def keys_of(self, runs: list[torch.Tensor]) -> tuple | None:
         """The keys of these buffers, or None if one of them is not this object's."""
-        keys = tuple(next((k for k, (buf, _, _) in self._runs.items() if buf is r), None) for r in runs)
+        keys = tuple(next((k for k, (buf, *_) in self._runs.items() if buf is r), None) for r in runs)
         return keys if runs and None not in keys else None
 
     def refresh(self, keys: tuple) -> None:
@@ -134,19 +154,19 @@ class LiveRuns:
             addresses = tuple(t.data_ptr() for t in self.captured if torch.is_tensor(t))
             if addresses != self._graphs.get("addresses"):
                 self._graphs = {"addresses": addresses}
-            bounds = tuple(sorted({key[0] for key in stale if key[0] not in self._fresh}))  # tile sizes to bound
+            bounds = tuple(sorted({self._runs[k][3] for k in stale} - self._fresh))  # tile sizes to bound
             graph_key = (tuple(stale), bounds, layout)
             graph = self._graphs.get(graph_key)
             if graph is None and graph_key in self._graphs:  # the second refill of these keys: record it
                 graph = self._graphs[graph_key] = self._record(stale, captures)
             if graph is not None:
                 graph.replay()
-                self._fresh.update(k for key in stale for k in (key[0], key))
+                self._fresh.update(k for key in stale for k in (self._runs[key][3], key))
                 return
             self._graphs.setdefault(graph_key, None)
         self._launch(stale, captures)
         if not recorded:
-            self._fresh.update(k for key in stale for k in (key[0], key))
+            self._fresh.update(k for key in stale for k in (self._runs[key][3], key))
 
     def _launch(self, stale: list, captures: tuple) -> None:
         """The launches that refill ``stale``'s buffers: per tile size, the bounds (``block_summaries``
@@ -154,17 +174,17 @@ class LiveRuns:
         _, _, sq, skv = self.shape
         filled = set()
         for key in stale:
-            entry = self._states[key[0]]
+            runs, launch, args, base = self._runs[key]
+            entry = self._states[base]
             if entry[1] is None:
-                entry[1] = self._states_launch(key[0], *entry[0].shape[2:])
-            if key[0] not in self._fresh and key[0] not in filled:
+                entry[1] = self._states_launch(base, *entry[0].shape[2:])
+            if base not in self._fresh and base not in filled:
                 sums = (entry[2], entry[2].shape[-1]) if self._slots else ()
                 if self._slots:  # the reads along one side, bounded per block first
-                    entry[3] = entry[3] or self._summaries_launch(key[0])
+                    entry[3] = entry[3] or self._summaries_launch(base)
                     entry[3](*sums, *captures, sq, skv, self.dims[1])
                 entry[1](entry[0], *entry[0].stride()[:3], *sums, *captures, sq, skv, self.dims[1])
-                filled.add(key[0])
-            _, launch, args = self._runs[key]
+                filled.add(base)
             launch(*args)
 
     def _record(self, stale: list, captures: tuple) -> torch.cuda.CUDAGraph:

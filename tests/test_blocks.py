@@ -773,8 +773,9 @@ LIVE_MASKS = {
 def test_live_runs_match_the_exact_host_maps_as_the_ids_change(name, packed, monkeypatch):
     """``maps.LiveRuns`` lists the runs of the exact host map (partial tiles checked element by
     element) at every tile size, transposed and with a ragged last block, through several versions
-    of the ids, in the same buffers. ``packed``: many rows per ``block_states`` program and several
-    programs per row, as long sequences get on the GPU."""
+    of the ids, in the same buffers; also at tile sizes whose maps combine the states of smaller
+    tiles (128 x 64 of 64 x 64, 96 x 48 of 32 x 16), up to ragged ends. ``packed``: many rows per
+    ``block_states`` program and several programs per row, as long sequences get on the GPU."""
     if packed:
         monkeypatch.setattr(maps, "_PROGRAMS", 1)
         monkeypatch.setattr(maps, "_CHUNK", 2)
@@ -783,7 +784,9 @@ def test_live_runs_match_the_exact_host_maps_as_the_ids_change(name, packed, mon
     doc = torch.zeros(B, S, dtype=torch.long)
     attn = fg.compile(mask_mod=LIVE_MASKS[name](doc))
     live = attn._live_runs((B, H, S, S), "cpu")
-    keys = [((64, 32), False, True), ((32, 64), True, False), ((64, 64), False, False), ((16, 32), False, False)]
+    keys = [((64, 32), False, True), ((32, 64), True, False), ((64, 64), False, False), ((16, 32), False, False),
+            ((128, 64), False, True), ((64, 128), True, False), ((96, 48), False, True)]  # (these of combined states)
+    assert {live.base(block) for block, _, _ in keys[4:]} <= {(64, 64), (32, 16)}
     first = None
     for docs in (5, 17):
         ids = torch.randint(0, docs, (B, S), generator=gen)

@@ -441,13 +441,15 @@ def test_document_ids_changed_in_place_rebuild_the_block_map():
     check(second, q, k, v, mask_mod=mask)
 
 
-def test_ids_that_change_every_step_refill_the_kept_runs_without_synchronising():
+@pytest.mark.parametrize("D_", [64, 128])
+def test_ids_that_change_every_step_refill_the_kept_runs_without_synchronising(D_):
     """Packed training batches: new ids copied into the captured tensor before every step. The
     kept launches refill their runs on the device (``maps.LiveRuns``; one CUDA graph from the
     second refill on): results stay the reference's, forward and backward, nothing recompiles,
     and no step synchronises with the host (``torch.cuda.set_sync_debug_mode("error")`` raises on
-    any operation that would)."""
-    B_, H_, S_, D_ = 2, 4, 1024, 64
+    any operation that would). At head dim 128 on Hopper, the Gluon kernels' maps (128 x 128, and
+    64 x 128 transposed) come from one bounding of the mask at 64 x 64 tiles."""
+    B_, H_, S_ = 2, 4, 1024
     doc = torch.zeros(B_, S_, dtype=torch.long, device=DEV)
     mask = fg.mods.document(doc) & fg.mods.causal  # per-batch ids
     attn = fg.compile(mask_mod=mask)
@@ -474,7 +476,8 @@ def test_ids_that_change_every_step_refill_the_kept_runs_without_synchronising()
         assert rel_err(out, ref) < TOL[torch.bfloat16], f"step {step} ({docs} documents)"
         for name, got, want in zip(("dq", "dk", "dv"), (t.grad for t in leaves), (qd.grad, kd.grad, vd.grad)):
             assert rel_err(got, want) < 3e-2, f"{name}: step {step} ({docs} documents)"
-    assert sum(1 for _, live, _ in attn._plans.values() if live is not None) == 2  # forward, backward
+    if D_ == 64:  # (the Triton kernels' kept launches; the Gluon kernels' calls ask for their runs each call)
+        assert sum(1 for _, live, _ in attn._plans.values() if live is not None) == 2  # forward, backward
     # from the second refill of a plan's maps on, the refill is one CUDA graph, replayed (steps 2-4 above)
     graphs = [graph for live in attn._live.values() for graph in live._graphs.values()]
     assert any(isinstance(graph, torch.cuda.CUDAGraph) for graph in graphs)
