@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", action="store_true",
                    help="also the CUDA kernels (torch.profiler, us per call) of a refill and of flex's "
                         "create_block_mask")
+    p.add_argument("--analysis-rounds", type=int, default=5, metavar="N",
+                   help="flashgen's refill and flex's compiled create_block_mask timed in turn for N rounds")
     p.add_argument("--ab-graphs", type=int, default=0, metavar="ROUNDS",
                    help="also steps with changing ids and refills alone, refills replayed as CUDA graphs or "
                         "launched one by one (maps.GRAPHS), alternating for ROUNDS rounds")
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         kernels("flashgen's step, ids stay put", lambda: fg_step(False), n=5)
     if kept and args.kernels:
         kernels("flashgen's refill", refill)
+        print("flashgen's refill, host time by function (cProfile, 200 refills):")
+        print(suite.own_time_profile(lambda: [refill() for _ in range(200)], rows=12))
     if kept and args.breakdown:
         breakdown(kept, bench)
     if kept and args.ab_graphs:
@@ -198,6 +202,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("flex, ids change, compiled create_block_mask every step", bench(flex_step), ""))
         build_ms = bench(lambda: build(mask, None, None, S, S, device="cuda"))
         print(f"flex's compiled create_block_mask alone: {build_ms:.3f} ms (median)")
+        if kept and args.analysis_rounds:  # the two analyses in turn, round after round (#4's ratio)
+            ours, theirs = [], []
+            for _ in range(args.analysis_rounds):
+                ours.append(bench(refill))
+                theirs.append(bench(lambda: build(mask, None, None, S, S, device="cuda")))
+            print(f"analysis per call, {args.analysis_rounds} rounds in turn: flashgen's refill "
+                  f"{statistics.median(ours) * 1e3:.1f} us (rounds {', '.join(f'{x * 1e3:.1f}' for x in ours)}), "
+                  f"flex's create_block_mask {statistics.median(theirs) * 1e3:.1f} us "
+                  f"(rounds {', '.join(f'{x * 1e3:.1f}' for x in theirs)}): "
+                  f"{statistics.median(theirs) / statistics.median(ours):.1f}x")
         if args.kernels:
             kernels("flex's compiled create_block_mask", lambda: build(mask, None, None, S, S, device="cuda"))
         with torch.no_grad():  # the refilled runs against flex's mask of the same ids

@@ -25,6 +25,7 @@ _MAX_BYTES = 1 << 28  # of one map's runs buffer (as large as flex's block mask)
 _CHUNK = 16  # the most column blocks one ``block_states`` program bounds at once
 _PROGRAMS = 8192  # the ``block_states`` programs to aim for: fewer rows per program below that
 _STRIP = 4096  # entries per step when ``block_states`` evaluates a row's chunk entry by entry
+_SUMMARISED = 1 << 16  # tiles of states from which reads along one side are bounded by ``block_summaries``
 GRAPHS = True  # refills seen before replayed as one CUDA graph (False: launched one by one; for A/B timing)
 
 
@@ -109,7 +110,8 @@ class LiveRuns:
         chunk = max(2, min(_CHUNK, 512 // bnp))  # column blocks per program: ~512 keys
         chunks, maps = -(-cols // chunk), self.dims[0] * self.dims[1]
         per = max(2, min(64, 1 << (rows * chunks * maps // _PROGRAMS).bit_length() >> 1))  # rows per program
-        constants = dict(self._constants, BM=bm, BN=bn, BNP=bnp, ROWS=per, CHUNK=chunk,
+        summaries = bool(self._slots) and rows * cols * maps > _SUMMARISED  # (else one launch less)
+        constants = dict(self._constants, BM=bm, BN=bn, BNP=bnp, ROWS=per, CHUNK=chunk, SUMMARIES=summaries,
                          SUB_M=max(2, min(triton.next_power_of_2(bm), _STRIP // (chunk * bnp))),
                          RANGE_M=triton.next_power_of_2(bm), RANGE_N=bnp)  # (a tile's index range fits)
         return Launch(None, self._module.block_states, (-(-rows // per), chunks, maps), (), constants)
@@ -133,8 +135,8 @@ class LiveRuns:
         """Refill the buffers of ``keys`` if the tensors the mask reads changed since they were filled.
 
         From the second refill of the same keys on (ids that change every step), the refill's
-        launches (two or three per map) are replayed as one CUDA graph: one call on the host instead
-        of five to seven launches, and no gaps between the small kernels on the GPU."""
+        launches (the bounds once, then one per map) are replayed as one CUDA graph: one call on the
+        host instead of three to five launches, and no gaps between the small kernels on the GPU."""
         versions = tuple((t.data_ptr(), t._version) for t in self._read)
         if versions != self._versions:
             self._versions = versions
@@ -168,33 +170,44 @@ class LiveRuns:
         if not recorded:
             self._fresh.update(k for key in stale for k in (self._runs[key][3], key))
 
-    def _launch(self, stale: list, captures: tuple) -> None:
+    def _launch(self, stale: list, captures: tuple, branches: list | None = None) -> None:
         """The launches that refill ``stale``'s buffers: per tile size, the bounds (``block_summaries``
-        where the mask reads a tensor along one side, then ``block_states``); per key, ``block_runs``."""
+        where the mask reads a tensor along one side, then ``block_states``); then per key,
+        ``block_runs``, each key after the first on its stream of ``branches`` if given (side by side
+        in a recorded graph: the maps do not depend on each other)."""
         _, _, sq, skv = self.shape
-        filled = set()
-        for key in stale:
-            runs, launch, args, base = self._runs[key]
+        for base in dict.fromkeys(self._runs[key][3] for key in stale):
             entry = self._states[base]
             if entry[1] is None:
                 entry[1] = self._states_launch(base, *entry[0].shape[2:])
-            if base not in self._fresh and base not in filled:
+            if base not in self._fresh:
                 sums = (entry[2], entry[2].shape[-1]) if self._slots else ()
-                if self._slots:  # the reads along one side, bounded per block first
+                if entry[1].kwargs["SUMMARIES"]:  # the reads along one side, bounded per block first
                     entry[3] = entry[3] or self._summaries_launch(base)
                     entry[3](*sums, *captures, sq, skv, self.dims[1])
                 entry[1](entry[0], *entry[0].stride()[:3], *sums, *captures, sq, skv, self.dims[1])
-                filled.add(base)
-            launch(*args)
+        here = torch.cuda.current_stream(self.device) if branches else None
+        for i, key in enumerate(stale):
+            _, launch, args, _ = self._runs[key]
+            if not i or not branches:
+                launch(*args)
+                continue
+            branch = branches[i - 1]
+            branch.wait_stream(here)
+            with torch.cuda.stream(branch):
+                launch(*args)
+        for branch in branches or ():
+            here.wait_stream(branch)
 
     def _record(self, stale: list, captures: tuple) -> torch.cuda.CUDAGraph:
         """``_launch(stale)`` recorded as a CUDA graph on a side stream (nothing runs until it is replayed)."""
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
+        branches = [torch.cuda.Stream(self.device) for _ in stale[1:]]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                self._launch(stale, captures)
+                self._launch(stale, captures, branches)
             finally:
                 graph.capture_end()
         torch.cuda.current_stream(self.device).wait_stream(stream)
