@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                         "create_block_mask")
     p.add_argument("--analysis-rounds", type=int, default=5, metavar="N",
                    help="flashgen's refill and flex's compiled create_block_mask timed in turn for N rounds")
+    p.add_argument("--analysis-only", action="store_true", help="time no steps: the refill and flex's analysis only")
     p.add_argument("--ab-graphs", type=int, default=0, metavar="ROUNDS",
                    help="also steps with changing ids and refills alone, refills replayed as CUDA graphs or "
                         "launched one by one (maps.GRAPHS), alternating for ROUNDS rounds")
@@ -134,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     print(f"flashgen's first step: {time.perf_counter() - t0:.2f} s")
     rounds = {False: [], True: []}  # (alternating, so that a drift of the clocks shows in both)
-    for _ in range(3):
+    for _ in range(0 if args.analysis_only else 3):
         for change in (False, True):
             rounds[change].append(bench(lambda change=change: fg_step(change)))
     rows = [(f"flashgen, ids {'change every step' if change else 'stay put'}", statistics.median(ms),
-             ", ".join(f"{x:.3f}" for x in ms)) for change, ms in rounds.items()]
+             ", ".join(f"{x:.3f}" for x in ms)) for change, ms in rounds.items() if ms]
     # the refill alone: host time to issue it (no synchronisation) and its GPU time; every map the
     # calls asked for (the Triton kernels' kept launches and the Gluon kernels' calls alike)
     kept = [(live, tuple(live._runs)) for live in attn._live.values()]
@@ -163,8 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         kernels("flashgen's step, ids stay put", lambda: fg_step(False), n=5)
     if kept and args.kernels:
         kernels("flashgen's refill", refill)
-        print("flashgen's refill, host time by function (cProfile, 200 refills):")
-        print(suite.own_time_profile(lambda: [refill() for _ in range(200)], rows=12))
+        graph = next(g for live, _ in kept for g in live._graphs.values() if isinstance(g, torch.cuda.CUDAGraph))
+        for name, fn in (("refill", refill), ("graph.replay() alone", graph.replay),
+                         ("torch.cuda.is_current_stream_capturing()", torch.cuda.is_current_stream_capturing),
+                         ("increment_version", lambda: torch.autograd.graph.increment_version(doc))):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(1000):
+                fn()
+            print(f"  host per call, {name}: {(time.perf_counter() - t0) * 1e3:.1f} us")
+            torch.cuda.synchronize()
     if kept and args.breakdown:
         breakdown(kept, bench)
     if kept and args.ab_graphs:
@@ -192,14 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         def mask(b, h, q_idx, kv_idx):
             return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
-        fixed = create_block_mask(mask, None, None, S, S, device="cuda")
-        rows.append(("flex, block mask built once", bench(lambda: flex(q, k, v, block_mask=fixed).backward(dout)), ""))
         def flex_step():
             step[0] += 1
             doc.copy_(batches[step[0] % 2])
             flex(q, k, v, block_mask=build(mask, None, None, S, S, device="cuda")).backward(dout)
 
-        rows.append(("flex, ids change, compiled create_block_mask every step", bench(flex_step), ""))
+        if not args.analysis_only:
+            fixed = create_block_mask(mask, None, None, S, S, device="cuda")
+            rows.append(("flex, block mask built once", bench(lambda: flex(q, k, v, block_mask=fixed).backward(dout)),
+                         ""))
+            rows.append(("flex, ids change, compiled create_block_mask every step", bench(flex_step), ""))
         build_ms = bench(lambda: build(mask, None, None, S, S, device="cuda"))
         print(f"flex's compiled create_block_mask alone: {build_ms:.3f} ms (median)")
         if kept and args.analysis_rounds:  # the two analyses in turn, round after round (#4's ratio)
@@ -214,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{statistics.median(theirs) / statistics.median(ours):.1f}x")
         if args.kernels:
             kernels("flex's compiled create_block_mask", lambda: build(mask, None, None, S, S, device="cuda"))
-        with torch.no_grad():  # the refilled runs against flex's mask of the same ids
+        flex_step()  # (new ids, then the refilled runs against flex's mask of the same ids)
+        with torch.no_grad():
             want = flex(q, k, v, block_mask=create_block_mask(mask, None, None, S, S, device="cuda")).float()
             err = float((attn(q, k, v).float() - want).norm() / want.norm())
         print(f"flashgen after {step[0]} changes of the ids vs flex, relative error: {err:.2e}")

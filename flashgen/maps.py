@@ -25,7 +25,6 @@ _MAX_BYTES = 1 << 28  # of one map's runs buffer (as large as flex's block mask)
 _CHUNK = 16  # the most column blocks one ``block_states`` program bounds at once
 _PROGRAMS = 8192  # the ``block_states`` programs to aim for: fewer rows per program below that
 _STRIP = 4096  # entries per step when ``block_states`` evaluates a row's chunk entry by entry
-_SUMMARISED = 1 << 16  # tiles of states from which reads along one side are bounded by ``block_summaries``
 GRAPHS = True  # refills seen before replayed as one CUDA graph (False: launched one by one; for A/B timing)
 
 
@@ -110,8 +109,7 @@ class LiveRuns:
         chunk = max(2, min(_CHUNK, 512 // bnp))  # column blocks per program: ~512 keys
         chunks, maps = -(-cols // chunk), self.dims[0] * self.dims[1]
         per = max(2, min(64, 1 << (rows * chunks * maps // _PROGRAMS).bit_length() >> 1))  # rows per program
-        summaries = bool(self._slots) and rows * cols * maps > _SUMMARISED  # (else one launch less)
-        constants = dict(self._constants, BM=bm, BN=bn, BNP=bnp, ROWS=per, CHUNK=chunk, SUMMARIES=summaries,
+        constants = dict(self._constants, BM=bm, BN=bn, BNP=bnp, ROWS=per, CHUNK=chunk,
                          SUB_M=max(2, min(triton.next_power_of_2(bm), _STRIP // (chunk * bnp))),
                          RANGE_M=triton.next_power_of_2(bm), RANGE_N=bnp)  # (a tile's index range fits)
         return Launch(None, self._module.block_states, (-(-rows // per), chunks, maps), (), constants)
@@ -182,7 +180,7 @@ class LiveRuns:
                 entry[1] = self._states_launch(base, *entry[0].shape[2:])
             if base not in self._fresh:
                 sums = (entry[2], entry[2].shape[-1]) if self._slots else ()
-                if entry[1].kwargs["SUMMARIES"]:  # the reads along one side, bounded per block first
+                if self._slots:  # the reads along one side, bounded per block first
                     entry[3] = entry[3] or self._summaries_launch(base)
                     entry[3](*sums, *captures, sq, skv, self.dims[1])
                 entry[1](entry[0], *entry[0].stride()[:3], *sums, *captures, sq, skv, self.dims[1])

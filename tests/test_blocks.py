@@ -479,21 +479,19 @@ def test_random_runtime_masks_never_wrong(src, shape, seed, ndocs, sort, p):
                                             st.integers(1, 160), st.sampled_from([16, 32, 48, 64]),
                                             st.sampled_from([16, 32, 48, 64])),
        seed=st.integers(0, 2**16), ndocs=st.integers(1, 5), p=st.sampled_from([0.05, 0.2, 1.0]),
-       programs=st.sampled_from([maps._PROGRAMS, 1]), chunk=st.sampled_from([maps._CHUNK, 2]),
-       summarised=st.sampled_from([maps._SUMMARISED, 0]))
-def test_random_runtime_masks_live_runs_are_exact(src, shape, seed, ndocs, p, programs, chunk, summarised):
+       programs=st.sampled_from([maps._PROGRAMS, 1]), chunk=st.sampled_from([maps._CHUNK, 2]))
+def test_random_runtime_masks_live_runs_are_exact(src, shape, seed, ndocs, p, programs, chunk):
     """The kernels' maps of masks that read tensors (``maps.LiveRuns``: interval bounds per tile,
     then the mask evaluated on the entries of the tiles they leave open) are the oracle's exact
     states, forward (ragged last block as partial) and transposed, through a change of the
     values. ``programs`` 1 packs up to 64 rows into one ``block_states`` program and ``chunk`` 2
-    gives a row several programs, as long sequences do on the GPU; ``summarised`` 0 bounds reads
-    along one side by ``block_summaries`` first, as large maps do."""
-    defaults = maps._PROGRAMS, maps._CHUNK, maps._SUMMARISED
-    maps._PROGRAMS, maps._CHUNK, maps._SUMMARISED = programs, chunk, summarised
+    gives a row several programs, as long sequences do on the GPU."""
+    defaults = maps._PROGRAMS, maps._CHUNK
+    maps._PROGRAMS, maps._CHUNK = programs, chunk
     try:
         check_live_runs(src, shape, seed, ndocs, p)
     finally:
-        maps._PROGRAMS, maps._CHUNK, maps._SUMMARISED = defaults
+        maps._PROGRAMS, maps._CHUNK = defaults
 
 
 def check_live_runs(src, shape, seed, ndocs, p):
@@ -777,12 +775,10 @@ def test_live_runs_match_the_exact_host_maps_as_the_ids_change(name, packed, mon
     element) at every tile size, transposed and with a ragged last block, through several versions
     of the ids, in the same buffers; also at tile sizes whose maps combine the states of smaller
     tiles (128 x 64 of 64 x 64, 96 x 48 of 32 x 16), up to ragged ends. ``packed``: many rows per
-    ``block_states`` program, several programs per row and the reads along one side bounded by
-    ``block_summaries``, as long sequences get on the GPU."""
+    ``block_states`` program and several programs per row, as long sequences get on the GPU."""
     if packed:
         monkeypatch.setattr(maps, "_PROGRAMS", 1)
         monkeypatch.setattr(maps, "_CHUNK", 2)
-        monkeypatch.setattr(maps, "_SUMMARISED", 0)  # (reads along one side bounded by block_summaries)
     S, B, H = 176, 2, 3  # (not a multiple of 32: ragged last blocks)
     gen = torch.Generator().manual_seed(11)
     doc = torch.zeros(B, S, dtype=torch.long)

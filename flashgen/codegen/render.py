@@ -801,8 +801,6 @@ def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tup
     summary_stores = [(slot, side, *summary.emit(n)) for slot, (n, side) in enumerate(reads)]
     bounds = _IntervalEmitter({id(n): (side, slot) for slot, (n, side) in enumerate(reads)})
     bounds_lo, bounds_hi = bounds.emit(mask)
-    direct = _IntervalEmitter()  # (without block_summaries)
-    direct_bounds = direct.emit(mask)
     expr = tile.ref(mask)
     if mask.op in _COMPARE and DType.FLOAT in (mask.src[0].dtype, mask.src[1].dtype):
         expr = f"({expr} != 0)"  # (Triton 3.6's interpreter types comparisons of floats as fp32, which & refuses)
@@ -810,7 +808,6 @@ def render_block_map(name: str, program_key: str, mask: Node, capture_ndims: tup
         version=__version__, name=name, ir_key=program_key[:16], program_listing=listing,
         tile_origin=_reads_tile_origin([mask]), mask_lines=tile.lines, mask_expr=expr,
         bound_lines=bounds.lines, bounds=(bounds_lo, bounds_hi), summary_lines=summary.lines,
-        direct_lines=direct.lines, direct_bounds=direct_bounds,
         summary_stores=summary_stores,
         capture_params=[p for c in captures for p in c.params])
     return KernelSource(name, source, "block_states", captures, hashlib.sha256(source.encode()).hexdigest())
