@@ -501,7 +501,6 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         program_listing=listing,
         band=analysis.band,
         has_mask=analysis.has_mask,
-        has_residual=not (analysis.residual_mask.op is Op.CONST and analysis.residual_mask.arg is True),
         block_runs=analysis.block_runs,
         plain_logits=analysis.plain_logits,
         # the factor exp2 takes s by (s: the raw q·kᵀ of plain logits; sm_scale > 0, see Attention.__call__)
@@ -530,10 +529,7 @@ def _ws_band(analysis: Analysis):
     band of constant offsets that holds the diagonal (full, causal, sliding windows), so that every
     row sees at least its own key, and no block map. The launch checks the rest (``runtime.ws_fits``)."""
     band = analysis.band
-    residual = analysis.residual_mask
-    if analysis.block_runs:
-        return None
-    if analysis.has_mask and (band.is_trivial or not (residual.op is Op.CONST and residual.arg is True)):
+    if analysis.block_runs or analysis.has_mask and band.is_trivial:
         return None
     if (band.lo is not None and band.lo > 0) or (band.hi is not None and band.hi < 0):
         return None
@@ -583,11 +579,10 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
             tile_lines += _emit_tile(tile, dscore, {id(n): False for n in _ordered([dscore])})
             dscore_expr = tile.ref(dscore)
     # a block map's mask with band clauses: the rest per entry, the band's only on tiles across its edges
-    residual = analysis.residual_mask
-    split = maps and not analysis.band.is_trivial and not (residual.op is Op.CONST and residual.arg is True)
+    split = maps and not analysis.band.is_trivial
     mask_band = analysis.band if split else None
     if maps:  # (its own names: a float read in it is no tile)
-        lowered_mask, masks = _lowered(residual if split else mask), _Emitter("m")
+        lowered_mask, masks = _lowered(analysis.residual_mask if split else mask), _Emitter("m")
         mask_lines = [_gluon(line) for line in _emit_tile(masks, lowered_mask,
                                                           {id(n): False for n in _ordered([lowered_mask])})]
         mask_expr = masks.ref(lowered_mask)
