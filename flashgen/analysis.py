@@ -246,6 +246,12 @@ class Analysis:
         return bias_structure(self.logits)
 
     @property
+    def band_split(self) -> bool:
+        """A band and a rest over a block map: kernels may test the rest on every partial tile and
+        the band's clauses only on tiles across the band's edges."""
+        return self.block_runs and not self.band.is_trivial
+
+    @property
     def bias_rank(self) -> int | None:
         """Exact rank of ``logits - score`` as Σ_r f_r(b, h, q_idx)·g_r(b, h, kv_idx), or None."""
         return self.bias.rank

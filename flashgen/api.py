@@ -638,7 +638,9 @@ class Attention:
         kernel = load_kernel(ks)
         kwargs = dict(self._launch_constants(q.dtype, D, Dv, shape), STORE_LSE=want_lse, **tiles,
                       extra=(lambda c: self._runs_args(shape, c, q.device, ragged_last=Skv % c.block_n != 0))
-                      if self.analysis.block_runs else None)
+                      if self.analysis.block_runs else None,
+                      constexprs=(lambda c: {"SPLIT_BAND": self._split_band(shape, c, q.device)})
+                      if self.analysis.band_split else None)
 
         def grid(c):
             return (_cdiv(Sq, c.block_m), B * Hq)
@@ -647,6 +649,29 @@ class Attention:
             config = self._tuned("fwd", ks.key, shape, D, Dv, q, lambda c: run_config(kernel, c, grid, *args, **kwargs))
         cfg = config or self.forward_config(shape, D, Dv, q.dtype, q.device)
         return launch(kernel, (ks.key, cfg, D, Dv, q.dtype), cfg, grid, *args, **kwargs)
+
+    def _split_band(self, shape: tuple[int, int, int, int], cfg: Config, device) -> bool:
+        """Whether a forward launch of a band and a rest (``Analysis.band_split``) tests the band's
+        clauses only on tiles across its edges: where fewer than half of the map's partial tiles
+        cross them (a dilated window's lie inside the band: 1.13x -> 1.26x flex at D = 64), not
+        where more do (documents along the diagonal at (64, 32) tiles: 1.57x -> 1.43x; PERFLOG,
+        twenty-second session), nor for masks that read tensors, whose maps are not on the host."""
+        if self._mask_reads:
+            return False
+        _, _, Sq, _ = shape
+        bm, bn, band = cfg.block_m, cfg.block_n, self.analysis.band
+        runs = self.block_mask(*shape, (bm, bn), device).runs()[..., 0, :].cpu().long()  # partial runs
+        live = torch.arange((runs.shape[-1] - 1) // 2) < runs[..., :1]
+        start, end = runs[..., 1::2], runs[..., 2::2]
+        q_first = torch.arange(runs.shape[-2])[:, None] * bm
+        q_last = (q_first + bm).clamp(max=Sq) - 1
+        crossing = torch.zeros_like(start)
+        if band.lo is not None:  # tiles j with j * bn - q_last < lo
+            crossing += (torch.minimum(end, -(-(band.lo + q_last) // bn)) - start).clamp(min=0)
+        if band.hi is not None:  # tiles j with (j + 1) * bn - 1 - q_first > hi
+            crossing += (end - torch.maximum(start, (band.hi + q_first + 1) // bn)).clamp(min=0)
+        partial = (end - start)[live].sum()
+        return bool(2 * torch.minimum(crossing, end - start)[live].sum() < partial)
 
     def _layout_key(self, capture_args: list, *tensors: torch.Tensor) -> tuple:
         """What a call's kept launches depend on besides its flags and the block map's runs

@@ -70,17 +70,41 @@ def test_both_edges_of_a_band_in_one_loop(Sq, Skv, below, above):
     lambda ids: fg.mask_mod(lambda b, h, q, kv: (kv <= q) & (q - kv < 40) & ((q - kv) % 2 == 0)),  # dilated
 ])
 @pytest.mark.parametrize("config", [None, fg.Config(16, 16)])
-def test_a_block_map_with_band_clauses_is_right_on_tiles_below_across_and_inside_the_band(mask, config):
+@pytest.mark.parametrize("split", [False, True])
+def test_a_block_map_with_band_clauses_is_right_on_tiles_below_across_and_inside_the_band(mask, config, split,
+                                                                                       monkeypatch):
     """A mask that is a band and more runs over a block map, right on tiles below, across and inside
-    the band (the Gluon kernels evaluate its band clauses only across its edges; the Triton kernel on
-    every partial tile, measured faster for documents at D = 64: PERFLOG, twenty-second session)."""
+    the band. The Gluon kernels evaluate its band clauses only across its edges; the Triton kernel
+    does where the launch's rule says so (``split``: SPLIT_BAND, forced here both ways)."""
+    monkeypatch.setattr(fg.Attention, "_split_band", lambda self, *a: split)
     ids = torch.tensor([0] * 37 + [1] * 50 + [2] * 63)  # (edges inside tiles)
     mods = dict(mask_mod=mask(ids))
     attn = fg.compile(**mods)
+    assert ("if SPLIT_BAND:" in attn.source()) == attn.analysis.band_split
     q, k, v = rand(2, 2, 150, 32), rand(2, 2, 150, 32), rand(2, 2, 150, 32)
     out, lse = attn(q, k, v, return_lse=True, config=config)
     ref, ref_lse = fg.attention_reference(q, k, v, **mods, return_lse=True)
     assert rel_err(out, ref) < 1e-4 and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+
+
+def test_the_triton_forward_splits_a_band_where_most_partial_tiles_lie_inside_it():
+    """``Attention._split_band``: on for a dilated window (its partial tiles fill the band), off for
+    chunks along the diagonal (every partial tile crosses it) and for documents (their map is not on
+    the host); programs without a band and a rest render no SPLIT_BAND at all."""
+    S, tiles = 512, fg.Config(64, 32)
+
+    def dilated(b, h, q, kv):
+        return (kv <= q) & (q - kv < 256) & ((q - kv) % 2 == 0)
+
+    def chunks(b, h, q, kv):
+        return (q // 128 == kv // 128) & (kv <= q)
+
+    documents = fg.mods.document(torch.arange(S) * 4 // S) & fg.mods.causal
+    rule = {name: fg.compile(mask_mod=m)._split_band((1, 1, S, S), tiles, "cpu")
+            for name, m in (("dilated", dilated), ("chunks", chunks), ("documents", documents))}
+    assert rule == {"dilated": True, "chunks": False, "documents": False}
+    assert "SPLIT_BAND" not in fg.compile(mask_mod=fg.mods.causal).source()
+    assert "SPLIT_BAND" not in fg.compile(mask_mod=fg.mods.prefix_lm(16)).source()
 
 
 def test_power_of_two_floor_division_and_remainder_of_negative_indices():

@@ -483,6 +483,26 @@ def test_ids_that_change_every_step_refill_the_kept_runs_without_synchronising(D
     assert any(isinstance(graph, torch.cuda.CUDAGraph) for graph in graphs)
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_the_triton_forward_tests_a_bands_clauses_across_its_edges_only(split, monkeypatch):
+    """SPLIT_BAND compiled and run both ways (``Attention._split_band`` forced) on a dilated window
+    and on documents within causal attention, at head dim 64 (the Triton forward takes sparse maps
+    there), against the reference; the rule itself chooses the split for the dilated window."""
+    doc = torch.repeat_interleave(torch.arange(4, device=DEV), torch.tensor([100, 37, 200, 175], device=DEV))
+
+    def dilated(b, h, q, kv):
+        return (kv <= q) & (q - kv < 448) & ((q - kv) % 2 == 0)
+
+    assert fg.compile(mask_mod=dilated)._split_band((B, H, S, S), fg.Config(64, 32), DEV)
+    monkeypatch.setattr(fg.Attention, "_split_band", lambda self, *a: split)
+    for mask in (dilated, fg.mods.document(doc) & fg.mods.causal):
+        q, k, v = make_qkv(seed=47)
+        attn = fg.compile(mask_mod=mask)
+        out = attn(q, k, v)
+        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)"
+        check(out, q, k, v, mask_mod=mask)
+
+
 def test_host_overhead_with_a_block_map():
     doc = torch.repeat_interleave(torch.arange(2, device=DEV), torch.tensor([50, 78], device=DEV))
     q, k, v = make_qkv(1, 1, 128, 64, seed=32)

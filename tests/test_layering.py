@@ -94,8 +94,11 @@ DEPENDS = {
 # block-map refills bounded the mask once at 64 x 64 tiles for all of a step's maps and proved open
 # tiles partial by sampled entries before evaluating every entry (``LiveRuns.base``, ``block_runs``'
 # fold, the witnesses: the 8k document refill's GPU time 72 -> 9 us; ~6220), and a recorded
-# refill's maps were listed side by side (``LiveRuns._launch``'s branches; ~6226).
-SIZE_BUDGET = 6230
+# refill's maps were listed side by side (``LiveRuns._launch``'s branches; ~6226). 6265 until the
+# Triton forward tested a band's clauses only on tiles across its edges where the host map's
+# partial tiles mostly lie inside the band (``Analysis.band_split``, ``Attention._split_band``,
+# render_forward's rest lines, SPLIT_BAND: a dilated window's D = 64 forward 1.13x -> 1.25x flex; ~6262).
+SIZE_BUDGET = 6265
 
 
 def module_name(path: Path) -> str:

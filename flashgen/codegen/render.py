@@ -475,7 +475,9 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     numbers = _diagonals([logits, mask])
     listing += _diagonal_listing(numbers)
     logits, mask = (_staggered(r, numbers, "kv_idx") for r in (logits, mask))
-    roots = [logits, mask] + ([row_term] if row_term is not None else [])
+    # a band and a rest over a block map: the rest alone too, for launches that take the split
+    residual = _staggered(_lowered(analysis.residual_mask), numbers, "kv_idx") if analysis.band_split else None
+    roots = [logits, mask] + ([row_term] if row_term is not None else []) + ([residual] if residual else [])
     level = row_levels(roots)
     row = _Emitter("r")
     tile = _Emitter("t", tiles={})
@@ -487,8 +489,11 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
             row.emit(node)
     # tile-level code: the logits in one block and the mask in another (the mask only runs in
     # blocks that need it), each emitting what it needs that is not computed yet
+    rest = _Emitter("u")  # (its own names: its lines run where the mask's do not)
+    rest.names = dict(row.names)
     logit_lines = _emit_tile(tile, logits, level)
     mask_lines = _emit_tile(tile, mask, level)
+    rest_lines = _emit_tile(rest, residual, level) if residual else []
     row_params = [row.names[id(n)] for n in _ordered(roots) if id(n) in row.names and row.names[id(n)].startswith("r")]
     if _reads_tile_origin([logits, mask]):
         row_params.append(_LEAF_NAMES[ir.TILE_ORIGIN])  # (the KV loop's tiles measure from it too)
@@ -515,6 +520,9 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         logit_expr=tile.ref(logits) if not analysis.plain_logits else "",
         tile_mask_lines=mask_lines,
         mask_expr=tile.ref(mask),
+        mask_band=analysis.band if residual else None,
+        rest_lines=rest_lines,
+        rest_expr=rest.ref(residual) if residual else "",
         capture_params=capture_params,
         tile_params=["tile_q0"] + [f"tile{k}" for k in tile.tiles.values()] if tile.tiles else [],
         tile_descriptors=_tile_descriptors(tile.tiles),
@@ -579,7 +587,7 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
             tile_lines += _emit_tile(tile, dscore, {id(n): False for n in _ordered([dscore])})
             dscore_expr = tile.ref(dscore)
     # a block map's mask with band clauses: the rest per entry, the band's only on tiles across its edges
-    split = maps and not analysis.band.is_trivial
+    split = maps and analysis.band_split
     mask_band = analysis.band if split else None
     if maps:  # (its own names: a float read in it is no tile)
         lowered_mask, masks = _lowered(analysis.residual_mask if split else mask), _Emitter("m")
