@@ -268,6 +268,9 @@ class Attention:
             if tiles := sum(1 for x in kept if x.kwargs.get("TILE_TMA")):
                 lines.append(f"  {tiles} of them read [q, kv] tiles of a captured tensor through TMA descriptors "
                              "(tile_tma_ok)")
+            if split := sum(1 for x in kept if x.kwargs.get("SPLIT_BAND")):
+                lines.append(f"  {split} forward(s) test the band's clauses only on tiles across its edges, the rest "
+                             "on every partial tile (_split_band: most partial tiles lie inside the band)")
             live = sum(1 for _, refills, _ in self._plans.values() if refills is not None)
             if live:
                 lines.append(f"  {live} of them refill their block maps' runs on the device when the tensors the mask "

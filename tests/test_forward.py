@@ -103,6 +103,10 @@ def test_the_triton_forward_splits_a_band_where_most_partial_tiles_lie_inside_it
     rule = {name: fg.compile(mask_mod=m)._split_band((1, 1, S, S), tiles, "cpu")
             for name, m in (("dilated", dilated), ("chunks", chunks), ("documents", documents))}
     assert rule == {"dilated": True, "chunks": False, "documents": False}
+    attn = fg.compile(mask_mod=dilated)
+    q, k, v = rand(1, 1, S, 16), rand(1, 1, S, 16), rand(1, 1, S, 16)
+    assert rel_err(attn(q, k, v, config=tiles), fg.attention_reference(q, k, v, mask_mod=dilated)) < 1e-4
+    assert "1 forward(s) test the band's clauses only on tiles across its edges" in attn.explain()
     assert "SPLIT_BAND" not in fg.compile(mask_mod=fg.mods.causal).source()
     assert "SPLIT_BAND" not in fg.compile(mask_mod=fg.mods.prefix_lm(16)).source()
 

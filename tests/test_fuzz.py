@@ -660,6 +660,26 @@ def test_random_mask_mod_matches_reference(case):
     check_case(case)
 
 
+@settings(FUZZ, max_examples=examples(30))
+@given(case=cases(("mask_mod",)), lo=st.one_of(st.none(), st.integers(-60, 5)), width=st.integers(0, 80))
+def test_random_mask_mod_within_a_band_with_the_band_split_forced_matches_reference(case, lo, width):
+    """A band lo <= kv - q <= hi (one side open where ``lo`` is None) and a random mask: the Triton
+    forward's band split (the band's clauses only on tiles across its edges), forced on wherever
+    the program is a band and a rest, matches the reference."""
+    q, k, v, mods, _ = materialize(case)
+    rest = mods["mask_mod"]
+    if lo is None:
+        mods["mask_mod"] = fg.mask_mod(lambda b, h, qi, ki: (ki - qi <= width) & rest(b, h, qi, ki))
+    else:
+        mods["mask_mod"] = fg.mask_mod(lambda b, h, qi, ki: (ki - qi >= lo) & (ki - qi <= lo + width)
+                                       & rest(b, h, qi, ki))
+    kwargs = dict(scale=case.scale, enable_gqa=case.gqa, return_lse=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fg.Attention, "_split_band", lambda self, *a: True)
+        out, lse = fg.attention(q, k, v, **mods, **kwargs)
+    compare(out, lse, *fg.attention_reference(q, k, v, **mods, **kwargs))
+
+
 @settings(FUZZ, max_examples=examples(50))
 @given(case=cases(("score_mod", "bias", "mask_mod"), optional=("bias",)))
 def test_random_mods_together_match_reference(case):
