@@ -599,12 +599,12 @@ def test_cache_entries_and_clear(cache):
     assert runtime.load_tuning("causal", "fwd", key)["best"] == Config(16, 16, 4, 1).__dict__
     (cache / "kernels" / ".stray.py.123.tmp").write_text("")  # temp files and locks are not entries
     entries = runtime.cache_entries()
-    templates = sorted((cache / "templates").glob("*.cache"))  # the forward template and its include
+    templates = sorted((cache / "templates").glob("*.cache"))  # the forward template and its two includes
     assert [(e.kind, e.path) for e in entries] == [("kernel", runtime.source_path(attn._kernel_source())),
                                                     ("tuning", stored)] + [("template", t) for t in templates]
-    assert len(templates) == 2
+    assert len(templates) == 3
     assert all(e.size == e.path.stat().st_size > 0 and e.mtime == e.path.stat().st_mtime for e in entries)
-    assert runtime.clear_cache() == 4
+    assert runtime.clear_cache() == 5
     assert runtime.cache_entries() == [] and runtime._tuned_in_memory == {}
     assert [p.name for p in files(cache)] == [".stray.py.123.tmp"]  # the entries and their .lock files are gone
     assert runtime.load_tuning("causal", "fwd", key) is None
