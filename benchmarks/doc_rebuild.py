@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--analysis-rounds", type=int, default=5, metavar="N",
                    help="flashgen's refill and flex's compiled create_block_mask timed in turn for N rounds")
     p.add_argument("--analysis-only", action="store_true", help="time no steps: the refill and flex's analysis only")
+    p.add_argument("--no-pdl", action="store_true", help="refill kernels without programmatic dependent launch")
     p.add_argument("--ab-graphs", type=int, default=0, metavar="ROUNDS",
                    help="also steps with changing ids and refills alone, refills replayed as CUDA graphs or "
                         "launched one by one (maps.GRAPHS), alternating for ROUNDS rounds")
@@ -110,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         print("doc_rebuild: no CUDA device")
         return 0
     B, H, S, D = suite.parse_shape(args.shape)
+    if args.no_pdl:
+        from flashgen import maps
+
+        maps.PDL = False
     doc = torch.arange(S, device="cuda") * args.docs // S
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)

@@ -26,6 +26,7 @@ _CHUNK = 16  # the most column blocks one ``block_states`` program bounds at onc
 _PROGRAMS = 8192  # the ``block_states`` programs to aim for: fewer rows per program below that
 _STRIP = 4096  # entries per step when ``block_states`` evaluates a row's chunk entry by entry
 GRAPHS = True  # refills seen before replayed as one CUDA graph (False: launched one by one; for A/B timing)
+PDL = True  # on Hopper, the refill's kernels by programmatic dependent launch (False: for A/B timing)
 
 
 class LiveRuns:
@@ -51,8 +52,12 @@ class LiveRuns:
         self.dims = mask_dims(mask, shape[0], shape[1])
         self._module = load_module(source)
         self._read = [captured[i] for i in reads(mask)]
+        # Hopper's programmatic dependent launch: each refill kernel launches while the one before it
+        # runs, and waits for its results only where it reads them
+        pdl = device.type == "cuda" and PDL and torch.cuda.get_device_capability(device)[0] >= 9
+        self._pdl = dict(PDL=pdl, **({"launch_pdl": True} if pdl else {}))
         self._constants = dict(IDX_T=index_type(captured), CHECK_READS=check_reads, FAST_MATH=False,
-                               EXACT=exact, num_warps=4)  # (the states' launches)
+                               EXACT=exact, num_warps=4, **self._pdl)  # (the states' launches)
         self._slots = self._module.SLOTS.value  # reads bounded once per block (``block_summaries``)
         self._states: dict[tuple[int, int], list] = {}  # base tile size -> [states, launch, summaries, launch]
         # (tile size, transpose, ragged_last) -> runs, their launch, its arguments, the base tile size
@@ -96,7 +101,7 @@ class LiveRuns:
             runs = torch.empty(*self.dims, rows, 2, 1 + 2 * -(-cols // 2), dtype=torch.int32, device=self.device)
             sb, sh, sr, sc = states.stride()
             launch = Launch(None, self._module.block_runs, (rows, *self.dims), (),
-                            dict(CHUNK=256, FR=fold[0], FC=fold[1], num_warps=4))
+                            dict(CHUNK=256, FR=fold[0], FC=fold[1], num_warps=4, **self._pdl))
             self._runs[key] = (runs, launch, (states, sb, sh, *((sc, sr) if transpose else (sr, sc)), runs,
                                               *runs.stride()[:4], cols, int(ragged_last), *grid), base)
         self.refresh((key,))
@@ -120,7 +125,7 @@ class LiveRuns:
         blocks = self._states[block][2].shape[-1]
         r = max(1, min(16, triton.next_power_of_2(blocks * math.prod(self.dims)) // 1024))
         constants = dict(BM=block[0], BN=block[1], R=r, num_warps=4, RANGE_M=triton.next_power_of_2(block[0]),
-                         RANGE_N=triton.next_power_of_2(block[1]))  # (a tile's index range fits)
+                         RANGE_N=triton.next_power_of_2(block[1]), PDL=self._pdl["PDL"])  # (its range fits)
         grid = (-(-blocks // r), math.prod(self.dims))
         return Launch(None, self._module.block_summaries, grid, (), constants)
 
