@@ -477,7 +477,7 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     logits, mask = (_staggered(r, numbers, "kv_idx") for r in (logits, mask))
     # a band and a rest over a block map: the rest alone too, for launches that take the split
     residual = _staggered(_lowered(analysis.residual_mask), numbers, "kv_idx") if analysis.band_split else None
-    roots = [logits, mask] + ([row_term] if row_term is not None else []) + ([residual] if residual else [])
+    roots = [logits, mask] + ([row_term] if row_term is not None else []) + ([residual] if residual is not None else [])
     level = row_levels(roots)
     row = _Emitter("r")
     tile = _Emitter("t", tiles={})
@@ -493,7 +493,7 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
     rest.names = dict(row.names)
     logit_lines = _emit_tile(tile, logits, level)
     mask_lines = _emit_tile(tile, mask, level)
-    rest_lines = _emit_tile(rest, residual, level) if residual else []
+    rest_lines = _emit_tile(rest, residual, level) if residual is not None else []
     row_params = [row.names[id(n)] for n in _ordered(roots) if id(n) in row.names and row.names[id(n)].startswith("r")]
     if _reads_tile_origin([logits, mask]):
         row_params.append(_LEAF_NAMES[ir.TILE_ORIGIN])  # (the KV loop's tiles measure from it too)
@@ -520,9 +520,9 @@ def render_forward(name: str, program_key: str, logits: Node, mask: Node, analys
         logit_expr=tile.ref(logits) if not analysis.plain_logits else "",
         tile_mask_lines=mask_lines,
         mask_expr=tile.ref(mask),
-        mask_band=analysis.band if residual else None,
+        mask_band=analysis.band if residual is not None else None,
         rest_lines=rest_lines,
-        rest_expr=rest.ref(residual) if residual else "",
+        rest_expr=rest.ref(residual) if residual is not None else "",
         capture_params=capture_params,
         tile_params=["tile_q0"] + [f"tile{k}" for k in tile.tiles.values()] if tile.tiles else [],
         tile_descriptors=_tile_descriptors(tile.tiles),
