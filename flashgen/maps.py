@@ -3,9 +3,9 @@
 A packed training batch brings new document ids every step. The host analysis (``blocks``)
 would copy them to the host, which waits for the GPU's queue, and then classify tiles in Python:
 milliseconds per step. :class:`LiveRuns` instead keeps each map's runs in a buffer of fixed
-shape that the kept launches point at, and refills it with two generated kernels
-(``block_map.py.jinja``) when the tensors' versions change: nothing is read on the host, and
-the tiles and launches chosen on the first call stay.
+shape that the kept launches point at, and refills it with generated kernels
+(``block_map.py.jinja``: bounds, states, runs) when the tensors' versions change: nothing is read
+on the host, and the tiles and launches chosen on the first call stay.
 """
 
 from __future__ import annotations
