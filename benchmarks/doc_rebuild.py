@@ -53,9 +53,10 @@ def breakdown(kept, bench) -> None:
         maps._PROGRAMS, maps._STRIP = defaults
         _, _, sq, skv = live.shape
         for key in keys:
-            print(f"  map {key}: {live._states[key[0]][0].numel()} tiles, {live._slots} reads bounded per block")
+            base = live._runs[key][3]  # (the tile size whose states the map combines)
+            print(f"  map {key}: {live._states[base][0].numel()} states of {base} tiles, {live._slots} one-side reads")
             for (exact, programs, strip), other in variants.items():
-                states, launch, sums, summaries = other._states[key[0]]
+                states, launch, sums, summaries = other._states[base]
                 extra = (sums, sums.shape[-1]) if other._slots else ()
                 tail = (*captured_args(other.captured), sq, skv, other.dims[1])
                 head = (states, *states.stride()[:3], *extra)

@@ -62,7 +62,7 @@ class LiveRuns:
         self._states: dict[tuple[int, int], list] = {}  # base tile size -> [states, launch, summaries, launch]
         # (tile size, transpose, ragged_last) -> runs, their launch, its arguments, the base tile size
         self._runs: dict[tuple, tuple] = {}
-        self._fresh: set = set()  # tile sizes and keys filled for ``_versions``
+        self._fresh: set = set()  # base tile sizes bounded and keys filled for ``_versions``
         # refills seen once (None), then recorded, for the captured tensors' "addresses" in the graphs
         self._graphs: dict = {}
         # the versions of the tensors the mask reads, and the captured tensors' integer arguments the
@@ -77,7 +77,7 @@ class LiveRuns:
 
     def fits(self, block: tuple[int, int]) -> bool:
         """Whether the map at ``block`` tiles is small enough to keep here (~8 bytes per tile of runs,
-        one of states and 16 per block of bounds at its base tiles)."""
+        and one per tile of states at its base tiles)."""
         base = self.base(block)
         tiles = [math.prod(self.dims) * -(-self.shape[2] // bm) * -(-self.shape[3] // bn) for bm, bn in (block, base)]
         return tiles[0] * 8 + tiles[1] <= _MAX_BYTES
