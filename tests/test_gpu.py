@@ -731,6 +731,9 @@ WS_MAP_CASES = [  # (mods built in the test: tensors on the GPU), dtype, KV head
     pytest.param(lambda: dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: ((kv // 128) % 3 != 1) & (q % 5 != 2)
                                                      & (kv % 3 != 0))),
                  torch.bfloat16, 4, True, id="gaps-and-empty-rows-bf16"),
+    # a first query block that sees no key: no program of the backward visits it
+    pytest.param(lambda: dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: (kv <= q) & (q >= 64))), torch.bfloat16, 4,
+                 True, id="first-block-unseen-bf16"),
     # a map that varies by head: the backward's query blocks are shared by a group's heads
     pytest.param(lambda: dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: kv <= q - 100 * h)), torch.bfloat16, 2,
                  False, id="per-head-gqa-bf16"),
