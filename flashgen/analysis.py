@@ -312,6 +312,29 @@ def tile_read_of(n: Node) -> TileRead | None:
                     tuple((d, k) for d, k in enumerate(kinds) if k not in ("q_idx", "kv_idx")))
 
 
+@dataclass(frozen=True)
+class KeyRead:
+    """A read of ``captured[slot]`` whose dimension ``kv_dim`` is indexed by kv_idx itself and the
+    others by b, h or constants (``others``, as :class:`TileRead`'s): a document mask's ids along the
+    keys. A tile's keys read one contiguous run of it where that dimension is the innermost, which
+    a 1-D TMA copy stages in shared memory with the keys."""
+
+    slot: int
+    kv_dim: int
+    others: tuple[tuple[int, str | int], ...]
+
+
+def key_read_of(n: Node) -> KeyRead | None:
+    """The :class:`KeyRead` that the read ``n`` is, or None (reads of booleans stay gathers)."""
+    if n.op is not Op.LOAD or not isinstance(n.arg, int) or not n.src or n.dtype is DType.BOOL:
+        return None
+    kinds = [i.arg if i.op in (Op.INDEX, Op.CONST) else None for i in n.src]
+    if (None in kinds or TILE_ORIGIN in kinds or "q_idx" in kinds or kinds.count("kv_idx") != 1
+            or any(isinstance(k, bool) for k in kinds)):
+        return None
+    return KeyRead(n.arg, kinds.index("kv_idx"), tuple((d, k) for d, k in enumerate(kinds) if k != "kv_idx"))
+
+
 def entrywise_reads(logits: Node) -> dict[int, tuple[str | int, ...]]:
     """Captured tensors the logits read once in [q, kv] tiles (:func:`tile_read_of`), their other
     dimensions indexed by b, h (each at most once) or constants: a dense bias [B, H, Sq, Skv], or

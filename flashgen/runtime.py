@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .analysis import Diagonal, TileRead
+from .analysis import Diagonal, KeyRead, TileRead
 from .codegen.render import LOG2E, STAGGER, KernelSource, use_template_cache
 from .ir import Node, Op, toposort
 from .lowrank import head_blocks
@@ -461,7 +461,8 @@ def _gluon_layout(block: tuple[int, ...], dtype: torch.dtype):
     """The shared layout of a TMA block (computed once: ~6 µs of host time per descriptor otherwise)."""
     from triton.experimental.gluon import language as gl
 
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32, torch.int32: gl.int32,
+             torch.int16: gl.int16, torch.int8: gl.int8, torch.uint8: gl.uint8}[dtype]
     if len(block) == 1:
         return gl.NVMMASharedLayout(0, dtype.primitive_bitwidth, rank=1)
     return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
@@ -489,6 +490,17 @@ def ws_tile_args(read: TileRead, t: torch.Tensor, block: tuple[int, int] = (128,
             lead[""] += x * t.stride(d) // row
     desc = TensorDescriptor(t, [rows, t.shape[read.kv_dim]], [row, 1], list(block), _gluon_layout(block, t.dtype))
     return desc, lead["b"], lead["h"], lead[""]
+
+
+def ws_key_args(read: KeyRead, t: torch.Tensor) -> tuple:
+    """The Gluon forward's arguments for a tensor its mask reads along the keys (``analysis.KeyRead``,
+    the keys its innermost dimension; ``Attention._key_slots`` said it can be staged): a 1-D TMA
+    descriptor of ``t``'s entries (blocks of 128) and the entry of (b, h, key 0) as ``lead_b * b +
+    lead_h * h + lead``."""
+    lead = {"b": 0, "h": 0, "": 0}
+    for d, x in read.others:
+        lead[x if isinstance(x, str) else ""] += t.stride(d) * (1 if isinstance(x, str) else x)
+    return _gluon_descriptor(t.view(-1), [128]), lead["b"], lead["h"], lead[""]
 
 
 def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -22,11 +22,13 @@ from .._version import __version__
 from ..analysis import (
     Analysis,
     Diagonal,
+    KeyRead,
     TileRead,
     affine_form,
     diagonal_of,
     entrywise_reads,
     int_bounds,
+    key_read_of,
     row_levels,
     shared_by,
     side_reads,
@@ -90,6 +92,9 @@ class KernelSource:
     # reads in [q, kv] tiles it can take through TMA descriptors (the TILE_TMA constexpr, which the
     # launch sets where the tensors' layouts allow: ``runtime.tile_tma_ok``)
     tile_reads: tuple[TileRead, ...] = ()
+    # (the Gluon forward) reads along the keys it stages in shared memory with K: ``side{k}``'s TMA
+    # descriptor and its row's leads after the runs (``runtime.ws_key_args``)
+    key_reads: tuple[KeyRead, ...] = ()
 
 
 class _Emitter:
@@ -557,7 +562,8 @@ def _ws_logits(logits: Node) -> bool:
 
 def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False, logits: Node | None = None,
               capture_ndims: tuple[int, ...] = (), fast_math: bool = True, mask: Node | None = None,
-              extra_qk: bool = False, check_reads: bool = True) -> KernelSource | None:
+              extra_qk: bool = False, check_reads: bool = True,
+              key_slots: frozenset[int] = frozenset()) -> KernelSource | None:
     """The warp-specialised forward (or backward) for Hopper GPUs (Gluon), or None where the program is
     outside what they cover (``_ws_band``, ``_ws_logits``). Logits other than plain are evaluated per
     tile, and in the backward their derivative in the score (``autodiff.gradients``); gradients of
@@ -567,7 +573,11 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     by the approximate instruction (the kernels are bf16 and fp16 only, where ``fast_math=None`` means it).
     ``extra_qk``: for q and k with columns past v's head dim (a low-rank bias's factors, FlashBias): a
     second product over them per S tile (the backward computes no gradients for them).
-    ``check_reads``: captured-tensor reads masked by their bounds (False: a launch proved them in range)."""
+    ``check_reads``: captured-tensor reads masked by their bounds (False: a launch proved them in range).
+    ``key_slots``: captured tensors the forward may stage in shared memory where its mask reads them
+    along the keys (``analysis.KeyRead``, the keys innermost; the caller's rule: contiguous, aligned,
+    four bytes or fewer per entry), with reads proved in range: a tile's keys' values then come by
+    TMA with K instead of a gather per entry."""
     band = _ws_band(analysis)
     maps = analysis.block_runs and mask is not None
     if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
@@ -576,6 +586,7 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     captures = tuple(CaptureArg(slot, nd) for slot, nd in enumerate(capture_ndims)) if evaluated else ()
     tile = _Emitter("t", tiles={}, loaded=True)
     tile_lines, logit_expr, dscore_expr, mask_lines, mask_expr, batch_inner = [], "", "", [], "", False
+    staged: list = []
     if not analysis.plain_logits:
         lowered = _lowered(logits)
         tile_lines = _emit_tile(tile, lowered, {id(n): False for n in _ordered([lowered])})
@@ -591,8 +602,14 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     mask_band = analysis.band if split else None
     if maps:  # (its own names: a float read in it is no tile)
         lowered_mask, masks = _lowered(analysis.residual_mask if split else mask), _Emitter("m")
-        mask_lines = [_gluon(line) for line in _emit_tile(masks, lowered_mask,
-                                                          {id(n): False for n in _ordered([lowered_mask])})]
+        staged = [] if backward or check_reads else [
+            (n, read) for n in _ordered([lowered_mask]) if (read := key_read_of(n)) is not None
+            and read.slot in key_slots and read.kv_dim == capture_ndims[read.slot] - 1]
+        for k, (n, _) in enumerate(staged):  # (named before the mask's lines: they take the staged values)
+            masks.names[id(n)] = f"side{k}"
+        mask_lines = [f"side{k} = sides[{k}].load(s_cols)[None, :]" for k in range(len(staged))]
+        mask_lines += [_gluon(line) for line in _emit_tile(masks, lowered_mask,
+                                                           {id(n): False for n in _ordered([lowered_mask])})]
         mask_expr = masks.ref(lowered_mask)
     template, kernel = ("attention_bwd_ws.py.jinja", "attn_bwd_ws") if backward else ("attention_fwd_ws.py.jinja",
                                                                                       "attn_fwd_ws")
@@ -605,9 +622,10 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
         tile_mask_lines=mask_lines, mask_expr=mask_expr, tile_logit_lines=[_gluon(line) for line in tile_lines],
         logit_expr=logit_expr, dscore_expr=dscore_expr, capture_params=[p for c in captures for p in c.params],
         fast_math=fast_math, logits_broadcast=logits is not None and not ir.depends_on(logits, "score"),
-        tile_read=bool(tile.tiles), batch_inner=batch_inner, extra_qk=extra_qk, check_reads=check_reads)
+        tile_read=bool(tile.tiles), batch_inner=batch_inner, extra_qk=extra_qk, check_reads=check_reads,
+        sides=len(staged))
     return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest(),
-                        tile_reads=tuple(tile.tiles))
+                        tile_reads=tuple(tile.tiles), key_reads=tuple(read for _, read in staged))
 
 
 def _gluon(line: str) -> str:
