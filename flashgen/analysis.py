@@ -300,13 +300,19 @@ class TileRead:
     others: tuple[tuple[int, str | int], ...]
 
 
+def _plain_index(n: Node) -> list[str | int] | None:
+    """A read's index per dimension as an index name or an integer constant, or None where one is
+    computed (or a boolean, or the tile origin)."""
+    kinds = [i.arg if i.op in (Op.INDEX, Op.CONST) else None for i in n.src]
+    return None if None in kinds or TILE_ORIGIN in kinds or any(isinstance(k, bool) for k in kinds) else kinds
+
+
 def tile_read_of(n: Node) -> TileRead | None:
     """The :class:`TileRead` that the read ``n`` is, or None."""
     if n.op is not Op.LOAD or not isinstance(n.arg, int) or n.dtype is not DType.FLOAT:
         return None
-    kinds = [i.arg if i.op in (Op.INDEX, Op.CONST) else None for i in n.src]
-    if (None in kinds or TILE_ORIGIN in kinds or kinds.count("q_idx") != 1 or kinds.count("kv_idx") != 1
-            or any(isinstance(k, bool) for k in kinds)):
+    kinds = _plain_index(n)
+    if kinds is None or kinds.count("q_idx") != 1 or kinds.count("kv_idx") != 1:
         return None
     return TileRead(n.arg, kinds.index("q_idx"), kinds.index("kv_idx"),
                     tuple((d, k) for d, k in enumerate(kinds) if k not in ("q_idx", "kv_idx")))
@@ -328,9 +334,8 @@ def key_read_of(n: Node) -> KeyRead | None:
     """The :class:`KeyRead` that the read ``n`` is, or None (reads of booleans stay gathers)."""
     if n.op is not Op.LOAD or not isinstance(n.arg, int) or not n.src or n.dtype is DType.BOOL:
         return None
-    kinds = [i.arg if i.op in (Op.INDEX, Op.CONST) else None for i in n.src]
-    if (None in kinds or TILE_ORIGIN in kinds or "q_idx" in kinds or kinds.count("kv_idx") != 1
-            or any(isinstance(k, bool) for k in kinds)):
+    kinds = _plain_index(n)
+    if kinds is None or "q_idx" in kinds or kinds.count("kv_idx") != 1:
         return None
     return KeyRead(n.arg, kinds.index("kv_idx"), tuple((d, k) for d, k in enumerate(kinds) if k != "kv_idx"))
 
