@@ -468,6 +468,16 @@ def _gluon_layout(block: tuple[int, ...], dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
+def _leads(t: torch.Tensor, others: tuple[tuple[int, str | int], ...], unit: int = 1) -> tuple[int, int, int]:
+    """(lead_b, lead_h, lead): where a read of ``t`` whose dimensions ``others`` are indexed by b, h or
+    constants starts for (b, h), as lead_b * b + lead_h * h + lead, in units of ``unit`` entries
+    (each of those dimensions' strides a multiple of it)."""
+    lead = {"b": 0, "h": 0, "": 0}
+    for d, x in others:
+        lead[x if isinstance(x, str) else ""] += t.stride(d) // unit * (1 if isinstance(x, str) else x)
+    return lead["b"], lead["h"], lead[""]
+
+
 def ws_tile_args(read: TileRead, t: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple | None:
     """The Gluon kernels' arguments for a tensor read in [q, kv] tiles (a dense bias; its reads
     proved in range): a TMA descriptor of ``t`` as rows of keys (blocks of ``block``: 128 x 128 for
@@ -482,14 +492,8 @@ def ws_tile_args(read: TileRead, t: torch.Tensor, block: tuple[int, int] = (128,
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     rows = 1 + sum((t.shape[d] - 1) * t.stride(d) // row for d in range(t.dim()) if d != read.kv_dim)
-    lead = {"b": 0, "h": 0, "": 0}
-    for d, x in read.others:
-        if isinstance(x, str):
-            lead[x] += t.stride(d) // row
-        else:
-            lead[""] += x * t.stride(d) // row
     desc = TensorDescriptor(t, [rows, t.shape[read.kv_dim]], [row, 1], list(block), _gluon_layout(block, t.dtype))
-    return desc, lead["b"], lead["h"], lead[""]
+    return desc, *_leads(t, read.others, row)
 
 
 def ws_key_args(read: KeyRead, t: torch.Tensor) -> tuple:
@@ -497,10 +501,7 @@ def ws_key_args(read: KeyRead, t: torch.Tensor) -> tuple:
     the keys its innermost dimension; ``Attention._key_slots`` said it can be staged): a 1-D TMA
     descriptor of ``t``'s entries (blocks of 128) and the entry of (b, h, key 0) as ``lead_b * b +
     lead_h * h + lead``."""
-    lead = {"b": 0, "h": 0, "": 0}
-    for d, x in read.others:
-        lead[x if isinstance(x, str) else ""] += t.stride(d) * (1 if isinstance(x, str) else x)
-    return _gluon_descriptor(t.view(-1), [128]), lead["b"], lead["h"], lead[""]
+    return _gluon_descriptor(t.view(-1), [128]), *_leads(t, read.others)
 
 
 def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
