@@ -319,25 +319,28 @@ def tile_read_of(n: Node) -> TileRead | None:
 
 
 @dataclass(frozen=True)
-class KeyRead:
-    """A read of ``captured[slot]`` whose dimension ``kv_dim`` is indexed by kv_idx itself and the
-    others by b, h or constants (``others``, as :class:`TileRead`'s): a document mask's ids along the
-    keys. A tile's keys read one contiguous run of it where that dimension is the innermost, which
-    a 1-D TMA copy stages in shared memory with the keys."""
+class AxisRead:
+    """A read of ``captured[slot]`` whose dimension ``dim`` is indexed by ``axis`` (q_idx or kv_idx)
+    itself, the other axis not at all, and the other dimensions by b, h or constants (``others``, as
+    :class:`TileRead`'s): a document mask's ids along the keys or the queries. A tile's keys (or
+    queries) read one contiguous run of it where that dimension is the innermost, which a 1-D TMA
+    copy stages in shared memory with K (or Q)."""
 
     slot: int
-    kv_dim: int
+    axis: str
+    dim: int
     others: tuple[tuple[int, str | int], ...]
 
 
-def key_read_of(n: Node) -> KeyRead | None:
-    """The :class:`KeyRead` that the read ``n`` is, or None (reads of booleans stay gathers)."""
+def axis_read_of(n: Node) -> AxisRead | None:
+    """The :class:`AxisRead` that the read ``n`` is, or None (reads of booleans stay gathers)."""
     if n.op is not Op.LOAD or not isinstance(n.arg, int) or not n.src or n.dtype is DType.BOOL:
         return None
     kinds = _plain_index(n)
-    if kinds is None or "q_idx" in kinds or kinds.count("kv_idx") != 1:
+    axes = [a for a in ("q_idx", "kv_idx") if kinds is not None and a in kinds]
+    if len(axes) != 1 or kinds.count(axes[0]) != 1:
         return None
-    return KeyRead(n.arg, kinds.index("kv_idx"), tuple((d, k) for d, k in enumerate(kinds) if k != "kv_idx"))
+    return AxisRead(n.arg, axes[0], kinds.index(axes[0]), tuple((d, k) for d, k in enumerate(kinds) if k != axes[0]))
 
 
 def entrywise_reads(logits: Node) -> dict[int, tuple[str | int, ...]]:

@@ -59,10 +59,10 @@ from .runtime import (
     templates_here,
     tile_tma_ok,
     tma_ok,
+    ws_axis_args,
     ws_backward,
     ws_fits,
     ws_forward,
-    ws_key_args,
     ws_tile_args,
 )
 from .settings import settings
@@ -174,21 +174,22 @@ class Attention:
         ``check_reads``: the module constant CHECK_READS (False: a launch proved its reads in range)."""
         if extra and (extra != WS_EXTRA_QK or backward and not self._frozen_factors()):
             return None
-        key_slots = self._key_slots()
+        axis_slots = self._axis_slots()
         key = ("ws", backward, self.program.key, self.fast_math is not False, extra, check_reads,
-               key_slots)  # (in the source)
+               axis_slots)  # (in the source)
         if key not in _sources:
             templates_here()
             _sources[key] = render_ws(self.name, self.program.key, self.analysis, backward, self.program.logits,
                                       tuple(c.ndim for c in self.program.captures), self.fast_math is not False,
                                       self.program.mask, extra_qk=bool(extra), check_reads=check_reads,
-                                      key_slots=key_slots)
+                                      axis_slots=axis_slots)
         return _sources[key]
 
-    def _key_slots(self) -> frozenset[int]:
-        """Captured tensors the Gluon forward may stage with K where its mask reads them along the keys
-        (``render_ws``'s ``key_slots``): contiguous, 16-byte aligned, four bytes or fewer per entry (three
-        stages of 128 fit in the shared memory K and V leave), not booleans."""
+    def _axis_slots(self) -> frozenset[int]:
+        """Captured tensors the Gluon kernels may stage with K (or Q_i) where their mask reads them along
+        the keys (or the queries in the backward; ``render_ws``'s ``axis_slots``): contiguous, 16-byte
+        aligned, four bytes or fewer per entry (three stages of 128 fit in the shared memory K and V
+        leave in the forward), not booleans."""
         return frozenset(slot for slot, t in enumerate(self.captured)
                          if torch.is_tensor(t) and t.dim() and t.is_contiguous() and t.data_ptr() % 16 == 0
                          and t.element_size() <= 4 and t.dtype != torch.bool and not t.is_complex())
@@ -443,8 +444,8 @@ class Attention:
                 return None
         runs = self._runs_args(shape, Config(64, 128) if backward else Config(128, 128), q.device,
                                transpose=backward) if maps else ()
-        for read in ws.key_reads:  # (staged with K: their descriptors after the runs)
-            runs = runs + ws_key_args(read, self.captured[read.slot])
+        for read in ws.axis_reads:  # (staged with K, or Q_i: their descriptors after the runs)
+            runs = runs + ws_axis_args(read, self.captured[read.slot], 64 if backward else 128)
         if backward and runs and runs[2] != 0 and Hq != k.shape[1]:
             return None
         mods = captured_args(self.captured) if maps or not self.analysis.plain_logits else None

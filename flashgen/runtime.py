@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .analysis import Diagonal, KeyRead, TileRead
+from .analysis import AxisRead, Diagonal, TileRead
 from .codegen.render import LOG2E, STAGGER, KernelSource, use_template_cache
 from .ir import Node, Op, toposort
 from .lowrank import head_blocks
@@ -496,12 +496,13 @@ def ws_tile_args(read: TileRead, t: torch.Tensor, block: tuple[int, int] = (128,
     return desc, *_leads(t, read.others, row)
 
 
-def ws_key_args(read: KeyRead, t: torch.Tensor) -> tuple:
-    """The Gluon forward's arguments for a tensor its mask reads along the keys (``analysis.KeyRead``,
-    the keys its innermost dimension; ``Attention._key_slots`` said it can be staged): a 1-D TMA
-    descriptor of ``t``'s entries (blocks of 128) and the entry of (b, h, key 0) as ``lead_b * b +
+def ws_axis_args(read: AxisRead, t: torch.Tensor, block: int) -> tuple:
+    """The Gluon kernels' arguments for a tensor their mask reads along the keys or the queries
+    (``analysis.AxisRead``, that axis the tensor's innermost dimension; ``Attention._axis_slots`` said
+    it can be staged): a 1-D TMA descriptor of ``t``'s entries (blocks of ``block``: the forward's
+    128 keys, the backward's 64 queries) and the entry of (b, h, position 0) as ``lead_b * b +
     lead_h * h + lead``."""
-    return _gluon_descriptor(t.view(-1), [128]), *_leads(t, read.others)
+    return _gluon_descriptor(t.view(-1), [block]), *_leads(t, read.others)
 
 
 def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

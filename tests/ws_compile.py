@@ -32,7 +32,7 @@ MODS = {"none": {}, "causal": dict(mask_mod=fg.mods.causal), "sliding300": dict(
         "softcap_causal": dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal),
         "prefix_lm": dict(mask_mod=fg.mods.prefix_lm(200)),
         "document_causal": dict(mask_mod=fg.mods.document(torch.arange(2 * 512).view(2, 512) // 200) & fg.mods.causal),
-        # (int32 ids: the forward stages them with K where its launch proves the reads in range)
+        # (int32 ids: staged with K or Q_i where a launch proves the reads in range)
         "document32_causal": dict(mask_mod=fg.mods.document((torch.arange(2 * 512).view(2, 512) // 200).int())
                                   & fg.mods.causal),
         "dense_bias_causal": dict(bias=torch.randn(4, 512, 512, dtype=torch.bfloat16), mask_mod=fg.mods.causal),
@@ -60,8 +60,8 @@ def compile_case(case: str, folder: Path) -> dict:
     mods = runtime.captured_args(attn.captured) if maps or not plain else None
     runs = torch.zeros(1, 1, 8, 2, 9, dtype=torch.int32)  # (a block map's runs: only their types count here)
     runs = (runs, 0, 0, runs.stride(2), runs.stride(3)) if maps else ()
-    for read in attn._ws_source(backward, extra=d - dv, check_reads=check_reads).key_reads:  # (staged with K)
-        runs = runs + runtime.ws_key_args(read, attn.captured[read.slot])
+    for read in attn._ws_source(backward, extra=d - dv, check_reads=check_reads).axis_reads:  # (staged)
+        runs = runs + runtime.ws_axis_args(read, attn.captured[read.slot], 64 if backward else 128)
     reads = attn._ws_source(backward).tile_reads  # (a dense bias: its tiles by TMA)
     tile = runtime.ws_tile_args(reads[0], attn.captured[reads[0].slot], (64, 128) if backward else (128, 128)
                                 ) if reads else ()
@@ -81,7 +81,7 @@ def compile_case(case: str, folder: Path) -> dict:
     ptx = compiled.asm["ptx"]
     return dict(case=case, group_size=kwargs["GROUP_SIZE"], shared=compiled.metadata.shared,
                 setmaxnreg="setmaxnreg" in ptx, tma_reduce="cp.reduce.async.bulk.tensor" in ptx,
-                staged=len(attn._ws_source(backward, extra=d - dv, check_reads=check_reads).key_reads))
+                staged=len(attn._ws_source(backward, extra=d - dv, check_reads=check_reads).axis_reads))
 
 
 def main(cases: list[str]) -> int:

@@ -21,14 +21,14 @@ from .. import ir
 from .._version import __version__
 from ..analysis import (
     Analysis,
+    AxisRead,
     Diagonal,
-    KeyRead,
     TileRead,
     affine_form,
+    axis_read_of,
     diagonal_of,
     entrywise_reads,
     int_bounds,
-    key_read_of,
     row_levels,
     shared_by,
     side_reads,
@@ -92,9 +92,10 @@ class KernelSource:
     # reads in [q, kv] tiles it can take through TMA descriptors (the TILE_TMA constexpr, which the
     # launch sets where the tensors' layouts allow: ``runtime.tile_tma_ok``)
     tile_reads: tuple[TileRead, ...] = ()
-    # (the Gluon forward) reads along the keys it stages in shared memory with K: ``side{k}``'s TMA
-    # descriptor and its row's leads after the runs (``runtime.ws_key_args``)
-    key_reads: tuple[KeyRead, ...] = ()
+    # (the Gluon kernels) reads along the keys (the forward) or the queries (the backward) they stage
+    # in shared memory with K or Q_i: ``side{k}``'s TMA descriptor and its leads after the runs
+    # (``runtime.ws_axis_args``)
+    axis_reads: tuple[AxisRead, ...] = ()
 
 
 class _Emitter:
@@ -563,7 +564,7 @@ def _ws_logits(logits: Node) -> bool:
 def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False, logits: Node | None = None,
               capture_ndims: tuple[int, ...] = (), fast_math: bool = True, mask: Node | None = None,
               extra_qk: bool = False, check_reads: bool = True,
-              key_slots: frozenset[int] = frozenset()) -> KernelSource | None:
+              axis_slots: frozenset[int] = frozenset()) -> KernelSource | None:
     """The warp-specialised forward (or backward) for Hopper GPUs (Gluon), or None where the program is
     outside what they cover (``_ws_band``, ``_ws_logits``). Logits other than plain are evaluated per
     tile, and in the backward their derivative in the score (``autodiff.gradients``); gradients of
@@ -574,10 +575,10 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     ``extra_qk``: for q and k with columns past v's head dim (a low-rank bias's factors, FlashBias): a
     second product over them per S tile (the backward computes no gradients for them).
     ``check_reads``: captured-tensor reads masked by their bounds (False: a launch proved them in range).
-    ``key_slots``: captured tensors the forward may stage in shared memory where its mask reads them
-    along the keys (``analysis.KeyRead``, the keys innermost; the caller's rule: contiguous, aligned,
-    four bytes or fewer per entry), with reads proved in range: a tile's keys' values then come by
-    TMA with K instead of a gather per entry."""
+    ``axis_slots``: captured tensors the kernels may stage in shared memory where their mask reads them
+    along the keys in the forward, along the queries in the backward (``analysis.AxisRead``, that axis
+    innermost; the caller's rule: contiguous, aligned, four bytes or fewer per entry), with reads
+    proved in range: a tile's values then come by TMA with K or Q_i instead of a gather per entry."""
     band = _ws_band(analysis)
     maps = analysis.block_runs and mask is not None
     if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
@@ -602,12 +603,13 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     mask_band = analysis.band if split else None
     if maps:  # (its own names: a float read in it is no tile)
         lowered_mask, masks = _lowered(analysis.residual_mask if split else mask), _Emitter("m")
-        staged = [] if backward or check_reads else [
-            (n, read) for n in _ordered([lowered_mask]) if (read := key_read_of(n)) is not None
-            and read.slot in key_slots and read.kv_dim == capture_ndims[read.slot] - 1]
+        axis, along = ("q_idx", "gl.SliceLayout(0, st_layout)") if backward else ("kv_idx", "s_cols")
+        staged = [] if check_reads else [
+            (n, read) for n in _ordered([lowered_mask]) if (read := axis_read_of(n)) is not None
+            and read.axis == axis and read.slot in axis_slots and read.dim == capture_ndims[read.slot] - 1]
         for k, (n, _) in enumerate(staged):  # (named before the mask's lines: they take the staged values)
             masks.names[id(n)] = f"side{k}"
-        mask_lines = [f"side{k} = sides[{k}].load(s_cols)[None, :]" for k in range(len(staged))]
+        mask_lines = [f"side{k} = sides[{k}].load({along})[None, :]" for k in range(len(staged))]
         mask_lines += [_gluon(line) for line in _emit_tile(masks, lowered_mask,
                                                            {id(n): False for n in _ordered([lowered_mask])})]
         mask_expr = masks.ref(lowered_mask)
@@ -625,7 +627,7 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
         tile_read=bool(tile.tiles), batch_inner=batch_inner, extra_qk=extra_qk, check_reads=check_reads,
         sides=len(staged))
     return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest(),
-                        tile_reads=tuple(tile.tiles), key_reads=tuple(read for _, read in staged))
+                        tile_reads=tuple(tile.tiles), axis_reads=tuple(read for _, read in staged))
 
 
 def _gluon(line: str) -> str:
