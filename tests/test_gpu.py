@@ -666,6 +666,9 @@ WS_MOD_CASES = [  # (mods built inside the test: the ALiBi slopes live on the GP
     pytest.param(lambda: dict(score_mod=fg.mods.softcap(20.0)), torch.bfloat16, 4, id="softcap-full-bf16"),
     pytest.param(lambda: dict(score_mod=fg.score_mod(lambda s, b, h, q, kv: torch.where(q == 5, -math.inf, s * 1.5))),
                  torch.bfloat16, 4, id="a-row-all-inf"),
+    pytest.param(lambda: dict(score_mod=fg.score_mod(lambda s, b, h, q, kv: torch.where(q == 5, -math.inf, s)
+                                                     + 0.01 * q)),  # (a row term, left to the lse: -inf stays)
+                 torch.bfloat16, 4, id="a-row-all-inf-and-a-row-term"),
 ]
 
 

@@ -221,6 +221,19 @@ def test_score_mods_read_per_head_at_most_have_warp_specialised_kernels(mods, lo
     assert "source('fwd_ws') and source('bwd_ws')" in attn.explain()
 
 
+def test_the_gluon_forward_leaves_a_logits_row_terms_to_its_lse():
+    """ALiBi's slope * (kv_idx - q_idx) splits about the query block's origin: the column term is
+    computed per tile, the row term once per row and added to the stored lse (the backward, whose
+    origin moves with each query block, keeps both in its tiles)."""
+    attn = fg.compile(score_mod=fg.mods.alibi(fg.mods.alibi_slopes(4)), mask_mod=fg.mods.causal)
+    forward, backward = attn.source("fwd_ws"), attn.source("bwd_ws")
+    tile = forward[forward.index("def _logits"):forward.index("def _row_term")]
+    assert "kv_idx - tile_origin" in tile and "q_idx - tile_origin" not in tile
+    assert "lse += _row_term(q_pos, mods)" in forward
+    assert "_row_term" not in backward and "q_idx - tile_origin" in backward
+    assert "_row_term" not in fg.compile(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal).source("fwd_ws")
+
+
 def test_explain_names_the_warp_specialised_forward_and_its_last_use():
     attn = fg.compile(mask_mod=fg.mods.causal)
     assert "the warp-specialised Gluon kernels, source('fwd_ws') and source('bwd_ws')" in attn.explain()

@@ -588,8 +588,16 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     tile = _Emitter("t", tiles={}, loaded=True)
     tile_lines, logit_expr, dscore_expr, mask_lines, mask_expr, batch_inner = [], "", "", [], "", False
     staged: list = []
+    row_lines, row_expr = [], ""
     if not analysis.plain_logits:
-        lowered = _lowered(logits)
+        # the forward's summands constant along each row leave its per-entry logits for the lse it
+        # stores (see _row_terms: ALiBi's 4976 -> 4728 instructions). Not the backward's: its row
+        # terms would be per tile (tile_origin is each query block's), and cost what they save there
+        lowered, row_term = _row_terms(_lowered(logits)) if not backward else (_lowered(logits), None)
+        if row_term is not None:
+            rows = _Emitter("r")
+            row_lines = [_gluon(x) for x in _emit_tile(rows, row_term, {id(n): False for n in _ordered([row_term])})]
+            row_expr = rows.ref(row_term)
         tile_lines = _emit_tile(tile, lowered, {id(n): False for n in _ordered([lowered])})
         logit_expr = tile.ref(lowered)
         batch_inner = bool(tile.tiles) and _reads_batch_shared_tiles([lowered])  # (launched batch-inner)
@@ -625,7 +633,7 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
         logit_expr=logit_expr, dscore_expr=dscore_expr, capture_params=[p for c in captures for p in c.params],
         fast_math=fast_math, logits_broadcast=logits is not None and not ir.depends_on(logits, "score"),
         tile_read=bool(tile.tiles), batch_inner=batch_inner, extra_qk=extra_qk, check_reads=check_reads,
-        sides=len(staged))
+        sides=len(staged), row_lines=row_lines, row_expr=row_expr)
     return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest(),
                         tile_reads=tuple(tile.tiles), axis_reads=tuple(read for _, read in staged))
 
