@@ -6,7 +6,9 @@ session). At head dim 64 the tensor cores and the special-function unit (MUFU: o
 - ``polyK``: K of every 4 entries by a degree-3 polynomial on the FP32 pipe (Cody-Waite: 2^x =
   2^round(x) · 2^f, f in [-0.5, 0.5]; relative error 1.2e-4, against bf16's 2^-9 rounding of P),
   the others by MUFU (FlashAttention-4's offload, here through one inline-asm block per 4 entries);
-- ``bf16x2``: the argument rounded to bf16 and two entries per ``ex2.approx.ftz.bf16x2``.
+- ``bf16x2``: the argument rounded to bf16 and two entries per ``ex2.approx.ftz.bf16x2``;
+- ``lazy``: no exp2 changed, but the rescale of acc and l by the running max's growth done only when
+  some row's max grew by more than 8 (FlashAttention-4's conditional rescale; twenty-fifth session).
 
 The arms patch the generated source on its way to the cache (``runtime.load_module``), so each
 runs the real kernel with one line changed; interleaved for ``--rounds`` rounds in one process,
@@ -68,9 +70,43 @@ EXP_LINE = "        p = tl.exp2(s * (sm_scale * LOG2E) - m_use[:, None])"
 SUM_LINE = "        l_i = l_i * alpha + tl.sum(p, 1)"
 
 
+LAZY_FROM = "        if APPLY_MASK or CHECK_KV:\n            # rows with every entry so far masked"
+LAZY_TO = "        if CHECK_KV:\n            v = tl.load("
+LAZY = """\
+        # FlashAttention-4's lazy rescale: the running max (and acc and l with it) moves only when some
+        # row's grew by more than 8, a block-wide branch; P stays below 2^8 in between
+        if tl.max((m_new > m_i + 8.0).to(tl.int32), 0) > 0:
+            if APPLY_MASK or CHECK_KV:
+                m_up = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_up = m_new
+            alpha = tl.exp2(m_i - m_up)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        if APPLY_MASK or CHECK_KV:
+            m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+        else:
+            m_use = m_i
+        p = tl.exp2(s * (sm_scale * LOG2E) - m_use[:, None])
+        l_i = l_i + tl.sum(p, 1)
+"""
+
+
+def lazy(source: str) -> str:
+    """The ``lazy`` arm: the plain forward's rescale under a block-wide branch (see LAZY)."""
+    for line in ("\n        acc = acc * alpha[:, None]\n", "\n        m_i = m_new\n"):
+        assert source.count(line) == 1, line
+        source = source.replace(line, "\n")
+    start, end = source.index(LAZY_FROM), source.index(LAZY_TO)
+    return source[:start] + LAZY + source[end:]
+
+
 def rewrite(source: str, arm: str) -> str:
     if arm == "mufu":
         return source
+    if arm == "lazy":
+        return lazy(source)
     assert source.count(EXP_LINE) == 1 and source.count(SUM_LINE) == 1, "the plain forward's lines moved"
     x = "s * (sm_scale * LOG2E) - m_use[:, None]"
     if arm.startswith("poly"):
