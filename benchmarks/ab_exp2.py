@@ -8,7 +8,9 @@ session). At head dim 64 the tensor cores and the special-function unit (MUFU: o
   the others by MUFU (FlashAttention-4's offload, here through one inline-asm block per 4 entries);
 - ``bf16x2``: the argument rounded to bf16 and two entries per ``ex2.approx.ftz.bf16x2``;
 - ``lazy``: no exp2 changed, but the rescale of acc and l by the running max's growth done only when
-  some row's max grew by more than 8 (FlashAttention-4's conditional rescale; twenty-fifth session).
+  some row's max grew by more than 8 (FlashAttention-4's conditional rescale; twenty-fifth session);
+- ``tma``: K and V through TMA descriptors instead of pointer loads (fewer integer instructions per
+  tile where the forward is issue-bound; twenty-fifth session).
 
 The arms patch the generated source on its way to the cache (``runtime.load_module``), so each
 runs the real kernel with one line changed; interleaved for ``--rounds`` rounds in one process,
@@ -102,11 +104,50 @@ def lazy(source: str) -> str:
     return source[:start] + LAZY + source[end:]
 
 
+TMA_EDITS = [  # (the plain forward's lines, as generated -> K and V through descriptors)
+    ("    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh\n",
+     "    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh\n"
+     "    k_desc = tl.make_tensor_descriptor(k_base, [Skv, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])\n"
+     "    v_desc = tl.make_tensor_descriptor(v_base, [Skv, HEAD_DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])\n"),
+    ("acc, l_i, m_i, q, q2, k_base, v_base, stride_kn", "acc, l_i, m_i, q, q2, k_desc, v_desc, stride_kn"),
+    ("        k_ptrs = k_base + kv_pos[None, :] * stride_kn + offs_d[:, None] * stride_kd\n"
+     "        v_ptrs = v_base + kv_pos[:, None] * stride_vn + offs_dv[None, :] * stride_vd\n",
+     "        n0 = tl.where(start_n >= gap_start, start_n + gap_len, start_n) if HAS_GAP else start_n\n"),
+    # (rows past Skv and columns past the head dim come back as zeros, as the masked loads gave them)
+    ("""        if CHECK_KV:
+            k = tl.load(k_ptrs, mask=(kv_pos[None, :] < Skv) & (offs_d[:, None] < HEAD_D), other=0.0)
+        elif HEAD_D < BLOCK_D:
+            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_D, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+""", "        k = tl.trans(k_base.load([n0, 0]))\n"),
+    ("""        if CHECK_KV:
+            v = tl.load(v_ptrs, mask=(kv_pos[:, None] < Skv) & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        elif HEAD_DV != BLOCK_DV:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+""", "        v = v_base.load([n0, 0])\n"),
+]
+
+
+def tma(source: str) -> str:
+    """The ``tma`` arm: K and V tiles of the forward through TMA descriptors (``tl.make_tensor_descriptor``,
+    one per program) instead of pointer loads; for layouts the plain path takes (S a multiple of the
+    tile, head dims a power of two)."""
+    for old, new in TMA_EDITS:
+        assert old in source, old
+        source = source.replace(old, new)
+    return source
+
+
 def rewrite(source: str, arm: str) -> str:
     if arm == "mufu":
         return source
     if arm == "lazy":
         return lazy(source)
+    if arm == "tma":
+        return tma(source)
     assert source.count(EXP_LINE) == 1 and source.count(SUM_LINE) == 1, "the plain forward's lines moved"
     x = "s * (sm_scale * LOG2E) - m_use[:, None]"
     if arm.startswith("poly"):
@@ -149,6 +190,7 @@ def main() -> None:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from triton.testing import do_bench
 
+    runtime.ensure_allocator()  # (the tma arm's descriptors)
     B, H, S, D = (int(x) for x in args.shape.split("x"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
