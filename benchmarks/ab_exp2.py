@@ -1,6 +1,7 @@
-"""How the Triton forward's softmax exponential is computed, A/B on the GPU (PERFLOG, twenty-first
-session). At head dim 64 the tensor cores and the special-function unit (MUFU: one exp2 per entry,
-16 per clock per SM) take about the same time per entry, so the forward is bound by the exp2s. Arms:
+"""Variants of the Triton forward's inner loop at head dim 64, A/B on the GPU (PERFLOG, twenty-first
+and twenty-fifth sessions). There the tensor cores, the special-function unit (MUFU: one exp2 per
+entry, 16 per clock per SM) and instruction issue take about the same time per entry; every arm
+below measured slower than the kernel as generated. Arms:
 
 - ``mufu``: ``tl.exp2``, one ``ex2.approx.f32`` per entry (the kernel as generated);
 - ``polyK``: K of every 4 entries by a degree-3 polynomial on the FP32 pipe (Cody-Waite: 2^x =
@@ -13,11 +14,11 @@ session). At head dim 64 the tensor cores and the special-function unit (MUFU: o
   tile where the forward is issue-bound; twenty-fifth session).
 
 The arms patch the generated source on its way to the cache (``runtime.load_module``), so each
-runs the real kernel with one line changed; interleaved for ``--rounds`` rounds in one process,
+runs the real kernel with a few lines changed (``lazy`` and ``tma``: the plain forward's only); interleaved for ``--rounds`` rounds in one process,
 next to flex; each arm's output is checked against a float64 reference on a 256-row slice.
 
     PYTHONPATH=. python3 benchmarks/ab_exp2.py [--shape 8x16x4096x64] [--variants full,causal]
-        [--arms mufu,poly1,poly2,bf16x2] [--rounds 3] [--sass]
+        [--arms mufu,poly1,poly2,bf16x2,lazy,tma] [--rounds 3] [--sass]
 
 ``--sass`` compiles each arm offline for sm_90 (no GPU) and prints its instruction mix instead.
 """
