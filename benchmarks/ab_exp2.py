@@ -15,7 +15,8 @@ below measured slower than the kernel as generated. Arms:
 
 The arms patch the generated source on its way to the cache (``runtime.load_module``), so each
 runs the real kernel with a few lines changed (``lazy`` and ``tma``: the plain forward's only);
-interleaved for ``--rounds`` rounds in one process, next to flex; each arm's output is checked against a float64 reference on a 256-row slice.
+interleaved for ``--rounds`` rounds in one process, next to flex; each arm's output is checked
+against a float64 reference on a 256-row slice.
 
     PYTHONPATH=. python3 benchmarks/ab_exp2.py [--shape 8x16x4096x64] [--variants full,causal]
         [--arms mufu,poly1,poly2,bf16x2,lazy,tma] [--rounds 3] [--sass]
