@@ -50,7 +50,8 @@ def compile_case(case: str, folder: Path) -> dict:
     path = folder / f"ws_{len(list(folder.iterdir()))}.py"
     attn = fg.compile(**MODS[mods])
     check_reads = os.environ.get("WS_CHECK_READS", "1") == "1"
-    path.write_text(attn._ws_source(backward, extra=d - dv, check_reads=check_reads).source)
+    ws = attn._ws_source(backward, extra=d - dv, check_reads=check_reads)
+    path.write_text(ws.source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -60,7 +61,7 @@ def compile_case(case: str, folder: Path) -> dict:
     mods = runtime.captured_args(attn.captured) if maps or not plain else None
     runs = torch.zeros(1, 1, 8, 2, 9, dtype=torch.int32)  # (a block map's runs: only their types count here)
     runs = (runs, 0, 0, runs.stride(2), runs.stride(3)) if maps else ()
-    for read in attn._ws_source(backward, extra=d - dv, check_reads=check_reads).axis_reads:  # (staged)
+    for read in ws.axis_reads:  # (staged)
         runs = runs + runtime.ws_axis_args(read, attn.captured[read.slot], 64 if backward else 128)
     reads = attn._ws_source(backward).tile_reads  # (a dense bias: its tiles by TMA)
     tile = runtime.ws_tile_args(reads[0], attn.captured[reads[0].slot], (64, 128) if backward else (128, 128)
@@ -81,7 +82,7 @@ def compile_case(case: str, folder: Path) -> dict:
     ptx = compiled.asm["ptx"]
     return dict(case=case, group_size=kwargs["GROUP_SIZE"], shared=compiled.metadata.shared,
                 setmaxnreg="setmaxnreg" in ptx, tma_reduce="cp.reduce.async.bulk.tensor" in ptx,
-                staged=len(attn._ws_source(backward, extra=d - dv, check_reads=check_reads).axis_reads))
+                staged=len(ws.axis_reads))
 
 
 def main(cases: list[str]) -> int:
