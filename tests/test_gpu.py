@@ -483,6 +483,35 @@ def test_ids_that_change_every_step_refill_the_kept_runs_without_synchronising(D
     assert any(isinstance(graph, torch.cuda.CUDAGraph) for graph in graphs)
 
 
+@pytest.mark.parametrize("sort", [True, False])
+def test_live_runs_at_thousands_of_programs_match_the_host_maps(sort):
+    """With thousands of ``block_states`` programs at once on the GPU (and PDL letting each refill
+    kernel launch before the one it reads has ended), the two maps of a training step (128 x 128,
+    and 64 x 128 transposed, from one bounding at 64 x 64) refilled together equal the host's exact
+    maps through many versions of the ids, sorted (documents) and not (tiles the entries decide)."""
+    from flashgen import blocks
+
+    B_, S_ = 2, 4096
+    doc = torch.zeros(B_, S_, dtype=torch.long, device=DEV)
+    mask = fg.mods.document(doc) & fg.mods.causal
+    attn = fg.compile(mask_mod=mask)
+    live = attn._live_runs((B_, 1, S_, S_), DEV)
+    keys = [((128, 128), False, False), ((64, 128), True, False)]
+    bufs = [live.runs(block, transpose=t, ragged_last=r) for block, t, r in keys]
+    gen = torch.Generator(device=DEV).manual_seed(48)
+    for step in range(12):
+        ids = torch.randint(0, (3, 16, 200)[step % 3], (B_, S_), device=DEV, generator=gen)
+        doc.copy_(torch.sort(ids, -1).values if sort else ids)
+        live.refresh(live.keys_of(bufs))  # (both maps in one refill; a graph from the second on)
+        for (block, t, r), runs in zip(keys, bufs):
+            host = blocks.BlockMask(attn.program.mask, attn.captured, (B_, 1, S_, S_), block, closed_form=False,
+                                    exact=True, device=DEV).runs(transpose=t, ragged_last=r)
+            assert torch.equal(runs[..., 0], host[..., 0]), f"step {step}, map {block}: run counts"
+            listed = torch.arange(host.shape[-1] - 1, device=DEV) < 2 * host[..., :1]
+            assert torch.equal(torch.where(listed, runs[..., 1:host.shape[-1]], 0),
+                               torch.where(listed, host[..., 1:], 0)), f"step {step}, map {block}: runs"
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_the_triton_forward_tests_a_bands_clauses_across_its_edges_only(split, monkeypatch):
     """SPLIT_BAND compiled and run both ways (``Attention._split_band`` forced) on a dilated window
