@@ -1,10 +1,11 @@
 """The Gluon forward against the Triton one and flex, per variant, with the Gluon forward's K/V stages
-varied (``runtime.WS_STAGES``) and head dims it does not take by default switched on
-(``runtime.WS_FORWARD_HEAD_DIMS``): arms interleaved for ``--rounds`` rounds in one process,
-forward only, TF/s over the kept entries (PERFLOG, nineteenth session).
+(``runtime.WS_STAGES``) and consumer warp groups (``runtime.WS_FORWARD_GROUPS``) varied and head dims
+it does not take by default switched on (``runtime.WS_FORWARD_HEAD_DIMS``): arms interleaved for
+``--rounds`` rounds in one process, forward only, TF/s over the kept entries (PERFLOG, nineteenth
+and twenty-sixth sessions).
 
     PYTHONPATH=. python3 benchmarks/ab_ws_forward.py [--shape 8x16x4096x64] [--variants full,causal]
-        [--stages 2,3,4] [--rounds 3]
+        [--stages 2,3,4] [--groups 2,3] [--rounds 3]
 
 Every Gluon arm is checked against the Triton arm (relative error, printed; above 1e-2 fails).
 """
@@ -31,6 +32,7 @@ def main() -> None:
     p.add_argument("--shape", default="8x16x4096x64")
     p.add_argument("--variants", default="full,causal,sliding")
     p.add_argument("--stages", default="2,3,4")
+    p.add_argument("--groups", default="2", help="consumer warp groups of the Gluon arms (each with each stage)")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     B, H, S, D = (int(x) for x in args.shape.split("x"))
@@ -46,9 +48,9 @@ def main() -> None:
         attn = fg.compile(**var.fg_kwargs)
         mask = create_block_mask(var.flex_mask, B, H, S, S, device="cuda") if var.flex_mask else None
 
-        def arm(ws: bool, stages: int = 3, attn=attn):
+        def arm(ws: bool, stages: int = 3, groups: int = 2, attn=attn):
             def call():
-                runtime.WS_FORWARD, runtime.WS_STAGES = ws, stages
+                runtime.WS_FORWARD, runtime.WS_STAGES, runtime.WS_FORWARD_GROUPS[D] = ws, stages, groups
                 try:
                     return attn(q, k, v)
                 finally:
@@ -56,7 +58,8 @@ def main() -> None:
             return call
 
         arms = {"triton": arm(False)}
-        arms.update({f"gluon s{n}": arm(True, int(n)) for n in args.stages.split(",")})
+        arms.update({f"gluon g{g} s{n}": arm(True, int(n), int(g)) for g in args.groups.split(",")
+                     for n in args.stages.split(",")})
         arms["flex"] = lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score, block_mask=mask)
         flops = 4 * B * H * count_kept(var.flex_mask, S, S, "cuda") * D
         with torch.no_grad():
@@ -75,11 +78,11 @@ def main() -> None:
         assert all(e < 1e-2 for e in errs.values()), errs
     print(f"# {args.shape} bf16 forward (TF/s over kept entries; /flex from the same round medians)")
     flex_of = {r[0]: r[3] for r in rows if r[1] == "(flex TF/s)"}
-    print(f"{'variant':>14} {'arm':>10} {'ms':>8} {'TF/s':>7} {'/flex':>6} {'err vs triton':>13}  kernels")
+    print(f"{'variant':>14} {'arm':>13} {'ms':>8} {'TF/s':>7} {'/flex':>6} {'err vs triton':>13}  kernels")
     for key, name, ms, tf, err, kern in rows:
         if name == "(flex TF/s)":
             continue
-        print(f"{key:>14} {name:>10} {ms:8.3f} {tf:7.1f} {tf / flex_of[key]:6.2f} "
+        print(f"{key:>14} {name:>13} {ms:8.3f} {tf:7.1f} {tf / flex_of[key]:6.2f} "
               f"{'' if err is None else f'{err:.1e}':>13}  {kern[:60]}")
 
 

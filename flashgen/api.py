@@ -31,6 +31,7 @@ from .parallel import capturing, compile_concurrently
 from .runtime import (
     SPARSE_OCCUPANCY,
     WS_EXTRA_QK,
+    WS_FORWARD_GROUPS,
     Config,
     Launch,
     backward_tma,
@@ -167,22 +168,24 @@ class Attention:
             _sources[self.program.key] = ks
         return ks
 
-    def _ws_source(self, backward: bool = False, extra: int = 0, check_reads: bool = True) -> KernelSource | None:
+    def _ws_source(self, backward: bool = False, extra: int = 0, check_reads: bool = True,
+                   groups: int = 2) -> KernelSource | None:
         """The warp-specialised Hopper forward or backward (Gluon), or None where the program is outside
         it; ``extra``: how many columns q and k have past v's head dim (``runtime.WS_EXTRA_QK`` or 0:
         a low-rank bias's factors; in the backward only frozen ones, whose gradients it leaves out);
-        ``check_reads``: the module constant CHECK_READS (False: a launch proved its reads in range)."""
+        ``check_reads``: the module constant CHECK_READS (False: a launch proved its reads in range);
+        ``groups``: the forward's consumer warp groups (``render_ws``)."""
         if extra and (extra != WS_EXTRA_QK or backward and not self._frozen_factors()):
             return None
         axis_slots = self._axis_slots()
         key = ("ws", backward, self.program.key, self.fast_math is not False, extra, check_reads,
-               axis_slots)  # (in the source)
+               axis_slots, groups)  # (in the source)
         if key not in _sources:
             templates_here()
             _sources[key] = render_ws(self.name, self.program.key, self.analysis, backward, self.program.logits,
                                       tuple(c.ndim for c in self.program.captures), self.fast_math is not False,
                                       self.program.mask, extra_qk=bool(extra), check_reads=check_reads,
-                                      axis_slots=axis_slots)
+                                      axis_slots=axis_slots, groups=groups)
         return _sources[key]
 
     def _axis_slots(self) -> frozenset[int]:
@@ -196,9 +199,14 @@ class Attention:
 
     def _ws_launch_source(self, backward: bool, extra: int, q, v, Skv: int) -> KernelSource | None:
         """``_ws_source`` for a launch: no bounds masks where its shape proves the reads in range (their
-        indices had spilled a document mask's backward consumers into local memory)."""
+        indices had spilled a document mask's backward consumers into local memory), the forward's
+        consumer groups by head dim (``runtime.WS_FORWARD_GROUPS``); None where the Triton kernel
+        takes the call."""
         constants = self._launch_constants(q.dtype, q.shape[-1], v.shape[-1], (*q.shape[:3], Skv))
-        return self._ws_source(backward, extra, constants["CHECK_READS"])
+        groups = 2 if backward else WS_FORWARD_GROUPS.get(v.shape[-1], 2)
+        if groups != 2 and (extra or self.analysis.has_mask or not self.analysis.plain_logits):
+            return None  # (at that head dim only plain attention takes the Gluon forward: runtime.WS_FORWARD_GROUPS)
+        return self._ws_source(backward, extra, constants["CHECK_READS"], groups)
 
     def _frozen_factors(self) -> bool:
         """Whether q and k's columns past v's head dim are a LowRankBias's factors that need no gradient."""

@@ -364,7 +364,12 @@ def load_module(ks: KernelSource) -> ModuleType:
 
 WS_FORWARD = True  # False: the Triton forward everywhere (for A/B timing, and a way out)
 WS_BACKWARD = True  # the same for the backward
-WS_FORWARD_HEAD_DIMS = (128,)  # the forward's (64 runs too: benchmarks/ab_ws_forward.py, PERFLOG)
+WS_FORWARD_HEAD_DIMS = (64, 128)  # the forward's
+# the forward's consumer warp groups of 64 query rows by v's head dim (else 2). At 64, FlashAttention-3's
+# three taking turns, and there only plain attention with no mask (8x16x4096x64: 478 TF/s against the
+# Triton kernel's 429, two groups' 429, three without turns 464; with a mask or a score_mod none beat
+# the Triton kernel, which takes those calls: benchmarks/ab_ws_forward.py, PERFLOG)
+WS_FORWARD_GROUPS = {64: 3}
 # the columns q and k may have past v's head dim (a low-rank bias's factors, padded with zeros)
 WS_EXTRA_QK = 16
 WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x8192x128, PERFLOG)
@@ -402,8 +407,8 @@ def _sm90(index: int | None) -> bool:
 
 def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> bool:
     """Whether a call can take the warp-specialised forward (or backward): a Hopper GPU (sm_90), bf16
-    or fp16, head dims of 128 (the backward: 64 too; the forward at 64 measured no faster than the
-    Triton kernel), as many keys as queries and a multiple of 128 of each, contiguous 16-byte
+    or fp16, head dims of 128 or 64 (the forward at 64 for plain attention only, the caller's rule:
+    ``WS_FORWARD_GROUPS``), as many keys as queries and a multiple of 128 of each, contiguous 16-byte
     aligned inputs, at least ``WS_MIN_FLOPS`` of work. Every other call takes the Triton kernel."""
     on = WS_BACKWARD if backward else WS_FORWARD
     if not on or interpreting() or q.device.type != "cuda" or not _gluon_hopper():
@@ -522,7 +527,7 @@ def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     scales = (scale * LOG2E if plain else LOG2E,) + ((scale, *mods) if mods is not None else ()) + runs + tile
     factors = (q[..., Dv:], k[..., Dv:]) if D != Dv else factors
     extra = tuple(_gluon_descriptor(t, [rows, t.shape[-1]]) for t, rows in zip(factors, (64, 128)))
-    kept_launch(module.attn_fwd_ws, (S // 128, B * Hq),
+    kept_launch(module.attn_fwd_ws, (-(-S // (64 * module.GROUPS.value)), B * Hq),
                 (_gluon_descriptor(q, [64, Dv]), _gluon_descriptor(k, [128, Dv]), _gluon_descriptor(v, [128, Dv]), out,
                  lse, Hq, S, *scales, *extra),
                 dict(GROUP_SIZE=Hq // Hkv, STAGES=2 if tile or extra else WS_STAGES, num_warps=4))

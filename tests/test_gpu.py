@@ -711,10 +711,10 @@ def test_warp_specialised_forward_with_a_score_mod(mods, dtype, hkv, monkeypatch
 
 
 def assert_like_the_reference_and_the_triton_forward(mods: dict, dtype, hkv: int, seed: int,
-                                                    scale: float | None = None) -> None:
-    """A call at D = 128 takes the Gluon forward: out and lse against float64 and the Triton kernel;
-    rows whose every logit is -inf give 0 and an lse of -inf."""
-    q, k, v = make_qkv(2, 4, 384, 128, hkv=hkv, dtype=dtype, seed=seed)
+                                                    scale: float | None = None, s: int = 384, d: int = 128) -> None:
+    """A call (at D = 128 unless ``d``) takes the Gluon forward: out and lse against float64 and the
+    Triton kernel; rows whose every logit is -inf give 0 and an lse of -inf."""
+    q, k, v = make_qkv(2, 4, s, d, hkv=hkv, dtype=dtype, seed=seed)
     attn = fg.compile(**mods)
     gqa = hkv != 4
     out, lse = attn(q, k, v, return_lse=True, enable_gqa=gqa, scale=scale)
@@ -727,6 +727,51 @@ def assert_like_the_reference_and_the_triton_forward(mods: dict, dtype, hkv: int
     assert torch.equal(torch.isfinite(lse), finite)
     assert (lse.double() - ref_lse)[finite].abs().max() < LSE_ATOL[dtype]
     assert_like_the_triton_forward(attn, out, q, k, v, enable_gqa=gqa, scale=scale)
+
+
+def gluon_forward_groups(monkeypatch) -> list[int]:
+    """The consumer groups of each Gluon forward launched from now on (``runtime.ws_forward``'s module)."""
+    groups = []
+    launch = fg.api.ws_forward
+    monkeypatch.setattr(fg.api, "ws_forward", lambda module, *a, **kw: groups.append(module.GROUPS.value)
+                        or launch(module, *a, **kw))
+    return groups
+
+
+@hopper
+@pytest.mark.parametrize("s", [384, 512])
+@pytest.mark.parametrize("dtype, hkv", [(torch.bfloat16, 4), (torch.float16, 2), (torch.bfloat16, 1)],
+                         ids=["bf16", "gqa-fp16", "mqa-bf16"])
+def test_the_gluon_forward_at_head_dim_64_in_three_consumer_groups(dtype, hkv, s, monkeypatch):
+    """At D = 64 plain attention takes the Gluon forward in 192-row query blocks, three consumer groups
+    of 64 taking turns (FlashAttention-3's schedule there): out and lse against float64 and the Triton
+    kernel. 512 is no multiple of 192: the last block passes the sequence's end, and stores none of
+    it. A mask at D = 64 leaves the forward to the Triton kernel."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    groups = gluon_forward_groups(monkeypatch)
+    assert_like_the_reference_and_the_triton_forward({}, dtype, hkv, seed=89, s=s, d=64)
+    assert groups == [3]
+    attn = fg.compile(mask_mod=fg.mods.causal)
+    attn(*make_qkv(2, 4, s, 64, dtype=dtype, seed=90))
+    assert attn.last_tiles["forward"] != "warp-specialised (Gluon)" and groups == [3]
+
+
+@hopper
+@pytest.mark.parametrize("mods, dtype, hkv", [
+    pytest.param(lambda: dict(mask_mod=fg.mods.causal), torch.bfloat16, 2, id="causal-gqa-bf16"),
+    pytest.param(lambda: dict(mask_mod=fg.mods.sliding_window(200)), torch.float16, 4, id="sliding200-fp16"),
+    *WS_MOD_CASES])
+def test_the_three_group_gluon_forward_with_a_band_and_score_mods(mods, dtype, hkv, monkeypatch):
+    """The three-group forward renders bands and score_mods too (which the launch leaves to the Triton
+    kernel at D = 64, measured faster there): forced, out and lse against float64 and the Triton
+    kernel, at 512 rows (a last query block past the end)."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    source = fg.Attention._ws_source
+    monkeypatch.setattr(fg.Attention, "_ws_launch_source",  # (the backward's own groups: 2)
+                        lambda self, backward, extra, q, v, skv: source(self, backward, extra, True, 3 - backward))
+    groups = gluon_forward_groups(monkeypatch)
+    assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=91, s=512, d=64)
+    assert groups == [3]
 
 
 @hopper

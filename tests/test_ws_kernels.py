@@ -248,7 +248,13 @@ def test_the_warp_specialised_kernels_are_not_taken_off_hopper():
 
 
 WS_COMPILE_CASES = ["none,bfloat16,4,128", "causal,float16,2,128", "sliding300,bfloat16,4,128",
-                    "causal,bfloat16,2,64"]  # (at 64 the backward's other dQ form; the forward is 128 only)
+                    "causal,bfloat16,2,64", "none,float16,2,64"]  # (at 64 the backward's other dQ form, and the
+# forward of plain attention alone, in three consumer groups)
+
+
+def forward_at(case: str) -> bool:
+    """Whether the Gluon forward runs the case: at 64 plain attention only (``runtime.WS_FORWARD_GROUPS``)."""
+    return case.split(",")[3].split(":")[-1] != "64" or case.startswith("none,")
 WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128", "prefix_lm,bfloat16,4,128",
                 "document_causal,bfloat16,2,128", "document_causal,bfloat16,2,64", "softcap_document,float16,4,128",
                 "dense_bias_causal,bfloat16,2,128", "dense_bias_causal,float16,4,64"]
@@ -261,7 +267,7 @@ WS_EXTRA_CASES = ["low_rank_causal,bfloat16,4,144:128", "low_rank_causal,float16
 def compiled_ws_modules(tmp_path_factory) -> dict:
     """Each case's module compiled for sm_90 in one child process (``tests/ws_compile.py``: Gluon
     does not compile where Triton was imported for its interpreter) with a fresh Triton cache."""
-    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_EXTRA_CASES if not c.endswith("64")]
+    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_EXTRA_CASES if forward_at(c)]
     cases += [f"{c},bwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_EXTRA_CASES]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton")),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -276,8 +282,8 @@ def compiled_ws_modules(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", WS_MOD_CASES)
 def test_the_gluon_kernels_with_mods_compile_for_sm90(case, which, compiled_ws_modules):
     """Score_mods, masks over a block map and dense biases (``tests/ws_compile.py`` names them)."""
-    if case.endswith(",64") and which == "fwd":
-        pytest.skip("the warp-specialised forward covers head dim 128 only")
+    if not forward_at(case) and which == "fwd":
+        pytest.skip("at head dim 64 the warp-specialised forward takes plain attention only")
     result = compiled_ws_modules[f"{case},{which}"]
     assert result["shared"] <= 232448 and result["setmaxnreg"] and result["tma_reduce"] == (which == "bwd")
 
@@ -286,10 +292,11 @@ def test_the_gluon_kernels_with_mods_compile_for_sm90(case, which, compiled_ws_m
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("case", WS_COMPILE_CASES)
 def test_the_generated_gluon_module_compiles_for_sm90(case, backward, compiled_ws_modules):
-    if case.endswith(",64") and not backward:
-        pytest.skip("the warp-specialised forward covers head dim 128 only")
+    if not forward_at(case) and not backward:
+        pytest.skip("at head dim 64 the warp-specialised forward takes plain attention only")
     result = compiled_ws_modules[f"{case},{'bwd' if backward else 'fwd'}"]
     assert result["group_size"] == 4 // int(case.split(",")[2])
+    assert result["groups"] == (3 if case.endswith(",64") and not backward else 2)  # (the forward's consumer groups)
     assert result["shared"] <= 232448  # an H100/H200's shared memory per block
     assert result["setmaxnreg"]  # the partitions' register split
     assert result["tma_reduce"] == backward  # the backward's dQ through TMA reductions
@@ -318,8 +325,8 @@ def test_the_gluon_kernels_that_stage_a_documents_ids_compile_for_sm90(tmp_path)
 def test_the_gluon_kernels_with_extra_qk_columns_compile_for_sm90(case, which, compiled_ws_modules):
     """q and k 16 columns wider than v (a low-rank bias's factors): within the shared memory (the
     forward with two K/V stages, the backward with one dQ buffer at head dim 128)."""
-    if case.endswith("64") and which == "fwd":
-        pytest.skip("the warp-specialised forward covers head dim 128 only")
+    if not forward_at(case) and which == "fwd":
+        pytest.skip("at head dim 64 the warp-specialised forward takes plain attention only")
     result = compiled_ws_modules[f"{case},{which}"]
     assert result["shared"] <= 232448 and result["setmaxnreg"] and result["tma_reduce"] == (which == "bwd")
 
@@ -555,7 +562,7 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     monkeypatch.setattr(api, "ws_backward", fake_backward)
     monkeypatch.setattr(api, "ws_fits", lambda q, k, v, backward=False: True)
     mask = fg.mods.prefix_lm(40)
-    q, k, v = (torch.randn(1, 1, 256, 64, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 1, 256, 128, requires_grad=True) for _ in range(3))  # (at 64: plain only)
     attn = fg.compile(mask_mod=mask)
     attn(q, k, v).sum().backward()
     # query block 0 sees key block 0 partly; 1 both, 0 whole and 1 partly (the diagonal)
@@ -566,7 +573,7 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     calls.clear()
     mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 10 * h)
     attn = fg.compile(mask_mod=mask)
-    q = torch.randn(1, 2, 256, 64, requires_grad=True)
+    q = torch.randn(1, 2, 256, 128, requires_grad=True)
     attn(q, k, v, enable_gqa=True).sum().backward()
     assert [c[0] for c in calls] == ["fwd"] and calls[0][4][1] > 0  # (the map's head stride)
     assert "dQ" in attn.last_tiles  # the Triton backward
@@ -577,6 +584,7 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     attn(q, k, v).sum().backward()
     assert calls == [] and "dQ" in attn.last_tiles  # at head dim 64 the Triton kernels, both ways
     monkeypatch.setattr(runtime, "WS_SPARSE_HEAD_DIMS", (64,))
+    monkeypatch.setattr(api, "WS_FORWARD_GROUPS", {})  # (else at 64 the Gluon forward takes plain attention only)
     attn(q, k, v).sum().backward()
     assert [c[0] for c in calls] == ["fwd", "bwd"] and "dQ" not in attn.last_tiles
     calls.clear()
@@ -615,7 +623,7 @@ def test_a_dense_bias_call_passes_its_tiles_to_the_gluon_kernels(dtype, taken, m
     monkeypatch.setattr(api, "ws_forward", fake_forward)
     monkeypatch.setattr(api, "ws_backward", fake_backward)
     monkeypatch.setattr(api, "ws_fits", lambda q, k, v, backward=False: True)
-    q, k, v = (torch.randn(1, 2, 128, 64, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 128, 128, requires_grad=True) for _ in range(3))  # (at 64: plain only)
     attn = fg.compile(bias=bias)
     attn(q, k, v).sum().backward()
     assert calls == ([("fwd", False, [128, 128], (0, 128, 0), True), ("bwd", False, [64, 128], (0, 128, 0), True)]

@@ -50,7 +50,8 @@ def compile_case(case: str, folder: Path) -> dict:
     path = folder / f"ws_{len(list(folder.iterdir()))}.py"
     attn = fg.compile(**MODS[mods])
     check_reads = os.environ.get("WS_CHECK_READS", "1") == "1"
-    ws = attn._ws_source(backward, extra=d - dv, check_reads=check_reads)
+    groups = 2 if backward else runtime.WS_FORWARD_GROUPS.get(dv, 2)  # (the forward's consumer groups there)
+    ws = attn._ws_source(backward, extra=d - dv, check_reads=check_reads, groups=groups)
     path.write_text(ws.source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
@@ -80,7 +81,7 @@ def compile_case(case: str, folder: Path) -> dict:
     src, options = parallel.launch_source(kernel, args, kwargs, target)  # (a Gluon source for a Gluon kernel)
     compiled = triton_compile(src, target=target, options=options.__dict__)
     ptx = compiled.asm["ptx"]
-    return dict(case=case, group_size=kwargs["GROUP_SIZE"], shared=compiled.metadata.shared,
+    return dict(case=case, group_size=kwargs["GROUP_SIZE"], shared=compiled.metadata.shared, groups=groups,
                 setmaxnreg="setmaxnreg" in ptx, tma_reduce="cp.reduce.async.bulk.tensor" in ptx,
                 staged=len(ws.axis_reads))
 

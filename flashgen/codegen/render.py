@@ -277,6 +277,9 @@ def _load(n: Node, idx: list[str]) -> str:
     return value
 
 
+# the Gluon forward's registers per thread by its consumer groups: (each consumer group's past the
+# first, the producer warp's), set by setmaxnreg within the SM's 64K
+WS_GROUP_REGS = {2: (232, 40), 3: (160, 24)}
 STAGGER = 8  # rows of a diagonal read's staggered copies: a column offset then moves in steps of 16 bytes
 
 
@@ -564,7 +567,7 @@ def _ws_logits(logits: Node) -> bool:
 def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = False, logits: Node | None = None,
               capture_ndims: tuple[int, ...] = (), fast_math: bool = True, mask: Node | None = None,
               extra_qk: bool = False, check_reads: bool = True,
-              axis_slots: frozenset[int] = frozenset()) -> KernelSource | None:
+              axis_slots: frozenset[int] = frozenset(), groups: int = 2) -> KernelSource | None:
     """The warp-specialised forward (or backward) for Hopper GPUs (Gluon), or None where the program is
     outside what they cover (``_ws_band``, ``_ws_logits``). Logits other than plain are evaluated per
     tile, and in the backward their derivative in the score (``autodiff.gradients``); gradients of
@@ -578,7 +581,9 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     ``axis_slots``: captured tensors the kernels may stage in shared memory where their mask reads them
     along the keys in the forward, along the queries in the backward (``analysis.AxisRead``, that axis
     innermost; the caller's rule: contiguous, aligned, four bytes or fewer per entry), with reads
-    proved in range: a tile's values then come by TMA with K or Q_i instead of a gather per entry."""
+    proved in range: a tile's values then come by TMA with K or Q_i instead of a gather per entry.
+    ``groups``: the forward's consumer warp groups, 64 query rows each (``WS_GROUP_REGS``; 3 for a
+    band's tiles of q and k alone: not a block map's or a read tensor's, whose tiles are 128 rows)."""
     band = _ws_band(analysis)
     maps = analysis.block_runs and mask is not None
     if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
@@ -621,6 +626,9 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
         mask_lines += [_gluon(line) for line in _emit_tile(masks, lowered_mask,
                                                            {id(n): False for n in _ordered([lowered_mask])})]
         mask_expr = masks.ref(lowered_mask)
+    if groups not in WS_GROUP_REGS or groups != 2 and (backward or maps or tile.tiles or extra_qk):
+        raise ValueError(f"groups={groups}: the forward takes {sorted(WS_GROUP_REGS)} consumer groups, and 2 only "
+                         "in the backward, over a block map, with a read tensor's tiles or extra q and k columns")
     template, kernel = ("attention_bwd_ws.py.jinja", "attn_bwd_ws") if backward else ("attention_fwd_ws.py.jinja",
                                                                                       "attn_fwd_ws")
     program = {"logits": logits if logits is not None else ir.score()} | ({"mask": mask} if maps else {})
@@ -633,7 +641,8 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
         logit_expr=logit_expr, dscore_expr=dscore_expr, capture_params=[p for c in captures for p in c.params],
         fast_math=fast_math, logits_broadcast=logits is not None and not ir.depends_on(logits, "score"),
         tile_read=bool(tile.tiles), batch_inner=batch_inner, extra_qk=extra_qk, check_reads=check_reads,
-        sides=len(staged), row_lines=row_lines, row_expr=row_expr)
+        sides=len(staged), row_lines=row_lines, row_expr=row_expr, groups=groups,
+        consumer_regs=WS_GROUP_REGS[groups][0], producer_regs=WS_GROUP_REGS[groups][1])
     return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest(),
                         tile_reads=tuple(tile.tiles), axis_reads=tuple(read for _, read in staged))
 
