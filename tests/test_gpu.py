@@ -739,14 +739,15 @@ def gluon_forward_groups(monkeypatch) -> list[int]:
 
 
 @hopper
-@pytest.mark.parametrize("s", [384, 512])
+@pytest.mark.parametrize("s", [384, 512, 640])
 @pytest.mark.parametrize("dtype, hkv", [(torch.bfloat16, 4), (torch.float16, 2), (torch.bfloat16, 1)],
                          ids=["bf16", "gqa-fp16", "mqa-bf16"])
 def test_the_gluon_forward_at_head_dim_64_in_three_consumer_groups(dtype, hkv, s, monkeypatch):
     """At D = 64 plain attention takes the Gluon forward in 192-row query blocks, three consumer groups
     of 64 taking turns (FlashAttention-3's schedule there): out and lse against float64 and the Triton
-    kernel. 512 is no multiple of 192: the last block passes the sequence's end, and stores none of
-    it. A mask at D = 64 leaves the forward to the Triton kernel."""
+    kernel. 512 and 640 are no multiples of 192: the last block passes the sequence's end by one
+    group's rows or two, which only keep the barriers' turns, and stores none of it. A mask at
+    D = 64 leaves the forward to the Triton kernel."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     groups = gluon_forward_groups(monkeypatch)
     assert_like_the_reference_and_the_triton_forward({}, dtype, hkv, seed=89, s=s, d=64)
@@ -764,13 +765,13 @@ def test_the_gluon_forward_at_head_dim_64_in_three_consumer_groups(dtype, hkv, s
 def test_the_three_group_gluon_forward_with_a_band_and_score_mods(mods, dtype, hkv, monkeypatch):
     """The three-group forward renders bands and score_mods too (which the launch leaves to the Triton
     kernel at D = 64, measured faster there): forced, out and lse against float64 and the Triton
-    kernel, at 512 rows (a last query block past the end)."""
+    kernel, at 640 rows (a last query block two groups past the end)."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     source = fg.Attention._ws_source
     monkeypatch.setattr(fg.Attention, "_ws_launch_source",  # (the backward's own groups: 2)
                         lambda self, backward, extra, q, v, skv: source(self, backward, extra, True, 3 - backward))
     groups = gluon_forward_groups(monkeypatch)
-    assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=91, s=512, d=64)
+    assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=91, s=640, d=64)
     assert groups == [3]
 
 
