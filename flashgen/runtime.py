@@ -366,9 +366,9 @@ WS_FORWARD = True  # False: the Triton forward everywhere (for A/B timing, and a
 WS_BACKWARD = True  # the same for the backward
 WS_FORWARD_HEAD_DIMS = (64, 128)  # the forward's
 # the forward's consumer warp groups of 64 query rows by v's head dim (else 2). At 64, FlashAttention-3's
-# three taking turns, and there only plain attention with no mask (8x16x4096x64: 478 TF/s against the
-# Triton kernel's 429, two groups' 429, three without turns 464; with a mask or a score_mod none beat
-# the Triton kernel, which takes those calls: benchmarks/ab_ws_forward.py, PERFLOG)
+# three taking turns, and there only plain attention with no mask (8x16x4096x64: 480 TF/s against the
+# Triton kernel's 429 and flex's 396; two groups 429, three without turns 464; with a mask or a
+# score_mod none beat the Triton kernel, which takes those calls: benchmarks/ab_ws_forward.py, PERFLOG)
 WS_FORWARD_GROUPS = {64: 3}
 # the columns q and k may have past v's head dim (a low-rank bias's factors, padded with zeros)
 WS_EXTRA_QK = 16

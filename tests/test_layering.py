@@ -104,7 +104,7 @@ DEPENDS = {
 # the documents' forward 1.26x -> 1.31x flex, forward+backward 1.23x -> 1.25x; ~6325), and the
 # backward its reads along the queries with Q_i (~6335). 6340 until the Gluon forward ran plain attention
 # at D = 64 in three consumer groups of 192-row query blocks (``render_ws``'s groups, ``WS_GROUP_REGS``,
-# ``runtime.WS_FORWARD_GROUPS``: 429 -> 475 TF/s, 1.07x -> 1.18x flex, above cuDNN's 448; ~6354).
+# ``runtime.WS_FORWARD_GROUPS``, ``_keep_turns``: 429 -> 480 TF/s, 1.07x -> 1.21x flex, 1.08x cuDNN; ~6357).
 SIZE_BUDGET = 6360
 
 
