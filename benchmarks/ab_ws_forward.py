@@ -1,6 +1,7 @@
 """The Gluon forward against the Triton one and flex, per variant, with the Gluon forward's K/V stages
 (``runtime.WS_STAGES``) and consumer warp groups (``runtime.WS_FORWARD_GROUPS``) varied and head dims
-it does not take by default switched on (``runtime.WS_FORWARD_HEAD_DIMS``): arms interleaved for
+it does not take by default switched on (``runtime.WS_FORWARD_HEAD_DIMS``; arms of other than two
+groups take every variant those groups render, past ``Attention._ws_launch_source``'s rule): arms interleaved for
 ``--rounds`` rounds in one process, forward only, TF/s over the kept entries (PERFLOG, nineteenth
 and twenty-sixth sessions).
 
@@ -51,10 +52,14 @@ def main() -> None:
         def arm(ws: bool, stages: int = 3, groups: int = 2, attn=attn):
             def call():
                 runtime.WS_FORWARD, runtime.WS_STAGES, runtime.WS_FORWARD_GROUPS[D] = ws, stages, groups
+                if groups != 2:  # (the launch's rule bypassed: the groups take whatever they render)
+                    attn._ws_launch_source = lambda backward, extra, q, v, skv: attn._ws_source(
+                        backward, extra, True, 2 if backward else groups)
                 try:
                     return attn(q, k, v)
                 finally:
                     runtime.WS_FORWARD, runtime.WS_STAGES = True, 3
+                    attn.__dict__.pop("_ws_launch_source", None)
             return call
 
         arms = {"triton": arm(False)}

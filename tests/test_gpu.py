@@ -758,20 +758,23 @@ def test_the_gluon_forward_at_head_dim_64_in_three_consumer_groups(dtype, hkv, s
 
 
 @hopper
+@pytest.mark.parametrize("s", [640, 1152])
 @pytest.mark.parametrize("mods, dtype, hkv", [
     pytest.param(lambda: dict(mask_mod=fg.mods.causal), torch.bfloat16, 2, id="causal-gqa-bf16"),
     pytest.param(lambda: dict(mask_mod=fg.mods.sliding_window(200)), torch.float16, 4, id="sliding200-fp16"),
+    pytest.param(lambda: dict(mask_mod=fg.mods.sliding_window(300)), torch.bfloat16, 1, id="sliding300-mqa-bf16"),
     *WS_MOD_CASES])
-def test_the_three_group_gluon_forward_with_a_band_and_score_mods(mods, dtype, hkv, monkeypatch):
+def test_the_three_group_gluon_forward_with_a_band_and_score_mods(mods, dtype, hkv, s, monkeypatch):
     """The three-group forward renders bands and score_mods too (which the launch leaves to the Triton
     kernel at D = 64, measured faster there): forced, out and lse against float64 and the Triton
-    kernel, at 640 rows (a last query block two groups past the end)."""
+    kernel, at 640 rows (a last query block two groups past the end) and 1152 (six whole blocks). A
+    band's groups visit their own tiles of the block's: fewer at its edges, skipped ones first or last."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     source = fg.Attention._ws_source
     monkeypatch.setattr(fg.Attention, "_ws_launch_source",  # (the backward's own groups: 2)
                         lambda self, backward, extra, q, v, skv: source(self, backward, extra, True, 3 - backward))
     groups = gluon_forward_groups(monkeypatch)
-    assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=91, s=640, d=64)
+    assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=91, s=s, d=64)
     assert groups == [3]
 
 
