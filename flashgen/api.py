@@ -203,10 +203,19 @@ class Attention:
         consumer groups by head dim (``runtime.WS_FORWARD_GROUPS``); None where the Triton kernel
         takes the call."""
         constants = self._launch_constants(q.dtype, q.shape[-1], v.shape[-1], (*q.shape[:3], Skv))
-        groups = 2 if backward else WS_FORWARD_GROUPS.get(v.shape[-1], 2)
-        if groups != 2 and (extra or self.analysis.has_mask or not self.analysis.plain_logits):
-            return None  # (at that head dim only plain attention takes the Gluon forward: runtime.WS_FORWARD_GROUPS)
-        return self._ws_source(backward, extra, constants["CHECK_READS"], groups)
+        groups = self._ws_groups(backward, extra, v.shape[-1])
+        return None if groups is None else self._ws_source(backward, extra, constants["CHECK_READS"], groups)
+
+    def _ws_groups(self, backward: bool, extra: int, Dv: int) -> int | None:
+        """The Gluon kernel's consumer groups at v's head dim ``Dv``, or None where the Triton kernel takes
+        the call: the backward's two; the forward's by head dim (``runtime.WS_FORWARD_GROUPS``), where
+        three (persistent programs) take plain logits over a band, no block map and no extra q and k
+        columns (at D = 64 measured faster than the Triton kernel there, and slower with a score_mod;
+        PERFLOG, twenty-sixth and twenty-seventh sessions)."""
+        groups = 2 if backward else WS_FORWARD_GROUPS.get(Dv, 2)
+        if groups != 2 and (extra or self.analysis.block_runs or not self.analysis.plain_logits):
+            return None
+        return groups
 
     def _frozen_factors(self) -> bool:
         """Whether q and k's columns past v's head dim are a LowRankBias's factors that need no gradient."""

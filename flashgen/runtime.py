@@ -366,9 +366,11 @@ WS_FORWARD = True  # False: the Triton forward everywhere (for A/B timing, and a
 WS_BACKWARD = True  # the same for the backward
 WS_FORWARD_HEAD_DIMS = (64, 128)  # the forward's
 # the forward's consumer warp groups of 64 query rows by v's head dim (else 2). At 64, FlashAttention-3's
-# three taking turns, and there only plain attention with no mask (8x16x4096x64: 480 TF/s against the
-# Triton kernel's 429 and flex's 396; two groups 429, three without turns 464; with a mask or a
-# score_mod none beat the Triton kernel, which takes those calls: benchmarks/ab_ws_forward.py, PERFLOG)
+# three taking turns in persistent programs, there for plain logits over a band (no mask, causal,
+# sliding windows; ``Attention._ws_groups``). 8x16x4096x64, TF/s against the Triton kernel's and flex's:
+# no mask 492 / 431 / 403, causal 408 / 393 / 346, a sliding window 1024 335 / 317 / 275; with a
+# score_mod or a block map the Triton kernel was faster and takes those calls (benchmarks/ab_ws_forward.py,
+# PERFLOG, twenty-sixth and twenty-seventh sessions)
 WS_FORWARD_GROUPS = {64: 3}
 # the columns q and k may have past v's head dim (a low-rank bias's factors, padded with zeros)
 WS_EXTRA_QK = 16
@@ -527,10 +529,21 @@ def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     scales = (scale * LOG2E if plain else LOG2E,) + ((scale, *mods) if mods is not None else ()) + runs + tile
     factors = (q[..., Dv:], k[..., Dv:]) if D != Dv else factors
     extra = tuple(_gluon_descriptor(t, [rows, t.shape[-1]]) for t, rows in zip(factors, (64, 128)))
-    kept_launch(module.attn_fwd_ws, (-(-S // (64 * module.GROUPS.value)), B * Hq),
+    blocks = -(-S // (64 * module.GROUPS.value))
+    # three consumer groups run persistent programs, about one per SM, over (query block, head) items
+    persistent = module.GROUPS.value != 2
+    grid = (min(blocks * B * Hq, sm_count(q.device)),) if persistent else (blocks, B * Hq)
+    kept_launch(module.attn_fwd_ws, grid,
                 (_gluon_descriptor(q, [64, Dv]), _gluon_descriptor(k, [128, Dv]), _gluon_descriptor(v, [128, Dv]), out,
-                 lse, Hq, S, *scales, *extra),
+                 lse, Hq, S, *((B * Hq,) if persistent else ()), *scales, *extra),
                 dict(GROUP_SIZE=Hq // Hkv, STAGES=2 if tile or extra else WS_STAGES, num_warps=4))
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """The device's streaming multiprocessors (an H100's or H200's 132 for a device that is not a GPU:
+    launches captured to compile offline, ``parallel.captured``)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 @triton.jit

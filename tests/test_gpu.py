@@ -743,18 +743,20 @@ def gluon_forward_groups(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("dtype, hkv", [(torch.bfloat16, 4), (torch.float16, 2), (torch.bfloat16, 1)],
                          ids=["bf16", "gqa-fp16", "mqa-bf16"])
 def test_the_gluon_forward_at_head_dim_64_in_three_consumer_groups(dtype, hkv, s, monkeypatch):
-    """At D = 64 plain attention takes the Gluon forward in 192-row query blocks, three consumer groups
-    of 64 taking turns (FlashAttention-3's schedule there): out and lse against float64 and the Triton
-    kernel. 512 and 640 are no multiples of 192: the last block passes the sequence's end by one
-    group's rows or two, which only keep the barriers' turns, and stores none of it. A mask at
-    D = 64 leaves the forward to the Triton kernel."""
+    """At D = 64 plain logits (no mask, causal, a sliding window) take the Gluon forward in 192-row
+    query blocks, three consumer groups of 64 taking turns (FlashAttention-3's schedule there): out and
+    lse against float64 and the Triton kernel. 512 and 640 are no multiples of 192: the last block
+    passes the sequence's end by one group's rows or two, which only keep the barriers' turns, and
+    stores none of it. A score_mod or a block map at D = 64 leaves the forward to the Triton kernel."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     groups = gluon_forward_groups(monkeypatch)
-    assert_like_the_reference_and_the_triton_forward({}, dtype, hkv, seed=89, s=s, d=64)
-    assert groups == [3]
-    attn = fg.compile(mask_mod=fg.mods.causal)
-    attn(*make_qkv(2, 4, s, 64, dtype=dtype, seed=90))
-    assert attn.last_tiles["forward"] != "warp-specialised (Gluon)" and groups == [3]
+    for seed, mods in enumerate([{}, dict(mask_mod=fg.mods.causal), dict(mask_mod=fg.mods.sliding_window(200))]):
+        assert_like_the_reference_and_the_triton_forward(mods, dtype, hkv, seed=89 + seed, s=s, d=64)
+    assert groups == [3, 3, 3]
+    for mods in (dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal), dict(mask_mod=fg.mods.prefix_lm(100))):
+        attn = fg.compile(**mods)
+        attn(*make_qkv(2, 4, s, 64, dtype=dtype, seed=95))
+        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)" and groups == [3, 3, 3]
 
 
 @hopper
@@ -775,6 +777,27 @@ def test_the_three_group_gluon_forward_with_a_band_and_score_mods(mods, dtype, h
                         lambda self, backward, extra, q, v, skv: source(self, backward, extra, True, 3 - backward))
     groups = gluon_forward_groups(monkeypatch)
     assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=91, s=s, d=64)
+    assert groups == [3]
+
+
+@hopper
+@pytest.mark.parametrize("programs", [1, 5, 37])
+@pytest.mark.parametrize("mods, s", [
+    pytest.param(dict(), 640, id="full-640"),
+    pytest.param(dict(mask_mod=fg.mods.causal), 1152, id="causal-1152"),
+    pytest.param(dict(mask_mod=fg.mods.sliding_window(300)), 640, id="sliding300-640")])
+def test_the_three_group_forward_carries_its_rings_from_item_to_item(mods, s, programs, monkeypatch):
+    """The three-group forward runs persistent programs that take (query block, head) items in turn,
+    the K/V ring's phases, the groups' turns and Q's two buffers carried across items: with 1, 5 and 37
+    programs over 2 x 4 heads' 24 or 48 items (a program's items of different lengths, some with
+    groups past the end), out and lse against float64 and the Triton kernel."""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    monkeypatch.setattr(runtime, "sm_count", lambda device: programs)
+    source = fg.Attention._ws_source
+    monkeypatch.setattr(fg.Attention, "_ws_launch_source",
+                        lambda self, backward, extra, q, v, skv: source(self, backward, extra, True, 3 - backward))
+    groups = gluon_forward_groups(monkeypatch)
+    assert_like_the_reference_and_the_triton_forward(mods, torch.bfloat16, 2, seed=97, s=s, d=64)
     assert groups == [3]
 
 

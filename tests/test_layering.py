@@ -105,7 +105,11 @@ DEPENDS = {
 # backward its reads along the queries with Q_i (~6335). 6340 until the Gluon forward ran plain attention
 # at D = 64 in three consumer groups of 192-row query blocks (``render_ws``'s groups, ``WS_GROUP_REGS``,
 # ``runtime.WS_FORWARD_GROUPS``, ``_keep_turns``: 429 -> 480 TF/s, 1.07x -> 1.21x flex, 1.08x cuDNN; ~6357).
-SIZE_BUDGET = 6360
+# 6360 until that forward ran persistent programs, about one per SM, over (query block, head) items,
+# and took causal and sliding windows at D = 64 (``runtime.sm_count``, ``Attention._ws_groups``, which
+# the compile tests now ask instead of repeating its rule: causal 1.14x -> 1.18x flex, sliding 1.13x ->
+# 1.22x; ~6370).
+SIZE_BUDGET = 6380
 
 
 def module_name(path: Path) -> str:

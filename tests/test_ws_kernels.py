@@ -94,7 +94,7 @@ def test_a_dense_bias_has_warp_specialised_kernels_that_load_its_tiles_by_tma():
     assert "tma.async_copy_global_to_shared(t_desc, [t_row, kv_start + j * BLOCK_N]" in source
     # K and the tile leave their stage once both groups have their logits (kt_empty), before the
     # P V products free V's: the producer's next K load does not wait for those
-    producer = source[source.index("def _producer"):source.index("def _logits")]
+    producer = source[source.index("def _load"):source.index("def _logits")]
     assert producer.index("mbarrier.wait(kt_empty.index(s)") < producer.index("k_bars.index(s), k_smem.index(s)")
     assert producer.index("k_smem.index(s))") < producer.index("mbarrier.wait(empty_bars.index(s)")
     loop = source[source.index("for j in range(j0 + 1, j1)"):]
@@ -249,12 +249,16 @@ def test_the_warp_specialised_kernels_are_not_taken_off_hopper():
 
 WS_COMPILE_CASES = ["none,bfloat16,4,128", "causal,float16,2,128", "sliding300,bfloat16,4,128",
                     "causal,bfloat16,2,64", "none,float16,2,64"]  # (at 64 the backward's other dQ form, and the
-# forward of plain attention alone, in three consumer groups)
+# forward of plain logits over a band in three consumer groups)
 
 
-def forward_at(case: str) -> bool:
-    """Whether the Gluon forward runs the case: at 64 plain attention only (``runtime.WS_FORWARD_GROUPS``)."""
-    return case.split(",")[3].split(":")[-1] != "64" or case.startswith("none,")
+def compiled(modules: dict, case: str) -> dict:
+    """A case's compile result; skipped where the launch leaves the forward to the Triton kernel
+    (``Attention._ws_groups``: at D = 64, a score_mod, a block map or extra q and k columns)."""
+    result = modules[case]
+    if result["groups"] is None:
+        pytest.skip("the launch takes the Triton forward here (Attention._ws_groups)")
+    return result
 WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128", "prefix_lm,bfloat16,4,128",
                 "document_causal,bfloat16,2,128", "document_causal,bfloat16,2,64", "softcap_document,float16,4,128",
                 "dense_bias_causal,bfloat16,2,128", "dense_bias_causal,float16,4,64"]
@@ -267,7 +271,7 @@ WS_EXTRA_CASES = ["low_rank_causal,bfloat16,4,144:128", "low_rank_causal,float16
 def compiled_ws_modules(tmp_path_factory) -> dict:
     """Each case's module compiled for sm_90 in one child process (``tests/ws_compile.py``: Gluon
     does not compile where Triton was imported for its interpreter) with a fresh Triton cache."""
-    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_EXTRA_CASES if forward_at(c)]
+    cases = [f"{c},fwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_EXTRA_CASES]
     cases += [f"{c},bwd" for c in WS_COMPILE_CASES + WS_MOD_CASES + WS_EXTRA_CASES]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton")),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -282,9 +286,7 @@ def compiled_ws_modules(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", WS_MOD_CASES)
 def test_the_gluon_kernels_with_mods_compile_for_sm90(case, which, compiled_ws_modules):
     """Score_mods, masks over a block map and dense biases (``tests/ws_compile.py`` names them)."""
-    if not forward_at(case) and which == "fwd":
-        pytest.skip("at head dim 64 the warp-specialised forward takes plain attention only")
-    result = compiled_ws_modules[f"{case},{which}"]
+    result = compiled(compiled_ws_modules, f"{case},{which}")
     assert result["shared"] <= 232448 and result["setmaxnreg"] and result["tma_reduce"] == (which == "bwd")
 
 
@@ -292,9 +294,7 @@ def test_the_gluon_kernels_with_mods_compile_for_sm90(case, which, compiled_ws_m
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("case", WS_COMPILE_CASES)
 def test_the_generated_gluon_module_compiles_for_sm90(case, backward, compiled_ws_modules):
-    if not forward_at(case) and not backward:
-        pytest.skip("at head dim 64 the warp-specialised forward takes plain attention only")
-    result = compiled_ws_modules[f"{case},{'bwd' if backward else 'fwd'}"]
+    result = compiled(compiled_ws_modules, f"{case},{'bwd' if backward else 'fwd'}")
     assert result["group_size"] == 4 // int(case.split(",")[2])
     assert result["groups"] == (3 if case.endswith(",64") and not backward else 2)  # (the forward's consumer groups)
     assert result["shared"] <= 232448  # an H100/H200's shared memory per block
@@ -325,9 +325,7 @@ def test_the_gluon_kernels_that_stage_a_documents_ids_compile_for_sm90(tmp_path)
 def test_the_gluon_kernels_with_extra_qk_columns_compile_for_sm90(case, which, compiled_ws_modules):
     """q and k 16 columns wider than v (a low-rank bias's factors): within the shared memory (the
     forward with two K/V stages, the backward with one dQ buffer at head dim 128)."""
-    if not forward_at(case) and which == "fwd":
-        pytest.skip("at head dim 64 the warp-specialised forward takes plain attention only")
-    result = compiled_ws_modules[f"{case},{which}"]
+    result = compiled(compiled_ws_modules, f"{case},{which}")
     assert result["shared"] <= 232448 and result["setmaxnreg"] and result["tma_reduce"] == (which == "bwd")
 
 
@@ -584,7 +582,7 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     attn(q, k, v).sum().backward()
     assert calls == [] and "dQ" in attn.last_tiles  # at head dim 64 the Triton kernels, both ways
     monkeypatch.setattr(runtime, "WS_SPARSE_HEAD_DIMS", (64,))
-    monkeypatch.setattr(api, "WS_FORWARD_GROUPS", {})  # (else at 64 the Gluon forward takes plain attention only)
+    monkeypatch.setattr(api, "WS_FORWARD_GROUPS", {})  # (else at 64 the Gluon forward takes no block map)
     attn(q, k, v).sum().backward()
     assert [c[0] for c in calls] == ["fwd", "bwd"] and "dQ" not in attn.last_tiles
     calls.clear()

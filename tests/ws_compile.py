@@ -50,7 +50,9 @@ def compile_case(case: str, folder: Path) -> dict:
     path = folder / f"ws_{len(list(folder.iterdir()))}.py"
     attn = fg.compile(**MODS[mods])
     check_reads = os.environ.get("WS_CHECK_READS", "1") == "1"
-    groups = 2 if backward else runtime.WS_FORWARD_GROUPS.get(dv, 2)  # (the forward's consumer groups there)
+    groups = attn._ws_groups(backward, d - dv, dv)  # (the launch's consumer groups there)
+    if groups is None:  # (the launch leaves this forward to the Triton kernel)
+        return {"case": case, "groups": None}
     ws = attn._ws_source(backward, extra=d - dv, check_reads=check_reads, groups=groups)
     path.write_text(ws.source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
