@@ -409,8 +409,8 @@ def _sm90(index: int | None) -> bool:
 
 def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> bool:
     """Whether a call can take the warp-specialised forward (or backward): a Hopper GPU (sm_90), bf16
-    or fp16, head dims of 128 or 64 (the forward at 64 for plain attention only, the caller's rule:
-    ``WS_FORWARD_GROUPS``), as many keys as queries and a multiple of 128 of each, contiguous 16-byte
+    or fp16, head dims of 128 or 64 (the forward at 64 for plain logits over a band only, the caller's
+    rule: ``Attention._ws_groups``), as many keys as queries and a multiple of 128 of each, contiguous 16-byte
     aligned inputs, at least ``WS_MIN_FLOPS`` of work. Every other call takes the Triton kernel."""
     on = WS_BACKWARD if backward else WS_FORWARD
     if not on or interpreting() or q.device.type != "cuda" or not _gluon_hopper():
@@ -530,8 +530,7 @@ def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     factors = (q[..., Dv:], k[..., Dv:]) if D != Dv else factors
     extra = tuple(_gluon_descriptor(t, [rows, t.shape[-1]]) for t, rows in zip(factors, (64, 128)))
     blocks = -(-S // (64 * module.GROUPS.value))
-    # three consumer groups run persistent programs, about one per SM, over (query block, head) items
-    persistent = module.GROUPS.value != 2
+    persistent = module.PERSISTENT.value  # (about one program per SM over (query block, head) items)
     grid = (min(blocks * B * Hq, sm_count(q.device)),) if persistent else (blocks, B * Hq)
     kept_launch(module.attn_fwd_ws, grid,
                 (_gluon_descriptor(q, [64, Dv]), _gluon_descriptor(k, [128, Dv]), _gluon_descriptor(v, [128, Dv]), out,
