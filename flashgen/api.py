@@ -209,11 +209,12 @@ class Attention:
     def _ws_groups(self, backward: bool, extra: int, Dv: int) -> int | None:
         """The Gluon kernel's consumer groups at v's head dim ``Dv``, or None where the Triton kernel takes
         the call: the backward's two; the forward's by head dim (``runtime.WS_FORWARD_GROUPS``), where
-        three (persistent programs) take plain logits over a band, no block map and no extra q and k
-        columns (at D = 64 measured faster than the Triton kernel there, and slower with a score_mod;
-        PERFLOG, twenty-sixth and twenty-seventh sessions)."""
+        three (persistent programs) take plain logits, no extra q and k columns, over a band or a block
+        map the host knows (a mask that reads no tensor; at D = 64 measured faster than the Triton kernel
+        there, and slower with a score_mod; PERFLOG, twenty-sixth to twenty-eighth sessions)."""
         groups = 2 if backward else WS_FORWARD_GROUPS.get(Dv, 2)
-        if groups != 2 and (extra or self.analysis.block_runs or not self.analysis.plain_logits):
+        if groups != 2 and (extra or not self.analysis.plain_logits
+                            or self.analysis.block_runs and self._mask_reads):
             return None
         return groups
 
@@ -459,8 +460,7 @@ class Attention:
             tile = ws_tile_args(read, self.captured[read.slot], (64, 128) if backward else (128, 128))
             if tile is None:
                 return None
-        runs = self._runs_args(shape, Config(64, 128) if backward else Config(128, 128), q.device,
-                               transpose=backward) if maps else ()
+        runs = self._runs_args(shape, Config(*ws.map_block), q.device, transpose=backward) if maps else ()
         for read in ws.axis_reads:  # (staged with K, or Q_i: their descriptors after the runs)
             runs = runs + ws_axis_args(read, self.captured[read.slot], 64 if backward else 128)
         if backward and runs and runs[2] != 0 and Hq != k.shape[1]:

@@ -372,6 +372,13 @@ WS_FORWARD_HEAD_DIMS = (64, 128)  # the forward's
 # score_mod or a block map the Triton kernel was faster and takes those calls (benchmarks/ab_ws_forward.py,
 # PERFLOG, twenty-sixth and twenty-seventh sessions)
 WS_FORWARD_GROUPS = {64: 3}
+# their persistent programs take rounds of work items from chunks of heads whose keys and values take about
+# this many bytes, each chunk's last query blocks first (``_item`` in the template): a round's keys and
+# values then come from L2. 8x16x4096x64 (1 MiB of them per head), TF/s with chunks of 8 / 16 / 32 / 64
+# MiB / every head, the Triton kernel and flex: causal 423.0 / 420.6 / 408.5 / 372.2 / 374.1, 384.0, 342.7;
+# a sliding window 1024 322.7 / 339.0 / 339.1 / 327.9 / 306.2, 307.4, 276.3; prefix LM 1024 416.3 / 423.4
+# / 408.0 / 375.1 / 382.1, 383.5, 351.6 (H200, benchmarks/ab_item_order.py, PERFLOG)
+WS_CHUNK_BYTES = 16 << 20
 # the columns q and k may have past v's head dim (a low-rank bias's factors, padded with zeros)
 WS_EXTRA_QK = 16
 WS_STAGES = 3  # K/V buffers: 3 measured 614 TF/s against 605 for 2 (H200, 4x16x8192x128, PERFLOG)
@@ -532,9 +539,10 @@ def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     blocks = -(-S // (64 * module.GROUPS.value))
     persistent = module.PERSISTENT.value  # (about one program per SM over (query block, head) items)
     grid = (min(blocks * B * Hq, sm_count(q.device)),) if persistent else (blocks, B * Hq)
+    chunk = min(max(1, WS_CHUNK_BYTES // (S * (D + Dv) * k.element_size())) * (Hq // Hkv), B * Hq)  # (query heads)
     kept_launch(module.attn_fwd_ws, grid,
                 (_gluon_descriptor(q, [64, Dv]), _gluon_descriptor(k, [128, Dv]), _gluon_descriptor(v, [128, Dv]), out,
-                 lse, Hq, S, *((B * Hq,) if persistent else ()), *scales, *extra),
+                 lse, Hq, S, *((B * Hq, chunk) if persistent else ()), *scales, *extra),
                 dict(GROUP_SIZE=Hq // Hkv, STAGES=2 if tile or extra else WS_STAGES, num_warps=4))
 
 

@@ -743,20 +743,24 @@ def gluon_forward_groups(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("dtype, hkv", [(torch.bfloat16, 4), (torch.float16, 2), (torch.bfloat16, 1)],
                          ids=["bf16", "gqa-fp16", "mqa-bf16"])
 def test_the_gluon_forward_at_head_dim_64_in_three_consumer_groups(dtype, hkv, s, monkeypatch):
-    """At D = 64 plain logits (no mask, causal, a sliding window) take the Gluon forward in 192-row
-    query blocks, three consumer groups of 64 taking turns (FlashAttention-3's schedule there): out and
-    lse against float64 and the Triton kernel. 512 and 640 are no multiples of 192: the last block
-    passes the sequence's end by one group's rows or two, which only keep the barriers' turns, and
-    stores none of it. A score_mod or a block map at D = 64 leaves the forward to the Triton kernel."""
+    """At D = 64 plain logits (no mask, causal, a sliding window, prefix LM's block map) take the Gluon
+    forward in 192-row query blocks, three consumer groups of 64 taking turns (FlashAttention-3's
+    schedule there): out and lse against float64 and the Triton kernel. 512 and 640 are no multiples
+    of 192: the last block passes the sequence's end by one group's rows or two, which only keep the
+    barriers' turns, and stores none of it. A score_mod, or a mask that reads tensors, at D = 64 leaves
+    the forward to the Triton kernel."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     groups = gluon_forward_groups(monkeypatch)
-    for seed, mods in enumerate([{}, dict(mask_mod=fg.mods.causal), dict(mask_mod=fg.mods.sliding_window(200))]):
+    for seed, mods in enumerate([{}, dict(mask_mod=fg.mods.causal), dict(mask_mod=fg.mods.sliding_window(200)),
+                                 dict(mask_mod=fg.mods.prefix_lm(100))]):
         assert_like_the_reference_and_the_triton_forward(mods, dtype, hkv, seed=89 + seed, s=s, d=64)
-    assert groups == [3, 3, 3]
-    for mods in (dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal), dict(mask_mod=fg.mods.prefix_lm(100))):
+    assert groups == [3, 3, 3, 3]
+    ids = torch.arange(s, device=DEV) // 100
+    for mods in (dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.causal),
+                 dict(mask_mod=fg.mods.document(ids) & fg.mods.causal)):
         attn = fg.compile(**mods)
         attn(*make_qkv(2, 4, s, 64, dtype=dtype, seed=95))
-        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)" and groups == [3, 3, 3]
+        assert attn.last_tiles["forward"] != "warp-specialised (Gluon)" and groups == [3, 3, 3, 3]
 
 
 @hopper
@@ -785,14 +789,22 @@ def test_the_three_group_gluon_forward_with_a_band_and_score_mods(mods, dtype, h
 @pytest.mark.parametrize("mods, s", [
     pytest.param(dict(), 640, id="full-640"),
     pytest.param(dict(mask_mod=fg.mods.causal), 1152, id="causal-1152"),
-    pytest.param(dict(mask_mod=fg.mods.sliding_window(300)), 640, id="sliding300-640")])
-def test_the_three_group_forward_carries_its_rings_from_item_to_item(mods, s, programs, monkeypatch):
+    pytest.param(dict(mask_mod=fg.mods.sliding_window(300)), 640, id="sliding300-640"),
+    pytest.param(dict(mask_mod=fg.mods.prefix_lm(200)), 640, id="prefix200-640"),
+    pytest.param(dict(mask_mod=fg.mask_mod(lambda b, h, q, kv: ((kv // 128) % 3 != 1) & (q % 5 != 2) & (kv % 3 != 0))),
+                 640, id="gaps-640")])
+@pytest.mark.parametrize("chunk", ["default", "six heads"])
+def test_the_three_group_forward_carries_its_rings_from_item_to_item(mods, s, programs, chunk, monkeypatch):
     """The three-group forward runs persistent programs that take (query block, head) items in turn,
     the K/V ring's phases, the groups' turns and Q's two buffers carried across items: with 1, 5 and 37
     programs over 2 x 4 heads' 24 or 48 items (a program's items of different lengths, some with
-    groups past the end), out and lse against float64 and the Triton kernel."""
+    groups past the end), out and lse against float64 and the Triton kernel. Under a band bounded above
+    or a map, rounds of items come from chunks of heads (``runtime.WS_CHUNK_BYTES``): one chunk of all 8,
+    or chunks of 6 and 2 (three KV heads' bytes, two query heads each)."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     monkeypatch.setattr(runtime, "sm_count", lambda device: programs)
+    if chunk == "six heads":
+        monkeypatch.setattr(runtime, "WS_CHUNK_BYTES", 3 * s * 128 * 2)
     source = fg.Attention._ws_source
     monkeypatch.setattr(fg.Attention, "_ws_launch_source",
                         lambda self, backward, extra, q, v, skv: source(self, backward, extra, True, 3 - backward))
@@ -928,6 +940,24 @@ def test_warp_specialised_forward_with_a_block_map(mods, dtype, hkv, gluon_backw
 
 
 @hopper
+@pytest.mark.parametrize("mods, dtype, hkv, gluon_backward", WS_MAP_CASES)
+def test_the_three_group_forward_over_a_block_map(mods, dtype, hkv, gluon_backward, monkeypatch):
+    """The three-group forward over a block map at 64 x 128, each group's 64 rows on their own row of it
+    (their hull of tiles, their full chain; a row of no tile: first-block-unseen's rows 0-63), the masks
+    that read tensors too (which the launch leaves to the Triton kernel at D = 64; forced here, their
+    reads gathered per entry): out and lse against float64 and the Triton kernel. (Blocks past the
+    sequence's end, over a map: the item-to-item test's prefix200-640 and gaps-640.)"""
+    monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
+    monkeypatch.setattr(runtime, "WS_SPARSE_HEAD_DIMS", (64, 128))  # (however few of its tiles a map has)
+    source = fg.Attention._ws_source
+    monkeypatch.setattr(fg.Attention, "_ws_launch_source",
+                        lambda self, backward, extra, q, v, skv: source(self, backward, extra, True, 3 - backward))
+    groups = gluon_forward_groups(monkeypatch)
+    assert_like_the_reference_and_the_triton_forward(mods(), dtype, hkv, seed=101, d=64)
+    assert groups == [3]
+
+
+@hopper
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("mods, dtype, hkv, gluon_backward", WS_MAP_CASES)
 def test_warp_specialised_backward_with_a_block_map(mods, dtype, hkv, gluon_backward, d, monkeypatch):
@@ -953,7 +983,8 @@ def test_warp_specialised_backward_matches_the_reference_and_the_triton_kernels(
 def test_sparse_block_maps_take_the_gluon_kernels_at_the_head_dims_listed(d, monkeypatch):
     """A map with under SPARSE_OCCUPANCY of its 128 x 128 tiles non-empty (documents of 64 tokens:
     the diagonal's tiles, 1/16) takes the Gluon kernels where ``runtime.WS_SPARSE_HEAD_DIMS`` lists
-    v's head dim (the forward where the Gluon forward covers it) and the Triton ones elsewhere:
+    v's head dim (the forward where the Gluon forward takes the mask: at 64, not one that reads tensors)
+    and the Triton ones elsewhere:
     both right, and alike."""
     monkeypatch.setattr(runtime, "WS_MIN_FLOPS", 0)
     mods = dict(mask_mod=fg.mods.document(torch.arange(2048, device=DEV) // 64) & fg.mods.causal)
@@ -967,7 +998,7 @@ def test_sparse_block_maps_take_the_gluon_kernels_at_the_head_dims_listed(d, mon
         monkeypatch.setattr(runtime, "WS_SPARSE_HEAD_DIMS", (d,) if gluon else ())
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         attn(*leaves).backward(dout)
-        forward = gluon and d in runtime.WS_FORWARD_HEAD_DIMS
+        forward = gluon and d in runtime.WS_FORWARD_HEAD_DIMS and attn._ws_groups(False, 0, d) is not None
         assert (attn.last_tiles["forward"] == "warp-specialised (Gluon)") == forward
         assert (attn.last_tiles.get("dQ, dK/dV") == "warp-specialised (Gluon), one pass") == gluon
         got[gluon] = [t.grad for t in leaves]

@@ -254,12 +254,14 @@ WS_COMPILE_CASES = ["none,bfloat16,4,128", "causal,float16,2,128", "sliding300,b
 
 def compiled(modules: dict, case: str) -> dict:
     """A case's compile result; skipped where the launch leaves the forward to the Triton kernel
-    (``Attention._ws_groups``: at D = 64, a score_mod, a block map or extra q and k columns)."""
+    (``Attention._ws_groups``: at D = 64, a score_mod, a mask that reads tensors or extra q and k
+    columns)."""
     result = modules[case]
     if result["groups"] is None:
         pytest.skip("the launch takes the Triton forward here (Attention._ws_groups)")
     return result
 WS_MOD_CASES = ["alibi_causal,bfloat16,2,128", "softcap_causal,float16,4,128", "prefix_lm,bfloat16,4,128",
+                "prefix_lm,bfloat16,4,64",
                 "document_causal,bfloat16,2,128", "document_causal,bfloat16,2,64", "softcap_document,float16,4,128",
                 "dense_bias_causal,bfloat16,2,128", "dense_bias_causal,float16,4,64"]
 
@@ -533,9 +535,9 @@ def test_a_score_mod_forward_takes_the_captured_tensors(monkeypatch):
 
 
 def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
-    """The forward gets the map at 128 x 128, the backward the transposed one at 128 keys x 64 rows
-    (with the mask's captured tensors and plain=True); a map that varies by head leaves a grouped
-    call's backward to the Triton kernels."""
+    """The forward gets the map at 128 x 128 (64 x 128 at D = 64: three consumer groups of 64 rows),
+    the backward the transposed one at 128 keys x 64 rows (with the mask's captured tensors and
+    plain=True); a map that varies by head leaves a grouped call's backward to the Triton kernels."""
     from flashgen import api
 
     calls = []
@@ -575,6 +577,16 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     attn(q, k, v, enable_gqa=True).sum().backward()
     assert [c[0] for c in calls] == ["fwd"] and calls[0][4][1] > 0  # (the map's head stride)
     assert "dQ" in attn.last_tiles  # the Triton backward
+    calls.clear()
+    q, k, v = (torch.randn(1, 1, 256, 64, requires_grad=True) for _ in range(3))
+    attn = fg.compile(mask_mod=fg.mods.prefix_lm(40))
+    attn(q, k, v).sum().backward()
+    # at 64 the forward's three groups take rows of 64: rows 0-127 see key block 0 partly, 128-255 it
+    # whole and key block 1 partly; the backward's map as at 128
+    assert calls[0] == ("fwd", [], True, [[[[[1, 0, 1], [0, 0, 0]], [[1, 0, 1], [0, 0, 0]], [[1, 1, 2], [1, 0, 1]],
+                                            [[1, 1, 2], [1, 0, 1]]]]], (0, 0, 6, 3))
+    assert calls[1][0] == "bwd" and calls[1][3:] == (
+        [[[[[1, 0, 2], [1, 2, 4]], [[1, 2, 4], [0, 0, 0]]]]], (0, 0, 6, 3))
     calls.clear()
     mask = fg.mods.document(torch.arange(2048) // 128)  # 16 documents: 6 % of the 128 x 128 tiles non-empty
     q, k, v = (torch.randn(1, 1, 2048, 64, requires_grad=True) for _ in range(3))

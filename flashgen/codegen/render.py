@@ -96,6 +96,9 @@ class KernelSource:
     # in shared memory with K or Q_i: ``side{k}``'s TMA descriptor and its leads after the runs
     # (``runtime.ws_axis_args``)
     axis_reads: tuple[AxisRead, ...] = ()
+    # (the Gluon kernels) the tiles of the block map whose runs they take, (query rows, keys); the backward
+    # takes the map transposed
+    map_block: tuple[int, int] = (128, 128)
 
 
 class _Emitter:
@@ -572,8 +575,9 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     outside what they cover (``_ws_band``, ``_ws_logits``). Logits other than plain are evaluated per
     tile, and in the backward their derivative in the score (``autodiff.gradients``); gradients of
     captured tensors stay with the Triton kernels (the caller's rule). A mask beyond a band (given
-    ``mask``, the program's) takes the tiles of a block map at 128 x 128 (the backward: transposed,
-    128 keys x 64 rows), evaluated on tiles outside its full runs. ``fast_math``: tanh and sigmoid
+    ``mask``, the program's) takes the tiles of a block map (``KernelSource.map_block``: 128 x 128, 64 x
+    128 for three groups; the backward: transposed, 128 keys x 64 rows), evaluated on tiles outside its
+    full runs. ``fast_math``: tanh and sigmoid
     by the approximate instruction (the kernels are bf16 and fp16 only, where ``fast_math=None`` means it).
     ``extra_qk``: for q and k with columns past v's head dim (a low-rank bias's factors, FlashBias): a
     second product over them per S tile (the backward computes no gradients for them).
@@ -582,8 +586,9 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     along the keys in the forward, along the queries in the backward (``analysis.AxisRead``, that axis
     innermost; the caller's rule: contiguous, aligned, four bytes or fewer per entry), with reads
     proved in range: a tile's values then come by TMA with K or Q_i instead of a gather per entry.
-    ``groups``: the forward's consumer warp groups, 64 query rows each (``WS_GROUP_REGS``; 3 for a
-    band's tiles of q and k alone: not a block map's or a read tensor's, whose tiles are 128 rows)."""
+    ``groups``: the forward's consumer warp groups, 64 query rows each (``WS_GROUP_REGS``; 3 in persistent
+    programs, where q and k have no extra columns and no tensor is read in tiles, and the mask's reads are
+    gathered per entry, none staged: those come with the 128-row blocks of two groups)."""
     band = _ws_band(analysis)
     maps = analysis.block_runs and mask is not None
     if band is None and not maps or not analysis.plain_logits and (logits is None or not _ws_logits(logits)):
@@ -617,7 +622,7 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     if maps:  # (its own names: a float read in it is no tile)
         lowered_mask, masks = _lowered(analysis.residual_mask if split else mask), _Emitter("m")
         axis, along = ("q_idx", "gl.SliceLayout(0, st_layout)") if backward else ("kv_idx", "s_cols")
-        staged = [] if check_reads else [
+        staged = [] if check_reads or groups != 2 else [  # (persistent programs gather them per entry)
             (n, read) for n in _ordered([lowered_mask]) if (read := axis_read_of(n)) is not None
             and read.axis == axis and read.slot in axis_slots and read.dim == capture_ndims[read.slot] - 1]
         for k, (n, _) in enumerate(staged):  # (named before the mask's lines: they take the staged values)
@@ -626,9 +631,9 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
         mask_lines += [_gluon(line) for line in _emit_tile(masks, lowered_mask,
                                                            {id(n): False for n in _ordered([lowered_mask])})]
         mask_expr = masks.ref(lowered_mask)
-    if groups not in WS_GROUP_REGS or groups != 2 and (backward or maps or tile.tiles or extra_qk):
+    if groups not in WS_GROUP_REGS or groups != 2 and (backward or tile.tiles or extra_qk):
         raise ValueError(f"groups={groups}: the forward takes {sorted(WS_GROUP_REGS)} consumer groups, and 2 only "
-                         "in the backward, over a block map, with a read tensor's tiles or extra q and k columns")
+                         "in the backward, with a read tensor's tiles or extra q and k columns")
     template, kernel = ("attention_bwd_ws.py.jinja", "attn_bwd_ws") if backward else ("attention_fwd_ws.py.jinja",
                                                                                       "attn_fwd_ws")
     program = {"logits": logits if logits is not None else ir.score()} | ({"mask": mask} if maps else {})
@@ -644,7 +649,8 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
         sides=len(staged), row_lines=row_lines, row_expr=row_expr, groups=groups,
         consumer_regs=WS_GROUP_REGS[groups][0], producer_regs=WS_GROUP_REGS[groups][1])
     return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest(),
-                        tile_reads=tuple(tile.tiles), axis_reads=tuple(read for _, read in staged))
+                        tile_reads=tuple(tile.tiles), axis_reads=tuple(read for _, read in staged),
+                        map_block=(64, 128) if backward or groups != 2 else (128, 128))
 
 
 def _gluon(line: str) -> str:
