@@ -366,11 +366,12 @@ WS_FORWARD = True  # False: the Triton forward everywhere (for A/B timing, and a
 WS_BACKWARD = True  # the same for the backward
 WS_FORWARD_HEAD_DIMS = (64, 128)  # the forward's
 # the forward's consumer warp groups of 64 query rows by v's head dim (else 2). At 64, FlashAttention-3's
-# three taking turns in persistent programs, there for plain logits over a band (no mask, causal,
-# sliding windows; ``Attention._ws_groups``). 8x16x4096x64, TF/s against the Triton kernel's and flex's:
-# no mask 492 / 431 / 403, causal 408 / 393 / 346, a sliding window 1024 335 / 317 / 275; with a
-# score_mod or a block map the Triton kernel was faster and takes those calls (benchmarks/ab_ws_forward.py,
-# PERFLOG, twenty-sixth and twenty-seventh sessions)
+# three taking turns in persistent programs, there for plain logits over a band or a block map of a mask
+# that reads no tensor (``Attention._ws_groups``). 8x16x4096x64, TF/s against the Triton kernel's and
+# flex's: no mask 492 / 431 / 403, causal 421 / 384 / 343, a sliding window 1024 339 / 307 / 276, prefix
+# LM 1024 423 / 384 / 352, a dilated window 182 / 123 / 97; with a score_mod the Triton kernel was faster
+# and takes those calls, and masks that read tensors (documents) keep it too (benchmarks/ab_ws_forward.py,
+# ab_item_order.py; PERFLOG, twenty-sixth to twenty-eighth sessions)
 WS_FORWARD_GROUPS = {64: 3}
 # their persistent programs take rounds of work items from chunks of heads whose keys and values take about
 # this many bytes, each chunk's last query blocks first (``_item`` in the template): a round's keys and
@@ -416,9 +417,10 @@ def _sm90(index: int | None) -> bool:
 
 def ws_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> bool:
     """Whether a call can take the warp-specialised forward (or backward): a Hopper GPU (sm_90), bf16
-    or fp16, head dims of 128 or 64 (the forward at 64 for plain logits over a band only, the caller's
-    rule: ``Attention._ws_groups``), as many keys as queries and a multiple of 128 of each, contiguous 16-byte
-    aligned inputs, at least ``WS_MIN_FLOPS`` of work. Every other call takes the Triton kernel."""
+    or fp16, head dims of 128 or 64 (the forward at 64 for plain logits over a band or a map of a mask
+    that reads no tensor, the caller's rule: ``Attention._ws_groups``), as many keys as queries and a
+    multiple of 128 of each, contiguous 16-byte aligned inputs, at least ``WS_MIN_FLOPS`` of work. Every
+    other call takes the Triton kernel."""
     on = WS_BACKWARD if backward else WS_FORWARD
     if not on or interpreting() or q.device.type != "cuda" or not _gluon_hopper():
         return False
