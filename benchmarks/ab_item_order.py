@@ -15,15 +15,11 @@ import argparse
 import statistics
 
 import torch
-from bench_forward import build_variants, count_kept
+from bench_forward import build_variants, count_kept, rel_err
 from triton.testing import do_bench
 
 import flashgen as fg
 from flashgen import runtime
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def main() -> None:
@@ -65,7 +61,7 @@ def main() -> None:
         flops = 4 * B * H * count_kept(var.flex_mask, S, S, "cuda") * D
         with torch.no_grad():
             ref = triton()
-            errs = {name: rel(fn(), ref) for name, fn in arms.items() if name.endswith("MiB")}
+            errs = {name: rel_err(fn(), ref, torch.float64) for name, fn in arms.items() if name.endswith("MiB")}
             assert attn.last_tiles["forward"] == "warp-specialised (Gluon)", attn.last_tiles
             times: dict[str, list[float]] = {name: [] for name in arms}
             for _ in range(args.rounds):
