@@ -170,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         kernels("flashgen's step, ids stay put", lambda: fg_step(False), n=5)
     if kept and args.kernels:
         kernels("flashgen's refill", refill)
+        for live, _ in kept:  # (the compiled refill kernels' resources)
+            for name in ("block_summaries", "block_states", "block_runs"):
+                for cache in getattr(getattr(live._module, name, None), "device_caches", {}).values():
+                    for compiled in cache[0].values():
+                        print(f"  {name}: {compiled.n_regs} registers, {compiled.n_spills} spills, "
+                              f"{compiled.metadata.num_warps} warps")
         graph = next(g for live, _ in kept for g in live._graphs.values() if isinstance(g, torch.cuda.CUDAGraph))
         for name, fn in (("refill", refill), ("graph.replay() alone", graph.replay),
                          ("torch.cuda.is_current_stream_capturing()", torch.cuda.is_current_stream_capturing),
