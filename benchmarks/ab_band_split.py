@@ -17,8 +17,7 @@ import statistics
 
 import torch
 from ab_ws_forward import rel
-from bench_forward import build_variants, count_kept
-from triton.testing import do_bench
+from bench_forward import build_variants, count_kept, interleaved
 
 import flashgen as fg
 
@@ -47,10 +46,7 @@ def main() -> None:
             errs = {name: rel(arms[name](), ref) for name in ("rule", "on")}
             chosen = attns["rule"]._split_band((B, H, S, S), attns["rule"].last_tiles["forward"], "cuda")
             rule = "on" if chosen else "off"
-            times: dict[str, list[float]] = {name: [] for name in arms}
-            for _ in range(args.rounds):
-                for name, fn in arms.items():
-                    times[name].append(do_bench(fn, warmup=50, rep=200))
+            times = interleaved(arms, args.rounds)
         flex_tf = flops / statistics.median(times["flex"]) / 1e9
         for name, ts in times.items():
             ms = statistics.median(ts)

@@ -21,7 +21,7 @@ import argparse
 import statistics
 
 import torch
-from triton.testing import do_bench
+from bench_forward import interleaved
 
 import flashgen as fg
 from flashgen import runtime
@@ -58,10 +58,7 @@ def main() -> None:
         ref = with_bias(q, k, v)
         kernels = dict(with_bias.last_tiles)
         err = ((ref.double() - flex_call().double()).norm() / flex_call().double().norm()).item()
-        times: dict[str, list[float]] = {name: [] for name in arms}
-        for _ in range(args.rounds):
-            for name, fn in arms.items():
-                times[name].append(do_bench(fn, warmup=50, rep=300))
+        times = interleaved(arms, args.rounds, rep=300)
     flops = 4 * B * H * S * S * D
     print(f"# {B}x{H}x{S}x{D} bf16 forward; bias kernels: {kernels}; bias vs flex rel. err. {err:.1e}")
     print(f"{'arm':>12} {'ms (median)':>12} {'TF/s':>8} {'/flex':>6}  rounds")

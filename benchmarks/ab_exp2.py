@@ -188,9 +188,8 @@ def main() -> None:
     arms = args.arms.split(",")
     if args.sass:
         return sass(arms, args.shape)
-    from bench_forward import build_variants, count_kept
+    from bench_forward import build_variants, count_kept, interleaved
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    from triton.testing import do_bench
 
     runtime.ensure_allocator()  # (the tma arm's descriptors)
     B, H, S, D = (int(x) for x in args.shape.split("x"))
@@ -215,10 +214,7 @@ def main() -> None:
         fns["flex"] = lambda var=var, mask=mask: flex(q, k, v, score_mod=var.flex_score, block_mask=mask)
         with torch.no_grad():
             errs["flex"] = ((fns["flex"]()[:, :, :256].double() - ref).norm() / ref.norm()).item()
-            times: dict[str, list[float]] = {name: [] for name in fns}
-            for _ in range(args.rounds):
-                for name, fn in fns.items():
-                    times[name].append(do_bench(fn, warmup=50, rep=200))
+            times = interleaved(fns, args.rounds)
         flops = 4 * B * H * count_kept(var.flex_mask, S, S, "cuda") * D
         for name, ts in times.items():
             ms = statistics.median(ts)

@@ -15,8 +15,7 @@ import argparse
 import statistics
 
 import torch
-from bench_forward import build_variants, count_kept, rel_err
-from triton.testing import do_bench
+from bench_forward import build_variants, count_kept, interleaved, rel_err
 
 import flashgen as fg
 from flashgen import runtime
@@ -63,10 +62,7 @@ def main() -> None:
             ref = triton()
             errs = {name: rel_err(fn(), ref, torch.float64) for name, fn in arms.items() if name.endswith("MiB")}
             assert attn.last_tiles["forward"] == "warp-specialised (Gluon)", attn.last_tiles
-            times: dict[str, list[float]] = {name: [] for name in arms}
-            for _ in range(args.rounds):
-                for name, fn in arms.items():
-                    times[name].append(do_bench(fn, warmup=50, rep=200))
+            times = interleaved(arms, args.rounds)
         flex_tf = flops / statistics.median(times["flex"]) / 1e9
         for name, ts in times.items():
             ms = statistics.median(ts)

@@ -107,6 +107,16 @@ def attempt(fn: Callable[[], object]) -> tuple[object | None, str | None]:
         return None, short_error(e)
 
 
+def interleaved(arms: dict[str, Callable[[], object]], rounds: int, rep: int = 200) -> dict[str, list[float]]:
+    """Each arm's ``bench_ms`` (ms) per round, the arms taken in turn round after round, so that a
+    drift of the clocks shows in every arm (the A/B scripts' timing)."""
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, fn in arms.items():
+            times[name].append(bench_ms(fn, warmup=50, rep=rep))
+    return times
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
     """‖a − b‖ / ‖b‖ computed in ``dtype``."""
     a, b = a.to(dtype), b.to(dtype)
