@@ -17,7 +17,7 @@ import statistics
 
 import torch
 from ab_ws_forward import rel
-from bench_forward import build_variants, count_kept, interleaved
+from bench_forward import build_variants, count_kept, interleaved, parse_shape
 
 import flashgen as fg
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--variants", default="dilated,document")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    B, H, S, D = (int(x) for x in args.shape.split("x"))
+    B, H, S, D = parse_shape(args.shape)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)

@@ -188,11 +188,11 @@ def main() -> None:
     arms = args.arms.split(",")
     if args.sass:
         return sass(arms, args.shape)
-    from bench_forward import build_variants, count_kept, interleaved
+    from bench_forward import build_variants, count_kept, interleaved, parse_shape
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     runtime.ensure_allocator()  # (the tma arm's descriptors)
-    B, H, S, D = (int(x) for x in args.shape.split("x"))
+    B, H, S, D = parse_shape(args.shape)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
     flex = torch.compile(flex_attention)

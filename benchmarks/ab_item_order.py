@@ -15,7 +15,7 @@ import argparse
 import statistics
 
 import torch
-from bench_forward import build_variants, count_kept, interleaved, rel_err
+from bench_forward import build_variants, count_kept, interleaved, parse_shape, rel_err
 
 import flashgen as fg
 from flashgen import runtime
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--mib", default="8,16,32,all")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    B, H, S, D = (int(x) for x in args.shape.split("x"))
+    B, H, S, D = parse_shape(args.shape)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)

@@ -17,7 +17,7 @@ import argparse
 import statistics
 
 import torch
-from bench_forward import build_variants, count_kept
+from bench_forward import build_variants, count_kept, parse_shape
 from triton.testing import do_bench
 
 import flashgen as fg
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--groups", default="2", help="consumer warp groups of the Gluon arms (each with each stage)")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    B, H, S, D = (int(x) for x in args.shape.split("x"))
+    B, H, S, D = parse_shape(args.shape)
     runtime.WS_FORWARD_HEAD_DIMS = (64, 128)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -72,6 +72,13 @@ ANALYSIS_CALLS = 5  # timed calls per analysis measurement (after one warm-up), 
 # small helpers (module level so that they can be replaced in a dry run)
 
 
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"shape {text!r}: write BxHxSxD, e.g. 4x16x8192x128")
+    return tuple(int(p) for p in parts)
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -76,6 +76,7 @@ from bench_forward import (  # noqa: E402 - one definition of the masks, documen
     compiled_flex,
     count_kept,
     free_memory,
+    parse_shape,
     rel_err,
     sync,
     tflops,
@@ -417,13 +418,6 @@ def own_time_profile(fn: Callable[[], object], rows: int = 25) -> str:
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(rows)
     return text.getvalue()
-
-
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise SystemExit(f"shape {text!r}: write BxHxSxD, e.g. 4x16x8192x128")
-    return tuple(int(p) for p in parts)
 
 
 def parse_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
