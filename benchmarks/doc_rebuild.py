@@ -42,6 +42,7 @@ def breakdown(kept, bench) -> None:
 
     defaults = maps._PROGRAMS, maps._STRIP
     for live, keys in kept:
+        keys = [key for key in keys if key[-1] != "hull"]  # (the hulls: ``levels``)
         variants = {}  # (exact, programs aimed at, entries per step of the entries' pass)
         for exact, programs, strip in ((True, 8192, 4096), (False, 8192, 4096), (True, 2048, 4096),
                                        (True, 32768, 4096), (True, 8192, 1024)):
@@ -60,11 +61,13 @@ def breakdown(kept, bench) -> None:
                 extra = (sums, sums.shape[-1]) if other._slots else ()
                 tail = (*captured_args(other.captured), sq, skv, other.dims[1])
                 head = (states, *states.stride()[:3], *extra)
+                emptied, added = other._hull_args(base, states, True), other._hull_args(base, states, False)
 
-                def bounds(launch=launch, summaries=summaries, head=head, extra=extra, tail=tail):
+                def bounds(launch=launch, summaries=summaries, head=head, extra=extra, tail=tail, emptied=emptied,
+                           added=added):
                     if extra:
-                        summaries(*extra, *tail)
-                    launch(*head, *tail)
+                        summaries(*extra, *tail, *emptied)
+                    launch(*head, *tail, *added)
 
                 def refill(bounds=bounds, runs=other._runs[key]):
                     bounds()
@@ -72,6 +75,51 @@ def breakdown(kept, bench) -> None:
 
                 print(f"    {'exact' if exact else 'bounds alone'}, ~{programs} programs, {strip} entries a step: "
                       f"bounds {bench(bounds) * 1e3:.1f} us, with block_runs {bench(refill) * 1e3:.1f} us")
+
+
+def levels(kept, bench, rounds: int) -> None:
+    """The refill's graph cut after each level (``block_summaries``; then ``block_states``, which
+    fills the hulls; then every map's ``block_runs``, as ``LiveRuns`` records it), next to a graph
+    of one tiny kernel: what each level adds to the refill's GPU time, and the floor of any graph."""
+    from flashgen.runtime import captured_args
+
+    live, keys = kept[0]
+    live.refresh(keys)  # (filled, and its graph recorded: the launches exist)
+    base = live._runs[keys[0]][3]
+    states, launch, sums, summaries = live._states[base]
+    extra = (sums, sums.shape[-1]) if live._slots else ()
+    tail = (*captured_args(live.captured), *live.shape[2:], live.dims[1])
+    emptied, added = live._hull_args(base, states, True), live._hull_args(base, states, False)  # (the hulls)
+    one = torch.zeros(1, device="cuda")
+
+    def graph(fn) -> torch.cuda.CUDAGraph:
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g
+
+    cuts = {"one tiny kernel": graph(lambda: one.add_(1))}
+    if extra:
+        cuts["block_summaries"] = graph(lambda: summaries(*extra, *tail, *emptied))
+
+    def bounds():
+        if extra:
+            summaries(*extra, *tail, *emptied)
+        launch(states, *states.stride()[:3], *extra, *tail, *added)
+
+    cuts["+ block_states"] = graph(bounds)
+    runs = sum(1 for key in keys if key[-1] != "hull")
+    cuts[f"the refill ({runs} maps' runs, {len(keys) - runs} hulls)"] = next(
+        g for g in live._graphs.values() if isinstance(g, torch.cuda.CUDAGraph))
+    times = {name: [] for name in cuts}
+    for _ in range(rounds):
+        for name, g in cuts.items():
+            times[name].append(bench(g.replay))
+    for name, ms in times.items():
+        print(f"  levels: {name:36s} {statistics.median(ms) * 1e3:6.1f} us "
+              f"(rounds {', '.join(f'{x * 1e3:.1f}' for x in ms)})")
 
 
 def kernels(name: str, fn, n: int = 20) -> None:
@@ -103,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--analysis-rounds", type=int, default=5, metavar="N",
                    help="flashgen's refill and flex's compiled create_block_mask timed in turn for N rounds")
     p.add_argument("--analysis-only", action="store_true", help="time no steps: the refill and flex's analysis only")
+    p.add_argument("--levels", type=int, default=0, metavar="ROUNDS",
+                   help="also the refill's graph cut after each level, and a graph of one tiny kernel")
     p.add_argument("--no-pdl", action="store_true", help="refill kernels without programmatic dependent launch")
     p.add_argument("--ab-graphs", type=int, default=0, metavar="ROUNDS",
                    help="also steps with changing ids and refills alone, refills replayed as CUDA graphs or "
@@ -186,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                 fn()
             print(f"  host per call, {name}: {(time.perf_counter() - t0) * 1e3:.1f} us")
             torch.cuda.synchronize()
+    if kept and args.levels:
+        levels(kept, bench, args.levels)
     if kept and args.breakdown:
         breakdown(kept, bench)
     if kept and args.ab_graphs:

@@ -443,8 +443,8 @@ class Attention:
 
     def _ws_args(self, ws: KernelSource | None, q, k, v, backward: bool) -> tuple | None:
         """``runtime.ws_forward``'s (or ``ws_backward``'s) arguments past the scale for this call of the
-        Gluon module ``ws`` (captured tensors' for mods it evaluates, plain logits or not, block map
-        runs, a dense bias's TMA arguments), or None where the Triton kernels take the call:
+        Gluon module ``ws`` (captured tensors' for mods it evaluates, plain logits or not, the block
+        map's hulls, a dense bias's TMA arguments), or None where the Triton kernels take the call:
         ``ws_fits`` says no, a map under 10% full at a head dim outside
         ``runtime.WS_SPARSE_HEAD_DIMS``, a bias TMA cannot read or not proved in range, or in
         a grouped backward a map that varies by head (the kernel visits one set of query blocks)."""
@@ -460,8 +460,8 @@ class Attention:
             tile = ws_tile_args(read, self.captured[read.slot], (64, 128) if backward else (128, 128))
             if tile is None:
                 return None
-        runs = self._runs_args(shape, Config(*ws.map_block), q.device, transpose=backward) if maps else ()
-        for read in ws.axis_reads:  # (staged with K, or Q_i: their descriptors after the runs)
+        runs = self._hulls_args(shape, q.device, transpose=backward) if maps else ()
+        for read in ws.axis_reads:  # (staged with K, or Q_i: their descriptors after the hulls)
             runs = runs + ws_axis_args(read, self.captured[read.slot], 64 if backward else 128)
         if backward and runs and runs[2] != 0 and Hq != k.shape[1]:
             return None
@@ -481,6 +481,19 @@ class Attention:
             runs = self.block_mask(*shape, block, device).runs(transpose=transpose, ragged_last=ragged_last)
         return (runs, runs.stride(0) if runs.shape[0] > 1 else 0, runs.stride(1) if runs.shape[1] > 1 else 0,
                 runs.stride(2), runs.stride(3))
+
+    def _hulls_args(self, shape: tuple[int, int, int, int], device, *, transpose: bool) -> tuple:
+        """The Gluon kernels' arguments for the block map: its hulls at 64 x 64 tiles (``blocks.hulls``),
+        by query blocks (or by KV blocks, ``transpose``), then their strides (0 along b, h where the
+        mask ignores them). For a mask that reads tensors, refilled on the GPU when those change
+        (``maps.LiveRuns.hulls``), unless the map is too large for it."""
+        live = self._live_runs(shape, device) if self._mask_reads else None
+        if live is not None and live.fits((64, 64)):
+            hulls = live.hulls(transpose=transpose)
+        else:
+            hulls = self.block_mask(*shape, (64, 64), device).hulls(transpose=transpose)
+        return (hulls, hulls.stride(0) if hulls.shape[0] > 1 else 0, hulls.stride(1) if hulls.shape[1] > 1 else 0,
+                hulls.stride(2), hulls.stride(3))
 
     def _live_runs(self, shape: tuple[int, int, int, int], device) -> LiveRuns:
         key = (shape, str(device), tuple(t.shape for t in self.captured))  # (its CHECK_READS proof holds for these)

@@ -388,13 +388,10 @@ def paint(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int]) -> torch.T
     return out
 
 
-def runs(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpose: bool = False,
-         ragged_last: bool = False) -> torch.Tensor:
-    """Kernel metadata: int32 ``[batches, heads, rows, 2, 1 + 2R]``: for each row (query block, or
-    KV block if ``transpose``) and kind (0 partial, 1 full), the number of runs, then R (start,
-    end) pairs of column blocks. ``ragged_last``: the last column block is padded, so a full run
-    there is listed as partial (the kernel masks padding on partial blocks only)."""
-    nb, nh = dims
+def _row_entries(boxes: Boxes, grid: tuple[int, int], transpose: bool, ragged_last: bool) -> tuple:
+    """The non-empty boxes cut into rows (query blocks, or KV blocks if ``transpose``): batch,
+    head, row, columns [c0, c1) and state of each piece; with ``ragged_last``, a full box's last
+    column cut off as partial where it reaches the padded last column block."""
     nrows, ncols = grid if not transpose else grid[::-1]
     keep = boxes.state != EMPTY
     r0, r1, c0, c1 = (boxes.q0, boxes.q1, boxes.k0, boxes.k1) if not transpose else \
@@ -415,8 +412,19 @@ def runs(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpos
     idx = torch.searchsorted(ends, entries, right=True)
     offset = entries - (ends - height)[idx]
     row = r0[idx] + offset
-    key = ((b[idx] * nh + h[idx]) * nrows + row) * 2 + (s[idx] == FULL).long()
-    start, end = c0[idx], c1[idx]
+    return b[idx], h[idx], row, c0[idx], c1[idx], s[idx]
+
+
+def runs(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpose: bool = False,
+         ragged_last: bool = False) -> torch.Tensor:
+    """Kernel metadata: int32 ``[batches, heads, rows, 2, 1 + 2R]``: for each row (query block, or
+    KV block if ``transpose``) and kind (0 partial, 1 full), the number of runs, then R (start,
+    end) pairs of column blocks. ``ragged_last``: the last column block is padded, so a full run
+    there is listed as partial (the kernel masks padding on partial blocks only)."""
+    nb, nh = dims
+    nrows, ncols = grid if not transpose else grid[::-1]
+    b, h, row, start, end, s = _row_entries(boxes, grid, transpose, ragged_last)
+    key = ((b * nh + h) * nrows + row) * 2 + (s == FULL).long()
     order = torch.argsort(key * (ncols + 1) + start)
     key, start, end = key[order], start[order], end[order]
     # merge touching runs of one (row, kind)
@@ -437,6 +445,29 @@ def runs(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpos
     out[rkey, 1 + 2 * slot] = rstart.to(torch.int32)
     out[rkey, 2 + 2 * slot] = rend.to(torch.int32)
     return out.view(nb, nh, nrows, 2, -1)
+
+
+# a hull row with no tile in it: least column, greatest, least full, greatest full, full count, 3 unused
+EMPTY_HULL = (1 << 30, -1, 1 << 30, -1, 0, 0, 0, 0)
+
+
+def hulls(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpose: bool = False,
+          ragged_last: bool = False) -> torch.Tensor:
+    """Kernel metadata for kernels that visit a row's tiles from its first non-empty one to its
+    last: int32 ``[batches, heads, rows, 8]``, per row the least and greatest column block of a
+    non-empty tile, the least and greatest of a full one, the number of full ones, 3 unused
+    (``EMPTY_HULL`` where a row has none). The full tiles span [least, greatest] whole when their
+    count is that span's width. ``ragged_last`` as in :func:`runs`."""
+    nb, nh = dims
+    nrows = grid[1] if transpose else grid[0]
+    b, h, row, c0, c1, s = _row_entries(boxes, grid, transpose, ragged_last)
+    at = (b * nh + h) * nrows + row
+    out = torch.tensor(EMPTY_HULL, dtype=torch.long, device=at.device).repeat(nb * nh * nrows, 1)
+    full = s == FULL
+    for i, where, value, how in ((0, ..., c0, "amin"), (1, ..., c1 - 1, "amax"), (2, full, c0, "amin"),
+                                     (3, full, c1 - 1, "amax"), (4, full, c1 - c0, "sum")):
+        out[:, i].scatter_reduce_(0, at[where], value[where], how)
+    return out.to(torch.int32).view(nb, nh, nrows, 8)
 
 
 def mask_dims(mask: Node, batch: int, heads: int) -> tuple[int, int]:
@@ -507,6 +538,14 @@ class BlockMask:
         if key not in self._runs:
             self._runs[key] = runs(self.boxes, self.dims, self.grid, transpose=transpose,
                                    ragged_last=ragged_last).to(self.device)
+        return self._runs[key]
+
+    def hulls(self, *, transpose: bool = False, ragged_last: bool = False) -> torch.Tensor:
+        """Kernel metadata (see :func:`hulls`), on the mask's device."""
+        key = ("hull", transpose, ragged_last)
+        if key not in self._runs:
+            self._runs[key] = hulls(self.boxes, self.dims, self.grid, transpose=transpose,
+                                    ragged_last=ragged_last).to(self.device)
         return self._runs[key]
 
     @property

@@ -15,7 +15,7 @@ import math
 import torch
 import triton
 
-from .blocks import mask_dims, reads
+from .blocks import EMPTY_HULL, mask_dims, reads
 from .codegen.render import KernelSource
 from .ir import Node
 from .parallel import capturing
@@ -43,7 +43,13 @@ class LiveRuns:
     not is the mask evaluated on every entry, as the attention kernels do on partial tiles, so the
     map is exact (with ``exact=False`` open tiles stay partial: the bounds alone, conservative);
     ``block_runs`` lists each row's runs. The states are kept at 64 x 64 tiles (:meth:`base`): the
-    maps of larger tiles combine them, so a step's forward and backward maps bound the mask once."""
+    maps of larger tiles combine them, so a step's forward and backward maps bound the mask once.
+
+    :meth:`hulls` gives the states' hulls, for kernels that visit each row's tiles from its first
+    non-empty one to its last and skip the mask on one span of full ones (the Gluon kernels, which
+    combine the rows and columns of 64 x 64 tiles into theirs): ``block_states`` adds its tiles to
+    them by atomics, so a refill of hulls alone is two launches (``block_summaries``, which empties
+    them, then ``block_states``)."""
 
     def __init__(self, source: KernelSource, mask: Node, captured: list[torch.Tensor],
                  shape: tuple[int, int, int, int], device: torch.device, check_reads: bool, *, exact: bool = True):
@@ -60,7 +66,8 @@ class LiveRuns:
                                EXACT=exact, num_warps=4, **self._pdl)  # (the states' launches)
         self._slots = self._module.SLOTS.value  # reads bounded once per block (``block_summaries``)
         self._states: dict[tuple[int, int], list] = {}  # base tile size -> [states, launch, summaries, launch]
-        # (tile size, transpose, ragged_last) -> runs, their launch, its arguments, the base tile size
+        # (tile size, transpose, ragged_last) -> runs, their launch, its arguments, the base tile size;
+        # (64 x 64, transpose, "hull") -> hulls, None, None, 64 x 64
         self._runs: dict[tuple, tuple] = {}
         self._fresh: set = set()  # base tile sizes bounded and keys filled for ``_versions``
         # refills seen once (None), then recorded, for the captured tensors' "addresses" in the graphs
@@ -89,10 +96,7 @@ class LiveRuns:
         if key not in self._runs:
             base = self.base(block)
             grid = (-(-self.shape[2] // base[0]), -(-self.shape[3] // base[1]))  # (of the states)
-            if base not in self._states:
-                self._states[base] = [torch.empty(*self.dims, *grid, dtype=torch.int8, device=self.device), None,
-                                      torch.empty(math.prod(self.dims), self._slots, 2, max(grid), dtype=torch.float64,
-                                                  device=self.device), None]
+            self._states_buffers(base)
             states = self._states[base][0]
             fold = (block[0] // base[0], block[1] // base[1])
             rows, cols = (-(-n // b) for n, b in zip(self.shape[2:], block))
@@ -107,6 +111,45 @@ class LiveRuns:
         self.refresh((key,))
         return self._runs[key][0]
 
+    def hulls(self, *, transpose: bool = False) -> torch.Tensor:
+        """The hulls of the rows of 64 x 64 tiles (query blocks, or KV blocks if ``transpose``),
+        filled for the current values of the tensors the mask reads: int32 ``[batches, heads, rows,
+        8]`` as ``blocks.hulls`` lays them out."""
+        base = (64, 64)
+        key = (base, transpose, "hull")
+        if key not in self._runs:
+            self._states_buffers(base)
+            rows = -(-self.shape[3 if transpose else 2] // 64)
+            hull = torch.tensor(EMPTY_HULL, dtype=torch.int32, device=self.device).repeat(*self.dims, rows, 1)
+            self._runs[key] = (hull, None, None, base)
+            # (the bounds' launches add to every hull of their tiles: made again, and run again)
+            entry = self._states[base]
+            entry[1] = entry[3] = None
+            self._graphs = {}
+            self._fresh.discard(base)
+        self.refresh((key,))
+        return self._runs[key][0]
+
+    def _states_buffers(self, base: tuple[int, int]) -> None:
+        if base not in self._states:
+            grid = (-(-self.shape[2] // base[0]), -(-self.shape[3] // base[1]))
+            self._states[base] = [torch.empty(*self.dims, *grid, dtype=torch.int8, device=self.device), None,
+                                  torch.empty(math.prod(self.dims), self._slots, 2, max(grid), dtype=torch.float64,
+                                              device=self.device), None]
+
+    def _hulls(self, base: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The hulls of ``base`` tiles by query blocks and by KV blocks (None where not asked for)."""
+        return tuple(self._runs[k][0] if k in self._runs else None for k in ((base, t, "hull") for t in (False, True)))
+
+    def _hull_args(self, base: tuple[int, int], states: torch.Tensor, summaries: bool) -> tuple:
+        """``block_summaries``' (or else ``block_states``') arguments for the hulls of ``base`` tiles:
+        each one's pointer and size (or strides along b and h; ``states`` stands in for one not asked for)."""
+        out = ()
+        for hull in self._hulls(base):
+            at = hull if hull is not None else states
+            out += (at, at.numel()) if summaries else (at, *(at.stride(i) if at.shape[i] > 1 else 0 for i in (0, 1)))
+        return out
+
     def _states_launch(self, block: tuple[int, int], rows: int, cols: int) -> Launch:
         """``block_states``'s launch for one tile size: ROWS x CHUNK tiles per program."""
         bm, bn = block
@@ -114,7 +157,8 @@ class LiveRuns:
         chunk = max(2, min(_CHUNK, 512 // bnp))  # column blocks per program: ~512 keys
         chunks, maps = -(-cols // chunk), self.dims[0] * self.dims[1]
         per = max(2, min(64, 1 << (rows * chunks * maps // _PROGRAMS).bit_length() >> 1))  # rows per program
-        constants = dict(self._constants, BM=bm, BN=bn, BNP=bnp, ROWS=per, CHUNK=chunk,
+        hulls = {f"HULL_{x}": h is not None for x, h in zip("QK", self._hulls(block))}
+        constants = dict(self._constants, **hulls, BM=bm, BN=bn, BNP=bnp, ROWS=per, CHUNK=chunk,
                          SUB_M=max(2, min(triton.next_power_of_2(bm), _STRIP // (chunk * bnp))),
                          RANGE_M=triton.next_power_of_2(bm), RANGE_N=bnp)  # (a tile's index range fits)
         return Launch(None, self._module.block_states, (-(-rows // per), chunks, maps), (), constants)
@@ -125,6 +169,7 @@ class LiveRuns:
         blocks = self._states[block][2].shape[-1]
         r = max(1, min(16, triton.next_power_of_2(blocks * math.prod(self.dims)) // 1024))
         constants = dict(BM=block[0], BN=block[1], R=r, num_warps=4, RANGE_M=triton.next_power_of_2(block[0]),
+                         **{f"HULL_{x}": h is not None for x, h in zip("QK", self._hulls(block))},
                          RANGE_N=triton.next_power_of_2(block[1]), PDL=self._pdl["PDL"])  # (its range fits)
         grid = (-(-blocks // r), math.prod(self.dims))
         return Launch(None, self._module.block_summaries, grid, (), constants)
@@ -166,12 +211,18 @@ class LiveRuns:
                 graph = self._graphs[graph_key] = self._record(stale, captures)
             if graph is not None:
                 graph.replay()
-                self._fresh.update(k for key in stale for k in (self._runs[key][3], key))
+                self._filled(stale)
                 return
             self._graphs.setdefault(graph_key, None)
         self._launch(stale, captures)
         if not recorded:
-            self._fresh.update(k for key in stale for k in (self._runs[key][3], key))
+            self._filled(stale)
+
+    def _filled(self, stale: list) -> None:
+        """Mark ``stale`` filled, with their tile sizes' bounds and the hulls of those (filled by the bounds)."""
+        for key in stale:
+            base = self._runs[key][3]
+            self._fresh.update((key, base, *(k for k in ((base, t, "hull") for t in (False, True)) if k in self._runs)))
 
     def _launch(self, stale: list, captures: tuple, branches: list | None = None) -> None:
         """The launches that refill ``stale``'s buffers: per tile size, the bounds (``block_summaries``
@@ -185,10 +236,15 @@ class LiveRuns:
                 entry[1] = self._states_launch(base, *entry[0].shape[2:])
             if base not in self._fresh:
                 sums = (entry[2], entry[2].shape[-1]) if self._slots else ()
-                if self._slots:  # the reads along one side, bounded per block first
+                if self._slots:  # the reads along one side, bounded per block first (and the hulls emptied)
                     entry[3] = entry[3] or self._summaries_launch(base)
-                    entry[3](*sums, *captures, sq, skv, self.dims[1])
-                entry[1](entry[0], *entry[0].stride()[:3], *sums, *captures, sq, skv, self.dims[1])
+                    entry[3](*sums, *captures, sq, skv, self.dims[1], *self._hull_args(base, entry[0], True))
+                for hull in self._hulls(base) if not self._slots else ():
+                    if hull is not None:
+                        hull.copy_(torch.tensor(EMPTY_HULL, dtype=torch.int32, device=self.device).expand_as(hull))
+                entry[1](entry[0], *entry[0].stride()[:3], *sums, *captures, sq, skv, self.dims[1],
+                         *self._hull_args(base, entry[0], False))
+        stale = [key for key in stale if key[-1] != "hull"]  # (runs; the bounds fill the hulls)
         here = torch.cuda.current_stream(self.device) if branches else None
         for i, key in enumerate(stale):
             _, launch, args, _ = self._runs[key]
@@ -205,7 +261,7 @@ class LiveRuns:
     def _record(self, stale: list, captures: tuple) -> torch.cuda.CUDAGraph:
         """``_launch(stale)`` recorded as a CUDA graph on a side stream (nothing runs until it is replayed)."""
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
-        branches = [torch.cuda.Stream(self.device) for _ in stale[1:]]
+        branches = [torch.cuda.Stream(self.device) for _ in [key for key in stale if key[-1] != "hull"][1:]]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             graph.capture_begin(capture_error_mode="thread_local")

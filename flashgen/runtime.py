@@ -527,8 +527,9 @@ def ws_forward(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     """Launch ``module.attn_fwd_ws`` (``ws_fits`` said yes): out and lse (contiguous [B, Hq, S, D]
     and [B, Hq, S]) written in place. ``mods``: None where the module evaluates no mod, else the
     captured tensors' arguments (``captured_args``); ``plain``: the logits are plain (``scale`` > 0
-    then); ``runs``: the block map's runs and strides, for a module that visits its tiles; ``tile``:
-    ``ws_tile_args``'s, for a module that reads a tensor in [q, kv] tiles (two stages then: its
+    then); ``runs``: the block map's hulls by queries and their strides (``blocks.hulls``), for a
+    module that visits its tiles; ``tile``: ``ws_tile_args``'s, for a module that reads a tensor in
+    [q, kv] tiles (two stages then: its
     tiles take the shared memory of the third). For a module rendered with ``extra_qk`` (two
     stages too: three of K or of V measured no faster), q and k have ``WS_EXTRA_QK`` columns past
     v's head dim, or those columns come apart as ``factors`` ([B, Hq, S, WS_EXTRA_QK] and
@@ -602,7 +603,7 @@ def ws_backward(module: ModuleType, q, k, v, out, lse, dout, dlse, scale: float,
     """dq, dk, dv from ``module.attn_bwd_ws`` (``ws_fits(..., backward=True)`` said yes for q, k, v;
     out, lse, dout and dlse (or None) contiguous): one pass, dQ's tiles scaled and added up in a
     float32 buffer, then cast.
-    ``mods``, ``plain``: as for ``ws_forward``; ``runs``: the transposed map's (128 keys x 64 rows);
+    ``mods``, ``plain``: as for ``ws_forward``; ``runs``: the map's hulls by keys;
     ``tile``: ``ws_tile_args``'s at blocks of 64 x 128, for a module that reads a tensor in [q, kv]
     tiles. q and k may have ``WS_EXTRA_QK`` columns past v's head dim (a module rendered with
     ``extra_qk``): their gradients come back as zeros (frozen factors of a low-rank bias)."""

@@ -7,7 +7,7 @@ Invariants:
 - exact where interval arithmetic is exact: single affine inequalities (every index variable used
   once), ``q // c == kv // c``, the library's band / prefix / chunk masks, lookups of sorted
   document ids on 16-aligned tiles;
-- the runs the kernels read describe the same map; cached maps follow in-place changes of the
+- the runs (and the hulls) the kernels read describe the same map; cached maps follow in-place changes of the
   captured tensors; kernels reading them match the float64 reference, forward and backward.
 """
 
@@ -84,9 +84,19 @@ def decode_runs(runs, rows, cols):
     return out
 
 
+def dense_hulls(state):
+    """The hulls (``blocks.hulls``) of a dense [nb, nh, rows, cols] map, from its states directly."""
+    cols = torch.arange(state.shape[-1])
+    seen, full = state != EMPTY, state == FULL
+    none = torch.full_like(cols, 1 << 30)
+    fields = [torch.where(seen, cols, none).amin(-1), torch.where(seen, cols, -1).amax(-1),
+              torch.where(full, cols, none).amin(-1), torch.where(full, cols, -1).amax(-1), full.sum(-1)]
+    return torch.stack(fields + [torch.zeros_like(fields[0])] * 3, -1).to(torch.int32)
+
+
 def assert_runs_match(bm):
     """Forward runs (with the ragged last KV block listed as partial) and transposed runs (dK/dV
-    pass) encode exactly bm.state."""
+    pass) encode exactly bm.state; so do its hulls, both ways."""
     state = bm.state
     nq, nk = state.shape[2:]
     ragged = bm.shape[3] % bm.block_size[1] != 0
@@ -96,6 +106,8 @@ def assert_runs_match(bm):
         last[last == FULL] = PARTIAL
     assert torch.equal(decode_runs(bm.runs(ragged_last=ragged).cpu(), nq, nk), want)
     assert torch.equal(decode_runs(bm.runs(transpose=True).cpu(), nk, nq), state.transpose(2, 3))
+    assert torch.equal(bm.hulls().cpu(), dense_hulls(state))
+    assert torch.equal(bm.hulls(transpose=True).cpu(), dense_hulls(state.transpose(2, 3)))
 
 
 def counts_of(state):
@@ -516,6 +528,10 @@ def check_live_runs(src, shape, seed, ndocs, p):
         assert torch.equal(forward, want), src
         transposed = decode_runs(live.runs((bq, bk), transpose=True).cpu(), nk, nq)
         assert torch.equal(transposed.expand(B, H, nk, nq), truth.transpose(2, 3)), src
+        # the hulls of 64 x 64 tiles, both ways (asked for after the runs: the bounds run again to fill them)
+        truth = oracle(mask, B, H, Sq, Skv, (64, 64))
+        assert torch.equal(live.hulls().expand(B, H, -1, -1), dense_hulls(truth)), src
+        assert torch.equal(live.hulls(transpose=True).expand(B, H, -1, -1), dense_hulls(truth.transpose(2, 3))), src
         namespace["doc"].copy_(namespace["doc"].flip(0))  # new values, in place
         namespace["sc"].mul_(0.5)
     # the interval bounds alone (the tiles they leave open stay partial) are never wrong, and decide
@@ -798,6 +814,12 @@ def test_live_runs_match_the_exact_host_maps_as_the_ids_change(name, packed, mon
             host = blocks.BlockMask(attn.program.mask, attn.captured, (B, H, S, S), block, closed_form=False,
                                     exact=True)
             assert_same_runs(runs, host.runs(transpose=t, ragged_last=r))
+        host = blocks.BlockMask(attn.program.mask, attn.captured, (B, H, S, S), (64, 64), closed_form=False, exact=True)
+        for t in (False, True):
+            hulls = live.hulls(transpose=t)
+            assert torch.equal(hulls, host.hulls(transpose=t))
+            dense = dense_hulls(host.state.transpose(2, 3) if t else host.state)
+            assert torch.equal(hulls.expand(B, H, -1, -1), dense.expand(B, H, -1, -1))
 
 
 @requires_interpreter

@@ -158,7 +158,7 @@ def test_show_warp_specialised_kernels(cache, capsys):
     rc, out, _ = cli(capsys, "show", "alibi", "--ws", "--bwd")  # (a score_mod read per head)
     assert rc == 0 and "def attn_bwd_ws(" in out and "_read(cap0 + (h)" in out
     rc, out, _ = cli(capsys, "show", "prefix_lm", "--ws")  # (a union: the tiles of a block map)
-    assert rc == 0 and "def _runs_hull(rmap):" in out
+    assert rc == 0 and "def _hull_row(row):" in out
     rc, out, err = cli(capsys, "show", "relative_bias", "--ws")  # (a table read per entry)
     assert rc != 0 and "no warp-specialised kernels" in err
 

@@ -447,8 +447,8 @@ def test_ids_that_change_every_step_refill_the_kept_runs_without_synchronising(D
     kept launches refill their runs on the device (``maps.LiveRuns``; one CUDA graph from the
     second refill on): results stay the reference's, forward and backward, nothing recompiles,
     and no step synchronises with the host (``torch.cuda.set_sync_debug_mode("error")`` raises on
-    any operation that would). At head dim 128 on Hopper, the Gluon kernels' maps (128 x 128, and
-    64 x 128 transposed) come from one bounding of the mask at 64 x 64 tiles."""
+    any operation that would). At head dim 128 on Hopper, the Gluon kernels' hulls (by queries and
+    by keys) come from one bounding of the mask at 64 x 64 tiles."""
     B_, H_, S_ = 2, 4, 1024
     doc = torch.zeros(B_, S_, dtype=torch.long, device=DEV)
     mask = fg.mods.document(doc) & fg.mods.causal  # per-batch ids
@@ -487,8 +487,9 @@ def test_ids_that_change_every_step_refill_the_kept_runs_without_synchronising(D
 def test_live_runs_at_thousands_of_programs_match_the_host_maps(sort):
     """With thousands of ``block_states`` programs at once on the GPU (and PDL letting each refill
     kernel launch before the one it reads has ended), the two maps of a training step (128 x 128,
-    and 64 x 128 transposed, from one bounding at 64 x 64) refilled together equal the host's exact
-    maps through many versions of the ids, sorted (documents) and not (tiles the entries decide)."""
+    and 64 x 128 transposed, from one bounding at 64 x 64) and the hulls of 64 x 64 tiles both ways
+    (added to by that bounding's atomics) refilled together equal the host's exact maps through many
+    versions of the ids, sorted (documents) and not (tiles the entries decide)."""
     from flashgen import blocks
 
     B_, S_ = 2, 4096
@@ -498,11 +499,16 @@ def test_live_runs_at_thousands_of_programs_match_the_host_maps(sort):
     live = attn._live_runs((B_, 1, S_, S_), DEV)
     keys = [((128, 128), False, False), ((64, 128), True, False)]
     bufs = [live.runs(block, transpose=t, ragged_last=r) for block, t, r in keys]
+    hulls = [live.hulls(), live.hulls(transpose=True)]
     gen = torch.Generator(device=DEV).manual_seed(48)
     for step in range(12):
         ids = torch.randint(0, (3, 16, 200)[step % 3], (B_, S_), device=DEV, generator=gen)
         doc.copy_(torch.sort(ids, -1).values if sort else ids)
-        live.refresh(live.keys_of(bufs))  # (both maps in one refill; a graph from the second on)
+        live.refresh(live.keys_of(bufs + hulls))  # (all four in one refill; a graph from the second on)
+        host = blocks.BlockMask(attn.program.mask, attn.captured, (B_, 1, S_, S_), (64, 64), closed_form=False,
+                                exact=True, device=DEV)
+        for t, hull in enumerate(hulls):
+            assert torch.equal(hull, host.hulls(transpose=bool(t))), f"step {step}: hulls by {('queries', 'keys')[t]}"
         for (block, t, r), runs in zip(keys, bufs):
             host = blocks.BlockMask(attn.program.mask, attn.captured, (B_, 1, S_, S_), block, closed_form=False,
                                     exact=True, device=DEV).runs(transpose=t, ragged_last=r)

@@ -40,11 +40,11 @@ def test_plain_logits_with_a_band_through_the_diagonal_have_warp_specialised_ker
     (dict(score_mod=fg.mods.softcap(30.0), mask_mod=fg.mods.prefix_lm(100)), " = kv_idx < 100"),
 ])
 def test_masks_beyond_a_band_have_warp_specialised_kernels_over_a_block_map(mods, mask):
-    """Masks with a block map: the Gluon kernels visit the hull of each row's runs and evaluate the
-    mask (the Triton kernels' code under ``gl``) on tiles outside its full ones."""
+    """Masks with a block map: the Gluon kernels visit the hull of their rows of the map's hulls and
+    evaluate the mask (the Triton kernels' code under ``gl``) on tiles outside its full span."""
     for which in ("fwd_ws", "bwd_ws"):
         source = fg.compile(**mods).source(which)
-        assert "#   tiles  = a block map's runs" in source and "def _runs_hull(rmap):" in source
+        assert "#   tiles  = a block map's hulls" in source and "def _hull_row(row):" in source
         assert mask in source and "tl." not in source and "gl.warp_specialize" in source
     assert "at least 10% of its tiles are non-empty" in fg.compile(**mods).explain()
 
@@ -534,13 +534,14 @@ def test_a_score_mod_forward_takes_the_captured_tensors(monkeypatch):
     assert calls[1] is None
 
 
-def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
-    """The forward gets the map at 128 x 128 (64 x 128 at D = 64: three consumer groups of 64 rows),
-    the backward the transposed one at 128 keys x 64 rows (with the mask's captured tensors and
-    plain=True); a map that varies by head leaves a grouped call's backward to the Triton kernels."""
+def test_a_block_map_call_passes_its_hulls_to_the_gluon_kernels(monkeypatch):
+    """The forward gets the map's hulls by queries at 64 x 64 tiles (whatever its consumer groups),
+    the backward those by keys (with the mask's captured tensors and plain=True); a map that varies
+    by head leaves a grouped call's backward to the Triton kernels."""
     from flashgen import api
 
     calls = []
+    NONE = 1 << 30  # (the least column of a row with none)
 
     def reference(q, k, v, scale, mask, gqa):
         return fg.attention_reference(q, k, v, mask_mod=mask, scale=scale, return_lse=True, enable_gqa=gqa)
@@ -565,10 +566,14 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     q, k, v = (torch.randn(1, 1, 256, 128, requires_grad=True) for _ in range(3))  # (at 64: plain only)
     attn = fg.compile(mask_mod=mask)
     attn(q, k, v).sum().backward()
-    # query block 0 sees key block 0 partly; 1 both, 0 whole and 1 partly (the diagonal)
-    assert calls[0] == ("fwd", [], True, [[[[[1, 0, 1], [0, 0, 0]], [[1, 1, 2], [1, 0, 1]]]]], (0, 0, 6, 3))
-    # key block 0: rows 0-127 partly (two blocks of 64), 128-255 whole; key block 1: rows 128-255 partly
-    assert calls[1] == ("bwd", [], True, [[[[[1, 0, 2], [1, 2, 4]], [[1, 2, 4], [0, 0, 0]]]]], (0, 0, 6, 3))
+    # rows of 64 queries: 0 sees key block 0 partly; 1 sees 0 whole and 1 partly (the diagonal); 2
+    # sees 0 and 1 whole, 2 partly; 3 sees 0-2 whole (each row: first and last tile, first and last
+    # full one, how many full, 3 unused)
+    by_queries = [[0, 0, NONE, -1, 0], [0, 1, 0, 0, 1], [0, 2, 0, 1, 2], [0, 3, 0, 2, 3]]
+    assert calls[0] == ("fwd", [], True, [[[row + [0, 0, 0] for row in by_queries]]], (0, 0, 8, 1))
+    # rows of 64 keys: key block 0 is seen by query blocks 0-3 (partly by 0), 1 by 1-3 (partly by 1) ...
+    by_keys = [[0, 3, 1, 3, 3], [1, 3, 2, 3, 2], [2, 3, 3, 3, 1], [3, 3, NONE, -1, 0]]
+    assert calls[1] == ("bwd", [], True, [[[row + [0, 0, 0] for row in by_keys]]], (0, 0, 8, 1))
     assert attn.last_tiles["dQ, dK/dV"] == "warp-specialised (Gluon), one pass"
     calls.clear()
     mask = fg.mask_mod(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 10 * h)
@@ -581,12 +586,9 @@ def test_a_block_map_call_passes_its_runs_to_the_gluon_kernels(monkeypatch):
     q, k, v = (torch.randn(1, 1, 256, 64, requires_grad=True) for _ in range(3))
     attn = fg.compile(mask_mod=fg.mods.prefix_lm(40))
     attn(q, k, v).sum().backward()
-    # at 64 the forward's three groups take rows of 64: rows 0-127 see key block 0 partly, 128-255 it
-    # whole and key block 1 partly; the backward's map as at 128
-    assert calls[0] == ("fwd", [], True, [[[[[1, 0, 1], [0, 0, 0]], [[1, 0, 1], [0, 0, 0]], [[1, 1, 2], [1, 0, 1]],
-                                            [[1, 1, 2], [1, 0, 1]]]]], (0, 0, 6, 3))
-    assert calls[1][0] == "bwd" and calls[1][3:] == (
-        [[[[[1, 0, 2], [1, 2, 4]], [[1, 2, 4], [0, 0, 0]]]]], (0, 0, 6, 3))
+    # at 64 the forward's three groups take rows of 64: the same hulls
+    assert calls[0] == ("fwd", [], True, [[[row + [0, 0, 0] for row in by_queries]]], (0, 0, 8, 1))
+    assert calls[1][0] == "bwd" and calls[1][3:] == ([[[row + [0, 0, 0] for row in by_keys]]], (0, 0, 8, 1))
     calls.clear()
     mask = fg.mods.document(torch.arange(2048) // 128)  # 16 documents: 6 % of the 128 x 128 tiles non-empty
     q, k, v = (torch.randn(1, 1, 2048, 64, requires_grad=True) for _ in range(3))

@@ -96,9 +96,6 @@ class KernelSource:
     # in shared memory with K or Q_i: ``side{k}``'s TMA descriptor and its leads after the runs
     # (``runtime.ws_axis_args``)
     axis_reads: tuple[AxisRead, ...] = ()
-    # (the Gluon kernels) the tiles of the block map whose runs they take, (query rows, keys); the backward
-    # takes the map transposed
-    map_block: tuple[int, int] = (128, 128)
 
 
 class _Emitter:
@@ -575,10 +572,10 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
     outside what they cover (``_ws_band``, ``_ws_logits``). Logits other than plain are evaluated per
     tile, and in the backward their derivative in the score (``autodiff.gradients``); gradients of
     captured tensors stay with the Triton kernels (the caller's rule). A mask beyond a band (given
-    ``mask``, the program's) takes the tiles of a block map (``KernelSource.map_block``: 128 x 128, 64 x
-    128 for three groups; the backward: transposed, 128 keys x 64 rows), evaluated on tiles outside its
-    full runs. ``fast_math``: tanh and sigmoid
-    by the approximate instruction (the kernels are bf16 and fp16 only, where ``fast_math=None`` means it).
+    ``mask``, the program's) takes the tiles of a block map's hulls (``blocks.hulls``, 64 x 64 tiles by
+    queries, or by keys in the backward, combined into the kernels' tiles), evaluated on tiles outside
+    their full span. ``fast_math``: tanh and sigmoid by the approximate instruction (the kernels are
+    bf16 and fp16 only, where ``fast_math=None`` means it).
     ``extra_qk``: for q and k with columns past v's head dim (a low-rank bias's factors, FlashBias): a
     second product over them per S tile (the backward computes no gradients for them).
     ``check_reads``: captured-tensor reads masked by their bounds (False: a launch proved them in range).
@@ -649,8 +646,7 @@ def render_ws(name: str, program_key: str, analysis: Analysis, backward: bool = 
         sides=len(staged), row_lines=row_lines, row_expr=row_expr, groups=groups,
         consumer_regs=WS_GROUP_REGS[groups][0], producer_regs=WS_GROUP_REGS[groups][1])
     return KernelSource(name, source, kernel, captures, hashlib.sha256(source.encode()).hexdigest(),
-                        tile_reads=tuple(tile.tiles), axis_reads=tuple(read for _, read in staged),
-                        map_block=(64, 128) if backward or groups != 2 else (128, 128))
+                        tile_reads=tuple(tile.tiles), axis_reads=tuple(read for _, read in staged))
 
 
 def _gluon(line: str) -> str:
