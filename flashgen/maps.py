@@ -120,7 +120,8 @@ class LiveRuns:
         if key not in self._runs:
             self._states_buffers(base)
             rows = -(-self.shape[3 if transpose else 2] // 64)
-            hull = torch.tensor(EMPTY_HULL, dtype=torch.int32, device=self.device).repeat(*self.dims, rows, 1)
+            self._empty_hull = torch.tensor(EMPTY_HULL, dtype=torch.int32, device=self.device)  # (copied on the GPU)
+            hull = self._empty_hull.repeat(*self.dims, rows, 1)
             self._runs[key] = (hull, None, None, base)
             # (the bounds' launches add to every hull of their tiles: made again, and run again)
             entry = self._states[base]
@@ -240,8 +241,8 @@ class LiveRuns:
                     entry[3] = entry[3] or self._summaries_launch(base)
                     entry[3](*sums, *captures, sq, skv, self.dims[1], *self._hull_args(base, entry[0], True))
                 for hull in self._hulls(base) if not self._slots else ():
-                    if hull is not None:
-                        hull.copy_(torch.tensor(EMPTY_HULL, dtype=torch.int32, device=self.device).expand_as(hull))
+                    if hull is not None:  # (no block_summaries to empty them)
+                        hull.copy_(self._empty_hull.expand_as(hull))
                 entry[1](entry[0], *entry[0].stride()[:3], *sums, *captures, sq, skv, self.dims[1],
                          *self._hull_args(base, entry[0], False))
         stale = [key for key in stale if key[-1] != "hull"]  # (runs; the bounds fill the hulls)
