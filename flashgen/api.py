@@ -479,8 +479,7 @@ class Attention:
             runs = live.runs(block, transpose=transpose, ragged_last=ragged_last)
         else:
             runs = self.block_mask(*shape, block, device).runs(transpose=transpose, ragged_last=ragged_last)
-        return (runs, runs.stride(0) if runs.shape[0] > 1 else 0, runs.stride(1) if runs.shape[1] > 1 else 0,
-                runs.stride(2), runs.stride(3))
+        return _with_strides(runs)
 
     def _hulls_args(self, shape: tuple[int, int, int, int], device, *, transpose: bool) -> tuple:
         """The Gluon kernels' arguments for the block map: its hulls at 64 x 64 tiles (``blocks.hulls``),
@@ -492,8 +491,7 @@ class Attention:
             hulls = live.hulls(transpose=transpose)
         else:
             hulls = self.block_mask(*shape, (64, 64), device).hulls(transpose=transpose)
-        return (hulls, hulls.stride(0) if hulls.shape[0] > 1 else 0, hulls.stride(1) if hulls.shape[1] > 1 else 0,
-                hulls.stride(2), hulls.stride(3))
+        return _with_strides(hulls)
 
     def _live_runs(self, shape: tuple[int, int, int, int], device) -> LiveRuns:
         key = (shape, str(device), tuple(t.shape for t in self.captured))  # (its CHECK_READS proof holds for these)
@@ -1130,6 +1128,13 @@ def _with_factors(lr: LowRankBias, q, k, v, scale: float):
     :func:`_factor_columns`."""
     k, v = _factor_keys(lr, q, k, v)
     return *_with_columns(q, k, _factor_columns(lr, q, k, scale)), v
+
+
+def _with_strides(block_map: torch.Tensor) -> tuple:
+    """A block map's kernel arguments (runs or hulls): the tensor, then its strides (0 along b, h where
+    the mask ignores them: a dimension of 1)."""
+    return (block_map, *(block_map.stride(i) if block_map.shape[i] > 1 else 0 for i in (0, 1)),
+            block_map.stride(2), block_map.stride(3))
 
 
 def _with_columns(q, k, columns: tuple[torch.Tensor, torch.Tensor]):

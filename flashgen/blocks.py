@@ -451,16 +451,15 @@ def runs(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpos
 EMPTY_HULL = (1 << 30, -1, 1 << 30, -1, 0, 0, 0, 0)
 
 
-def hulls(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpose: bool = False,
-          ragged_last: bool = False) -> torch.Tensor:
+def hulls(boxes: Boxes, dims: tuple[int, int], grid: tuple[int, int], *, transpose: bool = False) -> torch.Tensor:
     """Kernel metadata for kernels that visit a row's tiles from its first non-empty one to its
     last: int32 ``[batches, heads, rows, 8]``, per row the least and greatest column block of a
     non-empty tile, the least and greatest of a full one, the number of full ones, 3 unused
     (``EMPTY_HULL`` where a row has none). The full tiles span [least, greatest] whole when their
-    count is that span's width. ``ragged_last`` as in :func:`runs`."""
+    count is that span's width (the kernels that read them fold a padded last column themselves)."""
     nb, nh = dims
     nrows = grid[1] if transpose else grid[0]
-    b, h, row, c0, c1, s = _row_entries(boxes, grid, transpose, ragged_last)
+    b, h, row, c0, c1, s = _row_entries(boxes, grid, transpose, False)
     at = (b * nh + h) * nrows + row
     out = torch.tensor(EMPTY_HULL, dtype=torch.long, device=at.device).repeat(nb * nh * nrows, 1)
     full = s == FULL
@@ -540,12 +539,11 @@ class BlockMask:
                                    ragged_last=ragged_last).to(self.device)
         return self._runs[key]
 
-    def hulls(self, *, transpose: bool = False, ragged_last: bool = False) -> torch.Tensor:
+    def hulls(self, *, transpose: bool = False) -> torch.Tensor:
         """Kernel metadata (see :func:`hulls`), on the mask's device."""
-        key = ("hull", transpose, ragged_last)
+        key = ("hull", transpose)
         if key not in self._runs:
-            self._runs[key] = hulls(self.boxes, self.dims, self.grid, transpose=transpose,
-                                    ragged_last=ragged_last).to(self.device)
+            self._runs[key] = hulls(self.boxes, self.dims, self.grid, transpose=transpose).to(self.device)
         return self._runs[key]
 
     @property

@@ -142,6 +142,10 @@ class LiveRuns:
         """The hulls of ``base`` tiles by query blocks and by KV blocks (None where not asked for)."""
         return tuple(self._runs[k][0] if k in self._runs else None for k in ((base, t, "hull") for t in (False, True)))
 
+    def _hull_flags(self, base: tuple[int, int]) -> dict:
+        """The bounds' constexprs saying which hulls of ``base`` tiles they fill (HULL_Q, HULL_K)."""
+        return {f"HULL_{x}": h is not None for x, h in zip("QK", self._hulls(base))}
+
     def _hull_args(self, base: tuple[int, int], states: torch.Tensor, summaries: bool) -> tuple:
         """``block_summaries``' (or else ``block_states``') arguments for the hulls of ``base`` tiles:
         each one's pointer and size (or strides along b and h; ``states`` stands in for one not asked for)."""
@@ -158,8 +162,7 @@ class LiveRuns:
         chunk = max(2, min(_CHUNK, 512 // bnp))  # column blocks per program: ~512 keys
         chunks, maps = -(-cols // chunk), self.dims[0] * self.dims[1]
         per = max(2, min(64, 1 << (rows * chunks * maps // _PROGRAMS).bit_length() >> 1))  # rows per program
-        hulls = {f"HULL_{x}": h is not None for x, h in zip("QK", self._hulls(block))}
-        constants = dict(self._constants, **hulls, BM=bm, BN=bn, BNP=bnp, ROWS=per, CHUNK=chunk,
+        constants = dict(self._constants, **self._hull_flags(block), BM=bm, BN=bn, BNP=bnp, ROWS=per, CHUNK=chunk,
                          SUB_M=max(2, min(triton.next_power_of_2(bm), _STRIP // (chunk * bnp))),
                          RANGE_M=triton.next_power_of_2(bm), RANGE_N=bnp)  # (a tile's index range fits)
         return Launch(None, self._module.block_states, (-(-rows // per), chunks, maps), (), constants)
@@ -170,7 +173,7 @@ class LiveRuns:
         blocks = self._states[block][2].shape[-1]
         r = max(1, min(16, triton.next_power_of_2(blocks * math.prod(self.dims)) // 1024))
         constants = dict(BM=block[0], BN=block[1], R=r, num_warps=4, RANGE_M=triton.next_power_of_2(block[0]),
-                         **{f"HULL_{x}": h is not None for x, h in zip("QK", self._hulls(block))},
+                         **self._hull_flags(block),
                          RANGE_N=triton.next_power_of_2(block[1]), PDL=self._pdl["PDL"])  # (its range fits)
         grid = (-(-blocks // r), math.prod(self.dims))
         return Launch(None, self._module.block_summaries, grid, (), constants)
@@ -223,7 +226,8 @@ class LiveRuns:
         """Mark ``stale`` filled, with their tile sizes' bounds and the hulls of those (filled by the bounds)."""
         for key in stale:
             base = self._runs[key][3]
-            self._fresh.update((key, base, *(k for k in ((base, t, "hull") for t in (False, True)) if k in self._runs)))
+            hulls = ((base, t, "hull") for t, hull in zip((False, True), self._hulls(base)) if hull is not None)
+            self._fresh.update((key, base, *hulls))
 
     def _launch(self, stale: list, captures: tuple, branches: list | None = None) -> None:
         """The launches that refill ``stale``'s buffers: per tile size, the bounds (``block_summaries``
